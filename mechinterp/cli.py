@@ -1,0 +1,176 @@
+"""The ``mechinterp`` command. Thin: parse options, call the library, show progress.
+
+Any :class:`~mechinterp.errors.UserError` becomes one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .errors import UserError
+
+app = typer.Typer(
+    help="Mechanistic interpretability of post-training: load a base model next to its fine-tunes "
+    "and measure where and how fine-tuning changed it.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+models_app = typer.Typer(help="The model zoo: list and fetch built-in models.", no_args_is_help=True)
+probes_app = typer.Typer(help="Probes: one experiment each.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+app.add_typer(probes_app, name="probes")
+
+# ----- shared options ----------------------------------------------------------------------------
+Base = Annotated[str, typer.Option("--base", "-b", help="Base model spec: zoo name, folder, "
+                                   ".gguf file, or hub ORG/NAME[@REV].")]
+Variant = Annotated[Optional[list[str]], typer.Option(
+    "--variant", "-v", help="NAME=SPEC of a fine-tuned model; NAME=SPEC1,SPEC2,... for the "
+    "checkpoints of one run (e.g. sft=out@step-40,out@step-80). Repeatable.")]
+DataDir = Annotated[Optional[Path], typer.Option(
+    "--data-dir", help="Data root with mmlu/, knowns/, gsm8k/ (default: $MECHINTERP_DATA, else "
+    "the Hugging Face hub).")]
+Out = Annotated[Path, typer.Option("--out", "-o", help="Results folder; each probe writes "
+                                   "OUT/<probe>/result.json and its figures.")]
+Device = Annotated[str, typer.Option(help="auto (CUDA if present), cpu, cuda, cuda:N.")]
+Dtype = Annotated[str, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, "
+                                    "float16.")]
+
+
+def _console():
+    from rich.console import Console
+
+    return Console()
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """List zoo models: name, family, size, cached or not."""
+    from rich.table import Table
+
+    from .models.zoo import ZOO
+
+    table = Table("name", "family", "size", "cached", "description")
+    for e in ZOO.values():
+        table.add_row(e.name, e.family, e.size, "yes" if e.is_cached() else "no", e.description)
+    _console().print(table)
+
+
+@models_app.command("fetch")
+def models_fetch(name: Annotated[str, typer.Argument(help="Zoo name (see `models list`).")]) -> None:
+    """Build a zoo model into the cache (once) and print its folder as the last line."""
+    from .models.zoo import fetch
+
+    typer.echo(str(fetch(name)))
+
+
+@probes_app.command("list")
+def probes_list() -> None:
+    """List available probes (built-in and installed plugins)."""
+    from rich.table import Table
+
+    from .probe import registry
+
+    table = Table("probe", "version", "what it measures")
+    for p in registry().values():
+        table.add_row(p.name, p.version, p.description)
+    _console().print(table)
+
+
+def _parse_sets(sets: list[str] | None) -> dict[str, str]:
+    out = {}
+    for item in sets or []:
+        if "=" not in item:
+            raise UserError(f"--set {item!r} is not KEY=VALUE", "e.g. --set n_samples=5")
+        k, v = item.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+@app.command("run")
+def run(
+    probe: Annotated[str, typer.Argument(help="Probe name (see `probes list`).")],
+    base: Base = "smollm2-135m-instruct",
+    variant: Variant = None,
+    data_dir: DataDir = None,
+    out: Out = Path("results"),
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    limit: Annotated[Optional[int], typer.Option(help="Use at most N data items (seeded).")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    set_: Annotated[Optional[list[str]], typer.Option(
+        "--set", help="Probe option KEY=VALUE (repeatable); see the probe's Config.")] = None,
+    no_figures: Annotated[bool, typer.Option("--no-figures", help="Skip drawing.")] = False,
+) -> None:
+    """Run one probe on a base model and its variants; write OUT/<probe>/result.json + figures."""
+    from .data import DataSource
+    from .models.modelset import ModelSet
+    from .probe import get_probe, make_config, run_probe
+
+    p = get_probe(probe)
+    config = make_config(p, _parse_sets(set_), seed=seed, limit=limit)
+    if limit is not None and limit <= 0:
+        raise UserError(f"--limit {limit} must be positive", "omit it to use all items")
+    data = DataSource.from_option(data_dir)
+    models = ModelSet.from_args(base, variant or [], device=device, dtype=dtype)
+    result = run_probe(p, models, data, config, out=out, draw=not no_figures)
+    typer.echo(f"{p.name}: wrote {out / p.name / 'result.json'} "
+               f"({result.provenance['wall_time_s']:.1f} s)")
+
+
+@app.command("figures")
+def figures(folder: Annotated[Path, typer.Argument(help="A results folder (from --out).")]) -> None:
+    """Re-draw every figure from the stored results under FOLDER (no model is loaded)."""
+    from .probe import redraw
+    from .results import find_results
+
+    if not folder.is_dir():
+        raise UserError(f"{folder} is not a folder", "pass the --out folder of an earlier run")
+    if not find_results(folder):
+        raise UserError(f"no result.json under {folder}", "run a probe with --out first")
+    written = redraw(folder)
+    typer.echo(f"re-drew {len(written)} figure files under {folder}")
+
+
+@app.command("demo")
+def demo(
+    out: Out = Path("results"),
+    data_dir: DataDir = None,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+) -> None:
+    """The main job on the built-in default model: fetch it, make variants, run the probes."""
+    from .demo import run_demo
+
+    run_demo(out, data_dir=data_dir, device=device, dtype=dtype, echo=typer.echo)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: user errors are one line and exit code 2."""
+    import click
+
+    try:
+        app(args=argv, prog_name="mechinterp", standalone_mode=False)
+    except UserError as exc:
+        print(f"mechinterp: error: {exc.one_line()}", file=sys.stderr)
+        return 2
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except click.exceptions.Abort:
+        print("mechinterp: aborted", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("mechinterp: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""Data source: a local root or the hub, and a log of what was read (for provenance)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import DataError
+from ..models.safetensors_io import file_sha256
+from ..paths import data_root
+
+
+@dataclass
+class DataLog:
+    """Files (with sha256) and hub datasets a run read."""
+
+    files: dict[str, str] = field(default_factory=dict)
+    hub: list[str] = field(default_factory=list)
+
+    def record_file(self, path: Path) -> None:
+        key = str(path)
+        if key not in self.files:
+            self.files[key] = file_sha256(path)
+
+    def record_hub(self, name: str) -> None:
+        if name not in self.hub:
+            self.hub.append(name)
+
+    def to_json(self) -> dict:
+        return {"files": dict(sorted(self.files.items())), "hub": list(self.hub)}
+
+
+@dataclass
+class DataSource:
+    """Where data comes from: ``root`` (a folder) or None for the hub."""
+
+    root: Path | None = None
+    log: DataLog = field(default_factory=DataLog)
+
+    @classmethod
+    def from_option(cls, data_dir: str | os.PathLike | None = None) -> "DataSource":
+        return cls(data_root(data_dir))
+
+    def folder(self, name: str) -> Path | None:
+        """``root/name`` if the root is set (error if that folder is missing), else None."""
+        if self.root is None:
+            return None
+        sub = self.root / name
+        if not sub.is_dir():
+            raise DataError(f"data root {self.root} has no {name}/ folder",
+                            f"point --data-dir / MECHINTERP_DATA at a folder with {name}/ inside")
+        return sub
+
+    def hub_dataset(self, repo: str, config: str | None, split: str):
+        """A split from the hub; a clear error when offline."""
+        try:
+            from datasets import load_dataset
+
+            ds = load_dataset(repo, config, split=split)
+        except Exception as exc:  # noqa: BLE001
+            raise DataError(
+                f"no data root set and the hub dataset {repo} ({config or 'default'}/{split}) could "
+                f"not be loaded: {type(exc).__name__}",
+                "set --data-dir or MECHINTERP_DATA to a local data folder (e.g. ../shared/data)",
+            ) from None
+        self.log.record_hub(f"{repo}:{config or 'default'}:{split}")
+        return ds

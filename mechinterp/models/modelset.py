@@ -1,0 +1,154 @@
+"""A base model and named variants that are checked to be comparable.
+
+Variants are named by the user (``sft``, ``grpo``...). A variant may be a *run*: several
+checkpoints of one training run, written ``sft=DIR@step-40,DIR@step-80``; each checkpoint becomes
+a variant named ``sft@step-40`` and ``runs["sft"]`` keeps their order for trajectories.
+
+Comparability (same architecture, parameter names and shapes, tokenizer vocabulary) is checked when
+the set is built, from safetensors headers and tokenizers only - no weights are read - so a
+mismatch stops before any expensive work. Models load lazily and can be released.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Iterator
+
+from ..errors import IncompatibleModels, SpecError
+from .loaded import LoadedModel, load, load_tokenizer
+from .safetensors_io import tensor_index
+from .specs import ResolvedSpec, resolve, split_revision
+
+BASE = "base"
+_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*$")
+
+
+def parse_variant_args(args: Iterable[str]) -> dict[str, list[str]]:
+    """``["sft=A", "grpo=B@step-1,B@step-2"]`` -> ``{"sft": ["A"], "grpo": [...]}``."""
+    runs: dict[str, list[str]] = {}
+    for arg in args:
+        if "=" not in arg:
+            raise SpecError(f"variant {arg!r} has no name", "write --variant NAME=SPEC, e.g. sft=./out")
+        name, specs = arg.split("=", 1)
+        name = name.strip()
+        if not _NAME.match(name) or name == BASE:
+            raise SpecError(f"bad variant name {name!r}",
+                            "use letters, digits, '-', '_' or '.', and not 'base'")
+        if name in runs:
+            raise SpecError(f"variant {name!r} given twice", "give each variant one --variant")
+        items = [s.strip() for s in specs.split(",") if s.strip()]
+        if not items:
+            raise SpecError(f"variant {name!r} has an empty spec", "write --variant NAME=SPEC")
+        runs[name] = items
+    return runs
+
+
+def _checkpoint_label(spec: str, index: int) -> str:
+    _, rev = split_revision(spec)
+    return rev if rev else f"ckpt-{index}"
+
+
+class ModelSet:
+    """One base plus named variants, lazily loaded, checked comparable on construction."""
+
+    def __init__(self, base: str, variants: dict[str, str | list[str]] | None = None,
+                 device: str | None = None, dtype=None, check: bool = True):
+        self.device, self.dtype = device, dtype
+        self.specs: dict[str, ResolvedSpec] = {BASE: resolve(base)}
+        self.runs: dict[str, list[str]] = {}
+        for run, spec_list in (variants or {}).items():
+            spec_list = [spec_list] if isinstance(spec_list, str) else list(spec_list)
+            if len(spec_list) == 1:
+                names = [run]
+            else:
+                names = [f"{run}@{_checkpoint_label(s, i)}" for i, s in enumerate(spec_list)]
+                if len(set(names)) != len(names):
+                    raise SpecError(f"run {run!r} names the same checkpoint twice",
+                                    "list each checkpoint once")
+            self.runs[run] = names
+            for n, s in zip(names, spec_list):
+                self.specs[n] = resolve(s)
+        self._loaded: dict[str, LoadedModel] = {}
+        if check:
+            self.check_compatible()
+
+    @classmethod
+    def from_args(cls, base: str, variant_args: Iterable[str] = (), **kw) -> "ModelSet":
+        return cls(base, parse_variant_args(variant_args), **kw)
+
+    # ----- names -------------------------------------------------------------------------------
+    @property
+    def names(self) -> list[str]:
+        return list(self.specs)
+
+    @property
+    def variants(self) -> list[str]:
+        return [n for n in self.specs if n != BASE]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.specs
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.specs)
+
+    # ----- loading -----------------------------------------------------------------------------
+    @property
+    def base(self) -> LoadedModel:
+        return self[BASE]
+
+    def __getitem__(self, name: str) -> LoadedModel:
+        if name not in self.specs:
+            raise SpecError(f"no model named {name!r} in this set", f"have: {', '.join(self.specs)}")
+        if name not in self._loaded:
+            self._loaded[name] = load(self.specs[name], self.device, self.dtype, name=name)
+        return self._loaded[name]
+
+    def release(self, name: str) -> None:
+        """Drop a loaded model (it reloads on next access)."""
+        self._loaded.pop(name, None)
+
+    def provenance(self) -> dict:
+        return {name: spec.provenance() for name, spec in self.specs.items()}
+
+    # ----- checks ------------------------------------------------------------------------------
+    def check_compatible(self) -> None:
+        """Stop with one line naming the first difference between the base and a variant."""
+        base = self.specs[BASE]
+        b_cfg = _arch(base)
+        b_shapes = {k: v[1] for k, v in tensor_index(base.path).items()}
+        b_vocab = None
+        for name in self.variants:
+            spec = self.specs[name]
+            if spec.path == base.path:
+                continue
+            v_cfg = _arch(spec)
+            if v_cfg != b_cfg:
+                raise IncompatibleModels(
+                    f"variant {name!r} ({spec.spec}) is {v_cfg[0]} {v_cfg[1]}, base is {b_cfg[0]} "
+                    f"{b_cfg[1]}", "compare checkpoints of the same architecture")
+            v_shapes = {k: v[1] for k, v in tensor_index(spec.path).items()}
+            for key in sorted(set(b_shapes) | set(v_shapes)):
+                if key not in v_shapes or key not in b_shapes:
+                    where = "variant" if key not in v_shapes else "base"
+                    raise IncompatibleModels(f"parameter {key} is missing from the {where} "
+                                             f"({name!r}: {spec.spec})",
+                                             "compare checkpoints of the same architecture")
+                if v_shapes[key] != b_shapes[key]:
+                    raise IncompatibleModels(
+                        f"parameter {key} has shape {v_shapes[key]} in variant {name!r} but "
+                        f"{b_shapes[key]} in the base", "compare checkpoints of the same model size")
+            if b_vocab is None:
+                b_vocab = load_tokenizer(base.path).get_vocab()
+            v_vocab = load_tokenizer(spec.path).get_vocab()
+            if v_vocab != b_vocab:
+                diff = sorted(set(v_vocab.items()) ^ set(b_vocab.items()))[:1]
+                raise IncompatibleModels(
+                    f"tokenizer vocabulary of variant {name!r} differs from the base "
+                    f"({len(v_vocab)} vs {len(b_vocab)} entries; first difference {diff})",
+                    "fine-tunes must keep the base tokenizer")
+
+
+def _arch(spec: ResolvedSpec) -> tuple[str, str]:
+    cfg = json.loads((spec.path / "config.json").read_text())
+    return (cfg.get("model_type", "?"), ",".join(cfg.get("architectures") or []))

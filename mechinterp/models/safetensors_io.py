@@ -1,0 +1,112 @@
+"""Reading safetensors files without loading them: header checks, tensor streaming, hashing."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+from ..errors import CorruptCheckpoint
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The ``*.safetensors`` files of a checkpoint folder, in a stable order."""
+    return sorted(Path(folder).glob("*.safetensors"))
+
+
+def read_header(path: Path) -> dict:
+    """The JSON header of one safetensors file, after checking that the file is complete.
+
+    A truncated download or a file that is not safetensors at all raises :class:`CorruptCheckpoint`
+    naming the file, instead of failing deep inside a loader.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    with path.open("rb") as fh:
+        raw = fh.read(8)
+        if len(raw) < 8:
+            raise CorruptCheckpoint(f"{path} is too short to be a safetensors file ({size} bytes)",
+                                    "re-download or re-save the checkpoint")
+        (n,) = struct.unpack("<Q", raw)
+        if n <= 0 or 8 + n > size:
+            raise CorruptCheckpoint(f"{path} has a broken safetensors header (claims {n} bytes)",
+                                    "re-download or re-save the checkpoint")
+        try:
+            header = json.loads(fh.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CorruptCheckpoint(f"{path} has an unreadable safetensors header: {exc}",
+                                    "re-download or re-save the checkpoint") from None
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end != size:
+        raise CorruptCheckpoint(
+            f"{path} is truncated or padded: header describes {8 + n + end} bytes, file has {size}",
+            "re-download or re-save the checkpoint",
+        )
+    return header
+
+
+def tensor_index(folder: Path) -> dict[str, tuple[Path, tuple[int, ...], str]]:
+    """Map every tensor name in a checkpoint folder to (file, shape, dtype), checking each file."""
+    files = weight_files(folder)
+    if not files:
+        raise CorruptCheckpoint(f"no .safetensors weights in {folder}",
+                                "save the model with save_pretrained(safe_serialization=True)")
+    index: dict[str, tuple[Path, tuple[int, ...], str]] = {}
+    for f in files:
+        for name, meta in read_header(f).items():
+            if name == "__metadata__":
+                continue
+            index[name] = (f, tuple(meta["shape"]), meta["dtype"])
+    return index
+
+
+def iter_tensors(folder: Path, names: list[str] | None = None) -> Iterator[tuple[str, "object"]]:
+    """Yield (name, tensor) one at a time, memory-mapped, so peak memory is one tensor."""
+    from safetensors import safe_open
+
+    index = tensor_index(folder)
+    wanted = names if names is not None else list(index)
+    by_file: dict[Path, list[str]] = {}
+    for name in wanted:
+        if name not in index:
+            raise CorruptCheckpoint(f"{folder} has no tensor {name}", "is it the same architecture?")
+        by_file.setdefault(index[name][0], []).append(name)
+    for f, ns in by_file.items():
+        with safe_open(str(f), framework="pt") as fh:
+            for name in ns:
+                yield name, fh.get_tensor(name)
+
+
+def folder_hash(folder: Path) -> str:
+    """SHA-256 over the folder's weight files (name and bytes), cached beside them by size+mtime."""
+    files = weight_files(folder)
+    stamp = ";".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
+    cache = Path(folder) / ".mechinterp-weight-hash.json"
+    try:
+        cached = json.loads(cache.read_text())
+        if cached.get("stamp") == stamp:
+            return cached["sha256"]
+    except (OSError, ValueError, KeyError):
+        pass
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode())
+        with f.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
+    digest = h.hexdigest()
+    try:
+        cache.write_text(json.dumps({"stamp": stamp, "sha256": digest}))
+    except OSError:
+        pass  # read-only folder (e.g. a shared hub cache): just do not cache
+    return digest
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -1,0 +1,68 @@
+"""House style: readable fonts, colour-blind-safe palette, headless backend."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # figures are files; notebooks still display them via IPython
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+PALETTE = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#000000"]
+RC = {
+    "figure.dpi": 110,
+    "font.size": 10,
+    "axes.titlesize": 11,
+    "axes.labelsize": 10,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.prop_cycle": matplotlib.cycler(color=PALETTE),
+    "legend.frameon": False,
+    "pdf.fonttype": 42,  # editable text in PDFs for papers
+}
+
+
+def figure(width: float = 6.0, height: float = 4.0):
+    with plt.rc_context(RC):
+        return plt.figure(figsize=(width, height), layout="constrained")
+
+
+def new_axes(width: float = 6.0, height: float = 4.0, nrows: int = 1, ncols: int = 1, **kw):
+    with plt.rc_context(RC):
+        return plt.subplots(nrows, ncols, figsize=(width, height), layout="constrained", **kw)
+
+
+def heatmap_grid(panels: Sequence[tuple[str, np.ndarray]], xlabels: Sequence[str], ylabel: str,
+                 colorbar_label: str, title: str | None = None, vmin: float | None = None,
+                 vmax: float | None = None, cmap: str = "viridis", diverging: bool = False):
+    """Side-by-side heatmaps (rows = layers, layer 0 at the bottom) sharing one colour scale."""
+    arrays = [np.asarray(a, dtype=float) for _, a in panels]
+    finite = np.concatenate([a[np.isfinite(a)].ravel() for a in arrays]) if arrays else np.zeros(1)
+    finite = finite if finite.size else np.zeros(1)
+    if diverging:
+        lim = float(np.max(np.abs(finite))) or 1.0
+        vmin, vmax, cmap = -lim, lim, "RdBu_r"
+    vmin = float(finite.min()) if vmin is None else vmin
+    vmax = float(finite.max()) if vmax is None else vmax
+    if vmax <= vmin:
+        vmax = vmin + 1e-12
+    n = len(panels)
+    n_rows = arrays[0].shape[0] if arrays else 1
+    fig, axes = new_axes(width=max(3.0, 0.35 * len(xlabels) + 1.2) * n + 1.0,
+                         height=max(3.0, 0.16 * n_rows + 1.5), ncols=n, squeeze=False)
+    im = None
+    for ax, (name, arr) in zip(axes[0], panels):
+        im = ax.imshow(np.asarray(arr, float), origin="lower", aspect="auto", cmap=cmap,
+                       vmin=vmin, vmax=vmax, interpolation="nearest")
+        ax.set_title(name)
+        ax.set_xticks(range(len(xlabels)), xlabels, rotation=0)
+        ax.set_xlabel("matrix" if len(xlabels) < 12 else "")
+        step = max(1, n_rows // 10)
+        ax.set_yticks(range(0, n_rows, step))
+        ax.set_ylabel(ylabel)
+    fig.colorbar(im, ax=axes[0].tolist(), label=colorbar_label, shrink=0.9)
+    if title:
+        fig.suptitle(title)
+    return fig

@@ -1,0 +1,162 @@
+"""Probes: one experiment each, as plugins.
+
+A probe is an object with ``name``, ``version``, a ``Config`` dataclass, ``run(models, data,
+config) -> Result`` and ``plot(result) -> {name: Figure}``. Probes never print or save: the runner
+(:func:`run_probe`) times them, attaches provenance and writes the result store.
+
+Built-in probes live in the top-level ``probes`` package; other packages add theirs through the
+``mechinterp.probes`` entry-point group (the entry point loads the probe object).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import platform
+import time
+import typing
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Protocol
+
+from .errors import UserError
+from .results import Result, write_result
+
+ENTRY_POINT_GROUP = "mechinterp.probes"
+_TRACKED_PACKAGES = ("mechinterp", "torch", "transformers", "transformer-lens", "nnsight", "trl",
+                     "numpy", "safetensors")
+
+
+@dataclass
+class BaseConfig:
+    """Options every probe shares; probe configs subclass this."""
+
+    seed: int = 0
+    limit: int | None = None  # at most this many data items (a fixed, seeded selection)
+
+
+class Probe(Protocol):
+    name: str
+    version: str
+    description: str
+    Config: type
+
+    def run(self, models, data, config) -> Result: ...
+
+    def plot(self, result: Result) -> dict[str, Any]: ...
+
+
+def registry() -> dict[str, Probe]:
+    """Built-in probes plus those installed through entry points (built-ins win on a clash)."""
+    import probes as builtin
+
+    found: dict[str, Probe] = {}
+    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            probe = ep.load()
+        except Exception as exc:  # noqa: BLE001 - a broken plugin must not break the suite
+            raise UserError(f"probe plugin {ep.name!r} ({ep.value}) failed to load: {exc}",
+                            "fix or uninstall that package") from None
+        found[probe.name] = probe
+    found.update(builtin.BUILTIN)
+    return dict(sorted(found.items()))
+
+
+def get_probe(name: str) -> Probe:
+    probes = registry()
+    if name not in probes:
+        raise UserError(f"unknown probe {name!r}", f"known probes: {', '.join(probes)}")
+    return probes[name]
+
+
+def make_config(probe: Probe, options: dict[str, Any] | None = None, **common) -> Any:
+    """Build a probe config from typed values and ``key=value`` strings, rejecting unknown keys."""
+    fields = {f.name: f for f in dataclasses.fields(probe.Config)}
+    hints = typing.get_type_hints(probe.Config)
+    values: dict[str, Any] = {k: v for k, v in common.items() if v is not None}
+    for key, raw in (options or {}).items():
+        key = key.replace("-", "_")
+        if key not in fields:
+            raise UserError(f"probe {probe.name!r} has no option {key!r}",
+                            f"its options: {', '.join(fields)}")
+        values[key] = _coerce(raw, hints[key], key, probe.name) if isinstance(raw, str) else raw
+    return probe.Config(**values)
+
+
+def _coerce(raw: str, hint: Any, key: str, probe: str) -> Any:
+    """Parse a CLI string into the field's type (int, float, bool, str, list/tuple of those)."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) and args:
+        if raw.lower() in ("none", "null", ""):
+            return None
+        return _coerce(raw, args[0], key, probe)
+    if origin in (list, tuple):
+        inner = args[0] if args else str
+        parts = [p.strip() for p in raw.split(",") if p.strip()]
+        out = [_coerce(p, inner, key, probe) for p in parts]
+        return tuple(out) if origin is tuple else out
+    try:
+        if hint is bool:
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if hint in (int, float, str):
+            return hint(raw)
+    except ValueError:
+        raise UserError(f"option {key}={raw!r} of probe {probe!r} is not a valid "
+                        f"{getattr(hint, '__name__', hint)}", "check the value") from None
+    return raw
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in _TRACKED_PACKAGES:
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def run_probe(probe: Probe, models, data, config, out: Path | None = None,
+              draw: bool = True) -> Result:
+    """Run a probe, attach provenance, and (if ``out``) write ``out/<probe>/`` atomically."""
+    import torch
+
+    torch.manual_seed(config.seed)
+    start = time.perf_counter()
+    result = probe.run(models, data, config)
+    wall = time.perf_counter() - start
+    result.provenance = {
+        "probe": probe.name,
+        "probe_version": probe.version,
+        "config": dataclasses.asdict(config),
+        "models": models.provenance() if models is not None else {},
+        "device": str(getattr(models, "device", None) or "auto"),
+        "dtype": str(getattr(models, "dtype", None) or "auto"),
+        "data": data.log.to_json() if data is not None else {},
+        "seed": config.seed,
+        "packages": package_versions(),
+        "wall_time_s": round(wall, 3),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **result.provenance,
+    }
+    if out is not None:
+        figures = probe.plot(result) if draw else None
+        write_result(result, Path(out) / probe.name, figures)
+    return result
+
+
+def redraw(folder: Path) -> list[Path]:
+    """Re-draw the figures of every stored result under ``folder`` (no model needed)."""
+    from .results import find_results, read_result, save_figures
+
+    written: list[Path] = []
+    for res_dir in find_results(folder):
+        result = read_result(res_dir)
+        probe = get_probe(result.probe)
+        written += save_figures(probe.plot(result), res_dir)
+    return written

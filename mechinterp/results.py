@@ -1,0 +1,115 @@
+"""The result store: plain JSON (+ NPZ for big arrays) with provenance, written atomically.
+
+Layout: ``OUT/<probe>/result.json`` (+ ``arrays.npz``, figures ``*.png`` / ``*.pdf``). A result
+folder is built in a temporary sibling and renamed into place in one step, so a crash never leaves
+a half-written ``result.json`` that looks complete; a previous result is replaced only on success.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+RESULT_FILE = "result.json"
+ARRAYS_FILE = "arrays.npz"
+
+
+@dataclass
+class Result:
+    """What a probe returns: JSON-able ``data``, optional large ``arrays``, and provenance."""
+
+    probe: str
+    data: dict[str, Any]
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def __getitem__(self, key: str) -> Any:
+        return self.data[key]
+
+
+def _jsonable(obj: Any) -> Any:
+    """Convert numpy/torch scalars and arrays; NaN/inf become null (JSON has no NaN)."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if hasattr(obj, "tolist") and not isinstance(obj, (str, bytes)):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def write_result(result: Result, folder: Path, figures: dict[str, Any] | None = None) -> Path:
+    """Atomically (re)write ``folder`` with the result, its arrays and its figures."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        payload = {"probe": result.probe, "data": _jsonable(result.data),
+                   "provenance": _jsonable(result.provenance),
+                   "arrays": sorted(result.arrays)}
+        if result.arrays:
+            np.savez_compressed(tmp / ARRAYS_FILE, **result.arrays)
+        if figures:
+            save_figures(figures, tmp)
+        (tmp / RESULT_FILE).write_text(json.dumps(payload, indent=1, allow_nan=False) + "\n")
+        old = None
+        if folder.exists():
+            old = folder.with_name(f".{folder.name}-old-{os.getpid()}")
+            folder.rename(old)
+        tmp.rename(folder)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder / RESULT_FILE
+
+
+def read_result(folder: Path) -> Result:
+    from .errors import UserError
+
+    folder = Path(folder)
+    path = folder / RESULT_FILE
+    try:
+        payload = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"no {RESULT_FILE} in {folder}", "run a probe with --out first") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path} is not valid JSON ({exc.msg})", "re-run the probe") from None
+    arrays = {}
+    if payload.get("arrays"):
+        with np.load(folder / ARRAYS_FILE) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    return Result(payload["probe"], payload["data"], arrays, payload.get("provenance", {}))
+
+
+def save_figures(figures: dict[str, Any], folder: Path) -> list[Path]:
+    """Save matplotlib figures as ``<name>.png`` and ``<name>.pdf``; closes them."""
+    import matplotlib.pyplot as plt
+
+    written = []
+    for name, fig in figures.items():
+        for ext in ("png", "pdf"):
+            path = Path(folder) / f"{name}.{ext}"
+            fig.savefig(path, dpi=150 if ext == "png" else None, bbox_inches="tight")
+            written.append(path)
+        plt.close(fig)
+    return written
+
+
+def find_results(root: Path) -> list[Path]:
+    """Every folder below ``root`` (itself included) holding a ``result.json``."""
+    root = Path(root)
+    return sorted(p.parent for p in root.rglob(RESULT_FILE) if not p.parent.name.startswith("."))

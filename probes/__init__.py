@@ -1,0 +1,5 @@
+"""Built-in probe plugins, one module each. ``BUILTIN`` maps probe name -> probe object."""
+
+from .weight_change import PROBE as _weight_change
+
+BUILTIN = {p.name: p for p in [_weight_change]}

@@ -1,0 +1,50 @@
+"""Shared fixtures. Tiny random models for unit tests; the real default model for behaviour.
+
+The suite needs the data root (``MECHINTERP_DATA``, e.g. ``../shared/data``); tests that read data
+fail with a clear message when it is missing rather than skipping into green.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("MECHINTERP_PROGRESS", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TINY = ("tiny-random-llama", "tiny-random-qwen2", "tiny-random-gpt2")
+
+
+@pytest.fixture(scope="session")
+def data_source():
+    from mechinterp.data import DataSource
+
+    root = os.environ.get("MECHINTERP_DATA")
+    if not root or not Path(root).is_dir():
+        pytest.fail("MECHINTERP_DATA must point at the data root (e.g. ../shared/data)")
+    return DataSource.from_option(root)
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    """SmolLM2-135M-Instruct, float32 on CPU (shared by the session; do not edit in place)."""
+    from mechinterp.models import DEFAULT_MODEL, load
+
+    return load(DEFAULT_MODEL, device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session", params=TINY)
+def tiny_model(request):
+    from mechinterp.models import load
+
+    return load(request.param, device="cpu", dtype="float32")
+
+
+@pytest.fixture
+def fresh_tiny_llama():
+    """A tiny Llama you may edit in place."""
+    from mechinterp.models import load
+
+    return load("tiny-random-llama", device="cpu", dtype="float32")
