@@ -1,13 +1,17 @@
 """A loaded model and its three views over one copy of the weights.
 
 ``hf`` is the Hugging Face module; ``bridge`` a TransformerLens ``TransformerBridge`` and ``lm`` an
-nnsight ``LanguageModel``, both built lazily *around* ``hf`` (no copy: the parity test checks
-storage pointers). Attention runs in eager mode so that all three compute the same thing and the
+nnsight ``TransformersModel``, both built lazily over ``hf``'s parameter tensors (no copy of the
+weights: the parity test checks storage pointers). The bridge gets a shadow module tree because it
+rewires the modules it wraps; ``hf`` itself is never restructured. One exception to the sharing:
+for fused-QKV families (GPT-2) TransformerLens splits ``c_attn`` into separate k/v copies, so after
+editing those weights in place call :meth:`LoadedModel.refresh_views`. Attention runs in eager mode so that all three compute the same thing and the
 bridge can expose attention patterns.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 from dataclasses import dataclass, field
@@ -72,24 +76,46 @@ class LoadedModel:
 
             logging.getLogger("transformer_lens").setLevel(logging.ERROR)
             self._views["bridge"] = TransformerBridge.boot_transformers(
-                str(self.resolved.path), hf_model=self.hf, tokenizer=self.tokenizer,
+                str(self.resolved.path), hf_model=_shadow(self.hf), tokenizer=self.tokenizer,
                 device=self.device, dtype=self.dtype,
             )
         return self._views["bridge"]
 
     @property
     def lm(self):
-        """nnsight view (``LanguageModel``) wrapping ``hf`` itself."""
+        """nnsight view (``TransformersModel``, the successor of ``LanguageModel``) wrapping ``hf``."""
         if "lm" not in self._views:
-            from nnsight import LanguageModel
+            from nnsight import TransformersModel
 
-            self._views["lm"] = LanguageModel(self.hf, tokenizer=self.tokenizer)
+            # its own tokenizer: nnsight switches the one it is given to left padding
+            self._views["lm"] = TransformersModel(self.hf, task="text-generation",
+                                                  tokenizer=copy.deepcopy(self.tokenizer))
         return self._views["lm"]
 
-    def encode(self, texts: list[str] | str, **kw) -> dict[str, torch.Tensor]:
-        """Tokenise with right padding onto the model's device."""
-        enc = self.tokenizer(texts, return_tensors="pt", padding=True, **kw)
+    def refresh_views(self) -> None:
+        """Drop the bridge and nnsight views; they are rebuilt on next access."""
+        self._views.clear()
+
+    def encode(self, texts: list[str] | str, padding_side: str = "right",
+               **kw) -> dict[str, torch.Tensor]:
+        """Tokenise (padding on ``padding_side``) onto the model's device."""
+        enc = self.tokenizer(texts, return_tensors="pt", padding=True, padding_side=padding_side,
+                             **kw)
         return {k: v.to(self.device) for k, v in enc.items()}
+
+
+def _shadow(module: torch.nn.Module) -> torch.nn.Module:
+    """A new module tree holding the *same* parameter and buffer objects.
+
+    ``TransformerBridge`` rewires the module it is given (it swaps each submodule for a bridge
+    component, which renames every parameter to ``..._original_component...``). Handing it this
+    shadow keeps the HF view's module paths and ``state_dict`` keys intact, while the weights stay
+    one copy: an edit through either view is seen by both, and so is training.
+    """
+    import itertools
+
+    shared = {id(t): t for t in itertools.chain(module.parameters(), module.buffers())}
+    return copy.deepcopy(module, memo=shared)
 
 
 def load_tokenizer(path: Path):
