@@ -36,7 +36,7 @@ def modelset(request):
         return ModelSet.from_args(opt("--mi-base") or DEFAULT_MODEL, opt("--mi-variant"),
                                   device=opt("--mi-device"), dtype=opt("--mi-dtype"))
     except UserError as exc:
-        raise pytest.UsageError(f"mechinterp: {exc.one_line()}") from None
+        pytest.fail(f"mechinterp: {exc.one_line()}", pytrace=False)
 
 
 @pytest.fixture(scope="session")
@@ -48,4 +48,4 @@ def mi_data(request):
     try:
         return DataSource.from_option(request.config.getoption("--mi-data-dir"))
     except UserError as exc:
-        raise pytest.UsageError(f"mechinterp: {exc.one_line()}") from None
+        pytest.fail(f"mechinterp: {exc.one_line()}", pytrace=False)

@@ -1,0 +1,72 @@
+"""Bad input gets one line on stderr, exit code 2, no traceback and no result.json."""
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from mechinterp.cli import main
+from mechinterp.models import fetch
+
+
+def _run(capsys, args):
+    code = main(args)
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+@pytest.fixture
+def corrupt_dir(tmp_path):
+    d = tmp_path / "corrupt"
+    shutil.copytree(fetch("tiny-random-llama"), d)
+    f = next(d.glob("*.safetensors"))
+    f.write_bytes(f.read_bytes()[:-10])
+    return d
+
+
+def _bad_cases(tmp_path, corrupt_dir):
+    out = str(tmp_path / "out")
+    return [
+        (["run", "weight-change", "--base", "no-such-model", "--out", out], "cannot resolve model spec"),
+        (["run", "weight-change", "--base", "tiny-random-llama", "--variant", "g=tiny-random-gpt2",
+          "--out", out], "variant 'g'"),
+        (["run", "weight-change", "--base", "tiny-random-llama", "--variant", f"c={corrupt_dir}",
+          "--out", out], "truncated"),
+        (["run", "no-such-probe", "--base", "tiny-random-llama", "--out", out], "unknown probe"),
+        (["run", "weight-change", "--base", "tiny-random-llama", "--data-dir", str(tmp_path / "x"),
+          "--out", out], "is not a folder"),
+        (["run", "weight-change", "--base", "tiny-random-llama", "--set", "bogus=1", "--out", out],
+         "has no option 'bogus'"),
+        (["models", "fetch", "nope"], "unknown zoo model"),
+        (["figures", str(tmp_path)], "no result.json"),
+    ]
+
+
+def test_bad_input_one_line_exit_2(tmp_path, corrupt_dir, capsys):
+    for args, needle in _bad_cases(tmp_path, corrupt_dir):
+        code, err = _run(capsys, args)
+        assert code == 2, (args, err)
+        assert err.startswith("mechinterp: error:") and needle in err, (args, err)
+        assert len(err.splitlines()) == 1 and "Traceback" not in err
+        assert not (tmp_path / "out").exists()
+
+
+def test_console_script_exit_code_and_stderr(tmp_path):
+    """The installed entry point behaves the same from a shell."""
+    proc = subprocess.run([sys.executable, "-m", "mechinterp.cli", "run", "weight-change",
+                           "--base", "no-such-model", "--out", str(tmp_path / "o")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "cannot resolve" in proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_listing_commands(capsys):
+    assert main(["models", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "smollm2-135m-instruct" in out and "tiny-random-gpt2" in out
+    assert main(["probes", "list"]) == 0
+    assert "weight-change" in capsys.readouterr().out
+    assert main(["models", "fetch", "tiny-random-llama"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str(fetch("tiny-random-llama"))
