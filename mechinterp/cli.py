@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -28,10 +28,10 @@ app.add_typer(probes_app, name="probes")
 # ----- shared options ----------------------------------------------------------------------------
 Base = Annotated[str, typer.Option("--base", "-b", help="Base model spec: zoo name, folder, "
                                    ".gguf file, or hub ORG/NAME[@REV].")]
-Variant = Annotated[Optional[list[str]], typer.Option(
+Variant = Annotated[list[str] | None, typer.Option(
     "--variant", "-v", help="NAME=SPEC of a fine-tuned model; NAME=SPEC1,SPEC2,... for the "
     "checkpoints of one run (e.g. sft=out@step-40,out@step-80). Repeatable.")]
-DataDir = Annotated[Optional[Path], typer.Option(
+DataDir = Annotated[Path | None, typer.Option(
     "--data-dir", help="Data root with mmlu/, knowns/, gsm8k/ (default: $MECHINTERP_DATA, else "
     "the Hugging Face hub).")]
 Out = Annotated[Path, typer.Option("--out", "-o", help="Results folder; each probe writes "
@@ -100,9 +100,9 @@ def run(
     out: Out = Path("results"),
     device: Device = "auto",
     dtype: Dtype = "auto",
-    limit: Annotated[Optional[int], typer.Option(help="Use at most N data items (seeded).")] = None,
+    limit: Annotated[int | None, typer.Option(help="Use at most N data items (seeded).")] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
-    set_: Annotated[Optional[list[str]], typer.Option(
+    set_: Annotated[list[str] | None, typer.Option(
         "--set", help="Probe option KEY=VALUE (repeatable); see the probe's Config.")] = None,
     no_figures: Annotated[bool, typer.Option("--no-figures", help="Skip drawing.")] = False,
 ) -> None:

@@ -48,3 +48,10 @@ def fresh_tiny_llama():
     from mechinterp.models import load
 
     return load("tiny-random-llama", device="cpu", dtype="float32")
+
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # two workers on two cores: one thread each instead of oversubscribing
+    import torch
+
+    torch.set_num_threads(1)

@@ -4,8 +4,14 @@ import json
 
 import pytest
 
-from mechinterp.data import (DataSource, MMLU_SUBJECTS, extract_gsm8k_answer, load_gsm8k,
-                             load_knowns, load_mmlu)
+from mechinterp.data import (
+    MMLU_SUBJECTS,
+    DataSource,
+    extract_gsm8k_answer,
+    load_gsm8k,
+    load_knowns,
+    load_mmlu,
+)
 from mechinterp.data.mmlu import read_mmlu_csv
 from mechinterp.errors import DataError
 

@@ -39,7 +39,7 @@ class DataSource:
     log: DataLog = field(default_factory=DataLog)
 
     @classmethod
-    def from_option(cls, data_dir: str | os.PathLike | None = None) -> "DataSource":
+    def from_option(cls, data_dir: str | os.PathLike | None = None) -> DataSource:
         return cls(data_root(data_dir))
 
     def folder(self, name: str) -> Path | None:

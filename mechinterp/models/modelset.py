@@ -74,7 +74,7 @@ class ModelSet:
             self.check_compatible()
 
     @classmethod
-    def from_args(cls, base: str, variant_args: Iterable[str] = (), **kw) -> "ModelSet":
+    def from_args(cls, base: str, variant_args: Iterable[str] = (), **kw) -> ModelSet:
         return cls(base, parse_variant_args(variant_args), **kw)
 
     # ----- names -------------------------------------------------------------------------------

@@ -62,7 +62,7 @@ def tensor_index(folder: Path) -> dict[str, tuple[Path, tuple[int, ...], str]]:
     return index
 
 
-def iter_tensors(folder: Path, names: list[str] | None = None) -> Iterator[tuple[str, "object"]]:
+def iter_tensors(folder: Path, names: list[str] | None = None) -> Iterator[tuple[str, object]]:
     """Yield (name, tensor) one at a time, memory-mapped, so peak memory is one tensor."""
     from safetensors import safe_open
 
