@@ -48,3 +48,15 @@ def fresh_tiny_llama():
     from mechinterp.models import load
 
     return load("tiny-random-llama", device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for the module: tiny models are 10-100x slower with 2 OpenMP threads
+    on a busy 2-core machine (threads spin waiting for each other)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

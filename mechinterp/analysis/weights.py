@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 import numpy as np
 import torch
@@ -130,7 +131,7 @@ class CheckpointReader:
         self._fds.clear()
         self._buffers.clear()
 
-    def __enter__(self) -> "CheckpointReader":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -192,7 +193,7 @@ class DiffStats:
     def changed_fraction(self) -> float:
         return self.n_changed / self.n_total if self.n_total else float("nan")
 
-    def __add__(self, other: "DiffStats") -> "DiffStats":
+    def __add__(self, other: DiffStats) -> DiffStats:
         return DiffStats(self.sq_diff + other.sq_diff, self.sq_base + other.sq_base,
                          self.n_changed + other.n_changed, self.n_total + other.n_total,
                          self.hist + other.hist, self.n_below + other.n_below,

@@ -59,8 +59,8 @@ def plot_run_lines(ax, runs: Mapping[str, Sequence[str]], steps: Mapping[str, in
         xs, is_step = run_x(names, steps)
         all_steps &= is_step
         ys = np.array([values.get(n, np.nan) for n in names], float)
-        kw = dict(linestyle=run_linestyle(run), marker=marker_cycle[i % len(marker_cycle)],
-                  markersize=4, label=f"{label} {run}" if label else run)
+        kw = {"linestyle": run_linestyle(run), "marker": marker_cycle[i % len(marker_cycle)],
+              "markersize": 4, "label": f"{label} {run}" if label else run}
         if color is not None:
             kw["color"] = color
         (line,) = ax.plot(xs, ys, **kw)
