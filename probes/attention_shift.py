@@ -109,6 +109,9 @@ class AttentionShiftProbe:
                 title=f"{LABELS[m]} per layer and head, vs base "
                       f"({data['n_prompts']} prompts; x = query head)",
                 cmap="magma" if m == "js" else "viridis", diverging=m != "js", ncols=5)
+            for ax in figs[f"attention_{m}_heatmap"].axes:
+                if ax.get_label() != "<colorbar>" and ax.get_visible():
+                    ax.set_xlabel("query head")
         fig, axes = new_axes(13.0, 3.8, ncols=3)
         for ax, m in zip(axes, METRICS):
             for v in variants:

@@ -124,7 +124,8 @@ class KLDrift:
         else:
             names = [n[-1] for n in runs.values()]
             ax.bar(range(len(names)), [kl[n] for n in names], yerr=[sem[n] for n in names],
-                   color="#0072B2", capsize=3)
+                   color="#0072B2", capsize=3, width=0.5)
+            ax.set_xlim(-0.75, len(names) - 0.25)
             ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
         ax.set_ylabel(r"KL(base $\|$ variant), nats per answer token")
         ax.set_title(f"Teacher-forced KL on {data['n_items']} {_items_label(data['items'])} items "
