@@ -156,6 +156,9 @@ def _layer_trajectories(run: str, names: list[str], data: dict):
                     linestyle=run_linestyle(run))
         ax.set_yscale("log")
         ax.set_title(m)
+        if not np.any(np.nan_to_num(arr) > 0):
+            ax.text(0.5, 0.5, "unchanged at every checkpoint", transform=ax.transAxes,
+                    ha="center", va="center", color="0.4")
         ax.set_xlabel("training step" if is_step else "checkpoint")
         ax.grid(True, alpha=0.3)
     for ax in axes[:, 0]:

@@ -250,7 +250,8 @@ def chunk_stats(b: torch.Tensor, v: torch.Tensor, sparsity: bool = True) -> Diff
         raise CorruptCheckpoint(f"dtype mismatch: base {b.dtype}, variant {v.dtype}",
                                 "compare checkpoints saved in the same dtype")
     ints = _INT_VIEW[b.element_size()]
-    n_changed = int(torch.count_nonzero(v.view(ints) != b.view(ints)))
+    changed = v.view(ints) != b.view(ints)
+    n_changed = int(torch.count_nonzero(changed))
     wide = torch.float64 if b.dtype == torch.float64 else torch.float32
     bw, vw = b.to(wide), v.to(wide)
     d = vw - bw
@@ -259,7 +260,13 @@ def chunk_stats(b: torch.Tensor, v: torch.Tensor, sparsity: bool = True) -> Diff
         n_changed=n_changed, n_total=b.numel())
     if sparsity:
         finite = bool(np.isfinite(stats.sq_diff) and np.isfinite(stats.sq_base))
+        n_same = 0
+        if finite and n_changed < b.numel() // 2:
+            # sparse update: bitwise-equal entries have ratio 0 (below); bin only the others
+            keep = changed.nonzero().squeeze(1)
+            d, bw, n_same = d.index_select(0, keep), bw.index_select(0, keep), b.numel() - n_changed
         counts = torch.bincount(_bin_ratios(d, bw, finite), minlength=SPARSITY_BINS + 2).numpy()
+        counts[0] += n_same
         stats.n_below, stats.n_above = int(counts[0]), int(counts[-1])
         stats.hist = counts[1:-1].astype(np.int64)
     return stats
