@@ -64,6 +64,9 @@ def test_hand_worked_bins_and_bitwise_change():
     nz = z.clone()
     nz[1] = -0.0
     assert W.chunk_stats(z, nz).n_changed == 1
+    # non-finite ratios (inf base -> inf/inf = NaN with the sign bit set; NaN variant) count as above
+    odd = W.chunk_stats(torch.tensor([float("inf"), 1.0, 1.0]), torch.tensor([1.0, float("nan"), 1.0]))
+    assert (odd.n_above, odd.n_below, int(odd.hist.sum())) == (2, 1, 0)
 
 
 @pytest.mark.parametrize("model_name", ["tiny-random-llama", "tiny-random-gpt2"])
