@@ -269,8 +269,17 @@ def _sum_squares(x: torch.Tensor) -> float:
     return total
 
 
-def chunk_stats(b: torch.Tensor, v: torch.Tensor, sparsity: bool = True) -> DiffStats:
-    """Statistics of ``v - b`` for two same-shaped chunks of any float dtype."""
+def _widen(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1).to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+
+
+def chunk_stats(b: torch.Tensor, v: torch.Tensor, sparsity: bool = True,
+                base_prepared: tuple[torch.Tensor, float] | None = None) -> DiffStats:
+    """Statistics of ``v - b`` for two same-shaped chunks of any float dtype.
+
+    ``base_prepared``: ``(_widen(b), sum of squares of b)`` when the caller compares one base
+    chunk with several variants (computed once instead of per variant).
+    """
     b = b.reshape(-1)
     v = v.reshape(-1)
     if b.dtype != v.dtype:
@@ -279,11 +288,10 @@ def chunk_stats(b: torch.Tensor, v: torch.Tensor, sparsity: bool = True) -> Diff
     ints = _INT_VIEW[b.element_size()]
     changed = v.view(ints) != b.view(ints)
     n_changed = int(torch.count_nonzero(changed))
-    wide = torch.float64 if b.dtype == torch.float64 else torch.float32
-    bw, vw = b.to(wide), v.to(wide)
-    d = vw - bw
+    bw, sq_base = base_prepared if base_prepared is not None else (_widen(b), None)
+    d = _widen(v) - bw
     stats = DiffStats(
-        sq_diff=_sum_squares(d), sq_base=_sum_squares(bw),
+        sq_diff=_sum_squares(d), sq_base=_sum_squares(bw) if sq_base is None else sq_base,
         n_changed=n_changed, n_total=b.numel())
     if sparsity:
         finite = bool(np.isfinite(stats.sq_diff) and np.isfinite(stats.sq_base))
@@ -348,9 +356,11 @@ def stream_stats(base: CheckpointReader, variants: dict[str, CheckpointReader], 
     out = {name: DiffStats() for name in variants}
     for start, stop in _slice_chunks(base, ref):
         b = _take_rows(ref, base.rows(ref.name, start, stop, slot=0))
+        bw = _widen(b)
+        prepared = (bw, _sum_squares(bw))
         for name, r in variants.items():
             v = _take_rows(ref, r.rows(ref.name, start, stop, slot=1))
-            out[name] = out[name] + chunk_stats(b, v, sparsity)
+            out[name] = out[name] + chunk_stats(b, v, sparsity, prepared)
     return out
 
 
