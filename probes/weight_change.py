@@ -32,7 +32,7 @@ REL_LABEL = r"$\|W_v - W_{base}\|_F / \|W_{base}\|_F$"
 
 @dataclass
 class Config(BaseConfig):
-    sparsity: bool = True  # also compute the update-sparsity histograms (about 4x slower)
+    sparsity: bool = True  # also compute the update-sparsity histograms (about 3x slower)
 
 
 class WeightChange:
