@@ -30,7 +30,8 @@ Base = Annotated[str, typer.Option("--base", "-b", help="Base model spec: zoo na
                                    ".gguf file, or hub ORG/NAME[@REV].")]
 Variant = Annotated[list[str] | None, typer.Option(
     "--variant", "-v", help="NAME=SPEC of a fine-tuned model; NAME=SPEC1,SPEC2,... for the "
-    "checkpoints of one run (e.g. sft=out@step-40,out@step-80). Repeatable.")]
+    "checkpoints of one run (e.g. sft=out@step-40,out@step-80, or sft=out@all for every "
+    "step-N/checkpoint-N folder of a training output). Repeatable.")]
 DataDir = Annotated[Path | None, typer.Option(
     "--data-dir", help="Data root with mmlu/, knowns/, gsm8k/ (default: $MECHINTERP_DATA, else "
     "the Hugging Face hub).")]

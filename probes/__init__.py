@@ -1,5 +1,7 @@
 """Built-in probe plugins, one module each. ``BUILTIN`` maps probe name -> probe object."""
 
+from .attention_shift import PROBE as _attention_shift
+from .kl_drift import PROBE as _kl_drift
 from .weight_change import PROBE as _weight_change
 
-BUILTIN = {p.name: p for p in [_weight_change]}
+BUILTIN = {p.name: p for p in [_weight_change, _kl_drift, _attention_shift]}

@@ -1,8 +1,16 @@
-"""``weight-change``: where fine-tuning moved the weights.
+"""``weight-change``: where fine-tuning moved the weights, per checkpoint, and how sparsely.
 
-For each variant, layer and matrix (q k v o gate up down): ``||W_v - W_base||_F / ||W_base||_F``,
-streamed from the checkpoints' safetensors files (no model is loaded). Result key:
-``relative_change[<variant>][<matrix>]`` (a list indexed by layer).
+Streamed from the checkpoints' safetensors files in row chunks (no model is loaded; peak memory is a
+few chunks). For each variant (every checkpoint of every run), layer and matrix
+(q k v o gate up down):
+
+* ``relative_change[<variant>][<matrix>]``: ``||W_v - W_base||_F / ||W_base||_F``, list over layers;
+* ``trajectory[<run>][<checkpoint>][<matrix>]``: the same, arranged by run in training order;
+* ``changed_fraction[<variant>][<matrix>]``: fraction of entries whose bits changed, over all layers
+  (``changed_fraction_by_layer`` has it per layer);
+* ``sparsity``: histogram of ``|dW| / max(|W_base|, 1e-10)`` over 100 log-spaced bins 1e-8..1 per
+  variant and matrix kind (counts summed over layers; ``below``/``above`` count ratios < 1e-8,
+  unchanged entries included, and >= 1).
 """
 
 from __future__ import annotations
@@ -11,23 +19,27 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mechinterp.analysis.weights import load_config, weight_change
+from mechinterp.analysis.weights import SPARSITY_EDGES, load_config, weight_diff
 from mechinterp.models.naming import family_for, n_layers
-from mechinterp.plotting import heatmap_grid
+from mechinterp.plotting import heatmap_grid, new_axes
+from mechinterp.plotting.trajectories import run_linestyle, run_steps, run_x
 from mechinterp.probe import BaseConfig
 from mechinterp.progress import task
 from mechinterp.results import Result
 
+REL_LABEL = r"$\|W_v - W_{base}\|_F / \|W_{base}\|_F$"
+
 
 @dataclass
 class Config(BaseConfig):
-    pass
+    sparsity: bool = True  # also compute the update-sparsity histograms (about 3x slower)
 
 
 class WeightChange:
     name = "weight-change"
-    version = "1"
-    description = "relative Frobenius change ||W_v - W_base|| / ||W_base|| per layer and matrix"
+    version = "2"
+    description = ("relative Frobenius change per layer and matrix, per checkpoint, and update "
+                   "sparsity (bitwise changed fraction, |dW|/|W| histogram)")
     Config = Config
 
     def run(self, models, data, config: Config) -> Result:
@@ -36,25 +48,162 @@ class WeightChange:
         cfg = load_config(base)
         total = n_layers(cfg) * len(family_for(cfg).matrices)
         with task("weight change", total) as advance:
-            matrices, n_layer, rel = weight_change(base, folders, progress=advance)
-        return Result(self.name, {
-            "matrices": matrices,
-            "n_layers": n_layer,
+            diff = weight_diff(base, folders, sparsity=config.sparsity, progress=advance)
+        rel = diff.relative()
+        by_kind = {v: {m: diff.by_matrix(v, m) for m in diff.matrices} for v in folders}
+        data_out = {
+            "matrices": diff.matrices,
+            "n_layers": diff.n_layers,
             "variants": list(folders),
             "runs": models.runs,
+            "steps": run_steps(models.runs),
             "relative_change": rel,
-        })
+            "trajectory": {run: {ck: rel[ck] for ck in names} for run, names in models.runs.items()},
+            "changed_fraction": {v: {m: s.changed_fraction for m, s in k.items()}
+                                 for v, k in by_kind.items()},
+            "changed_fraction_by_layer": {
+                v: {m: [s.changed_fraction for s in per] for m, per in mats.items()}
+                for v, mats in diff.stats.items()},
+        }
+        if config.sparsity:
+            data_out["sparsity"] = {
+                "edges": SPARSITY_EDGES.tolist(),
+                "hist": {v: {m: s.hist.tolist() for m, s in k.items()} for v, k in by_kind.items()},
+                "below": {v: {m: s.n_below for m, s in k.items()} for v, k in by_kind.items()},
+                "above": {v: {m: s.n_above for m, s in k.items()} for v, k in by_kind.items()},
+                "total": {v: {m: s.n_total for m, s in k.items()} for v, k in by_kind.items()},
+            }
+        return Result(self.name, data_out)
 
+    # ----- figures -----------------------------------------------------------------------------
     def plot(self, result: Result) -> dict:
         data = result.data
         matrices = data["matrices"]
-        panels = [(v, np.array([data["relative_change"][v][m] for m in matrices], float).T)
-                  for v in data["variants"]]
-        if not panels:
-            return {}
-        fig = heatmap_grid(panels, matrices, "layer", r"$\|W_v - W_{base}\|_F / \|W_{base}\|_F$",
-                           title="Relative weight change per layer and matrix")
-        return {"weight_change_heatmap": fig}
+        runs = data.get("runs") or {v: [v] for v in data["variants"]}
+        rel = data["relative_change"]
+        figs = {}
+        finals = [names[-1] for names in runs.values() if names]
+        if finals:
+            figs["weight_change_heatmap"] = heatmap_grid(
+                [(v, _layer_matrix(rel[v], matrices)) for v in finals], matrices, "layer",
+                REL_LABEL, title="Relative weight change per layer and matrix (last checkpoints)",
+                ncols=4)
+        multi = {r: names for r, names in runs.items() if len(names) > 1}
+        for run, names in multi.items():
+            last = _layer_matrix(rel[names[-1]], matrices)
+            figs[f"weight_change_checkpoints_{run}"] = heatmap_grid(
+                [(n, _layer_matrix(rel[n], matrices)) for n in names], matrices, "layer",
+                REL_LABEL, vmin=0.0, vmax=float(np.nanmax(last)), ncols=5,
+                title=f"Relative weight change per checkpoint of {run} "
+                      "(colour scale 0..max of the last checkpoint; brighter = clipped)")
+            figs[f"weight_change_layers_{run}"] = _layer_trajectories(run, names, data)
+        if multi:
+            figs["weight_change_trajectory"] = _mean_trajectory(multi, data)
+        if data.get("sparsity"):
+            figs["sparsity_histograms"] = _sparsity_figure(finals, data)
+        return figs
+
+
+def _layer_matrix(per_matrix: dict, matrices: list[str]) -> np.ndarray:
+    """(layer, matrix) array; JSON null (NaN) -> NaN."""
+    return np.array([[np.nan if x is None else x for x in per_matrix[m]] for m in matrices],
+                    float).T
+
+
+def _mean_trajectory(runs: dict, data: dict):
+    """Mean over layers per matrix kind against step: colour = matrix, line style = algorithm."""
+    from matplotlib.lines import Line2D
+
+    matrices, steps, rel = data["matrices"], data["steps"], data["relative_change"]
+    fig, ax = new_axes(7.5, 4.5)
+    colors = {}
+    all_steps = True
+    for run, names in runs.items():
+        xs, is_step = run_x(names, steps)
+        all_steps &= is_step
+        for m in matrices:
+            ys = [np.nanmean(_none_nan(rel[n][m])) for n in names]
+            (line,) = ax.plot(xs, ys, linestyle=run_linestyle(run), marker="o", markersize=3,
+                              color=colors.get(m))
+            colors[m] = line.get_color()
+    ax.set_yscale("log")
+    ax.set_xlabel("training step" if all_steps else "checkpoint")
+    ax.set_ylabel("mean over layers of " + REL_LABEL)
+    ax.set_title("Weight change over training, per matrix kind")
+    handles = [Line2D([], [], color=colors[m], label=m) for m in matrices]
+    handles += [Line2D([], [], color="0.3", linestyle=run_linestyle(r), label=r) for r in runs]
+    ax.legend(handles=handles, loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
+    ax.grid(True, which="major", alpha=0.3)
+    return fig
+
+
+def _layer_trajectories(run: str, names: list[str], data: dict):
+    """One panel per matrix kind: each layer's change against step, coloured by layer."""
+    import matplotlib as mpl
+
+    matrices, rel = data["matrices"], data["relative_change"]
+    xs, is_step = run_x(names, data["steps"])
+    L = data["n_layers"]
+    cols = 4
+    rows = -(-len(matrices) // cols)
+    fig, axes = new_axes(3.2 * cols + 1.0, 2.7 * rows, nrows=rows, ncols=cols, squeeze=False,
+                         sharey=True)
+    cmap = mpl.colormaps["viridis"]
+    for ax, m in zip(axes.ravel(), matrices):
+        arr = np.array([_none_nan(rel[n][m]) for n in names], float)  # (checkpoint, layer)
+        for layer in range(L):
+            ax.plot(xs, arr[:, layer], color=cmap(layer / max(1, L - 1)), linewidth=1,
+                    linestyle=run_linestyle(run))
+        ax.set_yscale("log")
+        ax.set_title(m)
+        if not np.any(np.nan_to_num(arr) > 0):
+            ax.text(0.5, 0.5, "unchanged at every checkpoint", transform=ax.transAxes,
+                    ha="center", va="center", color="0.4")
+        ax.set_xlabel("training step" if is_step else "checkpoint")
+        ax.grid(True, alpha=0.3)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("relative change")
+    for ax in axes.ravel()[len(matrices):]:
+        ax.set_visible(False)
+    sm = mpl.cm.ScalarMappable(norm=mpl.colors.Normalize(0, L - 1), cmap=cmap)
+    fig.colorbar(sm, ax=axes.ravel().tolist(), label="layer", shrink=0.9)
+    fig.suptitle(f"Per-layer weight change over training: {run}")
+    return fig
+
+
+def _sparsity_figure(variants: list[str], data: dict):
+    """Per variant: fraction of entries per |dW|/|W| bin, one line per matrix kind."""
+    sp, matrices = data["sparsity"], data["matrices"]
+    edges = np.asarray(sp["edges"], float)
+    centres = np.sqrt(edges[:-1] * edges[1:])
+    cols = min(3, len(variants))
+    rows = -(-len(variants) // cols)
+    fig, axes = new_axes(5.0 * cols + 0.5, 3.6 * rows, nrows=rows, ncols=cols, squeeze=False,
+                         sharey=True)
+    for ax, v in zip(axes.ravel(), variants):
+        for m in matrices:
+            total = sp["total"][v][m]
+            frac = np.asarray(sp["hist"][v][m], float) / max(1, total)
+            changed = data["changed_fraction"][v][m]
+            below = sp["below"][v][m] / max(1, total)
+            ax.step(centres, frac, where="mid", linewidth=1.2,
+                    label=f"{m}: {100 * (changed or 0):.1f}% changed, {100 * below:.0f}% <1e-8")
+        ax.set_xscale("log")
+        ax.set_xlim(edges[0], edges[-1])
+        ax.set_title(v)
+        ax.set_xlabel(r"$|\Delta W| / \max(|W_{base}|, 10^{-10})$")
+        ax.legend(fontsize=7, loc="upper left")
+        ax.grid(True, alpha=0.3)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("fraction of entries per bin")
+    for ax in axes.ravel()[len(variants):]:
+        ax.set_visible(False)
+    fig.suptitle("Update sparsity (100 log bins 1e-8..1; % changed = bits differ)")
+    return fig
+
+
+def _none_nan(xs):
+    return [np.nan if x is None else x for x in xs]
 
 
 PROBE = WeightChange()

@@ -1,7 +1,8 @@
 """A base model and named variants that are checked to be comparable.
 
 Variants are named by the user (``sft``, ``grpo``...). A variant may be a *run*: several
-checkpoints of one training run, written ``sft=DIR@step-40,DIR@step-80``; each checkpoint becomes
+checkpoints of one training run, written ``sft=DIR@step-40,DIR@step-80`` (or ``sft=DIR@all`` for
+every ``step-N``/``checkpoint-N`` folder of a training output, in step order); each checkpoint becomes
 a variant named ``sft@step-40`` and ``runs["sft"]`` keeps their order for trajectories.
 
 Comparability (same architecture, parameter names and shapes, tokenizer vocabulary) is checked when
@@ -18,7 +19,7 @@ from collections.abc import Iterable, Iterator
 from ..errors import IncompatibleModels, SpecError
 from .loaded import LoadedModel, load, load_tokenizer
 from .safetensors_io import tensor_index
-from .specs import ResolvedSpec, resolve, split_revision
+from .specs import ResolvedSpec, expand_checkpoints, resolve, split_revision
 
 BASE = "base"
 _NAME = re.compile(r"^[A-Za-z0-9][\w.-]*$")
@@ -59,6 +60,7 @@ class ModelSet:
         self.runs: dict[str, list[str]] = {}
         for run, spec_list in (variants or {}).items():
             spec_list = [spec_list] if isinstance(spec_list, str) else list(spec_list)
+            spec_list = [s for item in spec_list for s in expand_checkpoints(item)]  # DIR@all
             if len(spec_list) == 1:
                 names = [run]
             else:

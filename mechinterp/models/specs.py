@@ -7,6 +7,8 @@ Grammar (first match wins):
 * ``DIR`` - a folder with ``config.json`` and ``*.safetensors``;
 * ``DIR@REV`` - a checkpoint of a training run: ``DIR/checkpoints/REV`` or ``DIR/REV``
   (``out@step-40``);
+* ``DIR@all`` - every checkpoint of a training output folder, in step order (see
+  :func:`expand_checkpoints`; only where a list of checkpoints is accepted, e.g. ``--variant``);
 * ``ORG/NAME[@REVISION]`` - a Hugging Face hub repository, at a branch, tag or commit.
 
 Whatever the spec, the result is a :class:`ResolvedSpec` pointing at a folder of safetensors, so
@@ -105,6 +107,38 @@ def _hub_folder(repo: str, revision: str | None, spec: str) -> Path:
                 "check the repository id and revision and that the hub is reachable, "
                 "or pass a local folder, a .gguf file or a zoo name (mechinterp models list)",
             ) from None
+
+
+ALL_CHECKPOINTS = "all"
+_CKPT_DIR = re.compile(r"^(?:step|checkpoint)[-_]?(\d+)$")
+
+
+def expand_checkpoints(spec: str) -> list[str]:
+    """``OUT@all`` -> ``["OUT@step-40", "OUT@step-80", ...]``; any other spec -> ``[spec]``.
+
+    The checkpoints of a training output folder are its subfolders named ``step-N`` or
+    ``checkpoint-N`` (the Hugging Face Trainer's name) that hold a ``config.json``, looked for in
+    ``OUT/checkpoints/`` first and then in ``OUT/`` itself, ordered by N. The final model in ``OUT``
+    itself (if any) is not included: add it as its own spec (``OUT@all,OUT``).
+    """
+    head, rev = split_revision(str(spec).strip()) if "@" in str(spec) else (str(spec), None)
+    if rev != ALL_CHECKPOINTS:
+        return [spec]
+    root = Path(head).expanduser()
+    if not root.is_dir():
+        raise SpecError(f"{head!r} (from {spec!r}) is not a folder",
+                        "@all lists the checkpoints of a local training output folder")
+    for parent in (root / "checkpoints", root):
+        found = []
+        for sub in parent.glob("*") if parent.is_dir() else []:
+            m = _CKPT_DIR.match(sub.name)
+            if m and sub.is_dir() and (sub / "config.json").exists():
+                found.append((int(m.group(1)), sub.name))
+        if found:
+            return [f"{head}@{name}" for _, name in sorted(found)]
+    raise SpecError(f"{root} has no checkpoints (no step-N/ or checkpoint-N/ folders with a "
+                    "config.json in it or in its checkpoints/ folder)",
+                    "point @all at a training output folder, or list checkpoints as DIR@step-N")
 
 
 def resolve(spec: str) -> ResolvedSpec:

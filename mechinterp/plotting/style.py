@@ -36,8 +36,12 @@ def new_axes(width: float = 6.0, height: float = 4.0, nrows: int = 1, ncols: int
 
 def heatmap_grid(panels: Sequence[tuple[str, np.ndarray]], xlabels: Sequence[str], ylabel: str,
                  colorbar_label: str, title: str | None = None, vmin: float | None = None,
-                 vmax: float | None = None, cmap: str = "viridis", diverging: bool = False):
-    """Side-by-side heatmaps (rows = layers, layer 0 at the bottom) sharing one colour scale."""
+                 vmax: float | None = None, cmap: str = "viridis", diverging: bool = False,
+                 ncols: int | None = None):
+    """Side-by-side heatmaps (rows = layers, layer 0 at the bottom) sharing one colour scale.
+
+    ``ncols`` wraps the panels into rows of at most that many (default: one row).
+    """
     arrays = [np.asarray(a, dtype=float) for _, a in panels]
     finite = np.concatenate([a[np.isfinite(a)].ravel() for a in arrays]) if arrays else np.zeros(1)
     finite = finite if finite.size else np.zeros(1)
@@ -49,11 +53,16 @@ def heatmap_grid(panels: Sequence[tuple[str, np.ndarray]], xlabels: Sequence[str
     if vmax <= vmin:
         vmax = vmin + 1e-12
     n = len(panels)
+    cols = max(1, min(n, ncols or n))
+    grid_rows = -(-n // cols)
     n_rows = arrays[0].shape[0] if arrays else 1
-    fig, axes = new_axes(width=max(3.0, 0.35 * len(xlabels) + 1.2) * n + 1.0,
-                         height=max(3.0, 0.16 * n_rows + 1.5), ncols=n, squeeze=False)
+    fig, axes = new_axes(width=max(3.0, 0.35 * len(xlabels) + 1.2) * cols + 1.0,
+                         height=max(3.0, 0.16 * n_rows + 1.5) * grid_rows, nrows=grid_rows,
+                         ncols=cols, squeeze=False)
+    for ax in axes.ravel()[n:]:
+        ax.set_visible(False)
     im = None
-    for ax, (name, arr) in zip(axes[0], panels):
+    for ax, (name, arr) in zip(axes.ravel(), panels):
         im = ax.imshow(np.asarray(arr, float), origin="lower", aspect="auto", cmap=cmap,
                        vmin=vmin, vmax=vmax, interpolation="nearest")
         ax.set_title(name)
@@ -62,7 +71,7 @@ def heatmap_grid(panels: Sequence[tuple[str, np.ndarray]], xlabels: Sequence[str
         step = max(1, n_rows // 10)
         ax.set_yticks(range(0, n_rows, step))
         ax.set_ylabel(ylabel)
-    fig.colorbar(im, ax=axes[0].tolist(), label=colorbar_label, shrink=0.9)
+    fig.colorbar(im, ax=axes.ravel().tolist(), label=colorbar_label, shrink=0.9)
     if title:
         fig.suptitle(title)
     return fig

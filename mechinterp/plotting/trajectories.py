@@ -1,0 +1,70 @@
+"""Quantities over the checkpoints of training runs: steps, line styles, one trajectory plot.
+
+A *run* is a list of checkpoint variant names in training order (``ModelSet.runs``); the training
+step of a checkpoint is read from its label (``sft@step-40`` -> 40, hub revision
+``v01.14-step-000000029`` -> 29, ``checkpoint-500`` -> 500). Runs whose labels carry no step are
+plotted against the checkpoint index instead.
+
+Line style follows the algorithm named in the run: SFT dashed, GRPO solid, anything else dotted.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+_STEP = re.compile(r"(?:step|checkpoint)[-_]?0*(\d+)", re.IGNORECASE)
+
+
+def checkpoint_step(name: str) -> int | None:
+    """The training step in a checkpoint name, or None when it names none."""
+    label = name.split("@", 1)[1] if "@" in name else name
+    found = _STEP.findall(label)
+    return int(found[-1]) if found else None
+
+
+def run_steps(runs: Mapping[str, Sequence[str]]) -> dict[str, int | None]:
+    """``{checkpoint variant: step or None}`` for every checkpoint of every run."""
+    return {name: checkpoint_step(name) for names in runs.values() for name in names}
+
+
+def run_linestyle(run: str) -> str:
+    low = run.lower()
+    if "grpo" in low:
+        return "-"
+    if "sft" in low:
+        return "--"
+    return ":"
+
+
+def run_x(names: Sequence[str], steps: Mapping[str, int | None]) -> tuple[list[float], bool]:
+    """x values for a run's checkpoints: their steps if all have one, else 1, 2, ..."""
+    got = [steps.get(n) for n in names]
+    if names and all(s is not None for s in got):
+        return [float(s) for s in got], True
+    return [float(i + 1) for i in range(len(names))], False
+
+
+def plot_run_lines(ax, runs: Mapping[str, Sequence[str]], steps: Mapping[str, int | None],
+                   values: Mapping[str, float], color=None, label: str | None = None,
+                   err: Mapping[str, float] | None = None, marker_cycle: str = "osD^v<>") -> bool:
+    """One line per run of ``values[checkpoint]`` against step; returns whether x is steps.
+
+    ``label`` prefixes the run name in the legend; ``err`` draws a shaded +-band.
+    """
+    all_steps = True
+    for i, (run, names) in enumerate(runs.items()):
+        xs, is_step = run_x(names, steps)
+        all_steps &= is_step
+        ys = np.array([values.get(n, np.nan) for n in names], float)
+        kw = {"linestyle": run_linestyle(run), "marker": marker_cycle[i % len(marker_cycle)],
+              "markersize": 4, "label": f"{label} {run}" if label else run}
+        if color is not None:
+            kw["color"] = color
+        (line,) = ax.plot(xs, ys, **kw)
+        if err is not None:
+            e = np.array([err.get(n, np.nan) for n in names], float)
+            ax.fill_between(xs, ys - e, ys + e, color=line.get_color(), alpha=0.15, linewidth=0)
+    return all_steps

@@ -1,0 +1,136 @@
+"""``attention-shift``: which attention heads read differently after fine-tuning.
+
+Per variant (every checkpoint of every run), layer and query head, averaged over query positions
+(after the first) and prompts: the Jensen-Shannon divergence between base and variant attention
+rows, the change in row entropy and the change in attention mass on the first token (see
+:mod:`mechinterp.analysis.attention`). Prompts: MMLU test questions in the lm-evaluation-harness
+format (without the answer) and ROME known-fact prompts, ``n_mmlu`` + ``n_knowns`` of them (a seeded
+selection; small by default for CPU), as plain text, cut to ``max_tokens``.
+
+Result keys: ``js[<variant>]``, ``entropy_change[<variant>]``, ``first_token_mass_change[<variant>]``
+(each a list over layers of lists over heads), plus ``n_prompts``, ``runs``, ``steps``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from mechinterp.analysis.attention import METRICS, attention_shift
+from mechinterp.data import load_knowns, load_mmlu
+from mechinterp.data.mmlu import LETTERS
+from mechinterp.data.subset import seeded_subset
+from mechinterp.errors import UserError
+from mechinterp.plotting import heatmap_grid, new_axes
+from mechinterp.plotting.trajectories import run_steps
+from mechinterp.probe import BaseConfig
+from mechinterp.progress import task
+from mechinterp.results import Result
+
+LABELS = {
+    "js": "JS divergence (nats)",
+    "entropy_change": r"$\Delta$ entropy (nats)",
+    "first_token_mass_change": r"$\Delta$ mass on first token",
+}
+
+
+@dataclass
+class Config(BaseConfig):
+    n_mmlu: int = 16  # MMLU test questions (seeded selection over all subjects)
+    n_knowns: int = 16  # known-fact prompts
+    max_tokens: int = 256  # prompts are cut to this many tokens
+    batch_size: int = 4
+
+
+def mmlu_prompt(item) -> str:
+    subject = item.subject.replace("_", " ")
+    choices = "".join(f"\n{letter}. {c}" for letter, c in zip(LETTERS, item.choices))
+    return (f"The following are multiple choice questions (with answers) about {subject}.\n\n"
+            f"{item.question}{choices}\nAnswer:")
+
+
+def load_prompts(data, config: Config) -> list[str]:
+    if data is None:
+        raise UserError("attention-shift needs a data source", "pass --data-dir")
+    texts = []
+    if config.n_mmlu:
+        texts += [mmlu_prompt(it) for it in seeded_subset(load_mmlu(data, "test"), config.n_mmlu,
+                                                          config.seed)]
+    if config.n_knowns:
+        texts += [f.prompt for f in seeded_subset(load_knowns(data), config.n_knowns, config.seed)]
+    texts = seeded_subset(texts, config.limit, config.seed)
+    if not texts:
+        raise UserError("no prompts selected", "set n_mmlu or n_knowns above 0")
+    return texts
+
+
+class AttentionShiftProbe:
+    name = "attention-shift"
+    version = "1"
+    description = ("per layer and head: JS divergence of attention rows, entropy change and "
+                   "first-token mass change vs the base (MMLU + known facts)")
+    Config = Config
+
+    def run(self, models, data, config: Config) -> Result:
+        texts = load_prompts(data, config)
+        tok = models.base.tokenizer
+        prompts = [tok(t)["input_ids"][:config.max_tokens] for t in texts]
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        out = {m: {} for m in METRICS}
+        with task("attention shift", len(prompts) * len(models.variants)) as advance:
+            for name in models.variants:
+                shift = attention_shift(models.base, models[name], prompts, config.batch_size,
+                                        pad, progress=advance)
+                for m in METRICS:
+                    out[m][name] = getattr(shift, m).tolist()
+                models.release(name)
+        return Result(self.name, {
+            "variants": models.variants,
+            "runs": models.runs,
+            "steps": run_steps(models.runs),
+            **out,
+            "n_prompts": len(prompts),
+            "n_tokens": int(sum(len(p) for p in prompts)),
+        })
+
+    def plot(self, result: Result) -> dict:
+        data = result.data
+        variants = data["variants"]
+        if not variants:
+            return {}
+        figs = {}
+        arrays = {m: {v: _arr(data[m][v]) for v in variants} for m in METRICS}
+        n_heads = next(iter(arrays["js"].values())).shape[1]
+        heads = [str(h) for h in range(n_heads)]
+        for m in METRICS:
+            figs[f"attention_{m}_heatmap"] = heatmap_grid(
+                [(v, arrays[m][v]) for v in variants], heads, "layer", LABELS[m],
+                title=f"{LABELS[m]} per layer and head, vs base "
+                      f"({data['n_prompts']} prompts; x = query head)",
+                cmap="magma" if m == "js" else "viridis", diverging=m != "js", ncols=5)
+            for ax in figs[f"attention_{m}_heatmap"].axes:
+                if ax.get_label() != "<colorbar>" and ax.get_visible():
+                    ax.set_xlabel("query head")
+        fig, axes = new_axes(13.0, 3.8, ncols=3)
+        for ax, m in zip(axes, METRICS):
+            for v in variants:
+                arr = arrays[m][v]
+                ax.plot(range(arr.shape[0]), np.nanmean(arr, axis=1), marker="o", markersize=3,
+                        label=v)
+            ax.set_xlabel("layer")
+            ax.set_ylabel(LABELS[m] + ", mean over heads")
+            ax.grid(True, alpha=0.3)
+            if m != "js":
+                ax.axhline(0.0, color="0.5", linewidth=0.8)
+        axes[0].legend(fontsize=8)
+        fig.suptitle(f"Attention shift per layer ({data['n_prompts']} prompts)")
+        figs["attention_shift_layers"] = fig
+        return figs
+
+
+def _arr(rows) -> np.ndarray:
+    return np.array([[np.nan if x is None else x for x in r] for r in rows], float)
+
+
+PROBE = AttentionShiftProbe()

@@ -1,0 +1,120 @@
+"""Teacher-forced KL: float64 reference, KL(m || m) = 0, batched = one-by-one, NaN items counted."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from mechinterp.analysis.divergence import answer_items, teacher_forced_kl
+
+PAIRS = [
+    ("What is 2 + 3?", "2 + 3 = 5. The answer is #### 5"),
+    ("Natalia sold clips to 48 of her friends in April. How many?", "She sold 48 clips. #### 48"),
+    ("The capital of France is", " Paris."),
+    ("Tokyo is the capital of which country? Answer in one word.", "Japan"),
+    ("Question: A B C D?", "Let me work this out step by step. <answer> 42 </answer>"),
+]
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _perturbed(hf: torch.nn.Module, scale: float = 0.3, seed: int = 0) -> torch.nn.Module:
+    variant = copy.deepcopy(hf)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in variant.named_parameters():
+            if p.ndim == 2 and "embed" not in name and "wte" not in name:
+                p.add_(torch.randn(p.shape, generator=g) * scale * p.std())
+    return variant
+
+
+def _reference_kl(base, variant, ids: list[int], start: int) -> float:
+    """One item alone, float64, an explicit loop over answer positions."""
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        lb = torch.log_softmax(base(input_ids=x).logits[0].double(), -1)
+        lv = torch.log_softmax(variant(input_ids=x).logits[0].double(), -1)
+    vals = []
+    for t in range(start - 1, len(ids) - 1):  # logits at t predict token t + 1 (an answer token)
+        vals.append(float((lb[t].exp() * (lb[t] - lv[t])).sum()))
+    return sum(vals) / len(vals)
+
+
+def test_answer_items_put_the_boundary_where_the_answer_starts(tiny_model):
+    tok = tiny_model.tokenizer
+    items = answer_items(tok, PAIRS[:2])
+    for (prompt, answer), ids, start in zip(PAIRS, items.input_ids, items.answer_start):
+        rendered = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                           add_generation_prompt=True)
+        assert tok.decode(ids[:start]) == rendered
+        assert tok.decode(ids[start:]) == answer
+    plain = answer_items(tok, PAIRS[2:3], chat_template=False)
+    assert tok.decode(plain.input_ids[0][plain.answer_start[0]:]) == " Paris."
+    cut = answer_items(tok, PAIRS[:1], max_length=items.answer_start[0] + 2)
+    assert cut.n_truncated == 1 and cut.n_answer_tokens() == [2]
+
+
+def test_kl_matches_float64_reference_on_two_items(tiny_model):
+    base = tiny_model.hf
+    variant = _perturbed(base)
+    items = answer_items(tiny_model.tokenizer, PAIRS[:2])
+    got = teacher_forced_kl(base, variant, items, batch_size=2)
+    want = [_reference_kl(base, variant, ids, s)
+            for ids, s in zip(items.input_ids, items.answer_start)]
+    assert want[0] > 1e-3 and want[1] > 1e-3  # a real difference, not a trivial zero
+    np.testing.assert_allclose(got.numpy(), want, rtol=2e-5)
+
+
+def test_kl_of_a_model_with_itself_is_zero(tiny_model):
+    from mechinterp.models import load
+
+    items = answer_items(tiny_model.tokenizer, PAIRS)
+    assert teacher_forced_kl(tiny_model, tiny_model, items).tolist() == [0.0] * len(PAIRS)
+    twin = load(tiny_model.resolved, device="cpu", dtype="float32")  # a second copy
+    assert teacher_forced_kl(tiny_model, twin, PAIRS, batch_size=3).abs().max() == 0.0
+
+
+def test_batched_equals_one_by_one(tiny_model):
+    variant = _perturbed(tiny_model.hf, seed=1)
+    items = answer_items(tiny_model.tokenizer, PAIRS)
+    assert len({len(i) for i in items.input_ids}) == len(PAIRS)  # padding really happens
+    one = teacher_forced_kl(tiny_model.hf, variant, items, batch_size=1)
+    batched = teacher_forced_kl(tiny_model.hf, variant, items, batch_size=4)
+    torch.testing.assert_close(batched, one, rtol=1e-5, atol=1e-8)
+    # the pad id does not matter either
+    other_pad = type(items)(items.input_ids, items.answer_start, pad_id=7)
+    torch.testing.assert_close(teacher_forced_kl(tiny_model.hf, variant, other_pad, 5), one,
+                               rtol=1e-5, atol=1e-8)
+
+
+def test_probe_counts_nonfinite_items_and_reads_a_jsonl(tmp_path):
+    """A token whose embedding is NaN in the variant poisons exactly the item that uses it."""
+    from mechinterp.models import load
+    from mechinterp.models.modelset import ModelSet
+    from mechinterp.probe import get_probe, make_config, run_probe
+
+    base = load("tiny-random-llama", device="cpu", dtype="float32")
+    pairs = [("What is 2 + 3?", "5"), ("Say a tilde.", "~~")]
+    items = answer_items(base.tokenizer, pairs)
+    only_second = set(items.input_ids[1]) - set(items.input_ids[0])
+    assert only_second
+    variant = load("tiny-random-llama", device="cpu", dtype="float32")
+    with torch.no_grad():
+        variant.hf.get_input_embeddings().weight[sorted(only_second)] = float("nan")
+    variant.hf.save_pretrained(tmp_path / "nan")
+    variant.tokenizer.save_pretrained(tmp_path / "nan")
+    rows = tmp_path / "items.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": p, "answer": a}) + "\n" for p, a in pairs))
+    ms = ModelSet("tiny-random-llama", {"nan": str(tmp_path / "nan"),
+                                        "same": "tiny-random-llama"}, device="cpu")
+    probe = get_probe("kl-drift")
+    res = run_probe(probe, ms, None, make_config(probe, {"items": str(rows)}))
+    assert res["n_nonfinite"] == {"nan": 1, "same": 0}
+    assert res["kl_items"]["nan"][0] == 0.0 and not np.isfinite(res["kl_items"]["nan"][1])
+    assert res["kl"]["nan"] == 0.0 and res["kl"]["same"] == 0.0
+    assert res["n_items"] == 2
