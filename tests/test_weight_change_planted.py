@@ -37,7 +37,7 @@ def test_planted_change_is_measured_exactly(tmp_path, name):
     matrices, n_layers, rel = weight_change(base_dir, {"v": var})
     ref = _direct(base_dir, var, model)
     for m in matrices:
-        np.testing.assert_allclose(rel["v"][m], ref[m], rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(rel["v"][m], ref[m], rtol=1e-6, atol=1e-12)  # float32 diffs
         for layer in range(n_layers):
             want = edits.get((layer, m), 0.0)
             if want == 0.0:
