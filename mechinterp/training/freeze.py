@@ -190,8 +190,9 @@ class FreezePlan:
     def summary(self) -> str:
         pct = 100.0 * self.n_frozen / self.total if self.total else 0.0
         head = (f"freeze {self.spec!r}: " if self.spec else "no freezing: ")
-        lines = [f"{head}trainable {self.n_trainable:,} / frozen {self.n_frozen:,} parameters "
-                 f"({pct:.1f}% frozen; {len(self.whole)} whole tensors, {len(self.partial)} sliced)"]
+        first = (f"{head}trainable {self.n_trainable:,} / frozen {self.n_frozen:,} parameters "
+                 f"({pct:.1f}% frozen; {len(self.whole)} whole tensors, {len(self.partial)} sliced)")
+        lines = [first]
         return "\n".join(lines + [f"  note: {n}" for n in self.notes])
 
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import errno
 import importlib.util
+import math
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -23,8 +25,17 @@ from typing import Any
 import torch
 
 from ..errors import UserError
-from .callbacks import (SNAPSHOT_DIR, TRAINER_DIR, FreezeGuard, Snapshots, StopGuard,
-                        TrainProgress, clean_incomplete, complete_checkpoints, link_or_copy)
+from .callbacks import (
+    SNAPSHOT_DIR,
+    TRAINER_DIR,
+    FreezeGuard,
+    Snapshots,
+    StopGuard,
+    TrainProgress,
+    clean_incomplete,
+    complete_checkpoints,
+    link_or_copy,
+)
 from .settings import TrainSettings, checkpoint_steps, load_settings, save_settings
 
 CONFIG_FILE = "train-config.json"
@@ -144,17 +155,17 @@ def _datasets(s: TrainSettings, data_dir, tokenizer):
 
 def train(s: TrainSettings, out: Path, resume: bool = False, data_dir=None, echo=print,
           callbacks: tuple = (), skip_disk_check: bool = False,
-          reward_funcs: list | None = None) -> TrainOutcome:
+          reward_funcs: list | None = None, record: bool = True) -> TrainOutcome:
     """Train as ``s`` says into ``out`` (see the module docstring for the layout).
 
     ``callbacks`` are extra TrainerCallbacks; ``reward_funcs`` replaces GRPO's correctness and
     format rewards (one weight per function then goes in ``s.extra["reward_weights"]``).
+    ``record=False`` trains without snapshots, drift or final model (the benchmark's baseline).
     """
     from ..models import load
-    from ..models.naming import family_for
     from ..probe import package_versions
-    from .driftlog import DriftLogger
     from .drift import answer_logprobs
+    from .driftlog import DriftLogger
     from .freeze import FrozenState, plan
 
     out = Path(out)
@@ -169,7 +180,8 @@ def train(s: TrainSettings, out: Path, resume: bool = False, data_dir=None, echo
     fplan = plan(model, spec, lm.family)
     if fplan.n_trainable == 0:
         raise UserError(f"freeze spec {spec!r} freezes every parameter", "leave something to train")
-    if fplan.partial and s.weight_decay > 0 and s.extra.get("deepspeed"):
+    deepspeed = s.extra.get("deepspeed") or os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
+    if fplan.partial and s.weight_decay > 0 and deepspeed:
         raise UserError("sliced freezing under DeepSpeed needs --weight-decay 0",
                         "DeepSpeed keeps its own master weights, so only the gradient hooks apply")
     echo(fplan.summary())
@@ -208,7 +220,8 @@ def train(s: TrainSettings, out: Path, resume: bool = False, data_dir=None, echo
         drift.resume_from(int(last.name.rsplit("-", 1)[1]))
     snaps = Snapshots(out, steps, drift, echo=echo)
     stop = StopGuard()
-    cbs = [FreezeGuard(frozen), stop, snaps, TrainProgress(s.max_steps, s.algorithm, echo), *callbacks]
+    cbs = [FreezeGuard(frozen), stop, *([snaps] if record else []),
+           TrainProgress(s.max_steps, s.algorithm, echo), *callbacks]
 
     cfg = _trl_config(s, out, lm.device)
     if s.algorithm == "sft":
@@ -250,6 +263,11 @@ def train(s: TrainSettings, out: Path, resume: bool = False, data_dir=None, echo
         where = f"last good checkpoint: {out}@step-{max(good)}" if good else "no checkpoint saved"
         raise UserError(f"training stopped: {reason}; {where}",
                         "lower --lr or check the data, then start a new run")
+    rec = drift.records[-1] if drift.records else {}
+    outcome = TrainOutcome(out, trainer.state.global_step, [f"step-{x}" for x in steps], wall,
+                           fplan.summary(), rec)
+    if not record or not trainer.is_world_process_zero():
+        return outcome
     final_step = max(steps)
     src = out / SNAPSHOT_DIR / f"step-{final_step}"
     for f in sorted(src.iterdir()):
@@ -257,9 +275,7 @@ def train(s: TrainSettings, out: Path, resume: bool = False, data_dir=None, echo
             (out / f.name).unlink(missing_ok=True)
             link_or_copy(f, out / f.name)
     _draw(out)
-    rec = drift.records[-1] if drift.records else {}
-    return TrainOutcome(out, trainer.state.global_step, [f"step-{x}" for x in steps], wall,
-                        fplan.summary(), rec)
+    return outcome
 
 
 def _draw(out: Path) -> None:
@@ -279,7 +295,7 @@ def summarise(rec: dict[str, Any]) -> str:
     rc = rec.get("relative_change") or {}
     if not rc:
         return "no drift recorded"
-    flat = [(v, m, layer) for m, vals in rc.items() for layer, v in enumerate(vals) if v == v]
+    flat = [(v, m, layer) for m, vals in rc.items() for layer, v in enumerate(vals) if not math.isnan(v)]
     mean = float(np.mean([v for v, _, _ in flat]))
     top = max(flat)
     kl = rec.get("kl")
