@@ -86,7 +86,7 @@ class TrainingDrift:
             if any(np.nanmax(np.array(b["relative_change"][m], float)) > 0 for m in b["matrices"]):
                 ax.set_yscale("log")
             ax.set_xlabel("training step")
-            ax.set_title(run)
+            ax.set_title(run + (f" (frozen: {b['freeze']})" if b.get("freeze") else ""))
         axes[0][0].set_ylabel(r"mean over layers of $\|W_t - W_0\|_F / \|W_0\|_F$")
         axes[0][-1].legend(title="matrix", fontsize=8)
         fig.suptitle("Relative weight change along training")
