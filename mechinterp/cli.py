@@ -11,6 +11,7 @@ from typing import Annotated
 
 import typer
 
+from .cli_train import train_app
 from .errors import UserError
 
 app = typer.Typer(
@@ -24,6 +25,7 @@ models_app = typer.Typer(help="The model zoo: list and fetch built-in models.", 
 probes_app = typer.Typer(help="Probes: one experiment each.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 app.add_typer(probes_app, name="probes")
+app.add_typer(train_app, name="train")
 
 # ----- shared options ----------------------------------------------------------------------------
 Base = Annotated[str, typer.Option("--base", "-b", help="Base model spec: zoo name, folder, "

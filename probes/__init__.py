@@ -2,6 +2,7 @@
 
 from .attention_shift import PROBE as _attention_shift
 from .kl_drift import PROBE as _kl_drift
+from .training_drift import PROBE as _training_drift
 from .weight_change import PROBE as _weight_change
 
-BUILTIN = {p.name: p for p in [_weight_change, _kl_drift, _attention_shift]}
+BUILTIN = {p.name: p for p in [_weight_change, _kl_drift, _attention_shift, _training_drift]}

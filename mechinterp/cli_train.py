@@ -1,0 +1,170 @@
+"""``mechinterp train sft|grpo``: fine-tune a model with TRL, freezing, snapshots and drift logging.
+
+Thin: options become :class:`~mechinterp.training.settings.TrainSettings` (paper defaults <
+``--preset`` < explicit options) and :func:`~mechinterp.training.runner.train` does the work.
+Under ``accelerate launch`` run this module: ``accelerate launch --config_file
+configs/accelerate/zero2.yaml -m mechinterp.cli_train grpo ...`` (see docs/training.md).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from .errors import UserError
+
+train_app = typer.Typer(
+    help="Fine-tune with TRL (SFT or GRPO) on GSM8K-style data in the paper's think/answer format; "
+    "freeze parts of the model; save checkpoints that load as OUT@step-N; log weight change and KL "
+    "from the base. Defaults are the paper's (GPU); --preset cpu-smoke finishes in minutes on a CPU.",
+    no_args_is_help=True,
+)
+
+Opt = typer.Option
+Base = Annotated[Optional[str], Opt("--base", "-b", help="Base model spec (zoo name, folder, "
+                                    ".gguf, hub id) [smollm2-135m-instruct].")]
+Out = Annotated[Path, Opt("--out", "-o", help="Run folder: final model (spec OUT), checkpoints "
+                          "(OUT@step-N), drift log.")]
+Data = Annotated[Optional[str], Opt(help="'gsm8k' (train split; test split held out for KL) or a "
+                                    "JSONL file with question/answer fields [gsm8k].")]
+DataDir = Annotated[Optional[Path], Opt("--data-dir", help="Data root (default $MECHINTERP_DATA).")]
+Preset = Annotated[Optional[str], Opt(help="Settings preset: cpu-smoke (minutes on a CPU). "
+                                      "Explicit options override it.")]
+Seed = Annotated[Optional[int], Opt(help="Seed (data order, sampling, init of anything random).")]
+Device = Annotated[Optional[str], Opt(help="auto, cpu, cuda, cuda:N.")]
+Dtype = Annotated[Optional[str], Opt(help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16.")]
+Steps = Annotated[Optional[int], Opt("--max-steps", help="Optimizer steps [paper: 571].")]
+Lr = Annotated[Optional[float], Opt("--lr", help="Learning rate [paper: 1e-6].")]
+Sched = Annotated[Optional[str], Opt("--lr-scheduler", help="Scheduler "
+                                     "[paper: constant_with_warmup].")]
+Warm = Annotated[Optional[float], Opt(help="Warm-up fraction of steps [paper: 0.1].")]
+Wd = Annotated[Optional[float], Opt(help="AdamW weight decay [0].")]
+Clip = Annotated[Optional[float], Opt(help="Gradient clipping norm [paper: 0.2].")]
+Batch = Annotated[Optional[int], Opt("--batch-size", help="Per-device batch (GRPO: completions, a "
+                                     "multiple of --num-generations) [SFT 8, GRPO 28].")]
+Accum = Annotated[Optional[int], Opt("--grad-accum", help="Gradient accumulation steps [1].")]
+LogSteps = Annotated[Optional[int], Opt(help="Log loss/reward every N steps [1].")]
+Freeze = Annotated[Optional[str], Opt(help="Freeze spec, e.g. 'mlp@19-25', 'only:attn.q,attn.k', "
+                                      "'attn.heads@12:0,3', 'mlp.neurons@10:FILE', 're:REGEX' "
+                                      "(docs/training.md).")]
+FreezePreset = Annotated[Optional[str], Opt(help="paper-mid-mlp (paper's layers 19-25 of 32 mapped "
+                                            "onto this depth) or paper-qk-only.")]
+Ckpts = Annotated[Optional[int], Opt("--checkpoints", help="Checkpoints saved evenly through the "
+                                     "run, the last at the end [paper: 20].")]
+Held = Annotated[Optional[int], Opt("--heldout", help="Held-out items for KL from the base "
+                                    "(0: no KL) [16].")]
+HeldLen = Annotated[Optional[int], Opt(help="Token limit of a held-out item [512].")]
+Resume = Annotated[bool, Opt("--resume", help="Continue the run in --out from its last complete "
+                             "checkpoint.")]
+SkipDisk = Annotated[bool, Opt("--skip-disk-check", help="Do not check free disk space first.")]
+Extra = Annotated[Optional[list[str]], Opt("--trl", help="Extra TRL config field KEY=VALUE "
+                                           "(JSON value), repeatable, e.g. "
+                                           "gradient_checkpointing=true.")]
+
+
+def _extra(items: list[str] | None) -> dict[str, Any] | None:
+    if not items:
+        return None
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise UserError(f"--trl {item!r} is not KEY=VALUE", "e.g. --trl gradient_checkpointing=true")
+        k, v = item.split("=", 1)
+        try:
+            out[k.strip()] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k.strip()] = v
+    return out
+
+
+def _run(algorithm: str, out: Path, preset: str | None, resume: bool, data_dir: Path | None,
+         skip_disk_check: bool, overrides: dict[str, Any]) -> None:
+    from .training.runner import resume_settings, summarise, train
+    from .training.settings import resolve_settings
+
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if resume:
+        settings = resume_settings(out, {**overrides, "algorithm": algorithm,
+                                         **({"preset": preset} if preset else {})})
+    else:
+        settings = resolve_settings(algorithm, preset, overrides)
+    res = train(settings, out, resume=resume, data_dir=data_dir,
+                echo=lambda s: typer.echo(s, err=True), skip_disk_check=skip_disk_check)
+    typer.echo(f"{algorithm}: {res.steps} steps in {res.wall_time_s:.1f} s; final model {out}; "
+               f"checkpoints {', '.join(f'{out}@{c}' for c in res.checkpoints)}")
+    typer.echo(summarise(res.final))
+
+
+@train_app.command("sft")
+def sft(
+    out: Out, base: Base = None, data: Data = None, data_dir: DataDir = None,
+    preset: Preset = None, seed: Seed = None, device: Device = None, dtype: Dtype = None,
+    max_steps: Steps = None, lr: Lr = None, lr_scheduler: Sched = None, warmup_ratio: Warm = None,
+    weight_decay: Wd = None, max_grad_norm: Clip = None, batch_size: Batch = None,
+    grad_accum: Accum = None, logging_steps: LogSteps = None,
+    max_length: Annotated[Optional[int], Opt(help="Token limit of prompt + target [paper: 4096].")] = None,
+    freeze: Freeze = None, freeze_preset: FreezePreset = None, checkpoints: Ckpts = None,
+    heldout: Held = None, heldout_max_length: HeldLen = None, trl: Extra = None,
+    resume: Resume = False, skip_disk_check: SkipDisk = False,
+) -> None:
+    """Supervised fine-tuning on reference solutions (TRL SFTTrainer, loss on the answer only)."""
+    _run("sft", out, preset, resume, data_dir, skip_disk_check, dict(
+        base=base, data=data, seed=seed, device=device, dtype=dtype, max_steps=max_steps,
+        learning_rate=lr, lr_scheduler_type=lr_scheduler, warmup_ratio=warmup_ratio,
+        weight_decay=weight_decay, max_grad_norm=max_grad_norm,
+        per_device_train_batch_size=batch_size, gradient_accumulation_steps=grad_accum,
+        logging_steps=logging_steps, max_length=max_length, freeze=freeze,
+        freeze_preset=freeze_preset, checkpoints=checkpoints, n_heldout=heldout,
+        heldout_max_length=heldout_max_length, extra=_extra(trl)))
+
+
+@train_app.command("grpo")
+def grpo(
+    out: Out, base: Base = None, data: Data = None, data_dir: DataDir = None,
+    preset: Preset = None, seed: Seed = None, device: Device = None, dtype: Dtype = None,
+    max_steps: Steps = None, lr: Lr = None, lr_scheduler: Sched = None, warmup_ratio: Warm = None,
+    weight_decay: Wd = None, max_grad_norm: Clip = None, batch_size: Batch = None,
+    grad_accum: Accum = None, logging_steps: LogSteps = None,
+    num_generations: Annotated[Optional[int], Opt(help="Completions per prompt [paper: 28].")] = None,
+    max_completion_length: Annotated[Optional[int], Opt(
+        help="Completion token limit [paper: 1500].")] = None,
+    temperature: Annotated[Optional[float], Opt(help="Sampling temperature [paper: 0.6].")] = None,
+    beta: Annotated[Optional[float], Opt(help="KL coefficient [paper: 0, no KL term].")] = None,
+    epsilon: Annotated[Optional[float], Opt(help="Clip epsilon [paper: 0.2].")] = None,
+    loss_type: Annotated[Optional[str], Opt(help="grpo, dr_grpo, dapo, bnpo, cispo, sapo "
+                                            "[paper: dr_grpo].")] = None,
+    correctness_weight: Annotated[Optional[float], Opt(help="Answer reward weight [paper: 1.0].")] = None,
+    format_weight: Annotated[Optional[float], Opt(help="Format reward weight [paper: 0.2].")] = None,
+    use_vllm: Annotated[bool, Opt("--use-vllm", help="Generate with vLLM (needs vllm).")] = False,
+    vllm_mode: Annotated[Optional[str], Opt(help="server (trl vllm-serve) or colocate.")] = None,
+    freeze: Freeze = None, freeze_preset: FreezePreset = None, checkpoints: Ckpts = None,
+    heldout: Held = None, heldout_max_length: HeldLen = None, trl: Extra = None,
+    resume: Resume = False, skip_disk_check: SkipDisk = False,
+) -> None:
+    """GRPO on questions with correctness + format rewards (TRL GRPOTrainer)."""
+    _run("grpo", out, preset, resume, data_dir, skip_disk_check, dict(
+        base=base, data=data, seed=seed, device=device, dtype=dtype, max_steps=max_steps,
+        learning_rate=lr, lr_scheduler_type=lr_scheduler, warmup_ratio=warmup_ratio,
+        weight_decay=weight_decay, max_grad_norm=max_grad_norm,
+        per_device_train_batch_size=batch_size, gradient_accumulation_steps=grad_accum,
+        logging_steps=logging_steps, num_generations=num_generations,
+        max_completion_length=max_completion_length, temperature=temperature, beta=beta,
+        epsilon=epsilon, loss_type=loss_type, correctness_weight=correctness_weight,
+        format_weight=format_weight, use_vllm=use_vllm or None, vllm_mode=vllm_mode,
+        freeze=freeze, freeze_preset=freeze_preset, checkpoints=checkpoints, n_heldout=heldout,
+        heldout_max_length=heldout_max_length, extra=_extra(trl)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point for ``python -m mechinterp.cli_train`` (e.g. under ``accelerate launch``)."""
+    from .cli import main as cli_main
+
+    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""How far training has moved the model: teacher-forced KL from the base on a fixed held-out set.
+
+Definition (the paper's, identical to ``mechinterp.analysis.divergence``, which will replace this at
+merge): for each item, the mean over its answer positions of
+``sum_v p_base(v) (log p_base(v) - log p_ft(v))``, then the mean over items. "Answer positions" are
+the positions whose next token is part of the rendered reference answer (the assistant turn), so the
+prompt is context only.
+
+The base distributions are computed once (:func:`base_logprobs`) and kept only at answer positions,
+so a checkpoint costs one forward pass of the fine-tuned model over the held-out set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+
+@dataclass
+class HeldOut:
+    """Tokenised held-out items: ids and, per item, the answer span ``[start, stop)`` of tokens."""
+
+    input_ids: list[Int[Tensor, " pos"]]
+    spans: list[tuple[int, int]]
+
+
+def build_heldout(tokenizer, prompts: list[list[dict]], answers: list[str],
+                  max_length: int = 512) -> HeldOut:
+    """Render prompt + reference answer through the chat template; locate the answer tokens."""
+    ids, spans = [], []
+    for messages, answer in zip(prompts, answers, strict=True):
+        prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                   tokenize=True, return_dict=False)
+        full_ids = tokenizer.apply_chat_template(
+            messages + [{"role": "assistant", "content": answer}], tokenize=True, return_dict=False)
+        prompt_ids = list(prompt_ids["input_ids"] if isinstance(prompt_ids, dict) else prompt_ids)
+        full_ids = list(full_ids["input_ids"] if isinstance(full_ids, dict) else full_ids)
+        start = len(prompt_ids)
+        if full_ids[:start] != prompt_ids:  # template re-tokenises across the boundary
+            start = next(i for i, (a, b) in enumerate(zip(prompt_ids, full_ids)) if a != b)
+        full_ids = full_ids[:max_length]
+        if start >= len(full_ids):
+            continue  # no answer left after truncation
+        ids.append(torch.tensor(full_ids))
+        spans.append((max(start, 1), len(full_ids)))
+    return HeldOut(ids, spans)
+
+
+@torch.no_grad()
+def answer_logprobs(model: torch.nn.Module, heldout: HeldOut,
+                    batch_size: int = 4) -> list[Float[Tensor, "answer vocab"]]:
+    """Log-probabilities (float32) predicting each answer token, one tensor per item."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out: list[Tensor] = []
+    try:
+        for i in range(0, len(heldout.input_ids), batch_size):
+            chunk = heldout.input_ids[i:i + batch_size]
+            spans = heldout.spans[i:i + batch_size]
+            width = max(len(x) for x in chunk)
+            ids = torch.zeros(len(chunk), width, dtype=torch.long)
+            mask = torch.zeros(len(chunk), width, dtype=torch.long)
+            for r, x in enumerate(chunk):  # right padding: positions stay 0..n-1
+                ids[r, : len(x)] = x
+                mask[r, : len(x)] = 1
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+            for r, (a, b) in enumerate(spans):
+                # logits at position t predict token t+1: answer tokens a..b-1 <- positions a-1..b-2
+                out.append(torch.log_softmax(logits[r, a - 1: b - 1].float(), dim=-1).cpu())
+    finally:
+        model.train(was_training)
+    return out
+
+
+def kl_per_item(base: list[Float[Tensor, "answer vocab"]],
+                tuned: list[Float[Tensor, "answer vocab"]]) -> list[float]:
+    """Per item: mean over answer positions of ``sum_v p_base (log p_base - log p_ft)``."""
+    vals = []
+    for lb, lf in zip(base, tuned, strict=True):
+        kl_pos = (lb.exp() * (lb - lf)).sum(-1)
+        vals.append(float(kl_pos.double().mean()))
+    return vals
+
+
+def kl_from_base(base: list[Tensor], tuned: list[Tensor]) -> float:
+    """The held-out KL(base || fine-tuned): mean over items of :func:`kl_per_item`."""
+    per = kl_per_item(base, tuned)
+    return float(sum(per) / len(per)) if per else float("nan")

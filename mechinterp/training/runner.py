@@ -1,0 +1,303 @@
+"""Run SFT or GRPO on TRL with freezing, snapshots, drift logging, resume and clean stops.
+
+``train(settings, out)`` is the whole job; the CLI (``mechinterp train sft|grpo``) only builds the
+settings. The output folder ends up as::
+
+    OUT/config.json, model.safetensors, tokenizer   final model: the spec OUT
+    OUT/checkpoints/step-N/                          snapshots: the specs OUT@step-N
+    OUT/training-drift/result.json (+ figures)       drift log (mechinterp figures OUT)
+    OUT/trainer-state/checkpoint-N/                  newest Trainer checkpoint, for --resume
+    OUT/train-config.json                            the resolved settings
+"""
+
+from __future__ import annotations
+
+import errno
+import importlib.util
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import UserError
+from .callbacks import (
+    SNAPSHOT_DIR,
+    TRAINER_DIR,
+    FreezeGuard,
+    Snapshots,
+    StopGuard,
+    TrainProgress,
+    clean_incomplete,
+    complete_checkpoints,
+    link_or_copy,
+)
+from .settings import TrainSettings, checkpoint_steps, load_settings, save_settings
+
+CONFIG_FILE = "train-config.json"
+
+
+@dataclass
+class TrainOutcome:
+    out: Path
+    steps: int
+    checkpoints: list[str]
+    wall_time_s: float
+    freeze_summary: str
+    final: dict[str, Any] = field(default_factory=dict)  # the last drift record
+
+
+def combined_freeze_spec(s: TrainSettings, n_layer: int) -> str | None:
+    from .freeze import FreezeSpecError, preset_spec
+
+    parts = [p for p in (s.freeze, preset_spec(s.freeze_preset, n_layer) if s.freeze_preset else None)
+             if p and p.strip()]
+    if len(parts) > 1 and any(p.strip().startswith("only:") for p in parts):
+        raise FreezeSpecError("an 'only:' freeze spec cannot be combined with another spec",
+                              "use either --freeze or --freeze-preset")
+    return ",".join(parts) if parts else None
+
+
+def resume_settings(out: Path, overrides: dict[str, Any]) -> TrainSettings:
+    """The saved settings of ``out``; explicit options must agree with them."""
+    path = Path(out) / CONFIG_FILE
+    if not path.exists():
+        raise UserError(f"--resume: {out} holds no run ({CONFIG_FILE} missing)",
+                        "start it without --resume")
+    saved = load_settings(path)
+    clash = {k: (getattr(saved, k), v) for k, v in overrides.items()
+             if v is not None and getattr(saved, k) != v}
+    if clash:
+        what = ", ".join(f"{k} (run: {a!r}, given: {b!r})" for k, (a, b) in clash.items())
+        raise UserError(f"--resume: options differ from the run in {out}: {what}",
+                        "resume with the same options (or none), or start a new --out")
+    return saved
+
+
+def _check_out(out: Path, resume: bool) -> None:
+    if resume:
+        return
+    if (out / CONFIG_FILE).exists():
+        raise UserError(f"{out} already holds a training run",
+                        "pass --resume to continue it, or choose a new --out")
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"{out} exists and is not empty", "choose a new --out folder")
+
+
+def _disk_check(out: Path, model: torch.nn.Module, n_trainable: int, k: int) -> None:
+    per_param = next(model.parameters()).element_size()
+    model_bytes = sum(p.numel() for p in model.parameters()) * per_param
+    # K snapshots + final + two Trainer checkpoints (model + two fp32 Adam moments) at rotation
+    need = (k + 1) * model_bytes + 2 * (model_bytes + 8 * n_trainable)
+    out.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(out).free
+    if free < need:
+        raise UserError(f"{out} has {free / 1e9:.1f} GB free but this run needs about "
+                        f"{need / 1e9:.1f} GB ({k} checkpoints)", "free disk space, lower "
+                        "--checkpoints, or pass --skip-disk-check")
+
+
+def _trl_config(s: TrainSettings, out: Path, device: torch.device):
+    on_gpu = device.type == "cuda"
+    common = dict(
+        output_dir=str(out / TRAINER_DIR), max_steps=s.max_steps, learning_rate=s.learning_rate,
+        lr_scheduler_type=s.lr_scheduler_type, warmup_steps=s.warmup_ratio,
+        weight_decay=s.weight_decay, max_grad_norm=s.max_grad_norm,
+        per_device_train_batch_size=s.per_device_train_batch_size,
+        gradient_accumulation_steps=s.gradient_accumulation_steps, logging_steps=s.logging_steps,
+        save_strategy="no", report_to=[], seed=s.seed, data_seed=s.seed, disable_tqdm=True,
+        logging_nan_inf_filter=False, use_cpu=not on_gpu, bf16=on_gpu and s.dtype != "float32",
+        dataloader_num_workers=0,
+    )
+    if s.algorithm == "sft":
+        from trl import SFTConfig
+
+        return SFTConfig(**common, max_length=s.max_length, **s.extra)
+    from trl import GRPOConfig
+
+    return GRPOConfig(
+        **common, num_generations=s.num_generations, max_completion_length=s.max_completion_length,
+        temperature=s.temperature, beta=s.beta, epsilon=s.epsilon, loss_type=s.loss_type,
+        use_vllm=s.use_vllm, vllm_mode=s.vllm_mode, log_completions=False,
+        **({"reward_weights": [s.correctness_weight, s.format_weight]} | s.extra),
+    )
+
+
+def _datasets(s: TrainSettings, data_dir, tokenizer):
+    from datasets import Dataset
+
+    from ..data import DataSource
+    from .drift import build_heldout
+    from .prompts import grpo_rows, load_items, pick, prompt_messages, render_target, sft_rows
+
+    source = DataSource.from_option(data_dir)
+    items = pick(load_items(s.data, source, "train"), None, s.seed)
+    if s.data in (None, "gsm8k"):
+        held = pick(load_items("gsm8k", source, "test"), s.n_heldout, s.seed)
+    else:  # a JSONL file: hold its first n (shuffled) items out of training
+        held, items = items[: s.n_heldout], items[s.n_heldout:]
+        if not items:
+            raise UserError(f"{s.data} has no items left for training after {s.n_heldout} held out",
+                            "lower --heldout or add rows")
+    per_step = s.per_device_train_batch_size * s.gradient_accumulation_steps
+    if s.algorithm == "grpo":
+        per_step //= s.num_generations
+    items = items[: max(1, per_step * s.max_steps)]  # one pass covers the run; no more to tokenise
+    rows = sft_rows(items) if s.algorithm == "sft" else grpo_rows(items)
+    heldout = build_heldout(tokenizer, [prompt_messages(i.question) for i in held],
+                            [render_target(i) for i in held], s.heldout_max_length) if held else None
+    return Dataset.from_list(rows), heldout, source
+
+
+def train(s: TrainSettings, out: Path, resume: bool = False, data_dir=None, echo=print,
+          callbacks: tuple = (), skip_disk_check: bool = False,
+          reward_funcs: list | None = None, record: bool = True) -> TrainOutcome:
+    """Train as ``s`` says into ``out`` (see the module docstring for the layout).
+
+    ``callbacks`` are extra TrainerCallbacks; ``reward_funcs`` replaces GRPO's correctness and
+    format rewards (one weight per function then goes in ``s.extra["reward_weights"]``).
+    ``record=False`` trains without snapshots, drift or final model (the benchmark's baseline).
+    """
+    from ..models import load
+    from ..probe import package_versions
+    from .drift import answer_logprobs
+    from .driftlog import DriftLogger
+    from .freeze import FrozenState, plan
+
+    out = Path(out)
+    _check_out(out, resume)
+    if s.use_vllm and importlib.util.find_spec("vllm") is None:
+        raise UserError("--use-vllm needs vLLM, which is not installed",
+                        "pip install vllm (on a CUDA machine), or drop --use-vllm")
+    torch.manual_seed(s.seed)
+    lm = load(s.base, device=s.device, dtype=s.dtype)
+    model, tok = lm.hf, lm.tokenizer
+    spec = combined_freeze_spec(s, lm.n_layers)
+    fplan = plan(model, spec, lm.family)
+    if fplan.n_trainable == 0:
+        raise UserError(f"freeze spec {spec!r} freezes every parameter", "leave something to train")
+    deepspeed = s.extra.get("deepspeed") or os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
+    if fplan.partial and s.weight_decay > 0 and deepspeed:
+        raise UserError("sliced freezing under DeepSpeed needs --weight-decay 0",
+                        "DeepSpeed keeps its own master weights, so only the gradient hooks apply")
+    echo(fplan.summary())
+    train_ds, heldout, source = _datasets(s, data_dir, tok)
+    kept = len(heldout.input_ids) if heldout is not None else 0
+    if kept < s.n_heldout:
+        echo(f"note: {s.n_heldout - kept} of {s.n_heldout} held-out items left no answer tokens "
+             f"within --heldout-max-length {s.heldout_max_length}; KL uses {kept}")
+    if not skip_disk_check:
+        _disk_check(out, model, fplan.n_trainable, s.checkpoints)
+    out.mkdir(parents=True, exist_ok=True)
+
+    last = None
+    if resume:
+        removed = clean_incomplete(out)
+        if removed:
+            echo(f"removed incomplete: {', '.join(removed)}")
+        done = complete_checkpoints(out)
+        last = done[-1] if done else None
+        echo(f"resuming from {last}" if last else "no complete checkpoint yet: starting over")
+    else:
+        save_settings(s, out / CONFIG_FILE)
+
+    base_lp = answer_logprobs(model, heldout) if heldout is not None and s.n_heldout else None
+    frozen = FrozenState(model, fplan)
+    steps = checkpoint_steps(s.max_steps, s.checkpoints)
+    meta = {"algorithm": s.algorithm, "base": s.base, "freeze": spec or "",
+            "n_trainable": fplan.n_trainable, "n_frozen": fplan.n_frozen,
+            "max_steps": s.max_steps, "n_heldout": len(heldout.input_ids) if heldout else 0}
+    prov = {"probe": "training-drift", "probe_version": "1", "settings": s.to_json(),
+            "models": {"base": lm.resolved.provenance()}, "data": source.log.to_json(),
+            "seed": s.seed, "packages": package_versions(), "device": str(lm.device),
+            "dtype": str(lm.dtype)}
+    drift = DriftLogger(out, lm.resolved.path, lm.family, lm.config, heldout, base_lp, meta, prov)
+    if last is not None:
+        drift.resume_from(int(last.name.rsplit("-", 1)[1]))
+    snaps = Snapshots(out, steps, drift, echo=echo)
+    stop = StopGuard()
+    cbs = [FreezeGuard(frozen), stop, *([snaps] if record else []),
+           TrainProgress(s.max_steps, s.algorithm, echo), *callbacks]
+
+    cfg = _trl_config(s, out, lm.device)
+    if s.algorithm == "sft":
+        from trl import SFTTrainer
+
+        trainer = SFTTrainer(model=model, args=cfg, train_dataset=train_ds, processing_class=tok,
+                             callbacks=cbs)
+    else:
+        from trl import GRPOTrainer
+
+        from .rewards import correctness, format_reward
+
+        rewards = reward_funcs or [correctness, format_reward]
+        trainer = GRPOTrainer(model=model, reward_funcs=rewards, args=cfg,
+                              train_dataset=train_ds, processing_class=tok, callbacks=cbs)
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    for cb in (PrinterCallback, ProgressCallback):
+        trainer.remove_callback(cb)
+
+    t0 = time.perf_counter()
+    try:
+        trainer.train(resume_from_checkpoint=str(last) if last else None)
+    except OSError as exc:
+        clean_incomplete(out)
+        good = complete_checkpoints(out)
+        where = f"last good checkpoint: {out}@step-{good[-1].name.rsplit('-', 1)[1]}" if good \
+            else "no checkpoint was completed"
+        what = "out of disk space" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else f"I/O error ({exc})"
+        raise UserError(f"training stopped: {what} while saving; {where}",
+                        "free space, then rerun with --resume") from None
+    finally:
+        frozen.remove()
+    wall = time.perf_counter() - t0
+    reason = stop.reason or snaps.reason
+    if reason:
+        clean_incomplete(out)
+        good = snaps.saved or [int(p.name.rsplit("-", 1)[1]) for p in complete_checkpoints(out)]
+        where = f"last good checkpoint: {out}@step-{max(good)}" if good else "no checkpoint saved"
+        raise UserError(f"training stopped: {reason}; {where}",
+                        "lower --lr or check the data, then start a new run")
+    rec = drift.records[-1] if drift.records else {}
+    outcome = TrainOutcome(out, trainer.state.global_step, [f"step-{x}" for x in steps], wall,
+                           fplan.summary(), rec)
+    if not record or not trainer.is_world_process_zero():
+        return outcome
+    final_step = max(steps)
+    src = out / SNAPSHOT_DIR / f"step-{final_step}"
+    for f in sorted(src.iterdir()):
+        if f.is_file():
+            (out / f.name).unlink(missing_ok=True)
+            link_or_copy(f, out / f.name)
+    _draw(out)
+    return outcome
+
+
+def _draw(out: Path) -> None:
+    from ..probe import get_probe
+    from ..results import read_result, save_figures
+    from .driftlog import PROBE_NAME
+
+    folder = out / PROBE_NAME
+    if (folder / "result.json").exists():
+        save_figures(get_probe(PROBE_NAME).plot(read_result(folder)), folder)
+
+
+def summarise(rec: dict[str, Any]) -> str:
+    """One line: mean and max relative change (and where), and the KL, of a drift record."""
+    import numpy as np
+
+    rc = rec.get("relative_change") or {}
+    if not rc:
+        return "no drift recorded"
+    flat = [(v, m, layer) for m, vals in rc.items() for layer, v in enumerate(vals) if not math.isnan(v)]
+    mean = float(np.mean([v for v, _, _ in flat]))
+    top = max(flat)
+    kl = rec.get("kl")
+    return (f"{rec['checkpoint']}: mean relative change {mean:.3g} (max {top[0]:.3g} at "
+            f"{top[1]} layer {top[2]})" + (f", KL from base {kl:.4g}" if kl is not None else ""))

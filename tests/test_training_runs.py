@@ -1,0 +1,230 @@
+"""End-to-end training on tiny models: freezing is bit-exact, snapshots load as specs, drift numbers
+match an independent computation, --resume after an interruption reproduces the uninterrupted run,
+and a NaN loss or a full disk stops with the last good checkpoint intact."""
+
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from mechinterp.errors import UserError
+from mechinterp.training import callbacks as cb_mod
+from mechinterp.training.runner import train
+from mechinterp.training.settings import resolve_settings
+
+TINY_SFT = dict(base="tiny-random-llama", max_steps=4, per_device_train_batch_size=2,
+                max_length=768, checkpoints=2, n_heldout=2, heldout_max_length=768,
+                learning_rate=1e-3, weight_decay=0.1, warmup_ratio=0.0, seed=0)
+SLICED = "attn.heads@1:0,mlp.neurons@2:{file},embed"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny ops are far faster single-threaded on a shared 2-core box
+    yield
+    torch.set_num_threads(n)
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        out |= load_file(str(f))
+    return out
+
+
+def assert_frozen_exactly(base_spec: str, spec: str, tuned_folder: Path, weight_decay: bool) -> int:
+    """Every frozen tensor and slice bit-identical to the base; every trainable tensor moved."""
+    from mechinterp.models import load
+    from mechinterp.training.freeze import plan
+
+    lm = load(base_spec, device="cpu", dtype="float32")
+    p = plan(lm.hf, spec)
+    base = {n: t.detach() for n, t in lm.hf.named_parameters()}
+    tuned = _weights(tuned_folder)
+    checked = 0
+    for name, b in base.items():
+        t = tuned[name] if name in tuned else tuned["lm_head.weight" if "embed" in name else name]
+        if name in p.whole:
+            assert torch.equal(t, b), f"{name} moved although frozen"
+        elif name in p.partial:
+            m = p.partial[name]
+            assert torch.equal(t[m], b[m]), f"frozen slice of {name} moved"
+            assert not torch.equal(t[~m], b[~m]), f"trainable part of {name} did not move"
+        elif weight_decay or "norm" not in name:
+            assert not torch.equal(t, b), f"{name} did not move"
+        checked += 1
+    assert p.partial, "the spec should exercise sliced freezing"
+    return checked
+
+
+@pytest.fixture(scope="module")
+def neuron_file(tmp_path_factory):
+    f = tmp_path_factory.mktemp("idx") / "neurons.txt"
+    f.write_text("0 5 17\n64\n")
+    return f
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory, neuron_file):
+    out = tmp_path_factory.mktemp("sft") / "run"
+    spec = SLICED.format(file=neuron_file)
+    s = resolve_settings("sft", None, {**TINY_SFT, "freeze": spec})
+    res = train(s, out, echo=lambda *_: None)
+    return out, spec, res
+
+
+def test_sft_freezes_exactly_and_snapshots_load(sft_run):
+    from mechinterp.models import resolve
+    from mechinterp.models.modelset import ModelSet
+
+    out, spec, res = sft_run
+    assert res.steps == 4 and res.checkpoints == ["step-2", "step-4"]
+    for folder in (out, out / "checkpoints" / "step-2"):
+        assert_frozen_exactly("tiny-random-llama", spec, folder, weight_decay=True)
+    final, last = _weights(out), _weights(out / "checkpoints" / "step-4")
+    assert final.keys() == last.keys() and all(torch.equal(final[k], last[k]) for k in final)
+    assert resolve(f"{out}@step-2").path == out / "checkpoints" / "step-2"
+    ms = ModelSet.from_args("tiny-random-llama", [f"sft={out}@step-2,{out}@step-4", f"final={out}"],
+                            device="cpu", dtype="float32")
+    assert ms.runs["sft"] == ["sft@step-2", "sft@step-4"]
+    assert ms["sft@step-4"].tokenizer.chat_template
+
+
+def test_drift_log_matches_independent_computation(sft_run):
+    from mechinterp.analysis.weights import weight_change
+    from mechinterp.models import load, resolve
+    from mechinterp.probe import redraw
+    from mechinterp.results import read_result
+    from mechinterp.training.drift import answer_logprobs, build_heldout, kl_per_item
+    from mechinterp.training.prompts import load_items, pick, prompt_messages, render_target
+
+    out, _, _ = sft_run
+    r = read_result(out / "training-drift")
+    d = r.data
+    assert r.probe == "training-drift" and d["steps"] == [2, 4] and d["n_heldout"] == 2
+    base = resolve("tiny-random-llama").path
+    _, _, ref = weight_change(base, {c: out / "checkpoints" / c for c in d["checkpoints"]})
+    for i, c in enumerate(d["checkpoints"]):
+        for m in d["matrices"]:
+            assert d["relative_change"][m][i] == pytest.approx(ref[c][m], rel=1e-9)
+    assert all(v > 0 for v in ref["step-4"]["up"])
+    # KL recomputed from the saved checkpoint, on the held-out items rebuilt from scratch
+    from mechinterp.data import DataSource
+
+    items = pick(load_items("gsm8k", DataSource.from_option(None), "test"), 2, 0)
+    b, t = load("tiny-random-llama", device="cpu"), load(f"{out}@step-4", device="cpu")
+    held = build_heldout(b.tokenizer, [prompt_messages(i.question) for i in items],
+                         [render_target(i) for i in items], 768)
+    per = kl_per_item(answer_logprobs(b.hf, held), answer_logprobs(t.hf, held))
+    assert d["kl_per_item"][-1] == pytest.approx(per, rel=1e-4)
+    assert d["kl"][-1] > d["kl"][0] > 0
+    assert [h["step"] for h in d["history"]] == [1, 2, 3, 4]
+    names = {p.name for p in redraw(out)}
+    assert {"drift_weight_change.png", "drift_kl.png", "drift_final_heatmap.png",
+            "drift_history.png"} <= names
+
+
+class Killed(Exception):
+    pass
+
+
+class KillAt(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step == self.step:
+            raise Killed(f"killed at step {self.step}")
+
+
+def test_resume_after_interruption_reproduces_the_run(sft_run, tmp_path, neuron_file):
+    from mechinterp.results import read_result
+    from mechinterp.training.runner import resume_settings
+
+    ref_out, spec, _ = sft_run
+    out = tmp_path / "run"
+    s = resolve_settings("sft", None, {**TINY_SFT, "freeze": spec})
+    with pytest.raises(Killed):
+        train(s, out, echo=lambda *_: None, callbacks=(KillAt(3),))
+    assert (out / "checkpoints" / "step-2").is_dir() and not (out / "config.json").exists()
+    # what a kill during the next save would leave behind
+    (out / "trainer-state" / "checkpoint-4").mkdir()
+    (out / "trainer-state" / "checkpoint-4" / "model.safetensors").write_bytes(b"partial")
+    (out / "checkpoints" / ".tmp-step-4").mkdir()
+    with pytest.raises(UserError, match="differ from the run"):
+        resume_settings(out, {"learning_rate": 5.0})
+    msgs = []
+    res = train(resume_settings(out, {}), out, resume=True, echo=msgs.append)
+    assert any("resuming from" in m and "checkpoint-2" in m for m in msgs)
+    assert res.steps == 4
+    ref, got = _weights(ref_out), _weights(out)
+    assert all(torch.equal(ref[k], got[k]) for k in ref), "resumed run differs from uninterrupted"
+    assert not (out / "checkpoints" / ".tmp-step-4").exists()
+    assert [p.name for p in (out / "trainer-state").glob("checkpoint-*")] == ["checkpoint-4"]
+    a, b = read_result(ref_out / "training-drift").data, read_result(out / "training-drift").data
+    assert a["steps"] == b["steps"] == [2, 4]
+    assert a["relative_change"] == b["relative_change"] and a["kl"] == pytest.approx(b["kl"])
+    with pytest.raises(UserError, match="already holds a training run"):
+        train(s, out)
+
+
+class PoisonAt(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, model=None, **kw):
+        if state.global_step == self.step:
+            with torch.no_grad():
+                model.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
+
+
+def test_nan_loss_stops_with_last_good_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    s = resolve_settings("sft", None, {**TINY_SFT, "n_heldout": 0})
+    with pytest.raises(UserError, match=r"non-finite loss.*step 4.*last good checkpoint: .*@step-2"):
+        train(s, out, echo=lambda *_: None, callbacks=(PoisonAt(3),))
+    assert not (out / "checkpoints" / "step-4").exists() and not (out / "config.json").exists()
+    w = _weights(out / "checkpoints" / "step-2")
+    assert all(torch.isfinite(t).all() for t in w.values())
+    assert [p.name for p in (out / "trainer-state").glob("checkpoint-*")] == ["checkpoint-2"]
+
+
+def test_out_of_disk_stops_cleanly(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    real = cb_mod.link_or_copy
+
+    def full_disk(src, dst):
+        if dst.parent.name == ".tmp-step-4":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(src, dst)
+
+    monkeypatch.setattr(cb_mod, "link_or_copy", full_disk)
+    s = resolve_settings("sft", None, {**TINY_SFT, "n_heldout": 0})
+    with pytest.raises(UserError, match=r"out of disk space.*last good checkpoint: .*@step-2"):
+        train(s, out, echo=lambda *_: None)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2"]
+    assert [p.name for p in (out / "trainer-state").glob("checkpoint-*")] == ["checkpoint-2"]
+    assert _weights(out / "checkpoints" / "step-2")
+
+
+def test_grpo_freezes_exactly(tmp_path):
+    from mechinterp.training.rewards import completion_text
+
+    def length_reward(prompts, completions, **_):  # random tiny models never earn the maths rewards
+        return [len(completion_text(c)) / 10.0 for c in completions]
+
+    spec = "attn.heads@0:1,mlp@1,norm"
+    s = resolve_settings("grpo", "cpu-smoke", dict(
+        base="tiny-random-qwen2", max_steps=2, checkpoints=1, max_completion_length=12,
+        n_heldout=1, heldout_max_length=768, learning_rate=1e-3, weight_decay=0.1,
+        warmup_ratio=0.0, temperature=1.0, freeze=spec, extra={"reward_weights": [1.0]}))
+    res = train(s, tmp_path / "run", echo=lambda *_: None, reward_funcs=[length_reward])
+    assert res.steps == 2
+    assert_frozen_exactly("tiny-random-qwen2", spec, tmp_path / "run", weight_decay=True)
+    assert res.final["kl"] > 0
