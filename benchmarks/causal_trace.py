@@ -36,8 +36,15 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from mechinterp.analysis.tracing import (KINDS, _layers_of, embedding_std, make_noise,
-                                             prepare_fact, trace_fact, trace_fact_naive)
+    from mechinterp.analysis.tracing import (
+        KINDS,
+        _layers_of,
+        embedding_std,
+        make_noise,
+        prepare_fact,
+        trace_fact,
+        trace_fact_naive,
+    )
     from mechinterp.data import DataSource, load_knowns
     from mechinterp.models import DEFAULT_MODEL, load
     from probes.causal_trace import select

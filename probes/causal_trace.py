@@ -11,8 +11,9 @@ Engine: :mod:`mechinterp.analysis.tracing` (batched, exact).
 Result keys: ``aie[<model>][<kind>][<token_group>]`` (list over layers; model ``base`` or a variant),
 ``n_facts[<model>]`` (facts traced), ``n_filtered[<model>]`` (facts left out as wrong); also
 ``aie_ci`` (95% normal intervals over facts), ``aie_diff[<variant>]`` (base minus variant),
-``facts[<model>]`` (per fact: tokens, subject range, clean/corrupted probability) and arrays
-``<model>__<kind>`` ([fact, token, layer] restored probabilities, NaN-padded).
+``facts[<model>]`` (every selected fact: tokens, subject range, ``correct``; for traced facts
+clean/corrupted probability and ``trace_index``) and arrays ``<model>__<kind>`` ([traced fact,
+token, layer] restored probabilities, NaN-padded).
 """
 
 from __future__ import annotations
@@ -23,10 +24,18 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from matplotlib.ticker import MaxNLocator
 
 from mechinterp.analysis.blocks import BlockStack
-from mechinterp.analysis.tracing import (KINDS, TOKEN_GROUPS, aie_summary, embedding_std,
-                                         make_noise, prepare_fact, trace_fact)
+from mechinterp.analysis.tracing import (
+    KINDS,
+    TOKEN_GROUPS,
+    aie_summary,
+    embedding_std,
+    make_noise,
+    prepare_fact,
+    trace_fact,
+)
 from mechinterp.data.knowns import load_knowns
 from mechinterp.errors import UserError
 from mechinterp.plotting.style import PALETTE, new_axes
@@ -108,9 +117,10 @@ class CausalTrace:
                                            seed=config.seed * 1_000_003 + fact.known_id)
                         tr = trace_fact(model, inp, noise, config.kinds, config.window,
                                         stack=stack)
-                        row |= {"clean_prob": tr.clean_prob, "corrupted_prob": tr.corrupted_prob}
+                        row |= {"clean_prob": tr.clean_prob, "corrupted_prob": tr.corrupted_prob,
+                                "trace_index": len(traces)}
                         traces.append((inp, tr))
-                        rows.append(row)
+                    rows.append(row)
                     advance()
             summary = aie_summary(traces, config.kinds) if traces else None
             out["aie"][name] = {k: {g: (summary[k][g]["mean"] if summary else [math.nan] * n_layers)
@@ -147,10 +157,9 @@ class CausalTrace:
         d = result.data
         figs = {}
         for name in d["models"]:
-            for i, row in enumerate(d["facts"][name][: d.get("max_fact_figures", 3)]):
-                if "clean_prob" not in row:
-                    continue
-                grids = {k: result.arrays[f"{name}__{k}"][i] for k in d["kinds"]}
+            traced = [r for r in d["facts"][name] if "trace_index" in r]
+            for row in traced[: d.get("max_fact_figures", 3)]:
+                grids = {k: result.arrays[f"{name}__{k}"][row["trace_index"]] for k in d["kinds"]}
                 figs[f"trace_{name}_fact{row['known_id']}"] = _fact_figure(name, row, grids)
         for kind in d["kinds"]:
             figs[f"aie_{kind}"] = _aie_figure(d, kind)
@@ -174,7 +183,7 @@ def _fact_figure(model: str, row: dict, grids: dict[str, np.ndarray]):
         ax.set_yticks(range(n_tok), labels if ax is axes[0][0] else [""] * n_tok)
         ax.set_xlabel("layer")
         ax.set_title(f"restore {KIND_TITLE[k]}")
-        fig.colorbar(im, ax=ax, label=f"p({row['answer_token'].strip()})", shrink=0.85)
+        fig.colorbar(im, ax=ax, label=f"p({row['answer_token']!r})", shrink=0.85)
     fig.suptitle(f"{model}: {row['prompt']!r} -> {row['answer_token']!r}  (clean p="
                  f"{row['clean_prob']:.3f}, corrupted p={row['corrupted_prob']:.3f}; * = subject)")
     return fig
@@ -195,6 +204,7 @@ def _aie_figure(d: dict, kind: str):
         ax.axhline(0, color="grey", lw=0.6)
         ax.set_title(GROUP_TITLE[group])
         ax.set_xlabel("layer")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     for ax in axes[:, 0]:
         ax.set_ylabel("AIE (restored - corrupted p)")
     axes[0, 0].legend(fontsize=8)
@@ -217,6 +227,7 @@ def _diff_figure(d: dict):
             ax.axhline(0, color="grey", lw=0.6)
             ax.set_title(f"base - {v}: {KIND_TITLE[k]}")
             ax.set_xlabel("layer")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes[r, 0].set_ylabel("AIE difference")
     axes[0, -1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
     fig.suptitle("Base minus variant average indirect effect (positive: the base relies more "

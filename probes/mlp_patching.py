@@ -24,9 +24,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from matplotlib.ticker import MaxNLocator
 
-from mechinterp.analysis.crossmodel import (cross_model_patch_sweep, last_positions,
-                                            normalised_recovery, plain_logprobs)
+from mechinterp.analysis.crossmodel import (
+    cross_model_patch_sweep,
+    last_positions,
+    normalised_recovery,
+    plain_logprobs,
+)
 from mechinterp.analysis.tracing import windows
 from mechinterp.data import load_knowns, load_mmlu
 from mechinterp.data.mmlu import LETTERS
@@ -60,8 +65,8 @@ def mmlu_prompt(item, fmt: str) -> tuple[str, str]:
     if fmt == "letter":
         subject = item.subject.replace("_", " ")
         body = "\n".join(f"{L}. {c}" for L, c in zip(LETTERS, item.choices))
-        return (f"The following are multiple choice questions (with answers) about {subject}."
-                f"\n\n{item.question}\n{body}\nAnswer:", item.answer_letter)
+        head = f"The following are multiple choice questions (with answers) about {subject}."
+        return f"{head}\n\n{item.question}\n{body}\nAnswer:", item.answer_letter
     return f"Question: {item.question}\nAnswer:", item.choices[item.answer]
 
 
@@ -184,6 +189,7 @@ class MLPPatching:
                 ax.axhline(0, color="grey", lw=0.6)
                 ax.axhline(1, color="grey", lw=0.6, ls="--")
                 ax.set_title(f"{names[s]}: {what[direction]}")
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
                 ax.set_xlabel("patched layer" + (f" (window {d['window']})"
                                                  if d["window"] > 1 else ""))
             axes[r, 0].set_ylabel("recovery (1 = base, 0 = variant)")

@@ -6,8 +6,12 @@ import json
 import pytest
 import torch
 
-from mechinterp.analysis.crossmodel import (cross_model_patch_sweep, last_positions,
-                                            normalised_recovery, plain_logprobs)
+from mechinterp.analysis.crossmodel import (
+    cross_model_patch_sweep,
+    last_positions,
+    normalised_recovery,
+    plain_logprobs,
+)
 from mechinterp.analysis.patching import Patch, capture, run_patched
 from mechinterp.models import load
 from mechinterp.models.edit import plant_change

@@ -6,9 +6,20 @@ import torch
 
 from mechinterp.analysis.blocks import BlockStack
 from mechinterp.analysis.patching import Patch, capture, run_patched
-from mechinterp.analysis.tracing import (KINDS, FactInput, FactTrace, aie_summary, embedding_std,
-                                         make_noise, noised_embeddings, prepare_fact,
-                                         token_groups, trace_fact, trace_fact_naive, windows)
+from mechinterp.analysis.tracing import (
+    KINDS,
+    FactInput,
+    FactTrace,
+    aie_summary,
+    embedding_std,
+    make_noise,
+    noised_embeddings,
+    prepare_fact,
+    token_groups,
+    trace_fact,
+    trace_fact_naive,
+    windows,
+)
 from mechinterp.errors import UserError
 from mechinterp.models import load
 
@@ -125,7 +136,7 @@ def test_noise_is_seeded_and_scaled():
 
 
 def test_windows_match_rome():
-    assert windows(0, 30, 10) == list(range(0, 5))
+    assert windows(0, 30, 10) == list(range(5))
     assert windows(12, 30, 10) == list(range(7, 17))
     assert windows(29, 30, 10) == list(range(24, 30))
     assert windows(3, 4, 1) == [3]

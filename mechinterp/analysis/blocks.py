@@ -49,7 +49,7 @@ class BlockStack:
         fam = model.family
         self.blocks = hf.get_submodule(fam.layers_path)
         trunk = hf.get_submodule(fam.layers_path.rsplit(".", 1)[0])
-        self.norm = getattr(trunk, "norm", None) or getattr(trunk, "ln_f")
+        self.norm = getattr(trunk, "norm", None) or trunk.ln_f
         self.rotary = getattr(trunk, "rotary_emb", None)
         self.unembed = hf.get_output_embeddings()
         self.n_layers = model.n_layers
