@@ -15,7 +15,9 @@ letter``; ``mmlu_answer=text``: ``Question: ...\\nAnswer:``, answer = first toke
 choice text``). ``limit`` items per set (seeded).
 
 Result keys: ``recovery[<variant>][<site>][<direction>]`` (list over layers, mean over prompts of
-all sets), ``n_prompts``; also ``recovery_by_set``, ``n_tiny``, ``logprob`` (base/variant means).
+all sets), ``n_prompts``; also ``recovery_by_set``, ``n_tiny``, ``logprob`` (base/variant means),
+arrays ``<variant>__<set>__<site>__<direction>`` ([layer, item] recovery) and
+``<variant>__<set>__m_base`` / ``__m_variant`` (per-item log-probs).
 """
 
 from __future__ import annotations
@@ -110,6 +112,7 @@ class MLPPatching:
         per_set: dict = {}
         logprob: dict = {}
         n_tiny: dict = {}
+        item_lp: dict[str, np.ndarray] = {}
         total = len(models.variants) * sum(
             -(-len(v) // config.batch_size) for v in sets.values()) * len(config.sites)
         with task("cross-model patching", total) as advance:
@@ -140,6 +143,8 @@ class MLPPatching:
                     per_set[v][set_name] = {s: {d: torch.cat(rec[s][d], 1) for d in DIRECTIONS}
                                             for s in config.sites}
                     logprob[v][set_name] = {"base": mb.mean().item(), "variant": mv.mean().item()}
+                    item_lp[f"{v}__{set_name}__m_base"] = mb.numpy()
+                    item_lp[f"{v}__{set_name}__m_variant"] = mv.numpy()
                     n_tiny[v][set_name] = int((~keep).sum())
                 models.release(v)
 
@@ -152,7 +157,7 @@ class MLPPatching:
                           for s in config.sites} for v in models.variants} for k in sets}
         arrays = {f"{v}__{k}__{s}__{d}": per_set[v][k][s][d].numpy()
                   for v in per_set for k in per_set[v] for s in per_set[v][k]
-                  for d in DIRECTIONS}
+                  for d in DIRECTIONS} | item_lp
         return Result(self.name, {
             "recovery": recovery,
             "n_prompts": sum(len(x) for x in sets.values()),
