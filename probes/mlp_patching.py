@@ -200,7 +200,7 @@ class MLPPatching:
             axes[r, 0].set_ylabel("recovery (1 = base, 0 = variant)")
         axes[0, 0].legend(fontsize=8)
         fig.suptitle(f"Cross-model activation patching: log p(answer), {d['n_prompts']} prompts "
-                     f"(|m_base - m_variant| < {d['min_gap']} excluded)")
+                     f"(|m_base - m_variant| < {d['min_gap']:g} nats excluded)")
         return {"recovery_per_layer": fig}
 
 

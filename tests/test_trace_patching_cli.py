@@ -34,13 +34,13 @@ def test_causal_trace_probe_on_tiny_models(tiny_set, data_source, tmp_path):
     assert filtered.data["n_filtered"] == {"base": 2, "planted": 2}
     assert not any(f["correct"] or "trace_index" in f for f in filtered.data["facts"]["base"])
     cfg = make_config(probe, {"samples": "2", "window": "2", "keep_wrong": "true",
-                              "max_fact_figures": "1"}, seed=0, limit=2)
+                              "max_fact_figures": "1"}, seed=0, limit=1)
     result = run_probe(probe, tiny_set, data_source, cfg, out=tmp_path)
     d = result.data
-    assert d["n_facts"] == {"base": 2, "planted": 2}
+    assert d["n_facts"] == {"base": 1, "planted": 1}
     for name in ("base", "planted"):
         facts = d["facts"][name]
-        assert [f["trace_index"] for f in facts] == [0, 1]
+        assert [f["trace_index"] for f in facts] == [0]
         # restoring the final hidden state at the last token is the clean run: AIE there is
         # exactly the mean over facts of clean - corrupted
         expect = np.mean([f["clean_prob"] - f["corrupted_prob"] for f in facts])
