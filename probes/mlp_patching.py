@@ -1,0 +1,207 @@
+"""``mlp-patching``: which layers of a fine-tuned model still compute what the base computed.
+
+For each prompt, layer (or window of ``window`` layers around it) and site (``mlp`` = MLP output,
+``attn`` = attention output, ``resid`` = residual stream after the block, all positions): run the
+variant with the base's activation patched in (``denoise``: base into variant) and the base with
+the variant's activation patched in (``noise``: variant into base). Metric: log-probability of the
+answer token after the prompt; normalised recovery ``(m_patched - m_variant) / (m_base -
+m_variant)``, on one scale for both directions (1 = base behaviour, 0 = variant behaviour).
+Items with ``|m_base - m_variant| < min_gap`` (nats) are counted in ``n_tiny`` and left out of the
+means.
+
+Prompt sets: ``knowns`` (ROME facts; answer = first token of ``" " + attribute``) and ``mmlu``
+(0-shot; ``mmlu_answer=letter``: lm-eval's letter format, answer = the token of ``" " + gold
+letter``; ``mmlu_answer=text``: ``Question: ...\\nAnswer:``, answer = first token of ``" " + gold
+choice text``). ``limit`` items per set (seeded).
+
+Result keys: ``recovery[<variant>][<site>][<direction>]`` (list over layers, mean over prompts of
+all sets), ``n_prompts``; also ``recovery_by_set``, ``n_tiny``, ``logprob`` (base/variant means),
+arrays ``<variant>__<set>__<site>__<direction>`` ([layer, item] recovery) and
+``<variant>__<set>__m_base`` / ``__m_variant`` (per-item log-probs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from matplotlib.ticker import MaxNLocator
+
+from mechinterp.analysis.crossmodel import (
+    cross_model_patch_sweep,
+    last_positions,
+    normalised_recovery,
+    plain_logprobs,
+)
+from mechinterp.analysis.tracing import windows
+from mechinterp.data import load_knowns, load_mmlu
+from mechinterp.data.mmlu import LETTERS
+from mechinterp.errors import UserError
+from mechinterp.plotting.style import PALETTE, new_axes
+from mechinterp.probe import BaseConfig
+from mechinterp.progress import task
+from mechinterp.results import Result
+
+from .causal_trace import select
+
+SITE = {"mlp": "mlp_out", "attn": "attn_out", "resid": "resid_post"}
+DIRECTIONS = ("denoise", "noise")
+PROMPT_SETS = ("knowns", "mmlu")
+
+
+@dataclass
+class Config(BaseConfig):
+    prompt_sets: list[str] = field(default_factory=lambda: list(PROMPT_SETS))
+    sites: list[str] = field(default_factory=lambda: list(SITE))
+    window: int = 1
+    min_gap: float = 0.1
+    mmlu_answer: str = "letter"
+    mmlu_subjects: list[str] | None = None
+    batch_size: int = 8
+    max_tokens: int = 4096
+
+
+def mmlu_prompt(item, fmt: str) -> tuple[str, str]:
+    """(prompt, answer text whose first token is scored) for an MMLU item."""
+    if fmt == "letter":
+        subject = item.subject.replace("_", " ")
+        body = "\n".join(f"{L}. {c}" for L, c in zip(LETTERS, item.choices))
+        head = f"The following are multiple choice questions (with answers) about {subject}."
+        return f"{head}\n\n{item.question}\n{body}\nAnswer:", item.answer_letter
+    return f"Question: {item.question}\nAnswer:", item.choices[item.answer]
+
+
+def prompts_for(data, config: Config, tokenizer) -> dict[str, list[tuple[str, int]]]:
+    out = {}
+    for name in config.prompt_sets:
+        if name == "knowns":
+            facts = select(load_knowns(data), config.limit, config.seed)
+            pairs = [(f.prompt, f.attribute) for f in facts]
+        elif name == "mmlu":
+            items = select(load_mmlu(data, "test", config.mmlu_subjects), config.limit, config.seed)
+            pairs = [mmlu_prompt(it, config.mmlu_answer) for it in items]
+        else:
+            raise UserError(f"unknown prompt set {name!r}", f"use {', '.join(PROMPT_SETS)}")
+        out[name] = [(p, tokenizer(" " + a.strip(), add_special_tokens=False)["input_ids"][0])
+                     for p, a in pairs]
+    return out
+
+
+class MLPPatching:
+    name = "mlp-patching"
+    version = "1"
+    description = "cross-model activation patching (base <-> variant) per layer and site"
+    Config = Config
+
+    def run(self, models, data, config: Config) -> Result:
+        if not models.variants:
+            raise UserError("mlp-patching compares models", "add --variant NAME=SPEC")
+        bad = [s for s in config.sites if s not in SITE]
+        if bad:
+            raise UserError(f"unknown site {bad[0]!r}", f"use some of {', '.join(SITE)}")
+        if config.mmlu_answer not in ("letter", "text"):
+            raise UserError(f"mmlu_answer={config.mmlu_answer!r}", "use letter or text")
+        base = models.base
+        n = base.n_layers
+        conds = [windows(layer, n, config.window) if config.window > 1 else [layer]
+                 for layer in range(n)]
+        sets = prompts_for(data, config, base.tokenizer)
+        tok = base.tokenizer
+        tok.padding_side = "right"
+        per_set: dict = {}
+        logprob: dict = {}
+        n_tiny: dict = {}
+        item_lp: dict[str, np.ndarray] = {}
+        total = len(models.variants) * sum(
+            -(-len(v) // config.batch_size) for v in sets.values()) * len(config.sites)
+        with task("cross-model patching", total) as advance:
+            for v in models.variants:
+                var = models[v]
+                per_set[v], logprob[v], n_tiny[v] = {}, {}, {}
+                for set_name, items in sets.items():
+                    rec = {s: {d: [] for d in DIRECTIONS} for s in config.sites}
+                    mb, mv = [], []
+                    for a in range(0, len(items), config.batch_size):
+                        batch = items[a:a + config.batch_size]
+                        enc = tok([p for p, _ in batch], return_tensors="pt", padding=True)
+                        ids, mask = enc["input_ids"], enc["attention_mask"]
+                        pos = last_positions(mask)
+                        ans = torch.tensor([x for _, x in batch])
+                        m_base = plain_logprobs(base, ids, mask, pos, ans)
+                        m_var = plain_logprobs(var, ids, mask, pos, ans)
+                        mb.append(m_base), mv.append(m_var)
+                        for s in config.sites:
+                            for d, (src, tgt) in zip(DIRECTIONS, ((base, var), (var, base))):
+                                lp = cross_model_patch_sweep(src, tgt, ids, mask, SITE[s], conds,
+                                                             pos, ans, config.max_tokens)
+                                r, _ = normalised_recovery(lp, m_base, m_var, config.min_gap)
+                                rec[s][d].append(r)
+                            advance()
+                    mb, mv = torch.cat(mb), torch.cat(mv)
+                    keep = (mb - mv).abs() >= config.min_gap
+                    per_set[v][set_name] = {s: {d: torch.cat(rec[s][d], 1) for d in DIRECTIONS}
+                                            for s in config.sites}
+                    logprob[v][set_name] = {"base": mb.mean().item(), "variant": mv.mean().item()}
+                    item_lp[f"{v}__{set_name}__m_base"] = mb.numpy()
+                    item_lp[f"{v}__{set_name}__m_variant"] = mv.numpy()
+                    n_tiny[v][set_name] = int((~keep).sum())
+                models.release(v)
+
+        def mean(t: torch.Tensor) -> list[float]:
+            return torch.nanmean(t, dim=1).tolist() if t.shape[1] else [float("nan")] * n
+
+        recovery = {v: {s: {d: mean(torch.cat([per_set[v][k][s][d] for k in sets], 1))
+                            for d in DIRECTIONS} for s in config.sites} for v in models.variants}
+        by_set = {k: {v: {s: {d: mean(per_set[v][k][s][d]) for d in DIRECTIONS}
+                          for s in config.sites} for v in models.variants} for k in sets}
+        arrays = {f"{v}__{k}__{s}__{d}": per_set[v][k][s][d].numpy()
+                  for v in per_set for k in per_set[v] for s in per_set[v][k]
+                  for d in DIRECTIONS} | item_lp
+        return Result(self.name, {
+            "recovery": recovery,
+            "n_prompts": sum(len(x) for x in sets.values()),
+            "n_prompts_by_set": {k: len(x) for k, x in sets.items()},
+            "recovery_by_set": by_set,
+            "n_tiny": {v: sum(n_tiny[v].values()) for v in n_tiny},
+            "n_tiny_by_set": n_tiny,
+            "logprob": logprob,
+            "variants": models.variants,
+            "sites": config.sites,
+            "n_layers": n,
+            "window": config.window,
+            "min_gap": config.min_gap,
+            "metric": "log p(answer token) at the last prompt position",
+            "recovery_definition": "(m_patched - m_variant) / (m_base - m_variant); 1 = base, "
+                                   "0 = variant, in both directions",
+        }, arrays)
+
+    def plot(self, result: Result) -> dict:
+        d = result.data
+        sites = d["sites"]
+        fig, axes = new_axes(width=4.2 * len(sites) + 1, height=7, nrows=2, ncols=len(sites),
+                             squeeze=False, sharex=True)
+        layers = np.arange(d["n_layers"])
+        what = {"denoise": "base -> variant (denoise)", "noise": "variant -> base (noise)"}
+        names = {"mlp": "MLP output", "attn": "attention output", "resid": "residual stream"}
+        for r, direction in enumerate(DIRECTIONS):
+            for c, s in enumerate(sites):
+                ax = axes[r, c]
+                for j, v in enumerate(d["variants"]):
+                    ax.plot(layers, np.array(d["recovery"][v][s][direction], float), marker=".",
+                            color=PALETTE[j % len(PALETTE)],
+                            label=f"{v} ({d['n_prompts'] - d['n_tiny'][v]} prompts)")
+                ax.axhline(0, color="grey", lw=0.6)
+                ax.axhline(1, color="grey", lw=0.6, ls="--")
+                ax.set_title(f"{names[s]}: {what[direction]}")
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+                ax.set_xlabel("patched layer" + (f" (window {d['window']})"
+                                                 if d["window"] > 1 else ""))
+            axes[r, 0].set_ylabel("recovery (1 = base, 0 = variant)")
+        axes[0, 0].legend(fontsize=8)
+        fig.suptitle(f"Cross-model activation patching: log p(answer), {d['n_prompts']} prompts "
+                     f"(|m_base - m_variant| < {d['min_gap']:g} nats excluded)")
+        return {"recovery_per_layer": fig}
+
+
+PROBE = MLPPatching()

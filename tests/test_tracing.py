@@ -1,0 +1,169 @@
+"""Causal tracing: the fast engine equals the naive loop; identities that must hold exactly."""
+
+import numpy as np
+import pytest
+import torch
+
+from mechinterp.analysis.blocks import BlockStack
+from mechinterp.analysis.patching import Patch, capture, run_patched
+from mechinterp.analysis.tracing import (
+    KINDS,
+    FactInput,
+    FactTrace,
+    aie_summary,
+    embedding_std,
+    make_noise,
+    noised_embeddings,
+    prepare_fact,
+    token_groups,
+    trace_fact,
+    trace_fact_naive,
+    windows,
+)
+from mechinterp.errors import UserError
+from mechinterp.models import load
+
+PROMPT, SUBJECT, ANSWER = "Tokyo is the capital of", "Tokyo", "Japan"
+
+
+@pytest.fixture(scope="module", params=["tiny-random-llama", "tiny-random-gpt2"])
+def tiny(request):
+    return load(request.param, device="cpu", dtype="float32")
+
+
+def _fact(model, prompt=PROMPT, subject=SUBJECT, answer=ANSWER):
+    return prepare_fact(model.tokenizer, prompt, subject, answer, "test-fact")
+
+
+def _noise(model, fact, n=3, mult=3.0, seed=0):
+    d = model.hf.get_input_embeddings().weight.shape[1]
+    return make_noise(fact, n, mult * embedding_std(model, [fact]), d, seed)
+
+
+def test_subject_located_from_offsets(tiny):
+    f = _fact(tiny, "The Eiffel Tower is located in Paris", "Eiffel Tower", "France")
+    s, e = f.subject
+    text = "".join(f.tokens[s:e])
+    assert "Eiffel Tower" in text and "The" not in text and "located" not in text
+    assert "".join(f.tokens) == "The Eiffel Tower is located in Paris"
+
+
+def test_missing_subject_is_a_user_error_naming_the_fact(tiny):
+    with pytest.raises(UserError, match="fact test-fact: subject 'Kyoto'"):
+        _fact(tiny, subject="Kyoto")
+
+
+def test_fast_equals_naive(tiny):
+    """Every cell of every kind, with the subject in mid-prompt (prefix cells skipped)."""
+    f = _fact(tiny, "The capital of Japan is Tokyo", "Japan", "Tokyo")
+    assert f.subject[0] > 0  # exercises the skipped prefix
+    noise = _noise(tiny, f, mult=10.0)
+    fast = trace_fact(tiny, f, noise, KINDS, window=2, max_rows=7)  # odd chunks on purpose
+    naive = trace_fact_naive(tiny, f, noise, KINDS, window=2)
+    assert fast.clean_prob == pytest.approx(naive.clean_prob, abs=1e-6)
+    assert fast.corrupted_prob == pytest.approx(naive.corrupted_prob, abs=1e-6)
+    for k in KINDS:
+        assert np.abs(fast.scores[k] - naive.scores[k]).max() <= 1e-5, k
+        # the grid is not trivially constant: restorations do change the probability
+        assert np.ptp(naive.scores[k]) > 1e-4, k
+
+
+def test_clean_and_corrupted_match_independent_hf_runs(tiny):
+    """Clean p from plain HF logits; corrupted p from inputs_embeds with the noise added by hand."""
+    f = _fact(tiny)
+    noise = _noise(tiny, f)
+    tr = trace_fact(tiny, f, noise, ("hidden",), window=2)
+    ids = torch.tensor([f.input_ids])
+    with torch.no_grad():
+        clean = tiny.hf(input_ids=ids).logits[0, -1].softmax(-1)[f.answer_id]
+        emb = tiny.hf.get_input_embeddings()(ids).repeat(noise.shape[0], 1, 1)
+        emb[:, f.subject[0]:f.subject[1]] += noise
+        corrupted = tiny.hf(inputs_embeds=emb).logits[:, -1].softmax(-1)[:, f.answer_id].mean()
+    assert tr.clean_prob == pytest.approx(float(clean), abs=1e-6)
+    assert tr.corrupted_prob == pytest.approx(float(corrupted), abs=1e-6)
+    assert abs(tr.clean_prob - tr.corrupted_prob) > 1e-5  # the noise does something
+    # restoring the last layer's hidden state at the last token gives the clean logits exactly
+    assert tr.scores["hidden"][-1, -1] == pytest.approx(tr.clean_prob, abs=1e-6)
+
+
+def test_restore_everything_is_clean_restore_nothing_is_corrupted(tiny):
+    f = _fact(tiny)
+    noise = _noise(tiny, f)
+    ids = torch.tensor([f.input_ids])
+    n = tiny.n_layers
+    _, clean = capture(tiny, ids, None, [("resid_post", layer) for layer in range(n)])
+    noised = ids.expand(noise.shape[0], -1)
+    everything = [Patch("resid_post", layer, clean[("resid_post", layer)]) for layer in range(n)]
+    with noised_embeddings(tiny, noise, f.subject):
+        all_restored = run_patched(tiny, noised, None, everything)[:, -1].softmax(-1)
+        nothing = run_patched(tiny, noised, None, [])[:, -1].softmax(-1)
+    tr = trace_fact(tiny, f, noise, ("hidden",), window=2)
+    assert float(all_restored[:, f.answer_id].mean()) == pytest.approx(tr.clean_prob, abs=1e-6)
+    assert float(nothing[:, f.answer_id].mean()) == pytest.approx(tr.corrupted_prob, abs=1e-6)
+
+
+def test_block_stack_reproduces_hf_logits(tiny):
+    """Running the blocks ourselves, in two halves with recorded keys/values, equals HF."""
+    from mechinterp.analysis.blocks import PrefixKV
+
+    ids = torch.tensor([_fact(tiny).input_ids])
+    stack = BlockStack(tiny)
+    with torch.no_grad():
+        ref = tiny.hf(input_ids=ids).logits[0, -1]
+        h = stack.embed_input(ids)
+        rec = PrefixKV(record=True)
+        kw = stack.block_kwargs(h, 0)
+        for layer in range(tiny.n_layers):
+            h = stack.layer(layer, h, rec, kw)
+        t = 3  # now positions >= t only, attending to recorded keys/values of positions < t
+        h2 = stack.embed_input(ids)[:, t:]
+        pre = PrefixKV()
+        kw2 = stack.block_kwargs(h2, t)
+        for layer in range(tiny.n_layers):
+            pre.prefix[layer] = tuple(x[:, :, :t] for x in rec.recorded[layer])
+            h2 = stack.layer(layer, h2, pre, kw2)
+    torch.testing.assert_close(stack.logits(h[:, -1])[0], ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(stack.logits(h2[:, -1])[0], ref, atol=1e-5, rtol=0)
+
+
+def test_noise_is_seeded_and_scaled():
+    f = FactInput("f", [1, 2, 3, 4], (1, 3), 5, ["a", "b", "c", "d"])
+    a, b = make_noise(f, 4, 2.0, 8, seed=7), make_noise(f, 4, 2.0, 8, seed=7)
+    assert torch.equal(a, b) and a.shape == (4, 2, 8)
+    assert not torch.equal(a, make_noise(f, 4, 2.0, 8, seed=8))
+    big = make_noise(f, 2000, 2.0, 64, seed=0)
+    assert float(big.std()) == pytest.approx(2.0, rel=0.01)
+
+
+def test_windows_match_rome():
+    assert windows(0, 30, 10) == list(range(5))
+    assert windows(12, 30, 10) == list(range(7, 17))
+    assert windows(29, 30, 10) == list(range(24, 30))
+    assert windows(3, 4, 1) == [3]
+
+
+def test_token_groups_and_aie_by_hand():
+    groups = token_groups(8, (1, 4))  # tokens 0 | 1 2 3 (subject) | 4 5 6 7
+    assert groups == {"first_subject": [1], "middle_subject": [2], "last_subject": [3],
+                      "first_after": [4], "further": [5, 6], "last": [7]}
+    assert token_groups(4, (0, 1))["middle_subject"] == []
+    # two facts, 8 tokens x 2 layers; fact B has a one-token subject (no middle)
+    fa = FactInput("a", list(range(8)), (1, 4), 0, [""] * 8)
+    fb = FactInput("b", list(range(6)), (2, 3), 0, [""] * 6)
+    sa = np.arange(16, dtype=float).reshape(8, 2) / 100
+    sb = np.full((6, 2), 0.5)
+    sb[4:] = 0.9  # further = [4], last = [5]
+    traces = [(fa, FactTrace(0.9, 0.1, True, {"hidden": sa})),
+              (fb, FactTrace(0.9, 0.2, True, {"hidden": sb}))]
+    out = aie_summary(traces, ("hidden",))["hidden"]
+    # first subject: fact a token 1 -> [0.02, 0.03] - 0.1; fact b token 2 -> 0.5 - 0.2
+    np.testing.assert_allclose(out["first_subject"]["mean"],
+                               [((0.02 - 0.1) + 0.3) / 2, ((0.03 - 0.1) + 0.3) / 2])
+    assert out["middle_subject"]["n"] == 1  # fact b has no middle token
+    np.testing.assert_allclose(out["middle_subject"]["mean"], [0.04 - 0.1, 0.05 - 0.1])
+    # further: fact a tokens 5, 6 averaged; fact b token 4
+    fa_further = (sa[5] + sa[6]) / 2 - 0.1
+    np.testing.assert_allclose(out["further"]["mean"], (fa_further + (0.9 - 0.2)) / 2)
+    vals = np.array([fa_further, [0.7, 0.7]])
+    half = 1.96 * vals.std(0, ddof=1) / np.sqrt(2)
+    np.testing.assert_allclose(out["further"]["hi"], vals.mean(0) + half)
