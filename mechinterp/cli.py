@@ -149,6 +149,11 @@ def demo(
     run_demo(out, data_dir=data_dir, device=device, dtype=dtype, echo=typer.echo)
 
 
+from .cli_eval import eval_app  # noqa: E402 - sub-app needs the shared options above
+
+app.add_typer(eval_app, name="eval")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: user errors are one line and exit code 2."""
     import click
