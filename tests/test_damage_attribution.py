@@ -78,9 +78,14 @@ def test_planted_layer_and_window_rank_first(planted, data_source, tmp_path):
 
 def test_cross_model_sweep_matches_one_patch_at_a_time(fresh_tiny_llama, tmp_path):
     """Row-group batching of conditions gives what one patched forward per condition gives."""
-    from mechinterp.analysis.crossmodel_sweep import ChoiceBatch, choice_logprobs, cross_model_sweep
+    from mechinterp.analysis.crossmodel_sweep import (
+        ChoiceBatch,
+        choice_logprobs,
+        cross_model_sweep,
+        weight_revert_sweep,
+    )
     from mechinterp.analysis.patching import Patch, capture
-    from mechinterp.evals.loglik import Request
+    from mechinterp.evals.loglik import Request, score
 
     base = load("tiny-random-llama", device="cpu", dtype="float32")
     plant_change(fresh_tiny_llama, tmp_path / "v", {(1, "down"): 0.8, (2, "up"): 0.8}, seed=2)
@@ -89,11 +94,22 @@ def test_cross_model_sweep_matches_one_patch_at_a_time(fresh_tiny_llama, tmp_pat
             Request("2 + 2 =", (" 4", " five", " 22"))]
     batch = ChoiceBatch.build(base, reqs)
     conds = [[0], [1], [2], [1, 2], [3]]
-    swept = cross_model_sweep(base, variant, batch, "mlp_out", conds, max_rows=7)
-    _, acts = capture(base, batch.ids, batch.mask, [("mlp_out", la) for la in range(4)])
-    for c, cond in enumerate(conds):
-        one = choice_logprobs(variant, batch, [Patch("mlp_out", la, acts[("mlp_out", la)])
-                                               for la in cond])[0]
-        torch.testing.assert_close(swept[c], one, atol=1e-5, rtol=0)
+    for site in ("mlp_out", "attn_out"):
+        swept = cross_model_sweep(base, variant, batch, site, conds, max_rows=7)
+        _, acts = capture(base, batch.ids, batch.mask, [(site, la) for la in range(4)])
+        for c, cond in enumerate(conds):
+            one = choice_logprobs(variant, batch, [Patch(site, la, acts[(site, la)])
+                                                   for la in cond])[0]
+            torch.testing.assert_close(swept[c], one, atol=1e-5, rtol=0)
     clean_base = choice_logprobs(base, batch)[0]
+    swept = cross_model_sweep(base, variant, batch, "mlp_out", conds, max_rows=7)
     torch.testing.assert_close(swept[3], clean_base, atol=1e-5, rtol=0)  # both damaged layers
+    # independent reference for the choice log-likelihoods: the scorer of the evals
+    ref, _ = score(base, reqs)
+    torch.testing.assert_close(clean_base, torch.tensor(ref, dtype=torch.float64), atol=1e-5,
+                               rtol=0)
+    # weight space: reverting the damaged MLP layers restores the base; an untouched one does not
+    rev = weight_revert_sweep(base, variant, batch, [[1, 2], [0]], ("up", "down"))
+    torch.testing.assert_close(rev[0], clean_base, atol=1e-5, rtol=0)
+    torch.testing.assert_close(rev[1], choice_logprobs(variant, batch)[0], atol=1e-6, rtol=0)
+    assert not torch.allclose(rev[1], clean_base, atol=1e-3)
