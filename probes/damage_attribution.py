@@ -170,6 +170,7 @@ class DamageAttribution:
         nf = len(fail)
         g_base, g_var = _gold_norm_lp(lp_base, gold), _gold_norm_lp(lp_var, gold)
         denom = float((g_base[:nf] - g_var[:nf]).mean())
+        denom = denom if denom > 0 else math.nan  # no damage in log-prob to recover
 
         def summary(lp):  # lp: [conditions, items, 4]
             pred = lp.argmax(-1)
