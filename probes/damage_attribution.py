@@ -14,7 +14,8 @@ top-third overlap use the log-prob recovery (continuous; the fraction has many t
 
 Result keys: ``recovered_fraction[<variant>][<site>]`` (list over layers), ``n_failures[<variant>]``,
 ``spearman_vs_weight_change[<variant>]``, ``top_layers[<variant>]``, ``top_third_overlap[<variant>]``,
-plus ``logprob_recovery``, ``window_recovered_fraction``, ``window_logprob_recovery``, ``windows``,
+plus ``top_windows`` (indices into ``windows``, same ranking), ``logprob_recovery``,
+``window_recovered_fraction``, ``window_logprob_recovery``, ``windows``,
 ``control_kept``, ``weight_revert_fraction``, ``mlp_weight_change``, ``by_subject``, ``examples``.
 """
 
@@ -95,7 +96,8 @@ class DamageAttribution:
             "recovered_fraction", "logprob_recovery", "window_recovered_fraction",
             "window_logprob_recovery", "control_kept", "weight_revert_fraction",
             "weight_revert_logprob_recovery", "n_failures", "n_controls", "n_base_correct",
-            "mlp_weight_change", "spearman_vs_weight_change", "top_layers", "top_third_overlap",
+            "mlp_weight_change", "spearman_vs_weight_change", "top_layers", "top_windows",
+            "top_third_overlap",
             "by_subject", "examples")}
         L = base.n_layers
         windows = [list(range(s, s + config.window)) for s in range(L - config.window + 1)]
@@ -140,6 +142,7 @@ class DamageAttribution:
         out["weight_revert_logprob_recovery"][vname] = [nan] * L
         out["spearman_vs_weight_change"][vname] = nan
         out["top_layers"][vname] = []
+        out["top_windows"][vname] = []
         out["top_third_overlap"][vname] = []
         out["by_subject"][vname] = {}
         out["examples"][vname] = []
@@ -196,6 +199,8 @@ class DamageAttribution:
         mfrac, mrec = out["recovered_fraction"][vname][site], out["logprob_recovery"][vname][site]
         ranking = rank_layers(mfrac, mrec)
         out["top_layers"][vname] = ranking
+        out["top_windows"][vname] = rank_layers(out["window_recovered_fraction"][vname][site],
+                                                out["window_logprob_recovery"][vname][site])
         change = out["mlp_weight_change"][vname]
         out["spearman_vs_weight_change"][vname] = spearman(mrec, change)
         k = math.ceil(L / 3)
@@ -203,7 +208,7 @@ class DamageAttribution:
         top_change = set(sorted(range(L), key=lambda i: (-change[i], i))[:k])
         out["top_third_overlap"][vname] = sorted(top_rec & top_change)
         pp = patched_pred[site]
-        best, wbest = ranking[0], int(np.argmax(out["window_recovered_fraction"][vname][site]))
+        best, wbest = ranking[0], out["top_windows"][vname][0]
         by_subject: dict[str, dict] = {}
         for j, i in enumerate(fail):
             d = by_subject.setdefault(items[i].subject, {"n_failures": 0, "recovered_top_layer": 0,

@@ -63,7 +63,9 @@ def test_planted_layer_and_window_rank_first(planted, data_source, tmp_path):
     wins = d["windows"]
     wfrac = d["window_recovered_fraction"]["window"]["mlp_out"]
     assert d["n_failures"]["window"] > 0
-    assert wins[max(range(len(wins)), key=lambda i: (wfrac[i], -i))] == [2, 3, 4]
+    assert wins[d["top_windows"]["window"][0]] == [2, 3, 4]
+    assert d["window_logprob_recovery"]["window"]["mlp_out"][wins.index([2, 3, 4])] == \
+        pytest.approx(1.0)
     assert wfrac[wins.index([2, 3, 4])] == 1.0
     assert d["top_layers"]["window"][0] in (2, 3, 4)
     assert set(d["top_third_overlap"]["window"]) <= {2, 3, 4}
