@@ -149,7 +149,7 @@ def demo(
     run_demo(out, data_dir=data_dir, device=device, dtype=dtype, echo=typer.echo)
 
 
-from .cli_eval import eval_app  # noqa: E402 - sub-app needs the shared options above
+from .cli_eval import eval_app  # after the shared options, which the sub-app imports
 
 app.add_typer(eval_app, name="eval")
 
