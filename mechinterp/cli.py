@@ -152,6 +152,11 @@ def demo(
     run_demo(out, data_dir=data_dir, device=device, dtype=dtype, echo=typer.echo)
 
 
+from .cli_eval import eval_app  # after the shared options, which the sub-app imports
+
+app.add_typer(eval_app, name="eval")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: user errors are one line and exit code 2."""
     import click

@@ -24,12 +24,14 @@ ARRAYS_FILE = "arrays.npz"
 
 @dataclass
 class Result:
-    """What a probe returns: JSON-able ``data``, optional large ``arrays``, and provenance."""
+    """What a probe returns: JSON-able ``data``, optional large ``arrays``, provenance, and
+    optional text ``files`` written beside ``result.json`` (e.g. item-level rows as JSONL)."""
 
     probe: str
     data: dict[str, Any]
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)
 
     def __getitem__(self, key: str) -> Any:
         return self.data[key]
@@ -59,6 +61,12 @@ def write_result(result: Result, folder: Path, figures: dict[str, Any] | None = 
         payload = {"probe": result.probe, "data": _jsonable(result.data),
                    "provenance": _jsonable(result.provenance),
                    "arrays": sorted(result.arrays)}
+        if result.files:
+            payload["files"] = sorted(result.files)
+        for name, text in result.files.items():
+            if Path(name).name != name or name in (RESULT_FILE, ARRAYS_FILE):
+                raise ValueError(f"result file name {name!r} must be a plain, unreserved file name")
+            (tmp / name).write_text(text)
         if result.arrays:
             np.savez_compressed(tmp / ARRAYS_FILE, **result.arrays)
         if figures:
@@ -92,7 +100,8 @@ def read_result(folder: Path) -> Result:
     if payload.get("arrays"):
         with np.load(folder / ARRAYS_FILE) as npz:
             arrays = {k: npz[k] for k in npz.files}
-    return Result(payload["probe"], payload["data"], arrays, payload.get("provenance", {}))
+    files = {name: (folder / name).read_text() for name in payload.get("files", [])}
+    return Result(payload["probe"], payload["data"], arrays, payload.get("provenance", {}), files)
 
 
 def save_figures(figures: dict[str, Any], folder: Path) -> list[Path]:

@@ -1,0 +1,100 @@
+"""``mechinterp eval``: benchmark evaluations (MMLU, GSM8K) written to the result store.
+
+Thin wrappers over the ``mmlu`` and ``gsm8k`` probes: ``--model`` is the base, ``--variant`` adds
+fine-tunes (then paired comparisons are included), results go to OUT/<probe>/result.json with the
+item rows beside it, and ``mechinterp figures OUT`` re-draws them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .cli import DataDir, Device, Dtype, Out, Variant
+from .errors import UserError
+
+eval_app = typer.Typer(help="Benchmarks: MMLU (lm-eval letter format, cloze) and GSM8K.",
+                       no_args_is_help=True)
+
+Model = Annotated[str, typer.Option("--model", "-m", help="Model spec: zoo name, folder, .gguf "
+                                    "file, or hub ORG/NAME[@REV].")]
+Limit = Annotated[int | None, typer.Option(help="At most N items (a fixed, seeded sample).")]
+Seed = Annotated[int, typer.Option(help="Seed of the item sample (and bootstrap).")]
+
+
+def _run(probe_name: str, model: str, variant, data_dir, out, device, dtype, limit, seed,
+         options: dict) -> None:
+    from .data import DataSource
+    from .models.modelset import ModelSet
+    from .probe import get_probe, make_config, run_probe
+
+    if limit is not None and limit <= 0:
+        raise UserError(f"--limit {limit} must be positive", "omit it to use all items")
+    probe = get_probe(probe_name)
+    config = make_config(probe, options, seed=seed, limit=limit)
+    data = DataSource.from_option(data_dir)
+    models = ModelSet.from_args(model, variant or [], device=device, dtype=dtype)
+    result = run_probe(probe, models, data, config, out=out)
+    d = result.data
+    for name in d["models"]:
+        acc, ci = d["accuracy"][name], d["ci95"][name]
+        if isinstance(acc, dict):
+            for fmt, a in acc.items():
+                typer.echo(f"{name:>12} {fmt:<16} {a:.4f}  [{ci[fmt][0]:.4f}, {ci[fmt][1]:.4f}]")
+        else:
+            typer.echo(f"{name:>12} accuracy {acc:.4f}  [{ci[0]:.4f}, {ci[1]:.4f}]")
+    typer.echo(f"{probe_name}: wrote {out / probe_name / 'result.json'} "
+               f"({result.provenance['wall_time_s']:.1f} s)")
+
+
+@eval_app.command("mmlu")
+def mmlu(
+    model: Model = "smollm2-135m-instruct",
+    variant: Variant = None,
+    format_: Annotated[list[str] | None, typer.Option(
+        "--format", "-f", help="letter-0shot, letter-5shot (any 0..5), cloze, cloze-5shot; "
+        "repeatable or comma-separated. Default letter-0shot.")] = None,
+    subjects: Annotated[str | None, typer.Option(
+        help="Comma-separated MMLU subjects (default: all 57).")] = None,
+    chat: Annotated[bool, typer.Option("--chat", help="Wrap prompts in the chat template.")] = False,
+    limit: Limit = None,
+    seed: Seed = 0,
+    data_dir: DataDir = None,
+    out: Out = Path("results"),
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+) -> None:
+    """MMLU accuracy per format, subject and model, with Wilson intervals and item rows."""
+    fmts = [f.strip() for arg in (format_ or ["letter-0shot"]) for f in arg.split(",") if f.strip()]
+    if chat:
+        fmts = [f if f.endswith("-chat") else f"{f}-chat" for f in fmts]
+    options: dict = {"formats": fmts}
+    if subjects:
+        options["subjects"] = [s.strip() for s in subjects.split(",") if s.strip()]
+    _run("mmlu", model, variant, data_dir, out, device, dtype, limit, seed, options)
+
+
+@eval_app.command("gsm8k")
+def gsm8k(
+    model: Model = "smollm2-135m-instruct",
+    variant: Variant = None,
+    shots: Annotated[int, typer.Option(help="Few-shot examples from the train split.")] = 0,
+    chat: Annotated[bool, typer.Option("--chat", help="Use the chat template.")] = False,
+    max_new_tokens: Annotated[int, typer.Option(help="Generation length.")] = 256,
+    batch_size: Annotated[int, typer.Option(help="Prompts per generate call.")] = 8,
+    limit: Limit = None,
+    seed: Seed = 0,
+    data_dir: DataDir = None,
+    out: Out = Path("results"),
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+) -> None:
+    """GSM8K accuracy by greedy generation, with a Wilson interval and item rows."""
+    if shots < 0 or max_new_tokens <= 0 or batch_size <= 0:
+        raise UserError("--shots must be >= 0 and --max-new-tokens, --batch-size positive",
+                        "check the options")
+    _run("gsm8k", model, variant, data_dir, out, device, dtype, limit, seed,
+         {"shots": shots, "chat": chat, "max_new_tokens": max_new_tokens,
+          "batch_size": batch_size})

@@ -1,0 +1,91 @@
+"""Small, dependency-free statistics for evaluations: Wilson intervals, exact McNemar, bootstrap
+intervals for paired accuracy differences, and Spearman's rank correlation with ties."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+Z95 = 1.959963984540054  # two-sided 95% normal quantile
+
+
+def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval for a proportion k/n (95% by default); (nan, nan) when n == 0."""
+    if n == 0:
+        return float("nan"), float("nan")
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def accuracy_summary(correct: Sequence[bool]) -> dict:
+    """``{"accuracy", "n", "correct", "ci95": [lo, hi]}`` with a Wilson interval."""
+    n = len(correct)
+    k = int(sum(bool(c) for c in correct))
+    return {"accuracy": k / n if n else float("nan"), "n": n, "correct": k, "ci95": list(wilson(k, n))}
+
+
+def mcnemar(b: int, c: int, exact_below: int = 25) -> dict:
+    """McNemar's test from the discordant counts ``b`` (right->wrong) and ``c`` (wrong->right).
+
+    Exact two-sided binomial test (p = 0.5) when ``b + c < exact_below``; otherwise the chi-square
+    statistic with continuity correction, ``(|b - c| - 1)^2 / (b + c)``, on one degree of freedom.
+    """
+    n = b + c
+    if n == 0:
+        return {"b": b, "c": c, "method": "exact", "statistic": 0.0, "p_value": 1.0}
+    if n < exact_below:
+        k = min(b, c)
+        tail = sum(math.comb(n, i) for i in range(k + 1)) / 2.0**n
+        return {"b": b, "c": c, "method": "exact", "statistic": float(k),
+                "p_value": min(1.0, 2.0 * tail)}
+    stat = (abs(b - c) - 1) ** 2 / n
+    p = math.erfc(math.sqrt(stat / 2.0))  # survival function of chi2 with 1 dof
+    return {"b": b, "c": c, "method": "chi2-cc", "statistic": stat, "p_value": p}
+
+
+def bootstrap_diff(a: Sequence[bool], b: Sequence[bool], n_boot: int = 2000, seed: int = 0,
+                   level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``mean(b) - mean(a)`` resampling paired items."""
+    x = np.asarray(a, dtype=float)
+    y = np.asarray(b, dtype=float)
+    if len(x) != len(y):
+        raise ValueError("paired samples must have the same length")
+    if len(x) == 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(x), size=(n_boot, len(x)))
+    diffs = (y[idx] - x[idx]).mean(axis=1)
+    alpha = (1 - level) / 2
+    return float(np.quantile(diffs, alpha)), float(np.quantile(diffs, 1 - alpha))
+
+
+def rankdata(x: Sequence[float]) -> np.ndarray:
+    """Ranks 1..n with ties given their average rank."""
+    x = np.asarray(x, dtype=float)
+    order = np.argsort(x, kind="mergesort")
+    ranks = np.empty(len(x), dtype=float)
+    sx = x[order]
+    i = 0
+    while i < len(x):
+        j = i
+        while j + 1 < len(x) and sx[j + 1] == sx[i]:
+            j += 1
+        ranks[order[i:j + 1]] = (i + j) / 2.0 + 1.0
+        i = j + 1
+    return ranks
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman's rho: Pearson correlation of average ranks (ties handled); nan if constant."""
+    if len(x) != len(y):
+        raise ValueError("spearman needs two sequences of equal length")
+    rx, ry = rankdata(x), rankdata(y)
+    rx -= rx.mean()
+    ry -= ry.mean()
+    den = math.sqrt(float((rx * rx).sum() * (ry * ry).sum()))
+    return float((rx * ry).sum() / den) if den > 0 else float("nan")

@@ -1,0 +1,73 @@
+"""``gsm8k``: GSM8K accuracy by greedy generation, base and every variant.
+
+Result keys: ``accuracy[<model>]`` (float), ``ci95[<model>]`` (Wilson), ``n``,
+``paired[<variant>]`` (difference with bootstrap interval, McNemar, flips) and item rows in
+``items_<model>.jsonl`` beside ``result.json``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from mechinterp.data.gsm8k import load_gsm8k
+from mechinterp.evals.gsm8k import score_gsm8k
+from mechinterp.evals.mmlu import rows_to_jsonl
+from mechinterp.evals.paired import paired_rows
+from mechinterp.evals.stats import accuracy_summary
+from mechinterp.plotting import new_axes
+from mechinterp.probe import BaseConfig
+from mechinterp.results import Result
+
+
+@dataclass
+class Config(BaseConfig):
+    shots: int = 0  # examples from the train split (its first k)
+    chat: bool = False
+    max_new_tokens: int = 256
+    batch_size: int = 8
+
+
+class GSM8KProbe:
+    name = "gsm8k"
+    version = "1"
+    description = "GSM8K accuracy by batched greedy generation (plain or chat prompt, k-shot)"
+    Config = Config
+
+    def run(self, models, data, config: Config) -> Result:
+        items = load_gsm8k(data, "test")
+        if config.limit is not None and config.limit < len(items):
+            pick = np.random.default_rng(config.seed).permutation(len(items))[:config.limit]
+            items = [items[i] for i in sorted(pick)]
+        shots = load_gsm8k(data, "train")[:config.shots] if config.shots else []
+        acc, ci, rows_by, files = {}, {}, {}, {}
+        for name in models.names:
+            rows = score_gsm8k(models[name], items, shots, config.chat, config.max_new_tokens,
+                               config.batch_size)
+            s = accuracy_summary([r["correct"] for r in rows])
+            acc[name], ci[name], rows_by[name] = s["accuracy"], s["ci95"], rows
+            files[f"items_{name}.jsonl"] = rows_to_jsonl(rows)
+            if name != "base":
+                models.release(name)
+        paired = {v: paired_rows(rows_by["base"], rows_by[v], seed=config.seed)
+                  for v in models.variants}
+        return Result(self.name, {"models": models.names, "n": len(items), "accuracy": acc,
+                                  "ci95": ci, "paired": paired, "item_files": sorted(files)},
+                      files=files)
+
+    def plot(self, result: Result) -> dict:
+        d = result.data
+        names = d["models"]
+        fig, ax = new_axes(width=max(4.0, 1.0 * len(names) + 2), height=3.5)
+        y = np.array([d["accuracy"][n] for n in names])
+        lo = np.array([d["ci95"][n][0] for n in names])
+        hi = np.array([d["ci95"][n][1] for n in names])
+        ax.bar(np.arange(len(names)), y, yerr=[y - lo, hi - y], capsize=3)
+        ax.set_xticks(np.arange(len(names)), names)
+        ax.set_ylabel("accuracy (95% Wilson interval)")
+        ax.set_title(f"GSM8K accuracy ({d['n']} test items)")
+        return {"gsm8k_accuracy": fig}
+
+
+PROBE = GSM8KProbe()

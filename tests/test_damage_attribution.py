@@ -1,0 +1,117 @@
+"""Planted damage: perturb the MLP of one known layer (or a window of three) of a tiny 8-layer Llama
+until MMLU letter answers flip; the damage-attribution probe must point at that layer (window)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mechinterp.models import load
+from mechinterp.models.edit import plant_change
+from mechinterp.models.modelset import ModelSet
+from mechinterp.probe import get_probe, make_config, run_probe
+from mechinterp.results import read_result
+
+SUBJECTS = "world_religions,conceptual_physics"  # the shortest MMLU prompts: cheap on bytes
+
+
+def _config(vocab: int):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128,
+                       num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2,
+                       max_position_embeddings=4096, tie_word_embeddings=False, bos_token_id=0,
+                       eos_token_id=0, pad_token_id=1)
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    from mechinterp.models.zoo import _tiny
+
+    root = tmp_path_factory.mktemp("planted")
+    _tiny(_config)(root / "base")
+    for name, layers, rel in [("one", [5], 1.0), ("window", [2, 3, 4], 0.7)]:
+        m = load(str(root / "base"), device="cpu", dtype="float32")
+        plant_change(m, root / name, {(la, mat): rel for la in layers
+                                      for mat in ("gate", "up", "down")}, seed=1)
+    return root
+
+
+@pytest.mark.slow
+def test_planted_layer_and_window_rank_first(planted, data_source, tmp_path):
+    probe = get_probe("damage-attribution")
+    models = ModelSet(str(planted / "base"), {"one": str(planted / "one"),
+                                              "window": str(planted / "window")},
+                      device="cpu", dtype="float32")
+    config = make_config(probe, {"subjects": SUBJECTS, "max_failures": "8", "n_control": "3",
+                                 "sites": "mlp_out"}, limit=28)
+    result = run_probe(probe, models, data_source, config, out=tmp_path)
+    d = result.data
+    # one planted layer: patching the base's MLP output there restores the base exactly
+    assert d["n_failures"]["one"] > 0
+    assert d["top_layers"]["one"][0] == 5
+    frac = d["recovered_fraction"]["one"]["mlp_out"]
+    assert frac[5] == 1.0 and d["logprob_recovery"]["one"]["mlp_out"][5] == pytest.approx(1.0)
+    assert all(f == 0.0 for f in frac[:5])  # earlier layers are identical in both models
+    assert d["weight_revert_fraction"]["one"][5] == 1.0
+    assert sum(d["weight_revert_fraction"]["one"][:5]) == 0.0
+    assert 5 in d["top_third_overlap"]["one"]
+    assert d["mlp_weight_change"]["one"][5] > 0 and d["mlp_weight_change"]["one"][0] == 0
+    # a planted window of three layers: that window recovers everything, and ranks first
+    wins = d["windows"]
+    wfrac = d["window_recovered_fraction"]["window"]["mlp_out"]
+    assert d["n_failures"]["window"] > 0
+    assert wins[d["top_windows"]["window"][0]] == [2, 3, 4]
+    assert d["window_logprob_recovery"]["window"]["mlp_out"][wins.index([2, 3, 4])] == \
+        pytest.approx(1.0)
+    assert wfrac[wins.index([2, 3, 4])] == 1.0
+    assert d["top_layers"]["window"][0] in (2, 3, 4)
+    assert set(d["top_third_overlap"]["window"]) <= {2, 3, 4}
+    # controls (both right) stay right when the base's MLP output is patched at untouched layers
+    assert all(k == 1.0 for k in d["control_kept"]["one"]["mlp_out"][:5])
+    # stored, re-readable, with figures
+    stored = read_result(tmp_path / "damage-attribution")
+    assert stored.data["top_layers"]["one"][0] == 5
+    assert (tmp_path / "damage-attribution" / "recovery_one.png").is_file()
+    assert math.isfinite(d["spearman_vs_weight_change"]["one"])
+
+
+def test_cross_model_sweep_matches_one_patch_at_a_time(fresh_tiny_llama, tmp_path):
+    """Row-group batching of conditions gives what one patched forward per condition gives."""
+    from mechinterp.analysis.crossmodel_sweep import (
+        ChoiceBatch,
+        choice_logprobs,
+        cross_model_sweep,
+        weight_revert_sweep,
+    )
+    from mechinterp.analysis.patching import Patch, capture
+    from mechinterp.evals.loglik import Request, score
+
+    base = load("tiny-random-llama", device="cpu", dtype="float32")
+    plant_change(fresh_tiny_llama, tmp_path / "v", {(1, "down"): 0.8, (2, "up"): 0.8}, seed=2)
+    variant = fresh_tiny_llama
+    reqs = [Request("Question: the sky is\nAnswer:", (" blue", " green", " red")),
+            Request("2 + 2 =", (" 4", " five", " 22"))]
+    batch = ChoiceBatch.build(base, reqs)
+    conds = [[0], [1], [2], [1, 2], [3]]
+    for site in ("mlp_out", "attn_out"):
+        swept = cross_model_sweep(base, variant, batch, site, conds, max_rows=7)
+        _, acts = capture(base, batch.ids, batch.mask, [(site, la) for la in range(4)])
+        for c, cond in enumerate(conds):
+            one = choice_logprobs(variant, batch, [Patch(site, la, acts[(site, la)])
+                                                   for la in cond])[0]
+            torch.testing.assert_close(swept[c], one, atol=1e-5, rtol=0)
+    clean_base = choice_logprobs(base, batch)[0]
+    swept = cross_model_sweep(base, variant, batch, "mlp_out", conds, max_rows=7)
+    torch.testing.assert_close(swept[3], clean_base, atol=1e-5, rtol=0)  # both damaged layers
+    # independent reference for the choice log-likelihoods: the scorer of the evals
+    ref, _ = score(base, reqs)
+    torch.testing.assert_close(clean_base, torch.tensor(ref, dtype=torch.float64), atol=1e-5,
+                               rtol=0)
+    # weight space: reverting the damaged MLP layers restores the base; an untouched one does not
+    rev = weight_revert_sweep(base, variant, batch, [[1, 2], [0]], ("up", "down"))
+    torch.testing.assert_close(rev[0], clean_base, atol=1e-5, rtol=0)
+    torch.testing.assert_close(rev[1], choice_logprobs(variant, batch)[0], atol=1e-6, rtol=0)
+    assert not torch.allclose(rev[1], clean_base, atol=1e-3)

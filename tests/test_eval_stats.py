@@ -1,0 +1,76 @@
+"""Statistics of the evaluations against hand-worked cases and, where installed, scipy."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from mechinterp.evals.paired import paired_comparison
+from mechinterp.evals.stats import bootstrap_diff, mcnemar, rankdata, spearman, wilson
+
+
+def test_wilson_hand_worked():
+    # k=8, n=10, z=1.96: centre (0.8 + 0.192) / 1.384, half 1.96*sqrt(0.016 + 0.0096)/1.384
+    lo, hi = wilson(8, 10, z=1.96)
+    centre = (0.8 + 1.96**2 / 20) / (1 + 1.96**2 / 10)
+    half = 1.96 * math.sqrt(0.8 * 0.2 / 10 + 1.96**2 / 400) / (1 + 1.96**2 / 10)
+    assert lo == pytest.approx(centre - half) and hi == pytest.approx(centre + half)
+    assert (lo, hi) == pytest.approx((0.4902, 0.9433), abs=1e-4)  # published table value
+    assert wilson(0, 5)[0] == 0.0 and wilson(5, 5)[1] == 1.0
+
+
+def test_mcnemar_exact_hand_worked():
+    # b=1, c=6: two-sided exact p = 2 * (C(7,0) + C(7,1)) / 2^7 = 16/128 = 0.125
+    r = mcnemar(1, 6)
+    assert r["method"] == "exact" and r["p_value"] == pytest.approx(0.125)
+    assert mcnemar(3, 3)["p_value"] == 1.0
+    assert mcnemar(0, 0)["p_value"] == 1.0
+
+
+def test_mcnemar_large_counts_chi2():
+    r = mcnemar(40, 20)
+    assert r["method"] == "chi2-cc"
+    assert r["statistic"] == pytest.approx((20 - 1) ** 2 / 60)
+    try:
+        from scipy.stats import binomtest, chi2
+    except ImportError:  # scipy ships with the bench extra; the hand values above still hold
+        return
+    assert r["p_value"] == pytest.approx(chi2.sf(r["statistic"], 1), rel=1e-10)
+    assert mcnemar(2, 11)["p_value"] == pytest.approx(binomtest(2, 13, 0.5).pvalue, rel=1e-12)
+
+
+def test_rankdata_and_spearman_with_ties():
+    assert rankdata([10, 20, 20, 5]).tolist() == [2.0, 3.5, 3.5, 1.0]
+    x = [1, 2, 2, 3, 5, 4]
+    y = [2, 1, 3, 3, 6, 5]
+    # reference: Pearson of average ranks, computed naively
+    rx, ry = rankdata(x), rankdata(y)
+    ref = np.corrcoef(rx, ry)[0, 1]
+    assert spearman(x, y) == pytest.approx(ref)
+    assert spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert math.isnan(spearman([1, 1, 1], [1, 2, 3]))
+    try:
+        from scipy.stats import spearmanr
+    except ImportError:
+        return
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 5, 30)
+    b = a + rng.integers(0, 3, 30)
+    assert spearman(a, b) == pytest.approx(spearmanr(a, b).statistic, rel=1e-12)
+
+
+def test_bootstrap_and_paired_comparison():
+    base = [True] * 6 + [False] * 4
+    var = [True, True, False, False, False, True, False, False, True, False]
+    r = paired_comparison(list(range(10)), ["s1"] * 5 + ["s2"] * 5, base, var, seed=3)
+    assert r["difference"] == pytest.approx(0.4 - 0.6)
+    assert r["right_to_wrong"] == 3 and r["wrong_to_right"] == 1
+    assert r["flips"]["s1"]["right_to_wrong"] == [2, 3, 4]
+    assert r["flips"]["s2"] == {"right_to_wrong": [], "wrong_to_right": [8]}
+    assert r["mcnemar"]["p_value"] == pytest.approx(2 * (1 + 4) / 16)
+    lo, hi = r["difference_ci95"]
+    assert lo <= -0.2 <= hi and lo >= -1 and hi <= 1
+    assert bootstrap_diff(base, var, seed=3) == (lo, hi)  # seeded: reproducible
+    assert bootstrap_diff(base, base, seed=1) == (0.0, 0.0)
