@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -25,43 +25,43 @@ train_app = typer.Typer(
 )
 
 Opt = typer.Option
-Base = Annotated[Optional[str], Opt("--base", "-b", help="Base model spec (zoo name, folder, "
+Base = Annotated[str | None, Opt("--base", "-b", help="Base model spec (zoo name, folder, "
                                     ".gguf, hub id) [smollm2-135m-instruct].")]
 Out = Annotated[Path, Opt("--out", "-o", help="Run folder: final model (spec OUT), checkpoints "
                           "(OUT@step-N), drift log.")]
-Data = Annotated[Optional[str], Opt(help="'gsm8k' (train split; test split held out for KL) or a "
+Data = Annotated[str | None, Opt(help="'gsm8k' (train split; test split held out for KL) or a "
                                     "JSONL file with question/answer fields [gsm8k].")]
-DataDir = Annotated[Optional[Path], Opt("--data-dir", help="Data root (default $MECHINTERP_DATA).")]
-Preset = Annotated[Optional[str], Opt(help="Settings preset: cpu-smoke (minutes on a CPU). "
+DataDir = Annotated[Path | None, Opt("--data-dir", help="Data root (default $MECHINTERP_DATA).")]
+Preset = Annotated[str | None, Opt(help="Settings preset: cpu-smoke (minutes on a CPU). "
                                       "Explicit options override it.")]
-Seed = Annotated[Optional[int], Opt(help="Seed (data order, sampling, init of anything random).")]
-Device = Annotated[Optional[str], Opt(help="auto, cpu, cuda, cuda:N.")]
-Dtype = Annotated[Optional[str], Opt(help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16.")]
-Steps = Annotated[Optional[int], Opt("--max-steps", help="Optimizer steps [paper: 571].")]
-Lr = Annotated[Optional[float], Opt("--lr", help="Learning rate [paper: 1e-6].")]
-Sched = Annotated[Optional[str], Opt("--lr-scheduler", help="Scheduler "
+Seed = Annotated[int | None, Opt(help="Seed (data order, sampling, init of anything random).")]
+Device = Annotated[str | None, Opt(help="auto, cpu, cuda, cuda:N.")]
+Dtype = Annotated[str | None, Opt(help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16.")]
+Steps = Annotated[int | None, Opt("--max-steps", help="Optimizer steps [paper: 571].")]
+Lr = Annotated[float | None, Opt("--lr", help="Learning rate [paper: 1e-6].")]
+Sched = Annotated[str | None, Opt("--lr-scheduler", help="Scheduler "
                                      "[paper: constant_with_warmup].")]
-Warm = Annotated[Optional[float], Opt(help="Warm-up fraction of steps [paper: 0.1].")]
-Wd = Annotated[Optional[float], Opt(help="AdamW weight decay [0].")]
-Clip = Annotated[Optional[float], Opt(help="Gradient clipping norm [paper: 0.2].")]
-Batch = Annotated[Optional[int], Opt("--batch-size", help="Per-device batch (GRPO: completions, a "
+Warm = Annotated[float | None, Opt(help="Warm-up fraction of steps [paper: 0.1].")]
+Wd = Annotated[float | None, Opt(help="AdamW weight decay [0].")]
+Clip = Annotated[float | None, Opt(help="Gradient clipping norm [paper: 0.2].")]
+Batch = Annotated[int | None, Opt("--batch-size", help="Per-device batch (GRPO: completions, a "
                                      "multiple of --num-generations) [SFT 8, GRPO 28].")]
-Accum = Annotated[Optional[int], Opt("--grad-accum", help="Gradient accumulation steps [1].")]
-LogSteps = Annotated[Optional[int], Opt(help="Log loss/reward every N steps [1].")]
-Freeze = Annotated[Optional[str], Opt(help="Freeze spec, e.g. 'mlp@19-25', 'only:attn.q,attn.k', "
+Accum = Annotated[int | None, Opt("--grad-accum", help="Gradient accumulation steps [1].")]
+LogSteps = Annotated[int | None, Opt(help="Log loss/reward every N steps [1].")]
+Freeze = Annotated[str | None, Opt(help="Freeze spec, e.g. 'mlp@19-25', 'only:attn.q,attn.k', "
                                       "'attn.heads@12:0,3', 'mlp.neurons@10:FILE', 're:REGEX' "
                                       "(docs/training.md).")]
-FreezePreset = Annotated[Optional[str], Opt(help="paper-mid-mlp (paper's layers 19-25 of 32 mapped "
+FreezePreset = Annotated[str | None, Opt(help="paper-mid-mlp (paper's layers 19-25 of 32 mapped "
                                             "onto this depth) or paper-qk-only.")]
-Ckpts = Annotated[Optional[int], Opt("--checkpoints", help="Checkpoints saved evenly through the "
+Ckpts = Annotated[int | None, Opt("--checkpoints", help="Checkpoints saved evenly through the "
                                      "run, the last at the end [paper: 20].")]
-Held = Annotated[Optional[int], Opt("--heldout", help="Held-out items for KL from the base "
+Held = Annotated[int | None, Opt("--heldout", help="Held-out items for KL from the base "
                                     "(0: no KL) [16].")]
-HeldLen = Annotated[Optional[int], Opt(help="Token limit of a held-out item [512].")]
+HeldLen = Annotated[int | None, Opt(help="Token limit of a held-out item [512].")]
 Resume = Annotated[bool, Opt("--resume", help="Continue the run in --out from its last complete "
                              "checkpoint.")]
 SkipDisk = Annotated[bool, Opt("--skip-disk-check", help="Do not check free disk space first.")]
-Extra = Annotated[Optional[list[str]], Opt("--trl", help="Extra TRL config field KEY=VALUE "
+Extra = Annotated[list[str] | None, Opt("--trl", help="Extra TRL config field KEY=VALUE "
                                            "(JSON value), repeatable, e.g. "
                                            "gradient_checkpointing=true.")]
 
@@ -106,7 +106,7 @@ def sft(
     max_steps: Steps = None, lr: Lr = None, lr_scheduler: Sched = None, warmup_ratio: Warm = None,
     weight_decay: Wd = None, max_grad_norm: Clip = None, batch_size: Batch = None,
     grad_accum: Accum = None, logging_steps: LogSteps = None,
-    max_length: Annotated[Optional[int], Opt(help="Token limit of prompt + target [paper: 4096].")] = None,
+    max_length: Annotated[int | None, Opt(help="Token limit of prompt + target [paper: 4096].")] = None,
     freeze: Freeze = None, freeze_preset: FreezePreset = None, checkpoints: Ckpts = None,
     heldout: Held = None, heldout_max_length: HeldLen = None, trl: Extra = None,
     resume: Resume = False, skip_disk_check: SkipDisk = False,
@@ -129,18 +129,18 @@ def grpo(
     max_steps: Steps = None, lr: Lr = None, lr_scheduler: Sched = None, warmup_ratio: Warm = None,
     weight_decay: Wd = None, max_grad_norm: Clip = None, batch_size: Batch = None,
     grad_accum: Accum = None, logging_steps: LogSteps = None,
-    num_generations: Annotated[Optional[int], Opt(help="Completions per prompt [paper: 28].")] = None,
-    max_completion_length: Annotated[Optional[int], Opt(
+    num_generations: Annotated[int | None, Opt(help="Completions per prompt [paper: 28].")] = None,
+    max_completion_length: Annotated[int | None, Opt(
         help="Completion token limit [paper: 1500].")] = None,
-    temperature: Annotated[Optional[float], Opt(help="Sampling temperature [paper: 0.6].")] = None,
-    beta: Annotated[Optional[float], Opt(help="KL coefficient [paper: 0, no KL term].")] = None,
-    epsilon: Annotated[Optional[float], Opt(help="Clip epsilon [paper: 0.2].")] = None,
-    loss_type: Annotated[Optional[str], Opt(help="grpo, dr_grpo, dapo, bnpo, cispo, sapo "
+    temperature: Annotated[float | None, Opt(help="Sampling temperature [paper: 0.6].")] = None,
+    beta: Annotated[float | None, Opt(help="KL coefficient [paper: 0, no KL term].")] = None,
+    epsilon: Annotated[float | None, Opt(help="Clip epsilon [paper: 0.2].")] = None,
+    loss_type: Annotated[str | None, Opt(help="grpo, dr_grpo, dapo, bnpo, cispo, sapo "
                                             "[paper: dr_grpo].")] = None,
-    correctness_weight: Annotated[Optional[float], Opt(help="Answer reward weight [paper: 1.0].")] = None,
-    format_weight: Annotated[Optional[float], Opt(help="Format reward weight [paper: 0.2].")] = None,
+    correctness_weight: Annotated[float | None, Opt(help="Answer reward weight [paper: 1.0].")] = None,
+    format_weight: Annotated[float | None, Opt(help="Format reward weight [paper: 0.2].")] = None,
     use_vllm: Annotated[bool, Opt("--use-vllm", help="Generate with vLLM (needs vllm).")] = False,
-    vllm_mode: Annotated[Optional[str], Opt(help="server (trl vllm-serve) or colocate.")] = None,
+    vllm_mode: Annotated[str | None, Opt(help="server (trl vllm-serve) or colocate.")] = None,
     freeze: Freeze = None, freeze_preset: FreezePreset = None, checkpoints: Ckpts = None,
     heldout: Held = None, heldout_max_length: HeldLen = None, trl: Extra = None,
     resume: Resume = False, skip_disk_check: SkipDisk = False,

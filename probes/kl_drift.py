@@ -13,7 +13,6 @@ of the mean), plus ``kl_sem`` (standard error of the mean), ``n_items``, ``steps
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ import numpy as np
 
 from mechinterp.analysis.divergence import answer_items, teacher_forced_kl
 from mechinterp.data import load_gsm8k
+from mechinterp.data.base import read_jsonl
 from mechinterp.data.subset import seeded_subset
 from mechinterp.errors import DataError, UserError
 from mechinterp.plotting import new_axes
@@ -50,20 +50,8 @@ def load_pairs(config: Config, data) -> list[tuple[str, str]]:
     if not path.is_file():
         raise UserError(f"items={config.items!r} is neither 'gsm8k' nor a file",
                         'pass a .jsonl file with {"prompt": ..., "answer": ...} rows')
-    pairs = []
-    with path.open(encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{n}: invalid JSON ({exc.msg})", "fix the row") from None
-            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) \
-                    or not isinstance(row.get("answer"), str):
-                raise DataError(f"{path}:{n}: expected string fields prompt and answer",
-                                "fix the row")
-            pairs.append((row["prompt"], row["answer"]))
+    pairs = [(row["prompt"], row["answer"])
+             for _, row in read_jsonl(path, {"prompt": (str,), "answer": (str,)})]
     if data is not None:
         data.log.record_file(path)
     if not pairs:

@@ -1,7 +1,7 @@
 """End to end on the real default model: `mechinterp run` for the three probes, then `figures`.
 
-The variant is the demo's planted one (layers 12-17 MLP moved by 1%, q/k of every layer by 0.1%,
-nothing else), so the weight numbers have a known answer.
+The variant is the demo's planted one (layers 12-17 MLP and q/k of every layer moved by known
+relative amounts, nothing else), so the weight numbers have a known answer.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 def test_cli_runs_weight_change_kl_drift_attention_shift_then_redraws(tmp_path, data_source):
     from mechinterp.cli import main
-    from mechinterp.demo import PLANTED_MLP_LAYERS, planted_variant
+    from mechinterp.demo import PLANTED_MLP_LAYERS, PLANTED_MLP_REL, PLANTED_QK_REL, planted_variant
     from mechinterp.results import read_result
 
     variant = planted_variant()
@@ -34,9 +34,9 @@ def test_cli_runs_weight_change_kl_drift_attention_shift_then_redraws(tmp_path, 
     rel = wc["relative_change"]["planted"]
     assert len(rel["gate"]) == 30
     for layer in range(30):
-        want_mlp = 1e-2 if layer in PLANTED_MLP_LAYERS else 0.0
+        want_mlp = PLANTED_MLP_REL if layer in PLANTED_MLP_LAYERS else 0.0
         assert rel["up"][layer] == pytest.approx(want_mlp, rel=1e-3, abs=1e-12)
-        assert rel["q"][layer] == pytest.approx(1e-3, rel=1e-3)
+        assert rel["q"][layer] == pytest.approx(PLANTED_QK_REL, rel=1e-3)
         assert rel["v"][layer] == 0.0 and rel["o"][layer] == 0.0
     assert wc["changed_fraction"]["planted"]["v"] == 0.0
     assert wc["changed_fraction"]["planted"]["down"] == pytest.approx(6 / 30, abs=1e-3)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -9,6 +10,30 @@ from pathlib import Path
 from ..errors import DataError
 from ..models.safetensors_io import file_sha256
 from ..paths import data_root
+
+
+def read_jsonl(path: Path, fields: dict[str, tuple[type, ...]]) -> list[tuple[int, dict]]:
+    """``(line number, row)`` for each non-blank line of a JSONL file, checked for ``fields``.
+
+    A line that is not JSON, not an object, or lacks a field of the given types stops with
+    ``path:line`` and what was expected.
+    """
+    rows = []
+    with Path(path).open(encoding="utf-8") as fh:
+        for line_no, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{line_no}: invalid JSON ({exc.msg})",
+                                "fix or re-download the file") from None
+            if not isinstance(row, dict) or not all(isinstance(row.get(k), t)
+                                                    for k, t in fields.items()):
+                raise DataError(f"{path}:{line_no}: expected a JSON object with fields "
+                                f"{', '.join(fields)}", "fix the row")
+            rows.append((line_no, row))
+    return rows
 
 
 @dataclass

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 
 from ..errors import DataError
-from .base import DataSource
+from .base import DataSource, read_jsonl
 
 _NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
 _BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
@@ -62,16 +61,7 @@ def load_gsm8k(source: DataSource, split: str = "test") -> list[GSM8KItem]:
         if not path.is_file():
             raise DataError(f"{path} is missing", "the data root must hold gsm8k/{train,test}.jsonl")
         source.log.record_file(path)
-        rows = []
-        with path.open(encoding="utf-8") as fh:
-            for line_no, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append((line_no, json.loads(line)))
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{path}:{line_no}: invalid JSON ({exc.msg})",
-                                    "fix or re-download the file") from None
+        rows = read_jsonl(path, {})
         where = str(path)
     items = []
     for line_no, row in rows:

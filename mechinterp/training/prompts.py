@@ -8,13 +8,13 @@ assistant turn and scores it against the final answer.
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..data import DataSource, load_gsm8k
+from ..data.base import read_jsonl
 from ..data.gsm8k import normalise_number
 from ..errors import DataError
 
@@ -64,23 +64,12 @@ def load_items(data: str | None, source: DataSource, split: str = "train") -> li
                         "pass --data gsm8k or a .jsonl file with question/answer fields")
     source.log.record_file(path)
     items = []
-    with path.open(encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{line_no}: invalid JSON ({exc.msg})", "fix the file") from None
-            if not isinstance(row, dict) or not isinstance(row.get("question"), str) \
-                    or not isinstance(row.get("answer"), (str, int, float)):
-                raise DataError(f"{path}:{line_no}: expected string fields question and answer",
-                                "each line must be a JSON object with question and answer")
-            reasoning, final = _split_solution(str(row["answer"]))
-            if final is None:
-                raise DataError(f"{path}:{line_no}: the answer has no number",
-                                "answers must end in a number (GSM8K style '#### 42' or plain)")
-            items.append(QAItem(row["question"], reasoning, final))
+    for line_no, row in read_jsonl(path, {"question": (str,), "answer": (str, int, float)}):
+        reasoning, final = _split_solution(str(row["answer"]))
+        if final is None:
+            raise DataError(f"{path}:{line_no}: the answer has no number",
+                            "answers must end in a number (GSM8K style '#### 42' or plain)")
+        items.append(QAItem(row["question"], reasoning, final))
     if not items:
         raise DataError(f"{path} has no rows", "pass a non-empty JSONL file")
     return items
