@@ -11,6 +11,8 @@ from typing import Annotated
 
 import typer
 
+from .cli_eval import eval_app
+from .cli_options import Base, DataDir, Device, Dtype, Out, Variant
 from .cli_train import train_app
 from .errors import UserError
 
@@ -26,23 +28,7 @@ probes_app = typer.Typer(help="Probes: one experiment each.", no_args_is_help=Tr
 app.add_typer(models_app, name="models")
 app.add_typer(probes_app, name="probes")
 app.add_typer(train_app, name="train")
-
-# ----- shared options ----------------------------------------------------------------------------
-Base = Annotated[str, typer.Option("--base", "-b", help="Base model spec: zoo name, folder, "
-                                   ".gguf file, or hub ORG/NAME[@REV].")]
-Variant = Annotated[list[str] | None, typer.Option(
-    "--variant", "-v", help="NAME=SPEC of a fine-tuned model; NAME=SPEC1,SPEC2,... for the "
-    "checkpoints of one run (e.g. sft=out@step-40,out@step-80, or sft=out@all for every "
-    "step-N/checkpoint-N folder of a training output). Repeatable.")]
-DataDir = Annotated[Path | None, typer.Option(
-    "--data-dir", help="Data root with mmlu/, knowns/, gsm8k/ (default: $MECHINTERP_DATA, else "
-    "the Hugging Face hub).")]
-Out = Annotated[Path, typer.Option("--out", "-o", help="Results folder; each probe writes "
-                                   "OUT/<probe>/result.json and its figures.")]
-Device = Annotated[str, typer.Option(help="auto (CUDA if present), cpu, cuda, cuda:N.")]
-Dtype = Annotated[str, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, "
-                                    "float16.")]
-
+app.add_typer(eval_app, name="eval")
 
 def _console():
     from rich.console import Console
@@ -150,11 +136,6 @@ def demo(
     from .demo import run_demo
 
     run_demo(out, data_dir=data_dir, device=device, dtype=dtype, echo=typer.echo)
-
-
-from .cli_eval import eval_app  # after the shared options, which the sub-app imports
-
-app.add_typer(eval_app, name="eval")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from .cli import DataDir, Device, Dtype, Out, Variant
+from .cli_options import DataDir, Device, Dtype, Out, Variant
 from .errors import UserError
 
 eval_app = typer.Typer(help="Benchmarks: MMLU (lm-eval letter format, cloze) and GSM8K.",

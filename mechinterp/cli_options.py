@@ -1,0 +1,25 @@
+"""Options shared by the `mechinterp` commands and their sub-apps (one definition each)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+Base = Annotated[str, typer.Option("--base", "-b", help="Base model spec: zoo name, folder, "
+                                   ".gguf file, or hub ORG/NAME[@REV].")]
+Variant = Annotated[list[str] | None, typer.Option(
+    "--variant", "-v", help="NAME=SPEC of a fine-tuned model; NAME=SPEC1,SPEC2,... for the "
+    "checkpoints of one run (e.g. sft=out@step-40,out@step-80, or sft=out@all for every "
+    "step-N/checkpoint-N folder of a training output). Repeatable.")]
+DataDir = Annotated[Path | None, typer.Option(
+    "--data-dir", help="Data root with mmlu/, knowns/, gsm8k/ (default: $MECHINTERP_DATA, else "
+    "the Hugging Face hub).")]
+Out = Annotated[Path, typer.Option("--out", "-o", help="Results folder; each probe writes "
+                                   "OUT/<probe>/result.json and its figures.")]
+Device = Annotated[str, typer.Option(help="auto (CUDA if present), cpu, cuda, cuda:N.")]
+Dtype = Annotated[str, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, "
+                                    "float16.")]
+
+
