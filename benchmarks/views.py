@@ -62,7 +62,8 @@ def main() -> None:
     rows += [("forward 8x64, HF", t_hf), ("forward 8x64, bridge", t_tl), ("forward 8x64, nnsight", t_nn)]
 
     def diff(a):
-        return (a[:, -1].double().log_softmax(-1) - hf[:, -1].double().log_softmax(-1)).abs().max()
+        return (a[:, -1].detach().double().log_softmax(-1)
+                - hf[:, -1].double().log_softmax(-1)).abs().max()
 
     print(f"{'measure':52s} {'value':>12s}")
     for name, secs in rows:
