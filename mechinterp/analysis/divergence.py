@@ -154,9 +154,9 @@ def teacher_forced_kl(base, variant, items: TokenisedItems | Sequence[tuple[str,
     with eval_mode(hb, hv):
         for rows, ids, attn, pred in items.batches(batch_size):
             item_of_row = pred.nonzero()[:, 0]
-            lb = _answer_log_probs(hb, ids, attn, pred)
-            lv = _answer_log_probs(hv, ids, attn, pred)
-            per_pos = (lb.exp() * (lb - lv)).sum(-1).double()  # (positions,)
+            lb = answer_log_probs(hb, ids, attn, pred)
+            lv = answer_log_probs(hv, ids, attn, pred)
+            per_pos = kl_rows(lb, lv).double()  # (positions,)
             sums = torch.zeros(len(rows), dtype=torch.float64).index_add_(0, item_of_row, per_pos)
             counts = torch.bincount(item_of_row, minlength=len(rows)).double()
             out[rows.start:rows.stop] = sums / counts
@@ -165,7 +165,12 @@ def teacher_forced_kl(base, variant, items: TokenisedItems | Sequence[tuple[str,
     return out
 
 
-def _answer_log_probs(model: torch.nn.Module, ids, attn, pred) -> torch.Tensor:
+def kl_rows(lb: torch.Tensor, lv: torch.Tensor) -> torch.Tensor:
+    """``sum_v p_b (log p_b - log p_v)`` per row of two log-prob tensors ``(rows, vocab)``."""
+    return (lb.exp() * (lb - lv)).sum(-1)
+
+
+def answer_log_probs(model: torch.nn.Module, ids, attn, pred) -> torch.Tensor:
     """log-softmax (float32) of the logits at the answer-predicting positions, (positions, vocab)."""
     dev = model_device(model)
     logits = model(input_ids=ids.to(dev), attention_mask=attn.to(dev), use_cache=False).logits

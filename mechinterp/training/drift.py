@@ -1,7 +1,6 @@
 """How far training has moved the model: teacher-forced KL from the base on a fixed held-out set.
 
-Definition (the paper's, identical to ``mechinterp.analysis.divergence``, which will replace this at
-merge): for each item, the mean over its answer positions of
+Definition (the paper's, computed by ``mechinterp.analysis.divergence``): for each item, the mean over its answer positions of
 ``sum_v p_base(v) (log p_base(v) - log p_ft(v))``, then the mean over items. "Answer positions" are
 the positions whose next token is part of the rendered reference answer (the assistant turn), so the
 prompt is context only.
@@ -18,13 +17,18 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from ..analysis.divergence import TokenisedItems, answer_log_probs, eval_mode, kl_rows
+
 
 @dataclass
 class HeldOut:
     """Tokenised held-out items: ids and, per item, the answer span ``[start, stop)`` of tokens."""
 
     input_ids: list[Int[Tensor, " pos"]]
-    spans: list[tuple[int, int]]
+    spans: list[tuple[int, int]]  # stop is always len(input_ids[i])
+
+    def to_items(self) -> TokenisedItems:
+        return TokenisedItems([x.tolist() for x in self.input_ids], [a for a, _ in self.spans])
 
 
 def build_heldout(tokenizer, prompts: list[list[dict]], answers: list[str],
@@ -52,38 +56,24 @@ def build_heldout(tokenizer, prompts: list[list[dict]], answers: list[str],
 @torch.no_grad()
 def answer_logprobs(model: torch.nn.Module, heldout: HeldOut,
                     batch_size: int = 4) -> list[Float[Tensor, "answer vocab"]]:
-    """Log-probabilities (float32) predicting each answer token, one tensor per item."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
+    """Log-probabilities (float32) predicting each answer token, one tensor per item.
+
+    Batching, padding and the answer-position mask are :mod:`mechinterp.analysis.divergence`'s,
+    so training drift and the ``kl-drift`` probe compute KL the same way.
+    """
+    items = heldout.to_items()
     out: list[Tensor] = []
-    try:
-        for i in range(0, len(heldout.input_ids), batch_size):
-            chunk = heldout.input_ids[i:i + batch_size]
-            spans = heldout.spans[i:i + batch_size]
-            width = max(len(x) for x in chunk)
-            ids = torch.zeros(len(chunk), width, dtype=torch.long)
-            mask = torch.zeros(len(chunk), width, dtype=torch.long)
-            for r, x in enumerate(chunk):  # right padding: positions stay 0..n-1
-                ids[r, : len(x)] = x
-                mask[r, : len(x)] = 1
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-            for r, (a, b) in enumerate(spans):
-                # logits at position t predict token t+1: answer tokens a..b-1 <- positions a-1..b-2
-                out.append(torch.log_softmax(logits[r, a - 1: b - 1].float(), dim=-1).cpu())
-    finally:
-        model.train(was_training)
+    with eval_mode(model):
+        for _, ids, attn, pred in items.batches(batch_size):
+            rows = answer_log_probs(model, ids, attn, pred)
+            out.extend(rows.split(pred.sum(-1).tolist()))
     return out
 
 
 def kl_per_item(base: list[Float[Tensor, "answer vocab"]],
                 tuned: list[Float[Tensor, "answer vocab"]]) -> list[float]:
     """Per item: mean over answer positions of ``sum_v p_base (log p_base - log p_ft)``."""
-    vals = []
-    for lb, lf in zip(base, tuned, strict=True):
-        kl_pos = (lb.exp() * (lb - lf)).sum(-1)
-        vals.append(float(kl_pos.double().mean()))
-    return vals
+    return [float(kl_rows(lb, lf).double().mean()) for lb, lf in zip(base, tuned, strict=True)]
 
 
 def kl_from_base(base: list[Tensor], tuned: list[Tensor]) -> float:
