@@ -99,6 +99,21 @@ def _run(algorithm: str, out: Path, preset: str | None, resume: bool, data_dir: 
     typer.echo(summarise(res.final))
 
 
+#: settings field <- CLI parameter, for the options sft and grpo share
+_COMMON = dict(base="base", data="data", seed="seed", device="device", dtype="dtype",
+               max_steps="max_steps", learning_rate="lr", lr_scheduler_type="lr_scheduler",
+               warmup_ratio="warmup_ratio", weight_decay="weight_decay",
+               max_grad_norm="max_grad_norm", per_device_train_batch_size="batch_size",
+               gradient_accumulation_steps="grad_accum", logging_steps="logging_steps",
+               freeze="freeze", freeze_preset="freeze_preset", checkpoints="checkpoints",
+               n_heldout="heldout", heldout_max_length="heldout_max_length")
+
+
+def _common(params: dict) -> dict:
+    """Settings from the options both commands share (``params`` is the command's locals())."""
+    return {k: params[v] for k, v in _COMMON.items()} | {"extra": _extra(params["trl"])}
+
+
 @train_app.command("sft")
 def sft(
     out: Out, base: Base = None, data: Data = None, data_dir: DataDir = None,
@@ -112,14 +127,8 @@ def sft(
     resume: Resume = False, skip_disk_check: SkipDisk = False,
 ) -> None:
     """Supervised fine-tuning on reference solutions (TRL SFTTrainer, loss on the answer only)."""
-    _run("sft", out, preset, resume, data_dir, skip_disk_check, dict(
-        base=base, data=data, seed=seed, device=device, dtype=dtype, max_steps=max_steps,
-        learning_rate=lr, lr_scheduler_type=lr_scheduler, warmup_ratio=warmup_ratio,
-        weight_decay=weight_decay, max_grad_norm=max_grad_norm,
-        per_device_train_batch_size=batch_size, gradient_accumulation_steps=grad_accum,
-        logging_steps=logging_steps, max_length=max_length, freeze=freeze,
-        freeze_preset=freeze_preset, checkpoints=checkpoints, n_heldout=heldout,
-        heldout_max_length=heldout_max_length, extra=_extra(trl)))
+    _run("sft", out, preset, resume, data_dir, skip_disk_check,
+         _common(locals()) | dict(max_length=max_length))
 
 
 @train_app.command("grpo")
@@ -146,17 +155,11 @@ def grpo(
     resume: Resume = False, skip_disk_check: SkipDisk = False,
 ) -> None:
     """GRPO on questions with correctness + format rewards (TRL GRPOTrainer)."""
-    _run("grpo", out, preset, resume, data_dir, skip_disk_check, dict(
-        base=base, data=data, seed=seed, device=device, dtype=dtype, max_steps=max_steps,
-        learning_rate=lr, lr_scheduler_type=lr_scheduler, warmup_ratio=warmup_ratio,
-        weight_decay=weight_decay, max_grad_norm=max_grad_norm,
-        per_device_train_batch_size=batch_size, gradient_accumulation_steps=grad_accum,
-        logging_steps=logging_steps, num_generations=num_generations,
-        max_completion_length=max_completion_length, temperature=temperature, beta=beta,
-        epsilon=epsilon, loss_type=loss_type, correctness_weight=correctness_weight,
-        format_weight=format_weight, use_vllm=use_vllm or None, vllm_mode=vllm_mode,
-        freeze=freeze, freeze_preset=freeze_preset, checkpoints=checkpoints, n_heldout=heldout,
-        heldout_max_length=heldout_max_length, extra=_extra(trl)))
+    _run("grpo", out, preset, resume, data_dir, skip_disk_check, _common(locals()) | dict(
+        num_generations=num_generations, max_completion_length=max_completion_length,
+        temperature=temperature, beta=beta, epsilon=epsilon, loss_type=loss_type,
+        correctness_weight=correctness_weight, format_weight=format_weight,
+        use_vllm=use_vllm or None, vllm_mode=vllm_mode))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,23 +19,22 @@ def enabled() -> bool:
     return sys.stderr.isatty()
 
 
+def new_bar(transient: bool = True):
+    """The house progress bar (description, bar, n/total, elapsed, remaining)."""
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                               TimeElapsedColumn, TimeRemainingColumn)
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), TimeRemainingColumn(), transient=transient)
+
+
 @contextmanager
 def task(description: str, total: int | None):
     """``with task("tracing", n) as advance: ... advance()`` - a bar, or nothing when quiet."""
     if not enabled():
         yield lambda n=1: None
         return
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), TimeRemainingColumn(), transient=True) as prog:
+    with new_bar(transient=True) as prog:
         tid = prog.add_task(description, total=total)
         yield lambda n=1: prog.advance(tid, n)
 

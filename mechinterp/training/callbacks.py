@@ -157,17 +157,9 @@ class TrainProgress(TrainerCallback):
         self.first_step = state.global_step
         self.t0 = time.perf_counter()
         if self.enabled and state.is_world_process_zero:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
+            from ..progress import new_bar
 
-            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                TimeElapsedColumn(), TimeRemainingColumn(), transient=False)
+            self.bar = new_bar(transient=False)
             self.bar.start()
             self.task = self.bar.add_task(self.desc, total=self.total, completed=state.global_step)
 
