@@ -151,3 +151,61 @@ def test_cli_eval_mmlu_writes_rows_and_figures(tmp_path, monkeypatch):
     assert main(["figures", str(out)]) == 0
     assert main(["eval", "mmlu", "--model", "tiny-random-llama", "--format", "letters",
                  "--out", str(out)]) == 2
+
+
+def test_plan_groups_hand_worked():
+    from mechinterp.evals.prefix import plan_groups
+    from mechinterp.evals.rows import Row
+
+    def row(ids, first_target):
+        return Row(0, ids, [(0, first_target, 1)])
+
+    rows = [row([1, 2, 3, 4, 5, 9], 5),     # shares 1,2,3,4 with the next two
+            row([1, 2, 3, 4, 6, 9], 5),
+            row([1, 2, 3, 4, 7, 7, 7], 2),  # scores from position 2: prefix capped at 2
+            row([8, 8, 8, 8, 8], 4)]        # shares nothing
+    groups = plan_groups(rows, min_shared=2)
+    assert [(g.rows, g.prefix) for g in groups] == [([0, 1, 2], 2), ([3], 0)]
+    groups = plan_groups(rows, min_shared=3)  # row 2's cap breaks it off
+    assert [(g.rows, g.prefix) for g in groups] == [([0, 1], 4), ([2], 0), ([3], 0)]
+    # a row that would shrink the shared tokens (prefix x (rows - 1)) starts a new group
+    rows = [row([5] * 10 + [1], 10), row([5] * 10 + [2], 10), row([5] * 10 + [3], 10),
+            row([5, 5, 6, 6, 6, 6], 5)]
+    assert [(g.rows, g.prefix) for g in plan_groups(rows, 2)] == [([0, 1, 2], 10), ([3], 0)]
+
+
+def _check_shared_matches_full_and_naive(model, reqs):
+    full, _ = score(model, reqs, share_prefix=0)
+    shared, _ = score(model, reqs, share_prefix=16, token_budget=700, kv_budget=2000)
+    for req, a, b in zip(reqs, full, shared):
+        assert b == pytest.approx(a, abs=1e-4)
+        ref = [naive_loglik(model, req.context, c) for c in req.continuations]
+        assert b == pytest.approx(ref, abs=1e-4)
+
+
+def test_shared_prefix_scoring_matches_full_and_naive(data_source):
+    """5-shot letter (one prefix per subject) and cloze (one per item), prefixes of different
+    lengths padded inside one cache, small budgets so chunks and batches split."""
+    from mechinterp.models import load
+
+    model = load("tiny-random-llama", device="cpu", dtype="float32")
+    subjects = ["world_religions", "virology"]
+    items = [it for s in subjects for it in load_mmlu(data_source, "test", [s])[:3]]
+    dev = load_mmlu(data_source, "dev", subjects)
+    for fmt in (MMLUFormat("letter", 5), MMLUFormat("cloze")):
+        _check_shared_matches_full_and_naive(model, [
+            build_request(fmt, it, [d for d in dev if d.subject == it.subject][:fmt.shots])
+            for it in items])
+
+
+def test_shared_prefix_scoring_learned_positions():
+    """GPT-2 reads absolute positions from ``position_ids``: rows must get their true ones."""
+    from mechinterp.models import load
+
+    model = load("tiny-random-gpt2", device="cpu", dtype="float32")
+    shots = "Some worked examples come first. " * 3
+    reqs = [Request(f"{shots}Q{i}: {i} + {i}?{' ' * (i % 3)}\nA:", (" A", " B", " C"))
+            for i in range(6)]
+    reqs += [Request(f"Question {i}: name a colour{'!' * i}\nAnswer:", (" red", " sea green"))
+             for i in range(4)]
+    _check_shared_matches_full_and_naive(model, reqs)

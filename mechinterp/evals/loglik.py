@@ -7,7 +7,8 @@ single token appended to the context's tokens (MMLU letters " A".." D"), the req
 the four log-probabilities are read from the last position. Otherwise each continuation gets its own
 row (full scoring). Rows are sorted by length and batched under a token budget with right padding
 (causal attention makes right padding exact); only the positions that are scored go through the
-unembedding and the log-softmax.
+unembedding and the log-softmax. Rows sharing a long token prefix (the k-shot examples of one MMLU
+subject; the context of a cloze item's four answers) run it once and the rest on its KV cache.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import torch
 
 from ..models.loaded import LoadedModel
 from ..progress import task
+from .prefix import plan_groups, score_shared
+from .rows import Row, hidden_logprobs, pad_rows
 
 
 @dataclass(frozen=True)
@@ -27,56 +30,73 @@ class Request:
     continuations: tuple[str, ...]
 
 
-@dataclass
-class Row:
-    req: int  # request index
-    ids: list[int]  # model input (tokens whose next-token predictions are read)
-    targets: list[tuple[int, int, int]]  # (continuation index, position in ids, token id)
+def _split(context: str, continuation: str) -> tuple[str, str]:
+    """lm-eval moves the context's trailing whitespace to the front of the continuation."""
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        return context[:-n_spaces], context[-n_spaces:] + continuation
+    return context, continuation
 
 
 def encode_pair(tokenizer, context: str, continuation: str,
                 add_special_tokens: bool = True) -> tuple[list[int], list[int]]:
-    """lm-eval's split of ``context + continuation`` into (context ids, continuation ids)."""
-    n_spaces = len(context) - len(context.rstrip())
-    if n_spaces:
-        continuation = context[-n_spaces:] + continuation
-        context = context[:-n_spaces]
+    """lm-eval's split of ``context + continuation`` into (context ids, continuation ids): the
+    continuation is the whole text's tokens after as many as the context alone encodes to."""
+    context, continuation = _split(context, continuation)
     whole = tokenizer.encode(context + continuation, add_special_tokens=add_special_tokens)
     ctx = tokenizer.encode(context, add_special_tokens=add_special_tokens)
     return ctx, whole[len(ctx):]
 
 
-def _rows_for(i: int, req: Request, tokenizer, add_special: bool) -> tuple[list[Row], bool]:
-    pairs = [encode_pair(tokenizer, req.context, c, add_special) for c in req.continuations]
-    ctx0 = pairs[0][0]
-    if ctx0 and all(len(cont) == 1 and ctx == ctx0 for ctx, cont in pairs):
-        last = len(ctx0) - 1
-        return [Row(i, ctx0, [(j, last, cont[0]) for j, (_, cont) in enumerate(pairs)])], True
-    rows = []
-    for j, (ctx, cont) in enumerate(pairs):
-        if not ctx:  # lm-eval conditions an empty context on the EOS/BOS token
-            ctx = [tokenizer.eos_token_id]
-        ids = (ctx + cont)[:-1]
-        start = len(ctx) - 1
-        rows.append(Row(i, ids, [(j, start + k, t) for k, t in enumerate(cont)]))
-    return rows, False
+def _encode_many(tokenizer, texts: list[str], add_special: bool) -> list[list[int]]:
+    if not texts:
+        return []
+    return tokenizer(texts, add_special_tokens=add_special)["input_ids"]
+
+
+def build_rows(requests: Sequence[Request], tokenizer,
+               add_special_tokens: bool = True) -> tuple[list[Row], int]:
+    """Rows for ``requests`` (tokenised in one batched call, as :func:`encode_pair` splits them)
+    and the number of requests on the one-row fast path."""
+    contexts, wholes = [], []
+    for req in requests:
+        contexts.append(_split(req.context, "")[0])
+        wholes += ["".join(_split(req.context, c)) for c in req.continuations]
+    ctx_ids = _encode_many(tokenizer, contexts, add_special_tokens)
+    whole_ids = iter(_encode_many(tokenizer, wholes, add_special_tokens))
+    rows: list[Row] = []
+    n_fast = 0
+    for i, (req, ctx) in enumerate(zip(requests, ctx_ids)):
+        pairs = [(ctx, next(whole_ids)[len(ctx):]) for _ in req.continuations]
+        if ctx and all(len(cont) == 1 for _, cont in pairs):
+            last = len(ctx) - 1
+            rows.append(Row(i, ctx, [(j, last, cont[0]) for j, (_, cont) in enumerate(pairs)]))
+            n_fast += 1
+            continue
+        for j, (c, cont) in enumerate(pairs):
+            if not c:  # lm-eval conditions an empty context on the EOS/BOS token
+                c = [tokenizer.eos_token_id]
+            rows.append(Row(i, (c + cont)[:-1], [(j, len(c) - 1 + k, t) for k, t in enumerate(cont)]))
+    return rows, n_fast
 
 
 @torch.inference_mode()
 def score(model: LoadedModel, requests: Sequence[Request], token_budget: int = 4096,
-          max_rows: int = 64, add_special_tokens: bool = True,
-          desc: str = "scoring") -> tuple[list[list[float]], int]:
+          max_rows: int = 64, add_special_tokens: bool = True, share_prefix: int = 32,
+          kv_budget: int = 16384, desc: str = "scoring") -> tuple[list[list[float]], int]:
     """Summed log-likelihood of each continuation, ``out[request][continuation]``, and the number
-    of requests that took the one-row fast path."""
-    rows: list[Row] = []
-    n_fast = 0
-    for i, req in enumerate(requests):
-        r, fast = _rows_for(i, req, model.tokenizer, add_special_tokens)
-        rows += r
-        n_fast += fast
+    of requests that took the one-row fast path.
+
+    Rows that share at least ``share_prefix`` leading tokens (few-shot examples of one subject, the
+    context of one request's continuations) run that prefix once and the rest on its KV cache
+    (:mod:`.prefix`); ``share_prefix=0`` scores every row in full.
+    """
+    rows, n_fast = build_rows(requests, model.tokenizer, add_special_tokens)
     out = [[0.0] * len(r.continuations) for r in requests]
-    order = sorted(range(len(rows)), key=lambda k: -len(rows[k].ids))
+    groups = plan_groups(rows, share_prefix) if share_prefix else []
+    alone = [k for g in groups if len(g.rows) == 1 for k in g.rows] if groups else range(len(rows))
     with task(desc, len(rows)) as advance:
+        order = sorted(alone, key=lambda k: -len(rows[k].ids))
         start = 0
         while start < len(order):
             longest = len(rows[order[start]].ids)
@@ -85,31 +105,18 @@ def score(model: LoadedModel, requests: Sequence[Request], token_budget: int = 4
             start += n
             _score_batch(model, batch, out)
             advance(len(batch))
+        score_shared(model, rows, [g for g in groups if len(g.rows) > 1], out, token_budget,
+                     kv_budget, advance)
     return out, n_fast
-
-
-def pad_rows(rows: Sequence[Row], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ``(input_ids, attention_mask)`` for rows."""
-    longest = max(len(r.ids) for r in rows)
-    ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), longest), dtype=torch.long)
-    for b, row in enumerate(rows):
-        ids[b, :len(row.ids)] = torch.tensor(row.ids)
-        mask[b, :len(row.ids)] = 1
-    return ids, mask
 
 
 def target_logprobs(model: LoadedModel, ids: torch.Tensor, mask: torch.Tensor,
                     sel: torch.Tensor) -> torch.Tensor:
-    """Log-probabilities ``log p(tok | prefix)`` at ``sel`` = rows of (batch row, position, token).
-
-    Runs the model body, then the unembedding and log-softmax on the selected positions only.
-    """
+    """Log-probabilities ``log p(tok | prefix)`` at ``sel`` = rows of (batch row, position, token)."""
     dev = model.device
-    hidden = model.hf.base_model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).last_hidden_state
-    sel = sel.to(dev)
-    logits = model.hf.get_output_embeddings()(hidden[sel[:, 0], sel[:, 1]])
-    return torch.log_softmax(logits.float(), dim=-1).gather(1, sel[:, 2:3])[:, 0]
+    hidden = model.hf.base_model(input_ids=ids.to(dev), attention_mask=mask.to(dev),
+                                 use_cache=False).last_hidden_state
+    return hidden_logprobs(model, hidden, sel)
 
 
 def _score_batch(model: LoadedModel, batch: list[Row], out: list[list[float]]) -> None:
@@ -122,5 +129,4 @@ def _score_batch(model: LoadedModel, batch: list[Row], out: list[list[float]]) -
 
 def rows_for(requests: Sequence[Request], tokenizer, add_special_tokens: bool = True) -> list[Row]:
     """The rows :func:`score` runs for ``requests`` (one per request on the fast path)."""
-    return [row for i, r in enumerate(requests)
-            for row in _rows_for(i, r, tokenizer, add_special_tokens)[0]]
+    return build_rows(requests, tokenizer, add_special_tokens)[0]

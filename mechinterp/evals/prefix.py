@@ -1,0 +1,109 @@
+"""Shared-prefix scoring: rows with a common leading token block run it once, the rest on its KV cache.
+
+Exactness does not rest on how a text splits into tokens: groups are formed from the rows' *token*
+ids, so every row still sees exactly the tokens lm-eval would feed it; only the computation of the
+common leading tokens is shared (causal attention makes their keys and values identical in every row).
+
+A chunk of groups runs its prefixes as one right-padded batch with the cache on; then the groups' rows
+run their remaining tokens in batches over a copy of their group's cache rows. Prefixes of different
+lengths leave padded slots inside the cache: the attention mask hides them and ``position_ids`` carry
+each row's true positions, so nothing depends on the padding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from ..models.loaded import LoadedModel
+from .rows import Row, hidden_logprobs, pad_rows
+
+
+@dataclass
+class Group:
+    rows: list[int]  # row indices
+    prefix: int  # leading tokens all rows share and none of them scores
+
+
+def _lcp(a: Sequence[int], b: Sequence[int], limit: int) -> int:
+    n = min(len(a), len(b), limit)
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def plan_groups(rows: Sequence[Row], min_shared: int) -> list[Group]:
+    """Partition rows into groups sharing a prefix of at least ``min_shared`` tokens (singletons
+    otherwise). Rows are taken in lexicographic token order; a row joins the open group while the
+    tokens saved (prefix x (rows - 1)) do not shrink. A prefix never reaches a scored position."""
+    order = sorted(range(len(rows)), key=lambda k: rows[k].ids)
+    groups: list[Group] = []
+    for k in order:
+        cap = min(pos for _, pos, _ in rows[k].targets)
+        if groups:
+            g = groups[-1]
+            p = _lcp(rows[g.rows[0]].ids, rows[k].ids, min(g.prefix, cap))
+            if p >= min_shared and p * len(g.rows) >= g.prefix * (len(g.rows) - 1):
+                g.rows.append(k)
+                g.prefix = p
+                continue
+        groups.append(Group([k], cap))
+    for g in groups:
+        if len(g.rows) == 1:
+            g.prefix = 0
+    return groups
+
+
+def _run(model: LoadedModel, ids: torch.Tensor, mask: torch.Tensor, **kw):
+    dev = model.device
+    return model.hf.base_model(input_ids=ids.to(dev), attention_mask=mask.to(dev), **kw)
+
+
+def score_shared(model: LoadedModel, rows: Sequence[Row], groups: Sequence[Group],
+                 out: list[list[float]], token_budget: int, kv_budget: int,
+                 advance: Callable[[int], None]) -> None:
+    """Add each row's target log-probabilities to ``out[req][continuation]``."""
+    pad = model.tokenizer.pad_token_id or 0
+    groups = sorted(groups, key=lambda g: -g.prefix)
+    start = 0
+    while start < len(groups):
+        n = max(1, token_budget // groups[start].prefix)
+        chunk = groups[start:start + n]
+        start += n
+        heads = [Row(-1, rows[g.rows[0]].ids[:g.prefix], []) for g in chunk]
+        ids, pmask = pad_rows(heads, pad)
+        res = _run(model, ids, pmask, use_cache=True)
+        cache = res.cache if getattr(res, "cache", None) is not None else res.past_key_values
+        kv = [(layer.keys, layer.values) for layer in cache.layers]
+        members = sorted(((gi, k) for gi, g in enumerate(chunk) for k in g.rows),
+                         key=lambda m: -(len(rows[m[1]].ids) - chunk[m[0]].prefix))
+        width = ids.shape[1]
+        i = 0
+        while i < len(members):
+            longest = len(rows[members[i][1]].ids) - chunk[members[i][0]].prefix
+            m = max(1, min(token_budget // longest, kv_budget // (width + longest)))
+            batch = members[i:i + m]
+            i += m
+            _score_suffixes(model, rows, chunk, batch, kv, pmask, out, pad)
+            advance(len(batch))
+
+
+def _score_suffixes(model, rows, chunk, batch, kv, pmask, out, pad) -> None:
+    sel = torch.tensor([gi for gi, _ in batch], device=kv[0][0].device)
+    prefix = torch.tensor([chunk[gi].prefix for gi, _ in batch])
+    tails = [Row(rows[k].req, rows[k].ids[chunk[gi].prefix:], []) for gi, k in batch]
+    ids, smask = pad_rows(tails, pad)
+    mask = torch.cat([pmask[sel.cpu()], smask], dim=1)
+    pos = prefix[:, None] + torch.arange(ids.shape[1])[None]
+    cache = DynamicCache([(k.index_select(0, sel), v.index_select(0, sel)) for k, v in kv])
+    hidden = _run(model, ids, mask, position_ids=pos.to(model.device), cache=cache,
+                  use_cache=True).last_hidden_state
+    meta = [(b, p - chunk[gi].prefix, t, rows[k].req, j)
+            for b, (gi, k) in enumerate(batch) for j, p, t in rows[k].targets]
+    vals = hidden_logprobs(model, hidden, torch.tensor([m[:3] for m in meta])).tolist()
+    for (_, _, _, req, j), v in zip(meta, vals):
+        out[req][j] += v

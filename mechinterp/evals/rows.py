@@ -1,0 +1,37 @@
+"""Scoring rows: token ids whose next-token predictions are read at chosen positions."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..models.loaded import LoadedModel
+
+
+@dataclass
+class Row:
+    req: int  # request index
+    ids: list[int]  # model input (tokens whose next-token predictions are read)
+    targets: list[tuple[int, int, int]]  # (continuation index, position in ids, token id)
+
+
+def pad_rows(rows: Sequence[Row], pad_id: int, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ``(input_ids, attention_mask)`` for ``row.ids[start:]`` of each row."""
+    longest = max(len(r.ids) - start for r in rows)
+    ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), longest), dtype=torch.long)
+    for b, row in enumerate(rows):
+        n = len(row.ids) - start
+        ids[b, :n] = torch.tensor(row.ids[start:])
+        mask[b, :n] = 1
+    return ids, mask
+
+
+def hidden_logprobs(model: LoadedModel, hidden: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
+    """``log p(tok)`` read from final hidden states at ``sel`` = rows of (batch row, position, token):
+    only the selected positions go through the unembedding and the log-softmax."""
+    sel = sel.to(hidden.device)
+    logits = model.hf.get_output_embeddings()(hidden[sel[:, 0], sel[:, 1]])
+    return torch.log_softmax(logits.float(), dim=-1).gather(1, sel[:, 2:3])[:, 0]
