@@ -142,19 +142,23 @@ def main(argv: list[str] | None = None) -> int:
     """Console entry point: user errors are one line and exit code 2."""
     import click
 
+    # typer >= 0.29 raises its own vendored click's exceptions; older typer raises click's
+    exit_types = (click.exceptions.Exit, typer.Exit)
+    abort_types = (click.exceptions.Abort, typer.Abort)
+    usage_types = (click.ClickException, getattr(typer, "TyperException", click.ClickException))
     try:
         app(args=argv, prog_name="mechinterp", standalone_mode=False)
     except UserError as exc:
         print(f"mechinterp: error: {exc.one_line()}", file=sys.stderr)
         return 2
-    except click.exceptions.Exit as exc:
+    except exit_types as exc:
         return exc.exit_code
-    except click.ClickException as exc:
-        exc.show()
-        return exc.exit_code
-    except click.exceptions.Abort:
+    except abort_types:
         print("mechinterp: aborted", file=sys.stderr)
         return 130
+    except usage_types as exc:
+        exc.show()
+        return getattr(exc, "exit_code", 2)
     except KeyboardInterrupt:
         print("mechinterp: interrupted", file=sys.stderr)
         return 130

@@ -70,3 +70,12 @@ def test_listing_commands(capsys):
     assert "weight-change" in capsys.readouterr().out
     assert main(["models", "fetch", "tiny-random-llama"]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1] == str(fetch("tiny-random-llama"))
+
+
+def test_unknown_command_line_option_is_a_usage_error(tmp_path, capsys):
+    """typer >= 0.29 raises its vendored click's exceptions: still a usage message, exit 2."""
+    code, err = _run(capsys, ["run", "damage-attribution", "--subjects", "x", "--out",
+                              str(tmp_path / "o")])
+    assert code == 2
+    assert "No such option: --subjects" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
