@@ -253,3 +253,10 @@ def test_cli_rejects_bad_input_before_training(tmp_path, capsys):
     assert main(["train", "sft", "--base", "tiny-random-llama", "--out", str(out),
                  "--freeze", "only:attn", "--freeze-preset", "paper-mid-mlp"]) == 2
     assert "cannot be combined" in capsys.readouterr().err
+    # the tiny byte-level tokenizer makes every GSM8K chat prompt longer than the smoke preset's
+    # 320 tokens: TRL would drop every row and fail in its data loader
+    assert main(["train", "sft", "--base", "tiny-random-llama", "--preset", "cpu-smoke",
+                 "--max-steps", "2", "--checkpoints", "1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "leaves no answer token" in err and "--max-length 320" in err and "Traceback" not in err
+    assert not out.exists()

@@ -148,9 +148,23 @@ def _datasets(s: TrainSettings, data_dir, tokenizer):
         per_step //= s.num_generations
     items = items[: max(1, per_step * s.max_steps)]  # one pass covers the run; no more to tokenise
     rows = sft_rows(items) if s.algorithm == "sft" else grpo_rows(items)
+    if s.algorithm == "sft":
+        _check_prompts_fit(tokenizer, rows, s.max_length)
     heldout = build_heldout(tokenizer, [prompt_messages(i.question) for i in held],
                             [render_target(i) for i in held], s.heldout_max_length) if held else None
     return Dataset.from_list(rows), heldout, source
+
+
+def _check_prompts_fit(tokenizer, rows: list[dict], max_length: int) -> None:
+    """TRL truncates each row to ``max_length`` and drops rows left with no completion token; if
+    that is every row, say so before training instead of failing inside the data loader."""
+    texts = [tokenizer.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True)
+             for r in rows]
+    shortest = min(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
+    if shortest >= max_length:
+        raise UserError(f"every SFT prompt is at least {shortest} tokens, so --max-length "
+                        f"{max_length} leaves no answer token to train on",
+                        f"raise --max-length above {shortest} (answers need room too)")
 
 
 def train(s: TrainSettings, out: Path, resume: bool = False, data_dir=None, echo=print,
