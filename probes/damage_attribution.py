@@ -56,6 +56,22 @@ class Config(BaseConfig):
     max_rows: int = 64
 
 
+RECOVERY_FLOOR = 1e-3  # log-prob recovery below 0.1% of the gap is float noise, not recovery
+
+
+def top_third_overlap(recovery: list[float], change: list[float]) -> list[int]:
+    """Layers in the top third of both lists. A layer only counts as "top" with a real value
+    (recovery above :data:`RECOVERY_FLOOR`, weight change above 0): untouched layers tie at zero
+    and must not enter a top third by index order."""
+    k = math.ceil(len(recovery) / 3)
+
+    def top(values: list[float], floor: float) -> set[int]:
+        ranked = sorted(range(len(values)), key=lambda i: (-values[i], i))[:k]
+        return {i for i in ranked if values[i] > floor}
+
+    return sorted(top(recovery, RECOVERY_FLOOR) & top(change, 0.0))
+
+
 def _gold_norm_lp(lp: torch.Tensor, gold: torch.Tensor) -> torch.Tensor:
     """log p(gold) normalised over the choices; ``lp`` is [..., items, choices]."""
     norm = lp - torch.logsumexp(lp, dim=-1, keepdim=True)
@@ -203,10 +219,7 @@ class DamageAttribution:
                                                 out["window_logprob_recovery"][vname][site])
         change = out["mlp_weight_change"][vname]
         out["spearman_vs_weight_change"][vname] = spearman(mrec, change)
-        k = math.ceil(L / 3)
-        top_rec = set(sorted(range(L), key=lambda i: (-mrec[i], i))[:k])
-        top_change = set(sorted(range(L), key=lambda i: (-change[i], i))[:k])
-        out["top_third_overlap"][vname] = sorted(top_rec & top_change)
+        out["top_third_overlap"][vname] = top_third_overlap(mrec, change)
         pp = patched_pred[site]
         best, wbest = ranking[0], out["top_windows"][vname][0]
         by_subject: dict[str, dict] = {}

@@ -115,3 +115,20 @@ def test_cross_model_sweep_matches_one_patch_at_a_time(fresh_tiny_llama, tmp_pat
     torch.testing.assert_close(rev[0], clean_base, atol=1e-5, rtol=0)
     torch.testing.assert_close(rev[1], choice_logprobs(variant, batch)[0], atol=1e-6, rtol=0)
     assert not torch.allclose(rev[1], clean_base, atol=1e-3)
+
+
+def test_top_third_overlap_ignores_zero_ties():
+    """A single edited layer (15 of 30): untouched layers tie at zero weight change and at float-
+    noise recovery, and must not enter either top third by index order (seen on the default model:
+    the overlap came out [0, 1, 2, 15])."""
+    from probes.damage_attribution import top_third_overlap
+
+    change = [0.0] * 30
+    change[15] = 1.0
+    recovery = [1.7e-7] * 15 + [1.0, 0.2, -0.1, 0.4] + [-0.05] * 11
+    assert top_third_overlap(recovery, change) == [15]
+    # a real overlap beyond the edited layer counts
+    change[18] = 0.3
+    assert top_third_overlap(recovery, change) == [15, 18]
+    # nothing recovers: no overlap, whatever the weights did
+    assert top_third_overlap([0.0] * 30, change) == []
