@@ -21,7 +21,7 @@ import torch
 from ..models.loaded import LoadedModel
 from ..progress import task
 from .prefix import plan_groups, score_shared
-from .rows import Row, hidden_logprobs, pad_rows
+from .rows import Row, add_target_logprobs, hidden_logprobs, pad_rows
 
 
 @dataclass(frozen=True)
@@ -121,10 +121,10 @@ def target_logprobs(model: LoadedModel, ids: torch.Tensor, mask: torch.Tensor,
 
 def _score_batch(model: LoadedModel, batch: list[Row], out: list[list[float]]) -> None:
     ids, mask = pad_rows(batch, model.tokenizer.pad_token_id or 0)
-    meta = [(b, pos, tok, row.req, j) for b, row in enumerate(batch) for j, pos, tok in row.targets]
-    vals = target_logprobs(model, ids, mask, torch.tensor([m[:3] for m in meta])).tolist()
-    for (_, _, _, req, j), v in zip(meta, vals):
-        out[req][j] += v
+    dev = model.device
+    hidden = model.hf.base_model(input_ids=ids.to(dev), attention_mask=mask.to(dev),
+                                 use_cache=False).last_hidden_state
+    add_target_logprobs(model, hidden, batch, [0] * len(batch), out)
 
 
 def rows_for(requests: Sequence[Request], tokenizer, add_special_tokens: bool = True) -> list[Row]:

@@ -45,12 +45,17 @@ def paired_comparison(ids: Sequence, groups: Sequence[str], base_correct: Sequen
 def paired_rows(base_rows: Sequence[dict], variant_rows: Sequence[dict], pred_key: str = "pred",
                 seed: int = 0) -> dict:
     """:func:`paired_comparison` over item rows (``subject``, ``index``, ``gold``, ``pred_key``)."""
-    key = lambda r: (r.get("subject", ""), r["index"])
+    def key(r: dict) -> tuple:
+        return r.get("subject", ""), r["index"]
+
     vmap = {key(r): r for r in variant_rows}
     if len(vmap) != len(base_rows) or any(key(r) not in vmap for r in base_rows):
         raise ValueError("base and variant were scored on different items")
     ids = [r["index"] for r in base_rows]
     groups = [r.get("subject", "all") for r in base_rows]
-    ok = lambda r: r[pred_key] == r["gold"] if "correct" not in r else r["correct"]
+
+    def ok(r: dict) -> bool:
+        return r["correct"] if "correct" in r else r[pred_key] == r["gold"]
+
     return paired_comparison(ids, groups, [ok(r) for r in base_rows],
                              [ok(vmap[key(r)]) for r in base_rows], seed=seed)

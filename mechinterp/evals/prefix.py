@@ -19,7 +19,7 @@ import torch
 from transformers import DynamicCache
 
 from ..models.loaded import LoadedModel
-from .rows import Row, hidden_logprobs, pad_rows
+from .rows import Row, add_target_logprobs, pad_rows
 
 
 @dataclass
@@ -102,8 +102,5 @@ def _score_suffixes(model, rows, chunk, batch, kv, pmask, out, pad) -> None:
     cache = DynamicCache([(k.index_select(0, sel), v.index_select(0, sel)) for k, v in kv])
     hidden = _run(model, ids, mask, position_ids=pos.to(model.device), cache=cache,
                   use_cache=True).last_hidden_state
-    meta = [(b, p - chunk[gi].prefix, t, rows[k].req, j)
-            for b, (gi, k) in enumerate(batch) for j, p, t in rows[k].targets]
-    vals = hidden_logprobs(model, hidden, torch.tensor([m[:3] for m in meta])).tolist()
-    for (_, _, _, req, j), v in zip(meta, vals):
-        out[req][j] += v
+    add_target_logprobs(model, hidden, [rows[k] for _, k in batch],
+                        [chunk[gi].prefix for gi, _ in batch], out)

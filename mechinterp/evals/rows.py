@@ -35,3 +35,14 @@ def hidden_logprobs(model: LoadedModel, hidden: torch.Tensor, sel: torch.Tensor)
     sel = sel.to(hidden.device)
     logits = model.hf.get_output_embeddings()(hidden[sel[:, 0], sel[:, 1]])
     return torch.log_softmax(logits.float(), dim=-1).gather(1, sel[:, 2:3])[:, 0]
+
+
+def add_target_logprobs(model: LoadedModel, hidden: torch.Tensor, rows: Sequence[Row],
+                        offsets: Sequence[int], out: list[list[float]]) -> None:
+    """Add each row's target log-probabilities to ``out[req][continuation]``; batch row ``b`` of
+    ``hidden`` holds ``rows[b].ids[offsets[b]:]``."""
+    meta = [(b, pos - off, tok, row.req, j)
+            for b, (row, off) in enumerate(zip(rows, offsets)) for j, pos, tok in row.targets]
+    vals = hidden_logprobs(model, hidden, torch.tensor([m[:3] for m in meta])).tolist()
+    for (_, _, _, req, j), v in zip(meta, vals):
+        out[req][j] += v
