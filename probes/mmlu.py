@@ -31,7 +31,7 @@ from mechinterp.results import Result
 class Config(BaseConfig):
     formats: list[str] = field(default_factory=lambda: ["letter-0shot"])
     subjects: list[str] | None = None
-    token_budget: int = 4096  # tokens per forward batch
+    token_budget: int = 512  # tokens per forward: smaller batches stay in cache (fastest measured on CPU)
 
 
 def item_file(model: str, fmt: str) -> str:

@@ -81,7 +81,7 @@ def build_rows(requests: Sequence[Request], tokenizer,
 
 
 @torch.inference_mode()
-def score(model: LoadedModel, requests: Sequence[Request], token_budget: int = 4096,
+def score(model: LoadedModel, requests: Sequence[Request], token_budget: int = 512,
           max_rows: int = 64, add_special_tokens: bool = True, share_prefix: int = 32,
           kv_budget: int = 16384, desc: str = "scoring") -> tuple[list[list[float]], int]:
     """Summed log-likelihood of each continuation, ``out[request][continuation]``, and the number

@@ -135,7 +135,7 @@ def stratified_sample(items: Sequence[MMLUItem], limit: int | None, seed: int = 
 
 
 def score_mmlu(model: LoadedModel, items: Sequence[MMLUItem], dev: Sequence[MMLUItem],
-               fmt: MMLUFormat, token_budget: int = 4096) -> list[dict]:
+               fmt: MMLUFormat, token_budget: int = 512) -> list[dict]:
     """Item rows: subject, index, gold, prediction(s), log-likelihood of each choice."""
     shots_by_subject: dict[str, list[MMLUItem]] = defaultdict(list)
     for d in dev:
