@@ -21,7 +21,7 @@ import torch
 from ..models.loaded import LoadedModel
 from ..progress import task
 from .prefix import plan_groups, score_shared
-from .rows import Row, add_target_logprobs, hidden_logprobs, pad_rows
+from .rows import Row, add_target_logprobs, body, hidden_logprobs, pad_rows
 
 
 @dataclass(frozen=True)
@@ -113,17 +113,13 @@ def score(model: LoadedModel, requests: Sequence[Request], token_budget: int = 5
 def target_logprobs(model: LoadedModel, ids: torch.Tensor, mask: torch.Tensor,
                     sel: torch.Tensor) -> torch.Tensor:
     """Log-probabilities ``log p(tok | prefix)`` at ``sel`` = rows of (batch row, position, token)."""
-    dev = model.device
-    hidden = model.hf.base_model(input_ids=ids.to(dev), attention_mask=mask.to(dev),
-                                 use_cache=False).last_hidden_state
+    hidden = body(model, ids, mask, use_cache=False).last_hidden_state
     return hidden_logprobs(model, hidden, sel)
 
 
 def _score_batch(model: LoadedModel, batch: list[Row], out: list[list[float]]) -> None:
     ids, mask = pad_rows(batch, model.tokenizer.pad_token_id or 0)
-    dev = model.device
-    hidden = model.hf.base_model(input_ids=ids.to(dev), attention_mask=mask.to(dev),
-                                 use_cache=False).last_hidden_state
+    hidden = body(model, ids, mask, use_cache=False).last_hidden_state
     add_target_logprobs(model, hidden, batch, [0] * len(batch), out)
 
 

@@ -19,7 +19,7 @@ import torch
 from transformers import DynamicCache
 
 from ..models.loaded import LoadedModel
-from .rows import Row, add_target_logprobs, pad_rows
+from .rows import Row, add_target_logprobs, body, pad_rows
 
 
 @dataclass
@@ -58,11 +58,6 @@ def plan_groups(rows: Sequence[Row], min_shared: int) -> list[Group]:
     return groups
 
 
-def _run(model: LoadedModel, ids: torch.Tensor, mask: torch.Tensor, **kw):
-    dev = model.device
-    return model.hf.base_model(input_ids=ids.to(dev), attention_mask=mask.to(dev), **kw)
-
-
 def score_shared(model: LoadedModel, rows: Sequence[Row], groups: Sequence[Group],
                  out: list[list[float]], token_budget: int, kv_budget: int,
                  advance: Callable[[int], None]) -> None:
@@ -76,7 +71,7 @@ def score_shared(model: LoadedModel, rows: Sequence[Row], groups: Sequence[Group
         start += n
         heads = [Row(-1, rows[g.rows[0]].ids[:g.prefix], []) for g in chunk]
         ids, pmask = pad_rows(heads, pad)
-        res = _run(model, ids, pmask, use_cache=True)
+        res = body(model, ids, pmask, use_cache=True)
         cache = res.cache if getattr(res, "cache", None) is not None else res.past_key_values
         kv = [(layer.keys, layer.values) for layer in cache.layers]
         members = sorted(((gi, k) for gi, g in enumerate(chunk) for k in g.rows),
@@ -100,7 +95,7 @@ def _score_suffixes(model, rows, chunk, batch, kv, pmask, out, pad) -> None:
     mask = torch.cat([pmask[sel.cpu()], smask], dim=1)
     pos = prefix[:, None] + torch.arange(ids.shape[1])[None]
     cache = DynamicCache([(k.index_select(0, sel), v.index_select(0, sel)) for k, v in kv])
-    hidden = _run(model, ids, mask, position_ids=pos.to(model.device), cache=cache,
+    hidden = body(model, ids, mask, position_ids=pos.to(model.device), cache=cache,
                   use_cache=True).last_hidden_state
     add_target_logprobs(model, hidden, [rows[k] for _, k in batch],
                         [chunk[gi].prefix for gi, _ in batch], out)

@@ -29,6 +29,12 @@ def pad_rows(rows: Sequence[Row], pad_id: int, start: int = 0) -> tuple[torch.Te
     return ids, mask
 
 
+def body(model: LoadedModel, ids: torch.Tensor, mask: torch.Tensor, **kw):
+    """The model without its unembedding (``hf.base_model``) on ``ids``; ``kw`` go to its forward."""
+    dev = model.device
+    return model.hf.base_model(input_ids=ids.to(dev), attention_mask=mask.to(dev), **kw)
+
+
 def hidden_logprobs(model: LoadedModel, hidden: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
     """``log p(tok)`` read from final hidden states at ``sel`` = rows of (batch row, position, token):
     only the selected positions go through the unembedding and the log-softmax."""
