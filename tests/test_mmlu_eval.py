@@ -209,3 +209,22 @@ def test_shared_prefix_scoring_learned_positions():
     reqs += [Request(f"Question {i}: name a colour{'!' * i}\nAnswer:", (" red", " sea green"))
              for i in range(4)]
     _check_shared_matches_full_and_naive(model, reqs)
+
+
+def test_scoring_runs_fused_attention_and_restores_eager(tiny_model):
+    """Scoring switches to SDPA for its forwards only: attention patterns (eager) work afterwards,
+    also when the block raises."""
+    seen = []
+    handle = tiny_model.hf.base_model.register_forward_pre_hook(
+        lambda mod, args: seen.append(mod.config._attn_implementation))
+    try:
+        score(tiny_model, [Request("The capital of France is", (" Paris", " Rome"))])
+    finally:
+        handle.remove()
+    assert seen and set(seen) == {"sdpa"}
+    assert tiny_model.hf.config._attn_implementation == "eager"
+    with pytest.raises(RuntimeError, match="boom"):
+        with tiny_model.fused_attention():
+            assert tiny_model.hf.config._attn_implementation == "sdpa"
+            raise RuntimeError("boom")
+    assert tiny_model.hf.config._attn_implementation == "eager"

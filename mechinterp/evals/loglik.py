@@ -95,7 +95,7 @@ def score(model: LoadedModel, requests: Sequence[Request], token_budget: int = 5
     out = [[0.0] * len(r.continuations) for r in requests]
     groups = plan_groups(rows, share_prefix) if share_prefix else []
     alone = [k for g in groups if len(g.rows) == 1 for k in g.rows] if groups else range(len(rows))
-    with task(desc, len(rows)) as advance:
+    with task(desc, len(rows)) as advance, model.fused_attention():
         order = sorted(alone, key=lambda k: -len(rows[k].ids))
         start = 0
         while start < len(order):

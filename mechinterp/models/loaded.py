@@ -11,6 +11,7 @@ bridge can expose attention patterns.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import logging
@@ -66,6 +67,22 @@ class LoadedModel:
     def hook_name(site: str, layer: int) -> str:
         """TransformerBridge hook name of a site, e.g. ``hook_name("mlp_out", 5)``."""
         return BRIDGE_HOOKS[site].format(layer=layer)
+
+    @contextlib.contextmanager
+    def fused_attention(self):
+        """Inside the block ``hf`` runs PyTorch's fused attention (SDPA) instead of eager; for work
+        that reads no attention pattern (scoring, generation). Eager again afterwards, also on error.
+        A model whose family cannot switch stays eager."""
+        before = self.hf.config._attn_implementation
+        try:
+            self.hf.set_attn_implementation("sdpa")
+        except (ValueError, ImportError, NotImplementedError):
+            pass
+        try:
+            yield self
+        finally:
+            if self.hf.config._attn_implementation != before:
+                self.hf.set_attn_implementation(before)
 
     # ----- views -------------------------------------------------------------------------------
     @property
