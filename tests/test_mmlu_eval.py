@@ -174,11 +174,28 @@ def test_plan_groups_hand_worked():
     assert [(g.rows, g.prefix) for g in plan_groups(rows, 2)] == [([0, 1, 2], 10), ([3], 0)]
 
 
+def test_best_plan_picks_the_threshold_that_runs_fewest_tokens():
+    """A lone item first in token order drags a low threshold into one group over the short
+    opening all rows share (3 tokens); a threshold of 4 keeps the three rows sharing 7 together."""
+    from mechinterp.evals.prefix import best_plan, plan_groups, tokens_to_run
+    from mechinterp.evals.rows import Row
+
+    rows = [Row(0, [1, 1, 1, 0, 0, 0, 0, 5, 99], [(0, 8, 1)])]
+    rows += [Row(i, [1, 1, 1, 2, 2, 2, 2, 10 + i, 99], [(0, 8, 1)]) for i in (1, 2, 3)]
+    low, high = plan_groups(rows, 2), plan_groups(rows, 4)
+    assert [(g.rows, g.prefix) for g in low] == [([0, 1, 2, 3], 3)]
+    assert [(g.rows, g.prefix) for g in high] == [([0], 0), ([1, 2, 3], 7)]
+    assert (tokens_to_run(rows, low), tokens_to_run(rows, high)) == (3 + 4 * 6, 9 + 7 + 3 * 2)
+    assert [(g.rows, g.prefix) for g in best_plan(rows, (2, 4))] == [([0], 0), ([1, 2, 3], 7)]
+
+
 def _check_shared_matches_full_and_naive(model, reqs):
     full, _ = score(model, reqs, share_prefix=0)
     shared, _ = score(model, reqs, share_prefix=16, token_budget=700, kv_budget=2000)
-    for req, a, b in zip(reqs, full, shared):
+    auto, _ = score(model, reqs, token_budget=300, kv_budget=2000)  # best_plan's threshold
+    for req, a, b, c in zip(reqs, full, shared, auto):
         assert b == pytest.approx(a, abs=1e-4)
+        assert c == pytest.approx(a, abs=1e-4)
         ref = [naive_loglik(model, req.context, c) for c in req.continuations]
         assert b == pytest.approx(ref, abs=1e-4)
 
@@ -192,7 +209,7 @@ def test_shared_prefix_scoring_matches_full_and_naive(data_source):
     subjects = ["world_religions", "virology"]
     items = [it for s in subjects for it in load_mmlu(data_source, "test", [s])[:3]]
     dev = load_mmlu(data_source, "dev", subjects)
-    for fmt in (MMLUFormat("letter", 5), MMLUFormat("cloze")):
+    for fmt in (MMLUFormat("letter", 0), MMLUFormat("letter", 5), MMLUFormat("cloze")):
         _check_shared_matches_full_and_naive(model, [
             build_request(fmt, it, [d for d in dev if d.subject == it.subject][:fmt.shots])
             for it in items])

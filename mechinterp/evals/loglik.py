@@ -20,7 +20,7 @@ import torch
 
 from ..models.loaded import LoadedModel
 from ..progress import task
-from .prefix import plan_groups, score_shared
+from .prefix import best_plan, plan_groups, score_shared
 from .rows import Row, add_target_logprobs, body, hidden_logprobs, pad_rows
 
 
@@ -82,18 +82,22 @@ def build_rows(requests: Sequence[Request], tokenizer,
 
 @torch.inference_mode()
 def score(model: LoadedModel, requests: Sequence[Request], token_budget: int = 512,
-          max_rows: int = 64, add_special_tokens: bool = True, share_prefix: int = 32,
+          max_rows: int = 64, add_special_tokens: bool = True, share_prefix: int | None = None,
           kv_budget: int = 16384, desc: str = "scoring") -> tuple[list[list[float]], int]:
     """Summed log-likelihood of each continuation, ``out[request][continuation]``, and the number
     of requests that took the one-row fast path.
 
     Rows that share at least ``share_prefix`` leading tokens (few-shot examples of one subject, the
     context of one request's continuations) run that prefix once and the rest on its KV cache
-    (:mod:`.prefix`); ``share_prefix=0`` scores every row in full.
+    (:mod:`.prefix`); ``None`` picks the threshold whose plan runs fewest tokens
+    (:func:`.prefix.best_plan`), ``0`` scores every row in full.
     """
     rows, n_fast = build_rows(requests, model.tokenizer, add_special_tokens)
     out = [[0.0] * len(r.continuations) for r in requests]
-    groups = plan_groups(rows, share_prefix) if share_prefix else []
+    if share_prefix is None:
+        groups = best_plan(rows)
+    else:
+        groups = plan_groups(rows, share_prefix) if share_prefix else []
     alone = [k for g in groups if len(g.rows) == 1 for k in g.rows] if groups else range(len(rows))
     with task(desc, len(rows)) as advance, model.fused_attention():
         order = sorted(alone, key=lambda k: -len(rows[k].ids))

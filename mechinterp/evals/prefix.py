@@ -58,6 +58,21 @@ def plan_groups(rows: Sequence[Row], min_shared: int) -> list[Group]:
     return groups
 
 
+def tokens_to_run(rows: Sequence[Row], groups: Sequence[Group]) -> int:
+    """Tokens the model runs for ``groups``: each prefix once, then every row's remainder."""
+    return sum(g.prefix + sum(len(rows[k].ids) - g.prefix for k in g.rows) for g in groups)
+
+
+def best_plan(rows: Sequence[Row], candidates: Sequence[int] = (8, 16, 32, 64)) -> list[Group]:
+    """The :func:`plan_groups` plan, over the ``min_shared`` candidates, that runs fewest tokens.
+
+    One threshold does not fit every prompt set: in 0-shot MMLU every item shares the 11-token
+    description opening, its subject's items ~17 tokens; a low threshold makes one group of all
+    items over the short opening, a higher one a group per subject over the longer one."""
+    plans = [plan_groups(rows, m) for m in candidates]
+    return min(plans, key=lambda p: tokens_to_run(rows, p))
+
+
 def score_shared(model: LoadedModel, rows: Sequence[Row], groups: Sequence[Group],
                  out: list[list[float]], token_budget: int, kv_budget: int,
                  advance: Callable[[int], None]) -> None:
