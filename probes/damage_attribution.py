@@ -80,7 +80,9 @@ def _gold_norm_lp(lp: torch.Tensor, gold: torch.Tensor) -> torch.Tensor:
 
 def rank_layers(fraction: list[float], lp_recovery: list[float]) -> list[int]:
     """Layers by recovered fraction (desc), ties by log-prob recovery (desc), then layer index."""
-    key = lambda L: (-fraction[L], -(lp_recovery[L] if math.isfinite(lp_recovery[L]) else -1e9), L)
+    def key(L: int) -> tuple:
+        return (-fraction[L], -(lp_recovery[L] if math.isfinite(lp_recovery[L]) else -1e9), L)
+
     return sorted(range(len(fraction)), key=key)
 
 

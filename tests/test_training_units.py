@@ -133,7 +133,7 @@ def test_hooks_and_restore_keep_slices_bit_identical_under_adamw(fresh_tiny_llam
                             weight_decay=0.5)
     ids = torch.randint(0, 200, (2, 12))
     drifted = False
-    for step in range(3):
+    for _ in range(3):
         loss = hf(input_ids=ids, labels=ids).loss
         loss.backward()
         for name, mask in p.partial.items():  # the hook zeroed exactly the frozen entries

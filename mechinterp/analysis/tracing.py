@@ -172,7 +172,7 @@ def record(model: LoadedModel, fact: FactInput, noise: Tensor,
 
     resid = [h]
 
-    with hooked(model, {(s, l): saver(s, l) for s in clean_out for l in range(n)}):
+    with hooked(model, {(s, layer): saver(s, layer) for s in clean_out for layer in range(n)}):
         for layer in range(n):
             h = stack.layer(layer, h, cache, kw)
             resid.append(h)
@@ -277,7 +277,7 @@ def trace_fact_naive(model: LoadedModel, fact: FactInput, noise: Tensor, kinds=K
     """
     n, T, N = model.n_layers, fact.n_tokens, noise.shape[0]
     ids = torch.tensor([fact.input_ids], device=model.device)
-    sites = [(s, l) for s in SITE_OF_KIND.values() for l in range(n)]
+    sites = [(s, layer) for s in SITE_OF_KIND.values() for layer in range(n)]
     clean_logits, clean = capture(model, ids, None, sites)
     noised = ids.expand(N, -1)
 
@@ -293,8 +293,8 @@ def trace_fact_naive(model: LoadedModel, fact: FactInput, noise: Tensor, kinds=K
     for kind, t, L in todo:
         site = SITE_OF_KIND[kind]
         pos = torch.tensor([t])
-        patches = [Patch(site, l, clean[(site, l)][:, t:t + 1], positions=pos)
-                   for l in _layers_of(kind, L, n, window)]
+        patches = [Patch(site, w, clean[(site, w)][:, t:t + 1], positions=pos)
+                   for w in _layers_of(kind, L, n, window)]
         scores[kind][t, L] = prob(patches)
     correct = int(clean_logits[0, -1].argmax()) == fact.answer_id
     return FactTrace(clean_p, corrupted, correct, scores)
