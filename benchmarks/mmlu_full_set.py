@@ -35,7 +35,8 @@ def plan(fmt: str, n_batches: int, subjects: list[str] | None) -> list[list[str]
     from mechinterp.data import DataSource, load_mmlu
     from mechinterp.evals.mmlu import MMLUFormat, build_request
 
-    f = MMLUFormat.parse(fmt)
+    parsed = MMLUFormat.parse(fmt)
+    f = MMLUFormat(parsed.kind, parsed.shots)  # the chat wrapper adds about the same to every item
     src = DataSource.from_option(None)
     dev = defaultdict(list)
     for d in load_mmlu(src, "dev", subjects) if f.shots else []:
