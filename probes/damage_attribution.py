@@ -29,6 +29,7 @@ import torch
 
 from mechinterp.analysis.crossmodel_sweep import (
     ChoiceBatch,
+    choice_logprobs,
     cross_model_sweep,
     mlp_matrices,
     weight_revert_sweep,
@@ -173,8 +174,6 @@ class DamageAttribution:
         requests = [build_request(fmt, items[i], shots.get(items[i].subject, [])[:fmt.shots],
                                   base.tokenizer) for i in chosen]
         conds = [[layer] for layer in range(L)] + windows
-        lp_base = torch.tensor([base_rows[i]["loglik"] for i in chosen], dtype=torch.float64)
-        lp_var = torch.tensor([v_rows[i]["loglik"] for i in chosen], dtype=torch.float64)
         sweeps = {s: [] for s in config.sites}
         step = max(1, config.items_per_pass)
         n_passes = len(config.sites) * math.ceil(len(chosen) / step) + L
@@ -187,6 +186,11 @@ class DamageAttribution:
                     advance()
             full = ChoiceBatch.build(base, requests, not fmt.chat)
             revert = weight_revert_sweep(base, variant, full, [[layer] for layer in range(L)])
+            # references through the same forward as the patched runs, so a full recovery is 1
+            # up to float32 rounding of one computation, not of two different ones
+            with torch.inference_mode():
+                lp_base = choice_logprobs(base, full)[0].double()
+                lp_var = choice_logprobs(variant, full)[0].double()
             advance(L)
         nf = len(fail)
         g_base, g_var = _gold_norm_lp(lp_base, gold), _gold_norm_lp(lp_var, gold)
