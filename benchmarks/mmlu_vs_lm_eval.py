@@ -58,6 +58,7 @@ def main() -> None:
 
     from mechinterp.data import DataSource, load_mmlu
     from mechinterp.evals.mmlu import MMLUFormat, score_mmlu, stratified_sample
+    from mechinterp.evals.workers import default_workers
     from mechinterp.models import load
     from mechinterp.models.specs import resolve
 
@@ -81,25 +82,29 @@ def main() -> None:
     samples = sorted(out["samples"]["mmlu_local_bench"], key=lambda s: s["doc_id"])
     lm_ll = [[float(r[0]) for r in s["filtered_resps"]] for s in samples]
     del lm
-    # ---- ours ----
+    # ---- ours: one pass at a time on all threads, then the default (one worker per thread) ----
     model = load(args.model, device="cpu", dtype="float32")
-    t0 = time.perf_counter()
-    rows = score_mmlu(model, items, [], MMLUFormat("letter", 0))
-    t_ours = time.perf_counter() - t0
+    runs = {}
+    for label, workers in (("1 worker", 1), ("default", None)):
+        t0 = time.perf_counter()
+        rows = score_mmlu(model, items, [], MMLUFormat("letter", 0), workers=workers)
+        runs[label] = (time.perf_counter() - t0, rows)
 
-    our_ll = [r["loglik"] for r in rows]
-    same = sum(int(max(range(4), key=a.__getitem__) == r["pred"]) for a, r in zip(lm_ll, rows))
-    diff = max(abs(a - b) for x, y in zip(lm_ll, our_ll) for a, b in zip(x, y))
     acc_lm = out["results"]["mmlu_local_bench"]["acc,none"]
-    acc_ours = sum(r["pred"] == r["gold"] for r in rows) / len(rows)
     n = len(items)
     print(f"items: {n} (stratified, seed {args.seed}); model {folder}; torch threads "
-          f"{torch.get_num_threads()}")
-    print(f"{'scorer':<12}{'wall s':>10}{'items/s':>10}{'accuracy':>10}")
-    print(f"{'lm-eval':<12}{t_lm:>10.1f}{n / t_lm:>10.2f}{acc_lm:>10.4f}")
-    print(f"{'mechinterp':<12}{t_ours:>10.1f}{n / t_ours:>10.2f}{acc_ours:>10.4f}")
-    print(f"identical predictions: {same}/{n}; max |loglik difference|: {diff:.2e}; "
-          f"speed ratio (ours / lm-eval throughput): {t_lm / t_ours:.2f}x")
+          f"{torch.get_num_threads()}; our default workers {default_workers(model.device)}")
+    print(f"{'scorer':<24}{'wall s':>8}{'items/s':>9}{'accuracy':>10}{'same pred':>11}"
+          f"{'max |dll|':>11}{'ratio':>7}")
+    print(f"{'lm-eval (batch 8)':<24}{t_lm:>8.1f}{n / t_lm:>9.2f}{acc_lm:>10.4f}")
+    for label, (t, rows) in runs.items():
+        same = sum(int(max(range(4), key=a.__getitem__) == r["pred"])
+                   for a, r in zip(lm_ll, rows))
+        diff = max(abs(a - b) for x, r in zip(lm_ll, rows) for a, b in zip(x, r["loglik"]))
+        acc = sum(r["pred"] == r["gold"] for r in rows) / n
+        print(f"{'mechinterp, ' + label:<24}{t:>8.1f}{n / t:>9.2f}{acc:>10.4f}"
+              f"{f'{same}/{n}':>11}{diff:>11.2e}{t_lm / t:>6.2f}x")
+    print("ratio = our throughput / lm-eval's, same items, same process, one run")
 
 
 if __name__ == "__main__":

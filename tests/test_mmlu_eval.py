@@ -58,11 +58,12 @@ def naive_loglik(model, context: str, continuation: str) -> float:
     return float(sum(logp[len(ctx) - 1 + k, t] for k, t in enumerate(cont)))
 
 
-def test_batched_scoring_matches_naive(tiny_model):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_batched_scoring_matches_naive(tiny_model, workers):
     reqs = [Request("The capital of France is", (" Paris", " Rome", " a city far away")),
             Request("Answer:", (" A", " B", " C", " D")),
             Request("Q: 1+1 = ?\nA: ", ("2", "11", "two"))]
-    got, _ = score(tiny_model, reqs, token_budget=40, max_rows=3)
+    got, _ = score(tiny_model, reqs, token_budget=40, max_rows=3, workers=workers)
     for req, row in zip(reqs, got):
         for cont, val in zip(req.continuations, row):
             assert val == pytest.approx(naive_loglik(tiny_model, req.context, cont), abs=1e-4)
@@ -193,9 +194,12 @@ def _check_shared_matches_full_and_naive(model, reqs):
     full, _ = score(model, reqs, share_prefix=0)
     shared, _ = score(model, reqs, share_prefix=16, token_budget=700, kv_budget=2000)
     auto, _ = score(model, reqs, token_budget=300, kv_budget=2000)  # best_plan's threshold
-    for req, a, b, c in zip(reqs, full, shared, auto):
+    # three worker threads: prefix jobs and the batches on their caches interleave
+    threaded, _ = score(model, reqs, share_prefix=16, token_budget=300, kv_budget=2000, workers=3)
+    for req, a, b, c, d in zip(reqs, full, shared, auto, threaded):
         assert b == pytest.approx(a, abs=1e-4)
         assert c == pytest.approx(a, abs=1e-4)
+        assert d == pytest.approx(a, abs=1e-4)
         ref = [naive_loglik(model, req.context, c) for c in req.continuations]
         assert b == pytest.approx(ref, abs=1e-4)
 

@@ -13,15 +13,17 @@ subject; the context of a cloze item's four answers) run it once and the rest on
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
 from ..models.loaded import LoadedModel
 from ..progress import task
-from .prefix import best_plan, plan_groups, score_shared
+from .prefix import best_plan, plan_groups, shared_jobs
 from .rows import Row, add_target_logprobs, body, hidden_logprobs, pad_rows
+from .workers import cpu_workers, run_jobs
 
 
 @dataclass(frozen=True)
@@ -80,17 +82,18 @@ def build_rows(requests: Sequence[Request], tokenizer,
     return rows, n_fast
 
 
-@torch.inference_mode()
 def score(model: LoadedModel, requests: Sequence[Request], token_budget: int = 512,
           max_rows: int = 64, add_special_tokens: bool = True, share_prefix: int | None = None,
-          kv_budget: int = 16384, desc: str = "scoring") -> tuple[list[list[float]], int]:
+          kv_budget: int = 16384, workers: int | None = None,
+          desc: str = "scoring") -> tuple[list[list[float]], int]:
     """Summed log-likelihood of each continuation, ``out[request][continuation]``, and the number
     of requests that took the one-row fast path.
 
     Rows that share at least ``share_prefix`` leading tokens (few-shot examples of one subject, the
     context of one request's continuations) run that prefix once and the rest on its KV cache
     (:mod:`.prefix`); ``None`` picks the threshold whose plan runs fewest tokens
-    (:func:`.prefix.best_plan`), ``0`` scores every row in full.
+    (:func:`.prefix.best_plan`), ``0`` scores every row in full. Batches run on ``workers`` CPU
+    threads side by side (:mod:`.workers`; default one per torch thread on a CPU, one on a GPU).
     """
     rows, n_fast = build_rows(requests, model.tokenizer, add_special_tokens)
     out = [[0.0] * len(r.continuations) for r in requests]
@@ -99,18 +102,20 @@ def score(model: LoadedModel, requests: Sequence[Request], token_budget: int = 5
     else:
         groups = plan_groups(rows, share_prefix) if share_prefix else []
     alone = [k for g in groups if len(g.rows) == 1 for k in g.rows] if groups else range(len(rows))
-    with task(desc, len(rows)) as advance, model.fused_attention():
+    with (task(desc, len(rows)) as advance, model.fused_attention(),
+          cpu_workers(model.device, workers) as n_workers):
         order = sorted(alone, key=lambda k: -len(rows[k].ids))
+        jobs = []
         start = 0
         while start < len(order):
             longest = len(rows[order[start]].ids)
             n = max(1, min(max_rows, token_budget // max(1, longest)))
-            batch = [rows[k] for k in order[start:start + n]]
+            jobs.append(partial(_score_batch, model, [rows[k] for k in order[start:start + n]],
+                                out, advance))
             start += n
-            _score_batch(model, batch, out)
-            advance(len(batch))
-        score_shared(model, rows, [g for g in groups if len(g.rows) > 1], out, token_budget,
-                     kv_budget, advance)
+        jobs += shared_jobs(model, rows, [g for g in groups if len(g.rows) > 1], out,
+                            token_budget, kv_budget, advance)
+        run_jobs(jobs, n_workers)
     return out, n_fast
 
 
@@ -121,10 +126,12 @@ def target_logprobs(model: LoadedModel, ids: torch.Tensor, mask: torch.Tensor,
     return hidden_logprobs(model, hidden, sel)
 
 
-def _score_batch(model: LoadedModel, batch: list[Row], out: list[list[float]]) -> None:
+def _score_batch(model: LoadedModel, batch: list[Row], out: list[list[float]],
+                 advance: Callable[[int], None]) -> None:
     ids, mask = pad_rows(batch, model.tokenizer.pad_token_id or 0)
     hidden = body(model, ids, mask, use_cache=False).last_hidden_state
     add_target_logprobs(model, hidden, batch, [0] * len(batch), out)
+    advance(len(batch))
 
 
 def rows_for(requests: Sequence[Request], tokenizer, add_special_tokens: bool = True) -> list[Row]:

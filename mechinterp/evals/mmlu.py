@@ -135,8 +135,10 @@ def stratified_sample(items: Sequence[MMLUItem], limit: int | None, seed: int = 
 
 
 def score_mmlu(model: LoadedModel, items: Sequence[MMLUItem], dev: Sequence[MMLUItem],
-               fmt: MMLUFormat, token_budget: int = 512) -> list[dict]:
-    """Item rows: subject, index, gold, prediction(s), log-likelihood of each choice."""
+               fmt: MMLUFormat, token_budget: int = 512,
+               workers: int | None = None) -> list[dict]:
+    """Item rows: subject, index, gold, prediction(s), log-likelihood of each choice
+    (``token_budget`` and ``workers`` as in :func:`.loglik.score`)."""
     shots_by_subject: dict[str, list[MMLUItem]] = defaultdict(list)
     for d in dev:
         shots_by_subject[d.subject].append(d)
@@ -147,7 +149,7 @@ def score_mmlu(model: LoadedModel, items: Sequence[MMLUItem], dev: Sequence[MMLU
     requests = [build_request(fmt, it, shots_by_subject[it.subject][:fmt.shots], model.tokenizer)
                 for it in items]
     lls, _ = score(model, requests, token_budget=token_budget, add_special_tokens=not fmt.chat,
-                   desc=f"MMLU {fmt.label} ({model.name})")
+                   workers=workers, desc=f"MMLU {fmt.label} ({model.name})")
     rows = []
     for it, ll in zip(items, lls):
         row = {"subject": it.subject, "index": it.index, "gold": it.answer,

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from transformers import DynamicCache
 
 from ..models.loaded import LoadedModel
 from .rows import Row, add_target_logprobs, body, pad_rows
+from .workers import Job
 
 
 @dataclass
@@ -73,36 +75,45 @@ def best_plan(rows: Sequence[Row], candidates: Sequence[int] = (8, 16, 32, 64)) 
     return min(plans, key=lambda p: tokens_to_run(rows, p))
 
 
-def score_shared(model: LoadedModel, rows: Sequence[Row], groups: Sequence[Group],
-                 out: list[list[float]], token_budget: int, kv_budget: int,
-                 advance: Callable[[int], None]) -> None:
-    """Add each row's target log-probabilities to ``out[req][continuation]``."""
-    pad = model.tokenizer.pad_token_id or 0
+def shared_jobs(model: LoadedModel, rows: Sequence[Row], groups: Sequence[Group],
+                out: list[list[float]], token_budget: int, kv_budget: int,
+                advance: Callable[[int], None]) -> list[Job]:
+    """Jobs (:mod:`.workers`) adding each row's target log-probabilities to
+    ``out[req][continuation]``: one per chunk of groups, which runs the chunk's prefixes and
+    returns the batches that run on their cache."""
     groups = sorted(groups, key=lambda g: -g.prefix)
+    jobs = []
     start = 0
     while start < len(groups):
         n = max(1, token_budget // groups[start].prefix)
-        chunk = groups[start:start + n]
+        jobs.append(partial(_prefix_chunk, model, rows, groups[start:start + n], out,
+                            token_budget, kv_budget, advance))
         start += n
-        heads = [Row(-1, rows[g.rows[0]].ids[:g.prefix], []) for g in chunk]
-        ids, pmask = pad_rows(heads, pad)
-        res = body(model, ids, pmask, use_cache=True)
-        cache = res.cache if getattr(res, "cache", None) is not None else res.past_key_values
-        kv = [(layer.keys, layer.values) for layer in cache.layers]
-        members = sorted(((gi, k) for gi, g in enumerate(chunk) for k in g.rows),
-                         key=lambda m: -(len(rows[m[1]].ids) - chunk[m[0]].prefix))
-        width = ids.shape[1]
-        i = 0
-        while i < len(members):
-            longest = len(rows[members[i][1]].ids) - chunk[members[i][0]].prefix
-            m = max(1, min(token_budget // longest, kv_budget // (width + longest)))
-            batch = members[i:i + m]
-            i += m
-            _score_suffixes(model, rows, chunk, batch, kv, pmask, out, pad)
-            advance(len(batch))
+    return jobs
 
 
-def _score_suffixes(model, rows, chunk, batch, kv, pmask, out, pad) -> None:
+def _prefix_chunk(model, rows, chunk, out, token_budget, kv_budget, advance) -> list[Job]:
+    pad = model.tokenizer.pad_token_id or 0
+    heads = [Row(-1, rows[g.rows[0]].ids[:g.prefix], []) for g in chunk]
+    ids, pmask = pad_rows(heads, pad)
+    res = body(model, ids, pmask, use_cache=True)
+    cache = res.cache if getattr(res, "cache", None) is not None else res.past_key_values
+    kv = [(layer.keys, layer.values) for layer in cache.layers]
+    members = sorted(((gi, k) for gi, g in enumerate(chunk) for k in g.rows),
+                     key=lambda m: -(len(rows[m[1]].ids) - chunk[m[0]].prefix))
+    width = ids.shape[1]
+    batches = []
+    i = 0
+    while i < len(members):
+        longest = len(rows[members[i][1]].ids) - chunk[members[i][0]].prefix
+        m = max(1, min(token_budget // longest, kv_budget // (width + longest)))
+        batches.append(partial(_score_suffixes, model, rows, chunk, members[i:i + m], kv, pmask,
+                               out, pad, advance))
+        i += m
+    return batches
+
+
+def _score_suffixes(model, rows, chunk, batch, kv, pmask, out, pad, advance) -> None:
     sel = torch.tensor([gi for gi, _ in batch], device=kv[0][0].device)
     prefix = torch.tensor([chunk[gi].prefix for gi, _ in batch])
     tails = [Row(rows[k].req, rows[k].ids[chunk[gi].prefix:], []) for gi, k in batch]
@@ -114,3 +125,4 @@ def _score_suffixes(model, rows, chunk, batch, kv, pmask, out, pad) -> None:
                   use_cache=True).last_hidden_state
     add_target_logprobs(model, hidden, [rows[k] for _, k in batch],
                         [chunk[gi].prefix for gi, _ in batch], out)
+    advance(len(batch))
