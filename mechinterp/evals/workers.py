@@ -7,7 +7,7 @@ it). Torch releases the GIL inside its kernels, so Python threads are enough; no
 weights. On a GPU one stream of batches keeps the device busy: one worker.
 
 A job is a callable returning follow-up jobs (a shared prefix's job returns the batches that run on
-its KV cache). Follow-ups run before jobs queued earlier, so a cache lives only while its own batches
+its KV cache). Follow-ups run before the jobs still waiting, so a cache lives only while its own batches
 run. Each job writes only its own rows' results, so the results do not depend on which worker ran
 which job; they do depend (within float rounding) on the torch thread count, which
 :func:`cpu_workers` fixes for the whole run.
@@ -23,7 +23,9 @@ import torch
 
 Job = Callable[[], Iterable["Job"] | None]
 
-MAX_CPU_WORKERS = 4  # beyond this, larger batches per worker beat more workers (more cache, less KV)
+# A cap, not a measurement (only 2 cores measured here): each worker holds its own activations and
+# KV-cache copies, and with many cores a few multi-threaded workers should share GEMMs well enough.
+MAX_CPU_WORKERS = 4
 
 
 def default_workers(device: torch.device) -> int:
