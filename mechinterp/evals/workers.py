@@ -57,11 +57,6 @@ def run_jobs(jobs: Iterable[Job], workers: int = 1) -> None:
     """Run ``jobs`` and their follow-ups on ``workers`` threads (the calling thread when 1), under
     ``torch.inference_mode``. The first error stops the workers and is raised here."""
     todo: list[Job] = list(jobs)[::-1]  # a stack: follow-ups go on top
-    if workers <= 1:
-        with torch.inference_mode():
-            while todo:
-                todo.extend(list(todo.pop()() or ())[::-1])
-        return
     cond = threading.Condition()
     busy = 0
     errors: list[BaseException] = []
@@ -89,11 +84,14 @@ def run_jobs(jobs: Iterable[Job], workers: int = 1) -> None:
                     busy -= 1
                     cond.notify_all()
 
-    threads = [threading.Thread(target=worker, name=f"score-{k}", daemon=True)
-               for k in range(workers)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    if workers <= 1:
+        worker()
+    else:
+        threads = [threading.Thread(target=worker, name=f"score-{k}", daemon=True)
+                   for k in range(workers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
     if errors:
         raise errors[0]
