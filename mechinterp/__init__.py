@@ -2,19 +2,20 @@
 
 Quick start::
 
-    from mechinterp import ModelSet, DataSource, get_probe, run_probe, make_config
-    models = ModelSet("smollm2-135m-instruct", {"sft": "out/sft"})
-    probe = get_probe("weight-change")
-    result = run_probe(probe, models, DataSource.from_option(), make_config(probe), out="results")
+    import mechinterp as mi
+    result = mi.run("weight-change", base="smollm2-135m-instruct", variants={"sft": "out/sft@all"},
+                    out="results")
+    result["relative_change"]["sft@step-10"]["q"]     # per layer
 """
 
 from .data import DataSource
 from .errors import UserError
 from .models import DEFAULT_MODEL, LoadedModel, ModelSet, load, resolve
-from .probe import get_probe, make_config, registry, run_probe
+from .probe import get_probe, make_config, registry
 from .results import Result, read_result
+from .runner import run, run_probe
 
 __version__ = "0.1.0"
 
 __all__ = ["DEFAULT_MODEL", "DataSource", "LoadedModel", "ModelSet", "Result", "UserError",
-           "get_probe", "load", "make_config", "read_result", "registry", "resolve", "run_probe"]
+           "get_probe", "load", "make_config", "read_result", "registry", "resolve", "run", "run_probe"]

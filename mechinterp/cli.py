@@ -30,6 +30,10 @@ app.add_typer(probes_app, name="probes")
 app.add_typer(train_app, name="train")
 app.add_typer(eval_app, name="eval")
 
+def _err(message: str) -> None:
+    typer.echo(message, err=True)
+
+
 def _console():
     from rich.console import Console
 
@@ -98,7 +102,8 @@ def run(
     """Run one probe on a base model and its variants; write OUT/<probe>/result.json + figures."""
     from .data import DataSource
     from .models.modelset import ModelSet
-    from .probe import get_probe, make_config, run_probe
+    from .probe import get_probe, make_config
+    from .runner import run_probe
 
     p = get_probe(probe)
     config = make_config(p, _parse_sets(set_), seed=seed, limit=limit)
@@ -106,7 +111,7 @@ def run(
         raise UserError(f"--limit {limit} must be positive", "omit it to use all items")
     data = DataSource.from_option(data_dir)
     models = ModelSet.from_args(base, variant or [], device=device, dtype=dtype)
-    result = run_probe(p, models, data, config, out=out, draw=not no_figures)
+    result = run_probe(p, models, data, config, out=out, draw=not no_figures, echo=_err)
     typer.echo(f"{p.name}: wrote {out / p.name / 'result.json'} "
                f"({result.provenance['wall_time_s']:.1f} s)")
 
@@ -114,7 +119,7 @@ def run(
 @app.command("figures")
 def figures(folder: Annotated[Path, typer.Argument(help="A results folder (from --out).")]) -> None:
     """Re-draw every figure from the stored results under FOLDER (no model is loaded)."""
-    from .probe import redraw
+    from .runner import redraw
     from .results import find_results
 
     if not folder.is_dir():

@@ -28,7 +28,8 @@ def _run(probe_name: str, model: str, variant, data_dir, out, device, dtype, lim
          options: dict) -> None:
     from .data import DataSource
     from .models.modelset import ModelSet
-    from .probe import get_probe, make_config, run_probe
+    from .probe import get_probe, make_config
+    from .runner import run_probe
 
     if limit is not None and limit <= 0:
         raise UserError(f"--limit {limit} must be positive", "omit it to use all items")
@@ -36,7 +37,8 @@ def _run(probe_name: str, model: str, variant, data_dir, out, device, dtype, lim
     config = make_config(probe, options, seed=seed, limit=limit)
     data = DataSource.from_option(data_dir)
     models = ModelSet.from_args(model, variant or [], device=device, dtype=dtype)
-    result = run_probe(probe, models, data, config, out=out)
+    result = run_probe(probe, models, data, config, out=out,
+                       echo=lambda m: typer.echo(m, err=True))
     d = result.data
     for name in d["models"]:
         acc, ci = d["accuracy"][name], d["ci95"][name]

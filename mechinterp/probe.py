@@ -2,7 +2,7 @@
 
 A probe is an object with ``name``, ``version``, a ``Config`` dataclass, ``run(models, data,
 config) -> Result`` and ``plot(result) -> {name: Figure}``. Probes never print or save: the runner
-(:func:`run_probe`) times them, attaches provenance and writes the result store.
+(:func:`mechinterp.runner.run_probe`) times them, attaches provenance and writes the result store.
 
 Built-in probes live in the top-level ``probes`` package; other packages add theirs through the
 ``mechinterp.probes`` entry-point group (the entry point loads the probe object).
@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import dataclasses
 import platform
-import time
 import typing
+import warnings
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Protocol
 
 from .errors import UserError
-from .results import Result, write_result
+from .results import Result
 
 ENTRY_POINT_GROUP = "mechinterp.probes"
 _TRACKED_PACKAGES = ("mechinterp", "torch", "transformers", "transformer-lens", "nnsight", "trl",
@@ -46,17 +46,29 @@ class Probe(Protocol):
     def plot(self, result: Result) -> dict[str, Any]: ...
 
 
+#: entry points that failed to load: ``{entry point name: "value: error"}`` (``probes list``)
+BROKEN: dict[str, str] = {}
+
+
 def registry() -> dict[str, Probe]:
-    """Built-in probes plus those installed through entry points (built-ins win on a clash)."""
+    """Built-in probes plus those installed through entry points (built-ins win on a clash).
+
+    A plugin that fails to load is skipped with a warning and listed in :data:`BROKEN`: one broken
+    third-party package must not stop every command.
+    """
     import probes as builtin
 
     found: dict[str, Probe] = {}
     for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
         try:
             probe = ep.load()
+            probe.name  # noqa: B018 - an object without a name is as broken as an import error
         except Exception as exc:  # noqa: BLE001 - a broken plugin must not break the suite
-            raise UserError(f"probe plugin {ep.name!r} ({ep.value}) failed to load: {exc}",
-                            "fix or uninstall that package") from None
+            if ep.name not in BROKEN:
+                warnings.warn(f"probe plugin {ep.name!r} ({ep.value}) failed to load: {exc}; "
+                              "fix or uninstall that package", stacklevel=2)
+            BROKEN[ep.name] = f"{ep.value}: {type(exc).__name__}: {exc}"
+            continue
         found[probe.name] = probe
     found.update(builtin.BUILTIN)
     return dict(sorted(found.items()))
@@ -121,42 +133,8 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def run_probe(probe: Probe, models, data, config, out: Path | None = None,
-              draw: bool = True) -> Result:
-    """Run a probe, attach provenance, and (if ``out``) write ``out/<probe>/`` atomically."""
-    import torch
+def run_probe(*args, **kwargs):
+    """Kept for scripts written against earlier versions: see :func:`mechinterp.runner.run_probe`."""
+    from .runner import run_probe as _run_probe
 
-    torch.manual_seed(config.seed)
-    start = time.perf_counter()
-    result = probe.run(models, data, config)
-    wall = time.perf_counter() - start
-    result.provenance = {
-        "probe": probe.name,
-        "probe_version": probe.version,
-        "config": dataclasses.asdict(config),
-        "models": models.provenance() if models is not None else {},
-        "device": str(getattr(models, "device", None) or "auto"),
-        "dtype": str(getattr(models, "dtype", None) or "auto"),
-        "data": data.log.to_json() if data is not None else {},
-        "seed": config.seed,
-        "packages": package_versions(),
-        "wall_time_s": round(wall, 3),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        **result.provenance,
-    }
-    if out is not None:
-        figures = probe.plot(result) if draw else None
-        write_result(result, Path(out) / probe.name, figures)
-    return result
-
-
-def redraw(folder: Path) -> list[Path]:
-    """Re-draw the figures of every stored result under ``folder`` (no model needed)."""
-    from .results import find_results, read_result, save_figures
-
-    written: list[Path] = []
-    for res_dir in find_results(folder):
-        result = read_result(res_dir)
-        probe = get_probe(result.probe)
-        written += save_figures(probe.plot(result), res_dir)
-    return written
+    return _run_probe(*args, **kwargs)

@@ -11,7 +11,8 @@ import torch
 from mechinterp.models import load
 from mechinterp.models.edit import plant_change
 from mechinterp.models.modelset import ModelSet
-from mechinterp.probe import get_probe, make_config, run_probe
+from mechinterp.probe import get_probe, make_config
+from mechinterp.runner import run_probe
 from mechinterp.results import read_result
 
 SUBJECTS = "world_religions,conceptual_physics"  # the shortest MMLU prompts: cheap on bytes

@@ -13,7 +13,8 @@ from mechinterp.errors import UserError
 from mechinterp.models import load
 from mechinterp.models.edit import plant_change
 from mechinterp.models.modelset import ModelSet
-from mechinterp.probe import get_probe, make_config, redraw, run_probe
+from mechinterp.probe import get_probe, make_config
+from mechinterp.runner import redraw, run_probe
 from mechinterp.results import read_result
 
 
