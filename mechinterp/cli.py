@@ -119,8 +119,8 @@ def run(
 @app.command("figures")
 def figures(folder: Annotated[Path, typer.Argument(help="A results folder (from --out).")]) -> None:
     """Re-draw every figure from the stored results under FOLDER (no model is loaded)."""
-    from .runner import redraw
     from .results import find_results
+    from .runner import redraw
 
     if not folder.is_dir():
         raise UserError(f"{folder} is not a folder", "pass the --out folder of an earlier run")
@@ -130,17 +130,69 @@ def figures(folder: Annotated[Path, typer.Argument(help="A results folder (from 
     typer.echo(f"re-drew {len(written)} figure files under {folder}")
 
 
-@app.command("demo")
-def demo(
+@app.command("compare")
+def compare_cmd(
+    base: Base = "smollm2-135m-instruct",
+    variant: Variant = None,
     out: Out = Path("results"),
+    preset: Annotated[str, typer.Option(help="What to measure: smoke (seconds per probe), default "
+                                        "(the CPU study: MMLU cloze on 100 stratified items, all "
+                                        "held-out task items), paper (GPU scale).")] = "default",
+    only: Annotated[str | None, typer.Option(help="Comma-separated probes of the plan to run "
+                                             "(default: all).")] = None,
     data_dir: DataDir = None,
     device: Device = "auto",
     dtype: Dtype = "auto",
 ) -> None:
-    """The main job on the built-in default model: fetch it, make variants, run the probes."""
+    """Run every probe and evaluation on a base and its fine-tunes; decide the paper's claims;
+    write OUT/report.md, OUT/report.html (self-contained) and OUT/claims.json.
+
+    A variant may be a training output folder (mechinterp train --out DIR): trajectory probes then
+    run on every checkpoint, the others on the final model. Re-running into the same OUT reuses
+    every result whose configuration and model weights are unchanged.
+    """
+    from .claims import verdict_line
+    from .compare import compare
+    from .models.modelset import parse_variant_args
+
+    runs = parse_variant_args(variant or [])
+    if any(len(v) > 1 for v in runs.values()):
+        raise UserError("compare takes one spec per variant (a model or a training folder)",
+                        "pass the training output folder: its checkpoints are found in it")
+    probes = [p.strip() for p in only.split(",") if p.strip()] if only else None
+    study = compare(base, {n: v[0] for n, v in runs.items()}, out, data_dir=data_dir,
+                    preset=preset, device=device, dtype=dtype, probes=probes, echo=typer.echo)
+    typer.echo(f"report: {out / 'report.html'} (also report.md, claims.json)")
+    for c in study.claims:
+        typer.echo("  " + verdict_line(c))
+
+
+@app.command("demo")
+def demo(
+    out: Out = Path("results"),
+    preset: Annotated[str, typer.Option(help="smoke (a few minutes; what CI runs), default (the "
+                                        "CPU study, about 20 minutes on 2 cores), paper (the "
+                                        "paper's training settings; a GPU node).")] = "default",
+    data_dir: DataDir = None,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+) -> None:
+    """The study end to end on the built-in default model: train SFT, GRPO and SFT with the
+    mid-layer MLPs frozen on the same arithmetic task, compare them with the base, write the report
+    and print one verdict line per claim."""
     from .demo import run_demo
 
-    run_demo(out, data_dir=data_dir, device=device, dtype=dtype, echo=typer.echo)
+    run_demo(out, preset=preset, data_dir=data_dir, device=device, dtype=dtype, echo=typer.echo)
+
+
+def quiet_library_bars() -> None:
+    """transformers draws a bar per model load ("Loading weights"); ours say what is going on."""
+    import os
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     exit_types = (click.exceptions.Exit, typer.Exit)
     abort_types = (click.exceptions.Abort, typer.Abort)
     usage_types = (click.ClickException, getattr(typer, "TyperException", click.ClickException))
+    quiet_library_bars()
     try:
         app(args=argv, prog_name="mechinterp", standalone_mode=False)
     except UserError as exc:

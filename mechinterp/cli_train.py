@@ -32,7 +32,7 @@ Out = Annotated[Path, Opt("--out", "-o", help="Run folder: final model (spec OUT
 Data = Annotated[str | None, Opt(help="'gsm8k' (train split; test split held out for KL) or a "
                                     "JSONL file with question/answer fields [gsm8k].")]
 DataDir = Annotated[Path | None, Opt("--data-dir", help="Data root (default $MECHINTERP_DATA).")]
-Preset = Annotated[str | None, Opt(help="Settings preset: cpu-smoke (minutes on a CPU). "
+Preset = Annotated[str | None, Opt(help="Settings preset: cpu-demo (the study on the arithmetic task, matched SFT/GRPO, minutes on a CPU) or cpu-smoke (GSM8K, a few steps). "
                                       "Explicit options override it.")]
 Seed = Annotated[int | None, Opt(help="Seed (data order, sampling, init of anything random).")]
 Device = Annotated[str | None, Opt(help="auto, cpu, cuda, cuda:N.")]

@@ -78,7 +78,7 @@ def _run(args, tmp_path):
 
 @pytest.mark.slow
 def test_cli_causal_trace_default_model(tmp_path):
-    from mechinterp.demo import planted_variant
+    from mechinterp.planted import planted_variant
 
     variant = planted_variant()
     _run(["run", "causal-trace", "--variant", f"planted={variant}", "--limit", "1",
@@ -102,7 +102,7 @@ def test_cli_causal_trace_default_model(tmp_path):
 
 @pytest.mark.slow
 def test_cli_mlp_patching_default_model(tmp_path):
-    from mechinterp.demo import planted_variant
+    from mechinterp.planted import planted_variant
 
     variant = planted_variant()
     _run(["run", "mlp-patching", "--variant", f"planted={variant}", "--limit", "2",

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import importlib.util
+import json
 import math
 import os
 import shutil
@@ -39,6 +40,7 @@ from .callbacks import (
 from .settings import TrainSettings, checkpoint_steps, load_settings, save_settings
 
 CONFIG_FILE = "train-config.json"
+SUMMARY_FILE = "train-summary.json"  # written last: wall time, steps, checkpoints of a finished run
 
 
 @dataclass
@@ -111,7 +113,7 @@ def _trl_config(s: TrainSettings, out: Path, device: torch.device):
         gradient_accumulation_steps=s.gradient_accumulation_steps, logging_steps=s.logging_steps,
         save_strategy="no", report_to=[], seed=s.seed, data_seed=s.seed, disable_tqdm=True,
         logging_nan_inf_filter=False, use_cpu=not on_gpu, bf16=on_gpu and s.dtype != "float32",
-        dataloader_num_workers=0,
+        dataloader_num_workers=0, gradient_checkpointing=s.gradient_checkpointing,
     )
     if s.algorithm == "sft":
         from trl import SFTConfig
@@ -289,6 +291,10 @@ def train(s: TrainSettings, out: Path, resume: bool = False, data_dir=None, echo
             (out / f.name).unlink(missing_ok=True)
             link_or_copy(f, out / f.name)
     _draw(out)
+    (out / SUMMARY_FILE).write_text(json.dumps({
+        "algorithm": s.algorithm, "preset": s.preset, "steps": outcome.steps,
+        "wall_time_s": round(wall, 1), "checkpoints": outcome.checkpoints,
+        "freeze": fplan.summary(), "resumed": bool(resume)}, indent=1) + "\n")
     return outcome
 
 

@@ -1,0 +1,237 @@
+"""``mechinterp compare``: every probe and evaluation on a base and its fine-tunes, one folder.
+
+A variant is a model spec or a training output folder (``mechinterp train --out``). For a training
+folder the trajectory probes (weight change, KL, MMLU, in-domain accuracy) run on every checkpoint
+of the run, and the single-model probes (attention, tracing, patching, damage attribution) on its
+final model (the last checkpoint). Results go to ``OUT/<probe>/`` through the one runner, so a
+re-run into the same folder reuses every result whose configuration and weights are unchanged.
+Then the claims are decided (``OUT/claims.json``) and the report written (``OUT/report.md``,
+``OUT/report.html``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+STUDY_FILE = "study.json"
+
+
+@dataclass(frozen=True)
+class Step:
+    """One probe of a compare plan: its options, and whether it runs on every checkpoint."""
+
+    probe: str
+    options: dict[str, Any]
+    checkpoints: bool = False  # True: every checkpoint of every run; False: final models only
+
+
+def _plan(n_mmlu: int, n_task: int | None, n_facts: int, samples: int, n_patch: int,
+          n_damage: int, max_failures: int, n_attn: int) -> list[Step]:
+    task = "arithmetic"
+    return [
+        Step("weight-change", {}, checkpoints=True),
+        Step("kl-drift", {"items": task, "limit": n_task}, checkpoints=True),
+        Step("task-accuracy", {"items": task, "limit": n_task}, checkpoints=True),
+        Step("mmlu", {"formats": ["cloze"], "limit": n_mmlu}, checkpoints=True),
+        Step("attention-shift", {"n_mmlu": n_attn, "n_knowns": n_attn, "max_tokens": 128}),
+        Step("mlp-patching", {"prompt_sets": ["knowns"], "limit": n_patch}),
+        Step("causal-trace", {"limit": n_facts, "samples": samples, "max_fact_figures": 2}),
+        Step("damage-attribution", {"format": "cloze", "limit": n_damage,
+                                    "max_failures": max_failures, "n_control": 4}),
+    ]
+
+
+#: What each preset measures. ``smoke`` proves the pipeline end to end in CI; ``default`` is the
+#: CPU study (MMLU cloze on a fixed stratified sample); ``paper`` is sized for a GPU.
+PLANS: dict[str, list[Step]] = {
+    "smoke": _plan(n_mmlu=8, n_task=8, n_facts=1, samples=2, n_patch=2, n_damage=8,
+                   max_failures=2, n_attn=2),
+    "default": _plan(n_mmlu=100, n_task=None, n_facts=4, samples=3, n_patch=8, n_damage=40,
+                     max_failures=12, n_attn=8),
+    "paper": _plan(n_mmlu=2000, n_task=None, n_facts=100, samples=10, n_patch=64, n_damage=1000,
+                   max_failures=64, n_attn=64),
+}
+
+
+@dataclass
+class VariantInfo:
+    """What a variant is: its final spec, its checkpoints, and how it was trained (when known)."""
+
+    name: str
+    final: str
+    checkpoints: list[str]
+    algorithm: str | None = None  # "sft" / "grpo" from the run's train-config.json
+    freeze: str | None = None  # the freeze spec of the run, "" when nothing was frozen
+    train: dict[str, Any] = field(default_factory=dict)  # training wall time, steps, preset
+
+    @property
+    def kind(self) -> str | None:
+        """``sft``, ``sft-frozen``, ``grpo`` (``grpo-frozen``...) or None when unknown."""
+        if self.algorithm is None:
+            return None
+        return self.algorithm + ("-frozen" if self.freeze else "")
+
+
+def describe_variant(name: str, spec: str) -> VariantInfo:
+    """A training output folder gives checkpoints and training metadata; anything else is one model."""
+    from .models.specs import expand_checkpoints
+    from .training.runner import CONFIG_FILE
+
+    folder = Path(spec).expanduser()
+    if not (folder / CONFIG_FILE).is_file():
+        return VariantInfo(name, spec, [spec], **_kind_from_name(name))
+    cfg = json.loads((folder / CONFIG_FILE).read_text())
+    try:
+        ckpts = expand_checkpoints(f"{spec}@all")
+    except UserError:
+        ckpts = []
+    if not (folder / "config.json").exists():
+        raise UserError(f"training run {folder} has no final model (did it finish?)",
+                        f"finish it with mechinterp train ... --resume --out {folder}")
+    freeze = ",".join(p for p in (cfg.get("freeze"), cfg.get("freeze_preset")) if p) or ""
+    train = {}
+    summary = folder / "train-summary.json"
+    if summary.is_file():
+        train = json.loads(summary.read_text())
+    return VariantInfo(name, spec, ckpts or [spec], cfg.get("algorithm"), freeze, train)
+
+
+def _kind_from_name(name: str) -> dict[str, Any]:
+    """Plain model specs carry no training metadata: read the role from the name (sft, grpo,
+    sft-frozen...), or leave it unknown."""
+    low = name.lower()
+    for algo in ("grpo", "sft"):
+        if low.startswith(algo):
+            return {"algorithm": algo, "freeze": "frozen" if "frozen" in low else ""}
+    return {}
+
+
+@dataclass
+class Study:
+    """A compare folder: its variants (with roles) and the results of each probe."""
+
+    out: Path
+    base: str
+    variants: dict[str, VariantInfo]
+    results: dict[str, Any]  # probe name -> Result
+    preset: str = "default"
+    runs: dict[str, list[str]] = field(default_factory=dict)  # variant -> checkpoint model names
+    claims: list[dict] = field(default_factory=list)  # decided by compare (claims.decide_all)
+
+    def role(self, kind: str) -> str | None:
+        """The first variant of a kind (``sft``, ``grpo``, ``sft-frozen``), by training metadata."""
+        return next((n for n, v in self.variants.items() if v.kind == kind), None)
+
+    def final_name(self, variant: str, probe: str) -> str:
+        """The name a variant's final model has in ``probe``'s result: the run's last checkpoint
+        where the probe ran on checkpoints, else the variant's own name."""
+        res = self.results.get(probe)
+        models = set(_model_names(res.data)) if res is not None else set()
+        names = self.runs.get(variant) or []
+        if names and names[-1] in models:
+            return names[-1]
+        return variant
+
+    def to_json(self) -> dict:
+        return {"base": self.base, "preset": self.preset, "runs": self.runs,
+                "variants": {n: vars(v) for n, v in self.variants.items()}}
+
+
+def _model_names(data: dict) -> list[str]:
+    """Model names a result covers, whichever key the probe uses for them."""
+    for key in ("models", "variants"):
+        if isinstance(data.get(key), list):
+            return list(data[key])
+    for key in ("accuracy", "relative_change", "kl", "recovery", "js"):
+        if isinstance(data.get(key), dict):
+            return list(data[key])
+    return []
+
+
+def load_study(out: Path) -> Study:
+    """A compare folder as written by :func:`compare` (no model is loaded)."""
+    from .results import find_results, read_result
+
+    out = Path(out)
+    path = out / STUDY_FILE
+    if not path.is_file():
+        raise UserError(f"{out} is not a compare folder ({STUDY_FILE} missing)",
+                        "run mechinterp compare --out DIR first")
+    meta = json.loads(path.read_text())
+    variants = {n: VariantInfo(**v) for n, v in meta["variants"].items()}
+    results = {}
+    for folder in find_results(out):
+        if folder.parent == out:
+            res = read_result(folder)
+            results[res.probe] = res
+    return Study(out, meta["base"], variants, results, meta.get("preset", "default"),
+                 meta.get("runs", {}))
+
+
+def compare(base: str, variants: dict[str, str], out: Path, data_dir=None,
+            preset: str = "default", device: str = "auto", dtype: str = "auto",
+            probes: list[str] | None = None, echo=print) -> Study:
+    """Run the plan of ``preset`` on ``base`` and ``variants``; decide claims; write the report."""
+    from .claims import decide_all
+    from .data import DataSource
+    from .models.modelset import ModelSet
+    from .report import write_report
+    from .runner import run_probe
+
+    if preset not in PLANS:
+        raise UserError(f"unknown compare preset {preset!r}", f"use one of {', '.join(PLANS)}")
+    if not variants:
+        raise UserError("compare needs at least one --variant NAME=SPEC",
+                        "e.g. --variant sft=runs/sft --variant grpo=runs/grpo")
+    plan = [s for s in PLANS[preset] if probes is None or s.probe in probes]
+    if probes is not None and (unknown := set(probes) - {s.probe for s in PLANS[preset]}):
+        raise UserError(f"compare has no step {', '.join(sorted(unknown))}",
+                        f"choose from {', '.join(s.probe for s in PLANS[preset])}")
+    info = {n: describe_variant(n, s) for n, s in variants.items()}
+    data = DataSource.from_option(data_dir)
+    if data.root is None:
+        raise UserError("compare needs a data root (MMLU, known facts)",
+                        "pass --data-dir or set MECHINTERP_DATA (e.g. ../shared/data)")
+    kw = dict(device=device, dtype=dtype)
+    finals = ModelSet(base, {n: v.final for n, v in info.items()}, **kw)
+    runs = ModelSet(base, {n: v.checkpoints for n, v in info.items()}, **kw)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    study = Study(out, base, info, {}, preset, dict(runs.runs))
+    (out / STUDY_FILE).write_text(json.dumps(study.to_json(), indent=1) + "\n")
+    from .probe import get_probe, make_config
+
+    for i, step in enumerate(plan, 1):
+        probe = get_probe(step.probe)
+        models = runs if step.checkpoints else finals
+        config = make_config(probe, {k: v for k, v in step.options.items() if v is not None})
+        t0 = time.perf_counter()
+        echo(f"[compare {i}/{len(plan)}] {step.probe} on "
+             f"{len(models.variants)} variant model(s) + base ...")
+        result = run_probe(probe, models, data, config, out=out, reuse=True,
+                           echo=lambda m: echo(f"      {m}"))
+        for name in models.variants:
+            models.release(name)
+        how = "reused" if result.provenance.get("reused") else f"{time.perf_counter() - t0:.0f} s"
+        echo(f"      done ({how})")
+        study.results[step.probe] = result
+    study.claims = decide_all(study)
+    write_claims(study.claims, out)
+    write_report(study, study.claims)
+    return study
+
+
+def write_claims(claims: list[dict], out: Path) -> Path:
+    """``OUT/claims.json``: ``{claim id: {held, numbers, statement, title}}`` (NaN as null)."""
+    from .results import _jsonable
+
+    path = Path(out) / "claims.json"
+    body = {c["id"]: {k: v for k, v in c.items() if k != "id"} for c in claims}
+    path.write_text(json.dumps(_jsonable(body), indent=1, allow_nan=False) + "\n")
+    return path
