@@ -22,6 +22,10 @@ def pytest_addoption(parser):
     group.addoption("--mi-device", default="auto", help="auto, cpu, cuda, cuda:N")
     group.addoption("--mi-dtype", default="auto", help="auto, float32, bfloat16, float16")
     group.addoption("--mi-data-dir", default=None, help="data root (default: $MECHINTERP_DATA)")
+    group.addoption("--mi-results", default=None, metavar="DIR",
+                    help="probes.claims: a compare folder to read (or to compute into)")
+    group.addoption("--mi-preset", default="default",
+                    help="probes.claims: compare preset when computing (smoke, default, paper)")
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,30 @@
+"""The ``study`` fixture: a compare folder, read or computed (see ``probes.claims``)."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def study(request, tmp_path_factory):
+    from mechinterp.compare import STUDY_FILE, compare, load_study
+    from mechinterp.errors import UserError
+    from mechinterp.models.modelset import parse_variant_args
+    from mechinterp.models.zoo import DEFAULT_MODEL
+
+    opt = request.config.getoption
+    results = opt("--mi-results")
+    try:
+        if results and (__import__("pathlib").Path(results) / STUDY_FILE).is_file() \
+                and not opt("--mi-variant"):
+            return load_study(results)
+        runs = parse_variant_args(opt("--mi-variant"))
+        if not runs:
+            pytest.fail("mechinterp claims need --mi-results DIR (a compare folder) or "
+                        "--mi-variant NAME=SPEC for at least an sft and a grpo model", pytrace=False)
+        out = results or tmp_path_factory.mktemp("claims")
+        return compare(opt("--mi-base") or DEFAULT_MODEL, {n: v[0] for n, v in runs.items()}, out,
+                       data_dir=opt("--mi-data-dir"), preset=opt("--mi-preset"),
+                       device=opt("--mi-device"), dtype=opt("--mi-dtype"))
+    except UserError as exc:
+        pytest.fail(f"mechinterp: {exc.one_line()}", pytrace=False)
