@@ -66,11 +66,13 @@ def probes_list() -> None:
     """List available probes (built-in and installed plugins)."""
     from rich.table import Table
 
-    from .probe import registry
+    from .probe import BROKEN, registry
 
     table = Table("probe", "version", "what it measures")
     for p in registry().values():
         table.add_row(p.name, p.version, p.description)
+    for name, why in BROKEN.items():
+        table.add_row(name, "BROKEN", f"plugin failed to load: {why}")
     _console().print(table)
 
 
