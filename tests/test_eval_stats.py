@@ -74,3 +74,18 @@ def test_bootstrap_and_paired_comparison():
     assert lo <= -0.2 <= hi and lo >= -1 and hi <= 1
     assert bootstrap_diff(base, var, seed=3) == (lo, hi)  # seeded: reproducible
     assert bootstrap_diff(base, base, seed=1) == (0.0, 0.0)
+
+
+def test_spearman_drops_nan_pairs_and_is_nan_without_two_pairs():
+    nan = float("nan")
+    assert math.isnan(spearman([nan] * 4, [nan] * 4))  # was 1.0
+    assert math.isnan(spearman([1.0, nan, 3.0], [nan, 2.0, 3.0]))  # one complete pair
+    assert math.isnan(spearman([1.0, 2.0, nan], [5.0, 5.0, 1.0]))  # constant after dropping
+    # the NaN pair is left out, not ranked: (1,3) (2,2) (3,1) are perfectly anti-monotone
+    assert spearman([1.0, 2.0, 3.0, nan], [3.0, 2.0, 1.0, 10.0]) == pytest.approx(-1.0)
+    assert spearman([nan, 1.0, 2.0, 3.0], [0.0, 3.0, nan, 1.0]) == pytest.approx(-1.0)
+    x = [0.3, nan, 1.2, 0.7, 2.0, nan, 0.1]
+    y = [1.0, 4.0, 2.0, nan, 3.0, nan, 0.5]
+    keep = [i for i in range(len(x)) if not (math.isnan(x[i]) or math.isnan(y[i]))]
+    assert spearman(x, y) == pytest.approx(spearman([x[i] for i in keep], [y[i] for i in keep]))
+

@@ -65,7 +65,8 @@ def bootstrap_diff(a: Sequence[bool], b: Sequence[bool], n_boot: int = 2000, see
 
 
 def rankdata(x: Sequence[float]) -> np.ndarray:
-    """Ranks 1..n with ties given their average rank."""
+    """Ranks 1..n with ties given their average rank (NaN has no rank: drop it first, as
+    :func:`spearman` does)."""
     x = np.asarray(x, dtype=float)
     order = np.argsort(x, kind="mergesort")
     ranks = np.empty(len(x), dtype=float)
@@ -81,10 +82,19 @@ def rankdata(x: Sequence[float]) -> np.ndarray:
 
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:
-    """Spearman's rho: Pearson correlation of average ranks (ties handled); nan if constant."""
+    """Spearman's rho: Pearson correlation of average ranks (ties handled).
+
+    Pairs where either value is NaN are dropped (pairwise deletion) before ranking; ``+-inf`` are
+    ordinary values (ranked last/first). NaN when fewer than 2 pairs remain or when either side is
+    constant on the remaining pairs.
+    """
     if len(x) != len(y):
         raise ValueError("spearman needs two sequences of equal length")
-    rx, ry = rankdata(x), rankdata(y)
+    xa, ya = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    keep = ~(np.isnan(xa) | np.isnan(ya))
+    if int(keep.sum()) < 2:
+        return float("nan")
+    rx, ry = rankdata(xa[keep]), rankdata(ya[keep])
     rx -= rx.mean()
     ry -= ry.mean()
     den = math.sqrt(float((rx * rx).sum() * (ry * ry).sum()))
