@@ -89,3 +89,63 @@ def test_spearman_drops_nan_pairs_and_is_nan_without_two_pairs():
     keep = [i for i in range(len(x)) if not (math.isnan(x[i]) or math.isnan(y[i]))]
     assert spearman(x, y) == pytest.approx(spearman([x[i] for i in keep], [y[i] for i in keep]))
 
+
+def _index_bootstrap(a, b, n_boot, seed, level=0.95):
+    """The textbook paired bootstrap: resample item indices (the old implementation)."""
+    x, y = np.asarray(a, float), np.asarray(b, float)
+    rng = np.random.default_rng(seed)
+    diffs = np.empty(n_boot)
+    for k in range(0, n_boot, 500):
+        idx = rng.integers(0, len(x), size=(min(500, n_boot - k), len(x)))
+        diffs[k:k + len(idx)] = (y[idx] - x[idx]).mean(axis=1)
+    alpha = (1 - level) / 2
+    return np.quantile(diffs, alpha), np.quantile(diffs, 1 - alpha)
+
+
+def test_bootstrap_from_outcome_counts_matches_index_resampling():
+    # 200 items: 100 both right, 30 base only, 20 variant only, 50 both wrong; diff = -0.05
+    base = [True] * 100 + [True] * 30 + [False] * 20 + [False] * 50
+    var = [True] * 100 + [False] * 30 + [True] * 20 + [False] * 50
+    want = _index_bootstrap(base, var, n_boot=20000, seed=11)
+    got = bootstrap_diff(base, var, n_boot=20000, seed=5)
+    # Monte-Carlo error of a 2.5% quantile with 20k draws is ~0.001; the grid step is 1/200
+    assert got == pytest.approx(want, abs=0.011)
+    # and both agree with the normal approximation sd = sqrt((p10 + p01 - d^2) / n)
+    sd = math.sqrt((0.15 + 0.10 - 0.05**2) / 200)
+    assert got == pytest.approx((-0.05 - Z * sd, -0.05 + Z * sd), abs=0.011)
+    # numbers instead of booleans: the same kinds, found by their difference
+    ints = bootstrap_diff(np.array(base, int), np.array(var, int), n_boot=20000, seed=5)
+    assert ints == pytest.approx(want, abs=0.011)
+    # the order of the items does not matter (only the counts of the four outcome types do)
+    perm = np.random.default_rng(0).permutation(200)
+    assert bootstrap_diff([base[i] for i in perm], [var[i] for i in perm], n_boot=20000,
+                          seed=5) == got
+
+
+Z = 1.959963984540054
+
+
+def test_bootstrap_memory_does_not_grow_with_n():
+    import time
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    n = 20_000
+    a, b = rng.random(n) < 0.6, rng.random(n) < 0.55
+    tracemalloc.start()
+    bootstrap_diff(a, b, n_boot=500)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 2_000_000, peak  # index resampling held 3 x n_boot x n x 8 bytes (240 MB)
+    big = 10**7  # full-MMLU-sized and beyond: seconds, not gigabytes
+    a, b = np.zeros(big, bool), np.zeros(big, bool)
+    a[: big // 2] = True
+    b[big // 4: 3 * big // 4] = True
+    t0 = time.perf_counter()
+    tracemalloc.start()
+    lo, hi = bootstrap_diff(a, b)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert time.perf_counter() - t0 < 10
+    assert peak < big + 2_000_000, peak  # one boolean temporary; nothing of size n_boot x n
+    assert lo < 0.0 < hi and hi - lo < 1e-3
