@@ -44,9 +44,17 @@ def test_knowns_and_gsm8k(data_source):
     ("#### -7", "-7"),
     ("she pays $1,000.00 in all", "1000"),
     ("no digits here", None),
+    ("so \\boxed{5 + 3 = 8}", "8"),  # the last number inside the box, as in an answer tag
 ])
 def test_gsm8k_answer_extraction(text, want):
     assert extract_gsm8k_answer(text) == want
+
+
+def test_first_and_last_number():
+    from mechinterp.data.gsm8k import last_number, normalise_number
+
+    assert normalise_number("5+3=8") == "5" and last_number("5+3=8") == "8"
+    assert last_number("$1,000.00 or -2.50") == "-2.5" and last_number("none") is None
 
 
 def test_malformed_mmlu_row_names_file_and_line(tmp_path):

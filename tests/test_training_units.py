@@ -171,6 +171,16 @@ def test_rewards_hand_cases():
     assert final_answer("#### 72") == "72" and final_answer("no number") is None
 
 
+def test_final_answer_is_the_last_number_of_the_last_answer_tag():
+    assert final_answer("<answer>5+3=8</answer>") == "8"  # was "5", the first number
+    assert final_answer("<answer>1</answer> then <answer>\n2 * 3 = 6 apples\n</answer>") == "6"
+    assert final_answer("<answer>$1,234.50, i.e. 1,234.5</answer>") == "1234.5"
+    assert final_answer("<answer>-4 + 1 = -3</answer>") == "-3"
+    assert final_answer("<answer>five</answer> 4") is None  # the tag decides; no number in it
+    assert correctness(None, ["<answer>5+3=8</answer>"], answer=["8"]) == [1.0]
+    assert correctness(None, ["<answer>5+3=8</answer>"], answer=["5"]) == [0.0]
+
+
 def test_load_items_gsm8k_and_jsonl(data_source, tmp_path):
     items = load_items("gsm8k", data_source, "train")
     assert len(items) == 7473

@@ -22,11 +22,21 @@ class GSM8KItem:
 
 
 def normalise_number(text: str) -> str | None:
-    """``"$1,234.50"`` -> ``"1234.5"``; None when there is no number."""
+    """The FIRST number of ``text``, normalised: ``"$1,234.50"`` -> ``"1234.5"``; None when there
+    is no number. For a final answer that may show its working (``"5+3=8"``) use
+    :func:`last_number`."""
     m = _NUMBER.search(text)
-    if not m:
-        return None
-    s = m.group(0).replace(",", "").replace("$", "")
+    return _normalise(m.group(0)) if m else None
+
+
+def last_number(text: str) -> str | None:
+    """The LAST number of ``text``, normalised as :func:`normalise_number` does; None if none."""
+    numbers = _NUMBER.findall(text)
+    return _normalise(numbers[-1]) if numbers else None
+
+
+def _normalise(number: str) -> str:
+    s = number.replace(",", "").replace("$", "")
     if "." in s:
         s = s.rstrip("0").rstrip(".")
     if s in ("-0", ""):
@@ -35,18 +45,18 @@ def normalise_number(text: str) -> str | None:
 
 
 def extract_gsm8k_answer(text: str) -> str | None:
-    """Final answer from model output: the ``####`` marker, else ``\\boxed{}``, else the last number."""
+    """Final answer from model output: the first number after the ``####`` marker, else the last
+    number in the last ``\\boxed{}``, else the last number of the text."""
     if "####" in text:
         got = normalise_number(text.split("####", 1)[1])
         if got is not None:
             return got
     boxed = _BOXED.findall(text)
     if boxed:
-        got = normalise_number(boxed[-1])
+        got = last_number(boxed[-1])
         if got is not None:
             return got
-    numbers = _NUMBER.findall(text)
-    return normalise_number(numbers[-1]) if numbers else None
+    return last_number(text)
 
 
 def load_gsm8k(source: DataSource, split: str = "test") -> list[GSM8KItem]:

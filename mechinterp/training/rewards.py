@@ -5,7 +5,7 @@ completions are conversational (``[{"role": "assistant", "content": ...}]``) or 
 
 * ``correctness``: 1.0 when the completion's final answer equals the item's ``answer`` after
   :func:`~mechinterp.data.gsm8k.normalise_number` (``"$1,234.50"`` == ``"1234.5"``), else 0.0. The
-  final answer is the number inside the last ``<answer>...</answer>``; without answer tags it is the
+  final answer is the last number inside the last ``<answer>...</answer>``; without answer tags it is the
   GSM8K extraction of the whole text (``####`` marker, ``\\boxed{}``, else the last number), as the
   paper's accuracy reward parsed the whole completion.
 * ``format``: 1.0 when the completion is exactly ``<think>\\n...\\n</think>\\n<answer>\\n...\\n</answer>``
@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-from ..data.gsm8k import extract_gsm8k_answer, normalise_number
+from ..data.gsm8k import extract_gsm8k_answer, last_number, normalise_number
 
 FORMAT_PATTERN = re.compile(r"^<think>\n.*?\n</think>\n<answer>\n.*?\n</answer>$", re.DOTALL)
 _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
@@ -34,10 +34,11 @@ def completion_text(completion) -> str:
 
 
 def final_answer(text: str) -> str | None:
-    """The normalised final answer of a completion (answer tag first, else GSM8K extraction)."""
+    """The normalised final answer of a completion: the last number inside the last answer tag
+    (None when that tag holds no number), else the GSM8K extraction of the whole text."""
     tagged = _ANSWER_TAG.findall(text)
-    if tagged:
-        return normalise_number(tagged[-1])
+    if tagged:  # the last number: "<answer>5+3=8</answer>" answers 8
+        return last_number(tagged[-1])
     return extract_gsm8k_answer(text)
 
 
