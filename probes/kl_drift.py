@@ -21,6 +21,7 @@ import numpy as np
 
 from mechinterp.analysis.divergence import answer_items, teacher_forced_kl
 from mechinterp.data import load_gsm8k
+from mechinterp.data.arithmetic import is_task
 from mechinterp.data.base import read_jsonl
 from mechinterp.data.subset import seeded_subset
 from mechinterp.errors import DataError, UserError
@@ -29,19 +30,24 @@ from mechinterp.plotting.trajectories import plot_run_lines, run_steps
 from mechinterp.probe import BaseConfig
 from mechinterp.progress import task
 from mechinterp.results import Result
+from mechinterp.training.prompts import SYSTEM_PROMPT, load_items, render_target
 
 
 @dataclass
 class Config(BaseConfig):
-    items: str = "gsm8k"  # "gsm8k" (test questions + reference solutions) or a .jsonl file
+    items: str = "gsm8k"  # "gsm8k" (test questions + reference solutions), an arithmetic task
+    # spec (its held-out items in the training format: system prompt + think/answer target), or
+    # a .jsonl file
     chat_template: bool = True  # render prompt as a user turn, answer as the assistant's reply
-    system_prompt: str = ""  # optional system turn (chat template only)
+    system_prompt: str = ""  # optional system turn (chat template only; task items: the training one)
     batch_size: int = 4
     max_length: int = 1024  # tokens per item; longer answers are cut (counted in n_truncated)
 
 
 def load_pairs(config: Config, data) -> list[tuple[str, str]]:
     """(prompt, answer) pairs from GSM8K or a JSONL file of ``{"prompt", "answer"}`` rows."""
+    if is_task(config.items):  # held-out task items with the reference solution SFT trains on
+        return [(it.question, render_target(it)) for it in load_items(config.items, data, "test")]
     if config.items == "gsm8k":
         if data is None:
             raise UserError("kl-drift on GSM8K needs a data source", "pass --data-dir")
@@ -67,8 +73,9 @@ class KLDrift:
 
     def run(self, models, data, config: Config) -> Result:
         pairs = seeded_subset(load_pairs(config, data), config.limit, config.seed)
-        items = answer_items(models.base.tokenizer, pairs, config.chat_template,
-                             config.system_prompt or None, config.max_length)
+        system = config.system_prompt or (SYSTEM_PROMPT if is_task(config.items) else None)
+        items = answer_items(models.base.tokenizer, pairs, config.chat_template, system,
+                             config.max_length)
         kl, kl_items, n_bad, sem = {}, {}, {}, {}
         with task("kl drift", len(items) * len(models.variants)) as advance:
             for name in models.variants:

@@ -54,7 +54,13 @@ def _split_solution(solution: str) -> tuple[str, str | None]:
 
 
 def load_items(data: str | None, source: DataSource, split: str = "train") -> list[QAItem]:
-    """GSM8K ``split`` from the data source (``data`` None or ``"gsm8k"``), or a JSONL file."""
+    """GSM8K ``split`` from the data source (``data`` None or ``"gsm8k"``), the synthetic
+    arithmetic task (``arithmetic[:options]``, see :mod:`mechinterp.data.arithmetic`; ``test`` is
+    its held-out split), or a JSONL file."""
+    from ..data.arithmetic import is_task, parse_task, task_items
+
+    if is_task(data):
+        return task_items(parse_task(data), "train" if split == "train" else "test")
     if data in (None, "gsm8k"):
         return [QAItem(g.question, _split_solution(g.solution)[0], g.answer)
                 for g in load_gsm8k(source, split)]

@@ -133,13 +133,14 @@ def _datasets(s: TrainSettings, data_dir, tokenizer):
     from datasets import Dataset
 
     from ..data import DataSource
+    from ..data.arithmetic import is_task
     from .drift import build_heldout
     from .prompts import grpo_rows, load_items, pick, prompt_messages, render_target, sft_rows
 
     source = DataSource.from_option(data_dir)
     items = pick(load_items(s.data, source, "train"), None, s.seed)
-    if s.data in (None, "gsm8k"):
-        held = pick(load_items("gsm8k", source, "test"), s.n_heldout, s.seed)
+    if s.data in (None, "gsm8k") or is_task(s.data):  # a held-out split of its own
+        held = pick(load_items(s.data or "gsm8k", source, "test"), s.n_heldout, s.seed)
     else:  # a JSONL file: hold its first n (shuffled) items out of training
         held, items = items[: s.n_heldout], items[s.n_heldout:]
         if not items:

@@ -1,0 +1,95 @@
+"""``task-accuracy``: in-domain accuracy on the held-out items of the training task.
+
+Greedy generation in the training prompt format, answers read as the GRPO reward reads them (see
+:mod:`mechinterp.evals.task`). Items: the held-out split of the arithmetic task (``items`` takes any
+``arithmetic:...`` spec, or ``gsm8k`` for GSM8K test questions); ``limit`` keeps a seeded subset.
+
+Result keys: ``accuracy[<model>]``, ``ci95[<model>]`` (Wilson), ``format_rate[<model>]`` (share of
+completions in the exact think/answer format), ``paired[<variant>]`` (difference to the base on the
+same items with a bootstrap interval, McNemar, flips per operation), ``n_items``, ``models``,
+``runs``; item rows in ``items_<model>.jsonl``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+
+from mechinterp.data.subset import seeded_subset
+from mechinterp.errors import UserError
+from mechinterp.evals.paired import paired_comparison
+from mechinterp.evals.stats import accuracy_summary
+from mechinterp.evals.task import score_task
+from mechinterp.plotting import new_axes
+from mechinterp.probe import BaseConfig
+from mechinterp.results import Result
+
+
+@dataclass
+class Config(BaseConfig):
+    items: str = "arithmetic"  # an arithmetic task spec (its held-out split) or "gsm8k" (test)
+    max_new_tokens: int = 48
+    batch_size: int = 16
+
+    def __post_init__(self):
+        if self.max_new_tokens <= 0 or self.batch_size <= 0:
+            raise UserError(f"task-accuracy needs positive max_new_tokens and batch_size (got "
+                            f"{self.max_new_tokens}, {self.batch_size})", "e.g. --set batch_size=16")
+
+
+def _group(question: str) -> str:
+    for op in ("+", "-", "x"):
+        if f" {op} " in question:
+            return op
+    return "all"
+
+
+class TaskAccuracy:
+    name = "task-accuracy"
+    version = "1"
+    description = "in-domain accuracy on held-out task items, training prompt format, paired"
+    Config = Config
+
+    def run(self, models, data, config: Config) -> Result:
+        from mechinterp.training.prompts import load_items
+
+        items = seeded_subset(load_items(config.items, data, "test"), config.limit, config.seed)
+        if not items:
+            raise UserError(f"no held-out items in {config.items!r}", "check the items option")
+        acc, ci, fmt, rows_by, files = {}, {}, {}, {}, {}
+        for name in models.names:
+            rows = score_task(models[name], items, config.max_new_tokens, config.batch_size)
+            s = accuracy_summary([r["correct"] for r in rows])
+            acc[name], ci[name] = s["accuracy"], s["ci95"]
+            fmt[name] = float(np.mean([r["format_ok"] for r in rows]))
+            rows_by[name] = rows
+            files[f"items_{name}.jsonl"] = "".join(json.dumps(r) + "\n" for r in rows)
+            if name != "base":
+                models.release(name)
+        groups = [_group(it.question) for it in items]
+        base_ok = [r["correct"] for r in rows_by["base"]]
+        paired = {v: paired_comparison(list(range(len(items))), groups, base_ok,
+                                       [r["correct"] for r in rows_by[v]], seed=config.seed)
+                  for v in models.variants}
+        return Result(self.name, {"items": config.items, "n_items": len(items),
+                                  "models": models.names, "runs": models.runs, "accuracy": acc,
+                                  "ci95": ci, "format_rate": fmt, "paired": paired}, files=files)
+
+    def plot(self, result: Result) -> dict:
+        d = result.data
+        names = d["models"]
+        fig, ax = new_axes(width=max(5.0, 0.55 * len(names) + 2), height=4)
+        y = np.array([d["accuracy"][n] for n in names], float)
+        lo = np.array([d["ci95"][n][0] for n in names], float)
+        hi = np.array([d["ci95"][n][1] for n in names], float)
+        ax.bar(np.arange(len(names)), y, yerr=[y - lo, hi - y], capsize=3, color="#4c72b0")
+        ax.set_xticks(np.arange(len(names)), names, rotation=45, ha="right")
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("accuracy (95% Wilson interval)")
+        ax.set_title(f"In-domain accuracy, {d['n_items']} held-out items")
+        return {"task_accuracy": fig}
+
+
+PROBE = TaskAccuracy()
