@@ -12,8 +12,8 @@ from mechinterp.models import load
 from mechinterp.models.edit import plant_change
 from mechinterp.models.modelset import ModelSet
 from mechinterp.probe import get_probe, make_config
-from mechinterp.runner import run_probe
 from mechinterp.results import read_result
+from mechinterp.runner import run_probe
 
 SUBJECTS = "world_religions,conceptual_physics"  # the shortest MMLU prompts: cheap on bytes
 
@@ -116,6 +116,53 @@ def test_cross_model_sweep_matches_one_patch_at_a_time(fresh_tiny_llama, tmp_pat
     torch.testing.assert_close(rev[0], clean_base, atol=1e-5, rtol=0)
     torch.testing.assert_close(rev[1], choice_logprobs(variant, batch)[0], atol=1e-6, rtol=0)
     assert not torch.allclose(rev[1], clean_base, atol=1e-3)
+
+
+@pytest.mark.parametrize("family", ["tiny-random-llama", "tiny-random-qwen2", "tiny-random-gpt2"])
+def test_condition_sweep_matches_row_group_sweeps(family, tmp_path, one_thread):
+    """The packed one-item sweep (tails beside one shared context, conditions entering at their
+    first changed block) gives what the plain row-group sweeps give, patches and reverts mixed,
+    token budgets small enough to split the conditions into several passes."""
+    from mechinterp.analysis.crossmodel_sweep import (
+        ChoiceBatch,
+        choice_logprobs,
+        condition_sweep,
+        cross_model_sweep,
+        item_reference,
+        item_rows,
+        mlp_matrices,
+        patch_condition,
+        revert_condition,
+        weight_revert_sweep,
+    )
+    from mechinterp.evals.loglik import Request
+
+    base = load(family, device="cpu", dtype="float32")
+    variant = load(family, device="cpu", dtype="float32")
+    mats = mlp_matrices(variant)
+    plant_change(variant, tmp_path / "v", {(1, mats[-1]): 0.8, (2, mats[0]): 0.8}, seed=2)
+    reqs = [Request("Question: the sky is\nAnswer:", (" blue", " green", " red")),
+            Request("2 + 2 =", (" 4", " five", " 22")), Request("The letter", (" A", " B", " C"))]
+    conds = [[0], [1], [2], [1, 2], [3]]
+    sites = ("mlp_out", "attn_out")
+    mixed = [patch_condition(s, c) for s in sites for c in conds] + \
+        [revert_condition(c) for c in conds]
+    for req, item in zip(reqs, item_rows(base, reqs)):
+        batch = ChoiceBatch.build(base, [req])
+        br = item_reference(base, item, capture_sites=sites)
+        vr = item_reference(variant, item, record_resid=True)
+        torch.testing.assert_close(br.scores, choice_logprobs(base, batch)[0, 0], atol=1e-5,
+                                   rtol=0)
+        torch.testing.assert_close(vr.scores, choice_logprobs(variant, batch)[0, 0], atol=1e-5,
+                                   rtol=0)
+        got = condition_sweep(base, variant, item, mixed, br, vr,
+                              token_budget=3 * item.n_tokens)
+        want = torch.cat([cross_model_sweep(base, variant, batch, s, conds)[:, 0] for s in sites]
+                         + [weight_revert_sweep(base, variant, batch, conds)[:, 0]])
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
+        # both damaged layers patched or reverted: the base comes back
+        torch.testing.assert_close(got[3], br.scores, atol=2e-5, rtol=0)
+        torch.testing.assert_close(got[-2], br.scores, atol=2e-5, rtol=0)
 
 
 def test_top_third_overlap_ignores_zero_ties():
