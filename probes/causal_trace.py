@@ -4,8 +4,9 @@ For the same known facts (``knowns/known_1000.json``) and every model of the set
 subject's input embeddings with Gaussian noise (``samples`` draws, scale ``noise_mult`` x the std
 of the model's subject-token embeddings, or the fixed ``noise_scale``), restore one clean
 activation per (token, layer) and kind (``hidden`` state; ``mlp`` / ``attn`` output over a window
-of ``window`` layers), and read the probability of the answer token (first token of
-``" " + attribute``). Facts the model does not predict (top-1) are left out unless ``keep_wrong``.
+of ``window`` layers), and read the probability of the answer token (the first token after the
+prompt's tokens in ``prompt + " " + attribute``: :func:`~mechinterp.analysis.tracing.answer_token_id`).
+Facts the model does not predict (top-1) are left out unless ``keep_wrong``.
 Engine: :mod:`mechinterp.analysis.tracing` (batched, exact).
 
 Result keys: ``aie[<model>][<kind>][<token_group>]`` (list over layers; model ``base`` or a variant),
@@ -78,7 +79,7 @@ def _top1(model, fact) -> int:
 
 class CausalTrace:
     name = "causal-trace"
-    version = "1"
+    version = "2"  # 2: answer token read after the prompt (was " " + attribute alone)
     description = "ROME causal tracing (hidden / MLP / attention restoration) per model, AIE by token"
     Config = Config
 
@@ -148,8 +149,8 @@ class CausalTrace:
             "token_groups": list(TOKEN_GROUPS), "n_layers": n_layers, "n_selected": len(facts),
             "max_fact_figures": config.max_fact_figures, "samples": config.samples,
             "window": config.window,
-            "answer": "first token of ' ' + attribute; a fact counts as known when it is the "
-                      "model's top-1 prediction",
+            "answer": "first token after the prompt's tokens in prompt + ' ' + attribute; a "
+                      "fact counts as known when it is the model's top-1 prediction",
         }, arrays)
 
     # ----- figures ---------------------------------------------------------------------------

@@ -9,10 +9,12 @@ m_variant)``, on one scale for both directions (1 = base behaviour, 0 = variant 
 Items with ``|m_base - m_variant| < min_gap`` (nats) are counted in ``n_tiny`` and left out of the
 means.
 
-Prompt sets: ``knowns`` (ROME facts; answer = first token of ``" " + attribute``) and ``mmlu``
-(0-shot; ``mmlu_answer=letter``: lm-eval's letter format, answer = the token of ``" " + gold
-letter``; ``mmlu_answer=text``: ``Question: ...\\nAnswer:``, answer = first token of ``" " + gold
-choice text``). ``limit`` items per set (seeded).
+Prompt sets: ``knowns`` (ROME facts; answer = ``attribute``) and ``mmlu`` (0-shot;
+``mmlu_answer=letter``: lm-eval's letter format, answer = the gold letter; ``mmlu_answer=text``:
+``Question: ...\\nAnswer:``, answer = the gold choice text). The answer token is the first token
+after the prompt's tokens in ``prompt + " " + answer``
+(:func:`~mechinterp.analysis.tracing.answer_token_id`; not ``" " + answer`` encoded alone, a lone
+``"▁"`` for SentencePiece tokenizers). ``limit`` items per set (seeded).
 
 Result keys: ``recovery[<variant>][<site>][<direction>]`` (list over layers, mean over prompts of
 all sets), ``n_prompts``; also ``recovery_by_set``, ``n_tiny``, ``logprob`` (base/variant means),
@@ -34,7 +36,7 @@ from mechinterp.analysis.crossmodel import (
     normalised_recovery,
     plain_logprobs,
 )
-from mechinterp.analysis.tracing import windows
+from mechinterp.analysis.tracing import answer_token_id, windows
 from mechinterp.data import load_knowns, load_mmlu
 from mechinterp.data.mmlu import LETTERS
 from mechinterp.errors import UserError
@@ -83,14 +85,14 @@ def prompts_for(data, config: Config, tokenizer) -> dict[str, list[tuple[str, in
             pairs = [mmlu_prompt(it, config.mmlu_answer) for it in items]
         else:
             raise UserError(f"unknown prompt set {name!r}", f"use {', '.join(PROMPT_SETS)}")
-        out[name] = [(p, tokenizer(" " + a.strip(), add_special_tokens=False)["input_ids"][0])
-                     for p, a in pairs]
+        out[name] = [(p, answer_token_id(tokenizer, p, a, f"{name} prompt {i}"))
+                     for i, (p, a) in enumerate(pairs)]
     return out
 
 
 class MLPPatching:
     name = "mlp-patching"
-    version = "1"
+    version = "2"  # 2: answer token read after the prompt (was " " + answer alone)
     description = "cross-model activation patching (base <-> variant) per layer and site"
     Config = Config
 

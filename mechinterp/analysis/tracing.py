@@ -13,9 +13,10 @@ For one fact (a prompt, the subject inside it, the answer):
 
 Indirect effect = restored - corrupted probability.
 
-The answer token is the first token of ``" " + attribute`` (the gold attribute of the fact, not
-the ``prediction`` field, which is GPT-2 XL's continuation). A model "knows" a fact when that
-token is its top-1 prediction after the clean prompt.
+The answer token is the first token after the prompt's tokens in ``prompt + " " + attribute``
+(:func:`answer_token_id`; the gold attribute of the fact, not the ``prediction`` field, which is
+GPT-2 XL's continuation). A model "knows" a fact when that token is its top-1 prediction after the
+clean prompt.
 
 Fast engine (:func:`trace_fact`). Restoring at (``t``, ``L``) cannot change positions ``< t`` (the
 model is causal) nor anything before the first layer it touches. So one *recording* run of the
@@ -91,11 +92,32 @@ def prepare_fact(tokenizer, prompt: str, subject: str, answer: str, name: str) -
     if not inside:
         raise UserError(f"fact {name}: no token of the prompt covers the subject {subject!r}",
                         "check the tokenizer's offsets for this prompt")
-    answer_ids = tokenizer(" " + answer.strip(), add_special_tokens=False)["input_ids"]
-    if not answer_ids:
-        raise UserError(f"fact {name}: empty answer", "give every fact an attribute")
+    answer_id = answer_token_id(tokenizer, prompt, answer, name=f"fact {name}")
     tokens = [tokenizer.decode([i]) for i in ids]
-    return FactInput(name, ids, (inside[0], inside[-1] + 1), int(answer_ids[0]), tokens)
+    return FactInput(name, ids, (inside[0], inside[-1] + 1), answer_id, tokens)
+
+
+def answer_token_id(tokenizer, prompt: str, answer: str, name: str = "an item") -> int:
+    """The token a model must predict after ``prompt`` to start ``answer``: ``prompt + " " +
+    answer`` is tokenised whole and the first token after the prompt's own tokens is taken.
+
+    Encoding ``" " + answer`` alone is wrong for SentencePiece tokenizers (Llama-2, Mistral): the
+    dummy prefix makes it ``["▁", "▁Paris"]``, and a lone ``"▁"`` is never the prediction. Special
+    tokens are left out of both encodings (they do not move the boundary). A prompt whose tokens
+    change when the answer follows (e.g. one ending in a space that merges with the answer) has
+    no such token: :class:`UserError`.
+    """
+    answer = answer.strip()
+    if not answer:
+        raise UserError(f"{name}: empty answer", "give every item an answer")
+    sep = "" if prompt[-1:].isspace() else " "
+    p_ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    whole = list(tokenizer(prompt + sep + answer, add_special_tokens=False)["input_ids"])
+    if whole[:len(p_ids)] != p_ids or len(whole) <= len(p_ids):
+        raise UserError(f"{name}: the prompt's tokens change when the answer {answer!r} follows "
+                        f"({prompt[-30:]!r})", "end the prompt where a token boundary falls "
+                        "(e.g. without a trailing space)")
+    return int(whole[len(p_ids)])
 
 
 def embedding_std(model: LoadedModel, facts: list[FactInput]) -> float:

@@ -44,3 +44,36 @@ def build_tiny_tokenizer(vocab_size: int = 512):
     )
     fast.chat_template = CHAT_TEMPLATE
     return fast
+
+
+def build_tiny_sentencepiece_tokenizer(vocab_size: int = 400):
+    """A Llama-2/Mistral-style tokenizer (SentencePiece conventions, as their ``tokenizer.json``
+    files encode them): a ``"▁"`` dummy prefix is prepended to every text and spaces become
+    ``"▁"`` before BPE, pieces start at each ``"▁"``, BOS ``<s>`` is added. So ``" Paris"`` alone
+    encodes as ``["▁", "▁Par", "is"]``, while ``"... is Paris"`` ends in ``"▁Par", "is"``.
+    """
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>", fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=True)
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  show_progress=False)
+    letters = " ".join("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789")
+    tok.train_from_iterator([_CORPUS] * 4 + [letters] * 8, trainer=trainer)  # "▁X" for each X
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", pad_token="</s>")
