@@ -119,3 +119,47 @@ def test_probe_counts_nonfinite_items_and_reads_a_jsonl(tmp_path):
     assert res["kl_items"]["nan"][0] == 0.0 and not np.isfinite(res["kl_items"]["nan"][1])
     assert res["kl"]["nan"] == 0.0 and res["kl"]["same"] == 0.0
     assert res["n_items"] == 2
+
+
+def _bf16_pair():
+    from mechinterp.models import load
+
+    m = load("tiny-random-llama", device="cpu", dtype="float32")
+    base = m.hf
+    with torch.no_grad():  # realistic logit sizes (tens of nats), so bf16 rounding of logits bites
+        base.get_output_embeddings().weight.mul_(3.0)
+    variant = _perturbed(base, scale=0.05, seed=3)
+    return m.tokenizer, base.to(torch.bfloat16), variant.to(torch.bfloat16)
+
+
+def _reference_from_hidden(model, ids, attn, pred) -> torch.Tensor:
+    """float64 log-softmax of (final-norm output, as the bf16 model computes it) x unembedding."""
+    with torch.no_grad():
+        h = model.base_model(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state
+        w = model.get_output_embeddings().weight
+        return torch.log_softmax(h[pred].double() @ w.double().T, -1)
+
+
+def test_bf16_models_get_float32_output_layer_and_log_softmax():
+    from mechinterp.analysis.divergence import answer_log_probs
+
+    tok, base, variant = _bf16_pair()
+    items = answer_items(tok, PAIRS[:3])
+    (_, ids, attn, pred), = items.batches(8)
+    with torch.no_grad():
+        got = answer_log_probs(base, ids, attn, pred)
+    want = _reference_from_hidden(base, ids, attn, pred)
+    assert got.dtype == torch.float32
+    with torch.no_grad():  # what reading the bf16 logits gives
+        bf16 = torch.log_softmax(base(input_ids=ids, attention_mask=attn).logits[pred].float(), -1)
+    assert (bf16.double() - want).abs().max() > 1e-2  # the old path: bf16-rounded logits
+    assert (got.double() - want).abs().max() < 1e-4
+    # and the KL of the two bf16 models against the float64 reference of the same hidden states
+    kl = teacher_forced_kl(base, variant, items, batch_size=2)
+    wv = _reference_from_hidden(variant, ids, attn, pred)
+    per_pos = (want.exp() * (want - wv)).sum(-1)
+    rows = pred.nonzero()[:, 0]
+    ref = torch.zeros(3, dtype=torch.float64).index_add_(0, rows, per_pos) / torch.bincount(rows)
+    assert ref.min() > 1e-2
+    np.testing.assert_allclose(kl.numpy(), ref.numpy(), rtol=1e-4)
+

@@ -24,6 +24,7 @@ import torch
 from jaxtyping import Float
 
 from ..errors import UserError
+from ..models.unembed import final_hidden, log_probs_fp32
 
 
 @dataclass(frozen=True)
@@ -142,7 +143,8 @@ def teacher_forced_kl(base, variant, items: TokenisedItems | Sequence[tuple[str,
     ``base`` / ``variant``: :class:`~mechinterp.models.loaded.LoadedModel` or Hugging Face causal
     LMs with the same vocabulary. ``items``: pre-tokenised, or (prompt, answer) pairs rendered with
     :func:`answer_items` and ``tokenizer`` (default: the base's). Distributions are computed in
-    float32 from the models' logits. ``progress(n)`` is called with the number of items done.
+    float32 (output layer and log-softmax) whatever the models' dtype. ``progress(n)`` is called
+    with the number of items done.
     """
     if not isinstance(items, TokenisedItems):
         tok = tokenizer if tokenizer is not None else getattr(base, "tokenizer", None)
@@ -171,7 +173,11 @@ def kl_rows(lb: torch.Tensor, lv: torch.Tensor) -> torch.Tensor:
 
 
 def answer_log_probs(model: torch.nn.Module, ids, attn, pred) -> torch.Tensor:
-    """log-softmax (float32) of the logits at the answer-predicting positions, (positions, vocab)."""
+    """log-softmax at the answer-predicting positions, (positions, vocab), float32 on the CPU.
+
+    Only those positions are unembedded, and in float32 whatever the model's dtype
+    (:func:`~mechinterp.models.unembed.log_probs_fp32`: final hidden states x unembedding).
+    """
     dev = model_device(model)
-    logits = model(input_ids=ids.to(dev), attention_mask=attn.to(dev), use_cache=False).logits
-    return torch.log_softmax(logits[pred.to(dev)].float(), dim=-1).cpu()
+    hidden = final_hidden(model, ids.to(dev), attn.to(dev), use_cache=False)
+    return log_probs_fp32(model, hidden[pred.to(dev)]).cpu()
