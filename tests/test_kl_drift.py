@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 
 import numpy as np
 import pytest
@@ -163,3 +164,31 @@ def test_bf16_models_get_float32_output_layer_and_log_softmax():
     assert ref.min() > 1e-2
     np.testing.assert_allclose(kl.numpy(), ref.numpy(), rtol=1e-4)
 
+
+def test_minus_inf_logits_give_zero_terms_not_nan():
+    from mechinterp.analysis.divergence import kl_rows
+    from mechinterp.models import load
+
+    lb = torch.log_softmax(torch.tensor([[0.0, 1.0, -float("inf")], [2.0, -float("inf"), 0.0]]), -1)
+    lv = torch.log_softmax(torch.tensor([[1.0, 0.0, -float("inf")], [0.0, 0.5, 0.0]]), -1)
+    want = [sum(math.exp(b) * (b - v) for b, v in zip(rb, rv) if b != -math.inf)
+            for rb, rv in zip(lb.tolist(), lv.tolist())]
+    np.testing.assert_allclose(kl_rows(lb, lv).numpy(), want, rtol=1e-6)
+    # p_variant = 0 where p_base > 0: KL is +inf (not NaN); NaN inputs stay NaN
+    assert kl_rows(lv[1:], lb[1:]).item() == math.inf
+    assert math.isnan(kl_rows(torch.tensor([[float("nan"), 0.0]]), torch.zeros(1, 2)).item())
+    # end to end: both models give -inf logits to some tokens (a masked vocabulary)
+    m = load("tiny-random-llama", device="cpu", dtype="float32")
+    tok, hf = m.tokenizer, m.hf
+    head = hf.get_output_embeddings()
+    masked = torch.nn.Linear(head.in_features, head.out_features, bias=True)
+    with torch.no_grad():
+        masked.weight.copy_(head.weight)
+        masked.bias.zero_()
+        masked.bias[:7] = -float("inf")
+    hf.set_output_embeddings(masked)
+    variant = _perturbed(hf, seed=2)
+    with torch.no_grad():
+        variant.get_output_embeddings().bias.copy_(masked.bias)
+    kl = teacher_forced_kl(hf, variant, answer_items(tok, PAIRS[:2]))
+    assert torch.isfinite(kl).all() and (kl > 0).all(), kl

@@ -168,8 +168,14 @@ def teacher_forced_kl(base, variant, items: TokenisedItems | Sequence[tuple[str,
 
 
 def kl_rows(lb: torch.Tensor, lv: torch.Tensor) -> torch.Tensor:
-    """``sum_v p_b (log p_b - log p_v)`` per row of two log-prob tensors ``(rows, vocab)``."""
-    return (lb.exp() * (lb - lv)).sum(-1)
+    """``sum_v p_b (log p_b - log p_v)`` per row of two log-prob tensors ``(rows, vocab)``.
+
+    Terms with ``p_b = 0`` are 0 (``0 log 0 = 0``, also where both models give a token ``-inf``);
+    ``p_b > 0 = p_v`` gives ``+inf``; NaN inputs stay NaN.
+    """
+    p = lb.exp()
+    return torch.where(p == 0, torch.zeros((), dtype=p.dtype, device=p.device),
+                       p * (lb - lv)).sum(-1)
 
 
 def answer_log_probs(model: torch.nn.Module, ids, attn, pred) -> torch.Tensor:
