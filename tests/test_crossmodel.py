@@ -100,7 +100,7 @@ def test_normalised_recovery_by_hand():
 def test_probe_finds_the_planted_layers_and_redraws(pair, tmp_path, data_source):
     from mechinterp.models.modelset import ModelSet
     from mechinterp.probe import get_probe, make_config
-from mechinterp.runner import redraw, run_probe
+    from mechinterp.runner import redraw, run_probe
 
     _, _, folder = pair
     models = ModelSet("tiny-random-llama", {"planted": str(folder)}, device="cpu",
