@@ -109,8 +109,7 @@ class MLPPatching:
         conds = [windows(layer, n, config.window) if config.window > 1 else [layer]
                  for layer in range(n)]
         sets = prompts_for(data, config, base.tokenizer)
-        tok = base.tokenizer
-        tok.padding_side = "right"
+        tok = base.tokenizer  # shared: padded right per call below, its setting left alone
         per_set: dict = {}
         logprob: dict = {}
         n_tiny: dict = {}
@@ -126,7 +125,8 @@ class MLPPatching:
                     mb, mv = [], []
                     for a in range(0, len(items), config.batch_size):
                         batch = items[a:a + config.batch_size]
-                        enc = tok([p for p, _ in batch], return_tensors="pt", padding=True)
+                        enc = tok([p for p, _ in batch], return_tensors="pt", padding=True,
+                                  padding_side="right")
                         ids, mask = enc["input_ids"], enc["attention_mask"]
                         pos = last_positions(mask)
                         ans = torch.tensor([x for _, x in batch])

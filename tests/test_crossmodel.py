@@ -125,3 +125,23 @@ def test_probe_finds_the_planted_layers_and_redraws(pair, tmp_path, data_source)
         png.unlink()
     written = redraw(tmp_path)
     assert any(p.name == "recovery_per_layer.png" for p in written)
+
+
+def test_probe_leaves_the_shared_tokenizer_padding_side_alone(pair, data_source):
+    """mlp-patching pads right for itself; the tokenizer the models share keeps its setting."""
+    from mechinterp.models.modelset import ModelSet
+    from mechinterp.probe import get_probe, make_config
+    from mechinterp.runner import run_probe
+
+    _, _, folder = pair
+    probe = get_probe("mlp-patching")
+    cfg = make_config(probe, {"prompt_sets": "knowns", "sites": "mlp"}, seed=0, limit=3)
+    got = {}
+    for side in ("left", "right"):
+        models = ModelSet("tiny-random-llama", {"planted": str(folder)}, device="cpu",
+                          dtype="float32")
+        tok, vtok = models.base.tokenizer, models["planted"].tokenizer
+        tok.padding_side = vtok.padding_side = side
+        got[side] = run_probe(probe, models, data_source, cfg).data["recovery"]["planted"]
+        assert tok.padding_side == side and vtok.padding_side == side
+    assert got["left"] == got["right"]  # the probe's own padding does not depend on the setting
