@@ -188,13 +188,23 @@ def demo(
 
 
 def quiet_library_bars() -> None:
-    """transformers draws a bar per model load ("Loading weights"); ours say what is going on."""
+    """transformers draws a bar per model load ("Loading weights"), datasets one per map (TRL's
+    tokenising), and transformers warns of its own renamed options on every trainer: ours say
+    what is going on instead."""
     import os
+    import warnings
 
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    try:
+        import datasets
+
+        datasets.disable_progress_bars()
+    except ImportError:  # pragma: no cover - datasets is a dependency
+        pass
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\..*")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,7 +15,8 @@ import typer
 from .cli_options import DataDir, Device, Dtype, Out, Variant
 from .errors import UserError
 
-eval_app = typer.Typer(help="Benchmarks: MMLU (lm-eval letter format, cloze) and GSM8K.",
+eval_app = typer.Typer(help="Benchmarks: MMLU (lm-eval letter format, cloze), GSM8K, and the "
+                       "in-domain task (held-out items in the training format).",
                        no_args_is_help=True)
 
 Model = Annotated[str, typer.Option("--model", "-m", help="Model spec: zoo name, folder, .gguf "
@@ -100,3 +101,24 @@ def gsm8k(
     _run("gsm8k", model, variant, data_dir, out, device, dtype, limit, seed,
          {"shots": shots, "chat": chat, "max_new_tokens": max_new_tokens,
           "batch_size": batch_size})
+
+
+@eval_app.command("task")
+def task(
+    model: Model = "smollm2-135m-instruct",
+    variant: Variant = None,
+    items: Annotated[str, typer.Option(help="Task spec: arithmetic[:ops=+x,min=0,max=9,...] (its "
+                                       "held-out split) or gsm8k (test split).")] = "arithmetic",
+    max_new_tokens: Annotated[int, typer.Option(help="Generation length.")] = 48,
+    batch_size: Annotated[int, typer.Option(help="Prompts per generate call.")] = 16,
+    limit: Limit = None,
+    seed: Seed = 0,
+    data_dir: DataDir = None,
+    out: Out = Path("results"),
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+) -> None:
+    """In-domain accuracy: greedy answers to held-out task items in the training prompt format,
+    scored like the GRPO reward; with --variant, paired against the base on the same items."""
+    _run("task-accuracy", model, variant, data_dir, out, device, dtype, limit, seed,
+         {"items": items, "max_new_tokens": max_new_tokens, "batch_size": batch_size})

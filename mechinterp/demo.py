@@ -35,7 +35,7 @@ class DemoPreset:
 
 
 DEMO_PRESETS: dict[str, DemoPreset] = {
-    "smoke": DemoPreset("cpu-demo", "smoke", dict(max_steps=2, checkpoints=2, n_heldout=4)),
+    "smoke": DemoPreset("cpu-demo", "smoke", dict(max_steps=2, checkpoints=1, n_heldout=4)),
     "default": DemoPreset("cpu-demo", "default"),
     "paper": DemoPreset(None, "paper", dict(data="arithmetic:max=99")),
 }

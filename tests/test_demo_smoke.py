@@ -1,0 +1,67 @@
+"""The README's main command at the smoke preset, end to end on the real default model: three
+trained runs, every probe, claims, report; the claim tests agree with claims.json; a re-run of
+compare into the same folder reuses every result."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from mechinterp.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory, data_source):
+    out = tmp_path_factory.mktemp("demo") / "results"
+    assert main(["demo", "--preset", "smoke", "--out", str(out)]) == 0
+    return out
+
+
+def test_demo_trains_three_runs_and_writes_the_report(demo_dir):
+    for name, algo in (("sft", "sft"), ("grpo", "grpo"), ("sft-frozen", "sft")):
+        run = demo_dir / "models" / name
+        summary = json.loads((run / "train-summary.json").read_text())
+        assert summary["algorithm"] == algo and summary["steps"] == 2
+        assert (run / "config.json").exists() and (run / "training-drift" / "result.json").exists()
+    claims = json.loads((demo_dir / "claims.json").read_text())
+    assert sorted(claims) == [f"C{i}" for i in range(1, 9)]
+    assert all(c["held"] in (True, False, None) and c["statement"] for c in claims.values())
+    # C1 and C3 need only weight-change, which always runs: they must be decided
+    assert claims["C1"]["held"] is not None and claims["C3"]["held"] is not None
+    page = (demo_dir / "report.html").read_text()
+    assert page.count("data:image/png;base64,") >= 8
+    assert not re.search(r"""(src|href)=["']https?:""", page)
+    for probe in ("weight-change", "kl-drift", "task-accuracy", "mmlu", "attention-shift",
+                  "mlp-patching", "causal-trace", "damage-attribution"):
+        assert (demo_dir / probe / "result.json").exists(), probe
+        assert f"<h2 id='{probe}'>" in page
+
+
+def test_claim_tests_agree_with_claims_json(demo_dir):
+    claims = json.loads((demo_dir / "claims.json").read_text())
+    env = dict(os.environ, MECHINTERP_PROGRESS="0")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "--pyargs", "probes.claims", "-v",
+                           "-p", "no:cacheprovider", "--mi-results", str(demo_dir)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    outcome = {}
+    for line in proc.stdout.splitlines():
+        m = re.search(r"test_claim\[c(\d)_\w+\] (PASSED|FAILED|SKIPPED)", line)
+        if m:
+            outcome[f"C{m.group(1)}"] = m.group(2)
+    want = {cid: {True: "PASSED", False: "FAILED", None: "SKIPPED"}[c["held"]]
+            for cid, c in claims.items()}
+    assert outcome == want, proc.stdout[-3000:]
+
+
+def test_compare_again_reuses_every_result(demo_dir, capsys):
+    variants = [f"--variant={n}={demo_dir / 'models' / n}" for n in ("sft", "grpo", "sft-frozen")]
+    assert main(["compare", *variants, "--preset", "smoke", "--out", str(demo_dir)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("reusing") == 8, out
