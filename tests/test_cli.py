@@ -52,6 +52,55 @@ def test_bad_input_one_line_exit_2(tmp_path, corrupt_dir, capsys):
         assert not (tmp_path / "out").exists()
 
 
+class _FailsMidway:
+    """A probe that does part of its work, then finds bad input (as real probes do mid-run)."""
+
+    name = "fails-midway"
+    version = "1"
+    description = "raises a UserError after its first item"
+
+    def __init__(self):
+        from dataclasses import make_dataclass
+
+        from mechinterp.probe import BaseConfig
+
+        self.Config = make_dataclass("Config", [], bases=(BaseConfig,))
+        self.reached: list[int] = []
+
+    def run(self, models, data, config):
+        from mechinterp.errors import UserError
+
+        for i in range(3):
+            self.reached.append(i)
+            models.base.hf(**models.base.encode("The capital of France is"))
+            if i == 1:
+                raise UserError(f"item {i} is malformed", "fix the item")
+        raise AssertionError("not reached")
+
+    def plot(self, result):
+        return {}
+
+
+def test_a_probe_failing_inside_run_leaves_no_result(tmp_path, capsys, monkeypatch):
+    import probes
+
+    probe = _FailsMidway()
+    monkeypatch.setitem(probes.BUILTIN, probe.name, probe)
+    out = tmp_path / "out"
+    cases = [(["run", probe.name, "--base", "tiny-random-llama", "--out", str(out)],
+              "item 1 is malformed"),
+             # a built-in probe's own check, inside its run (models loaded, data opened)
+             (["run", "mlp-patching", "--base", "tiny-random-llama", "--out", str(out)],
+              "mlp-patching compares models")]
+    for args, needle in cases:
+        code, err = _run(capsys, args)
+        assert code == 2, (args, err)
+        assert err.startswith("mechinterp: error:") and needle in err, (args, err)
+        assert len(err.splitlines()) == 1 and "Traceback" not in err
+        assert not list(tmp_path.rglob("result.json")), (args, list(tmp_path.rglob("*")))
+    assert probe.reached == [0, 1]  # the run really started and stopped midway
+
+
 def test_console_script_exit_code_and_stderr(tmp_path):
     """The installed entry point behaves the same from a shell."""
     proc = subprocess.run([sys.executable, "-m", "mechinterp.cli", "run", "weight-change",
