@@ -167,3 +167,22 @@ def test_token_groups_and_aie_by_hand():
     vals = np.array([fa_further, [0.7, 0.7]])
     half = 1.96 * vals.std(0, ddof=1) / np.sqrt(2)
     np.testing.assert_allclose(out["further"]["hi"], vals.mean(0) + half)
+
+
+def test_embedding_std_by_hand():
+    """Std (n - 1, as ROME's torch.std) of all coordinates of the subject tokens' embeddings,
+    each occurrence counted; tokens outside the subjects do not enter."""
+    from types import SimpleNamespace
+
+    emb = torch.nn.Embedding(5, 2)
+    with torch.no_grad():
+        emb.weight.copy_(torch.tensor([[0.0, 0.0], [1.0, 3.0], [2.0, -2.0], [4.0, 4.0],
+                                       [9.0, 9.0]]))
+    model = SimpleNamespace(hf=SimpleNamespace(get_input_embeddings=lambda: emb))
+    facts = [FactInput("a", [0, 1, 2, 3], (1, 3), 0, []),  # tokens 1, 2
+             FactInput("b", [4, 3, 1], (1, 2), 0, []),  # token 3
+             FactInput("c", [1, 4], (0, 1), 0, [])]  # token 1 again
+    # values 1 3 2 -2 4 4 1 3: mean 2, squared deviations 1 1 0 16 4 4 1 1 = 28, / 7 = 4
+    assert embedding_std(model, facts) == pytest.approx(2.0, abs=1e-12)
+    # one fact: values 1 3 2 -2, mean 1, squared deviations 0 4 1 9 = 14, / 3
+    assert embedding_std(model, facts[:1]) == pytest.approx((14 / 3) ** 0.5, abs=1e-12)
