@@ -131,3 +131,43 @@ def test_probe_on_tiny_model_with_data(tmp_path, data_source):
     assert js.shape == (4, 4) and res["n_prompts"] == 4
     assert np.all(js[:2] == 0.0) and np.all(js[2] > 0)
     assert set(res.data) >= {"js", "entropy_change", "first_token_mass_change"}
+
+
+def _h(*p):
+    return -sum(x * math.log(x) for x in p if x > 0)
+
+
+def test_entropy_sign_and_first_key_on_hand_built_patterns(monkeypatch):
+    """attention_shift's aggregation on patterns built by hand: entropy_change = H(variant) -
+    H(base) (> 0 when the variant spreads out), first_token_mass_change reads KEY 0, query row 0
+    and padded query rows are left out, prompts weigh the same."""
+    import mechinterp.analysis.attention as A
+
+    base_pat = torch.tensor([[  # prompt 0 (3 tokens): head 0, head 1; rows are queries
+        [[1, 0, 0], [1, 0, 0], [1, 0, 0]],
+        [[1, 0, 0], [.5, .5, 0], [.2, .3, .5]]],
+        [  # prompt 1 (2 tokens + 1 pad): the pad query rows differ between models
+        [[1, 0, 0], [1, 0, 0], [.5, .5, 0]],
+        [[1, 0, 0], [.5, .5, 0], [.5, .5, 0]]]], dtype=torch.float32)
+    var_pat = torch.tensor([[
+        [[0, 0, 1], [.5, .5, 0], [1 / 3, 1 / 3, 1 / 3]],  # row 0 changed: must not count
+        [[1, 0, 0], [0, 1, 0], [.6, .3, .1]]],
+        [
+        [[1, 0, 0], [1, 0, 0], [0, 0, 1]],
+        [[1, 0, 0], [.5, .5, 0], [0, 1, 0]]]], dtype=torch.float32)
+    base, variant = torch.nn.Linear(1, 1), torch.nn.Linear(1, 1)
+    monkeypatch.setattr(A, "attention_patterns",
+                        lambda m, ids, attn: [base_pat if m is base else var_pat])
+    shift = A.attention_shift(base, variant, [[5, 6, 7], [5, 6]], batch_size=2)
+    # prompt 1 is unchanged, so each value is half of prompt 0's mean over query rows 1 and 2
+    h0 = ((_h(.5, .5) - 0) + (_h(1 / 3, 1 / 3, 1 / 3) - 0)) / 2 / 2
+    h1 = ((0 - _h(.5, .5)) + (_h(.6, .3, .1) - _h(.2, .3, .5))) / 2 / 2
+    np.testing.assert_allclose(shift.entropy_change[0], [h0, h1], rtol=1e-6)
+    assert shift.entropy_change[0, 0] > 0  # attention spread out: entropy up
+    assert shift.entropy_change[0, 1] < 0  # attention sharpened: entropy down
+    # key 0: head 0 (.5 - 1) + (1/3 - 1); head 1 (0 - .5) + (.6 - .2)  (the last key moved -.4)
+    np.testing.assert_allclose(shift.first_token_mass_change[0],
+                               [((.5 - 1) + (1 / 3 - 1)) / 4, ((0 - .5) + (.6 - .2)) / 4],
+                               rtol=1e-6)
+    assert np.isfinite(shift.js).all() and shift.js[0, 0] > shift.js[0, 1] > 0
+    assert shift.n_prompts == 2
