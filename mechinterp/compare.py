@@ -29,21 +29,24 @@ class Step:
     probe: str
     options: dict[str, Any]
     checkpoints: bool = False  # True: every checkpoint of every run; False: final models only
+    kinds: tuple[str, ...] | None = None  # only variants of these kinds (None: all variants)
 
 
 def _plan(n_mmlu: int, n_task: int | None, n_facts: int, samples: int, n_patch: int,
-          n_damage: int, max_failures: int, n_attn: int) -> list[Step]:
+          n_damage: int, max_failures: int, n_attn: int, sparsity: bool = True) -> list[Step]:
     task = "arithmetic"
     return [
-        Step("weight-change", {}, checkpoints=True),
+        Step("weight-change", {"sparsity": sparsity}, checkpoints=True),
         Step("kl-drift", {"items": task, "limit": n_task}, checkpoints=True),
         Step("task-accuracy", {"items": task, "limit": n_task}, checkpoints=True),
         Step("mmlu", {"formats": ["cloze"], "limit": n_mmlu}, checkpoints=True),
         Step("attention-shift", {"n_mmlu": n_attn, "n_knowns": n_attn, "max_tokens": 128}),
         Step("mlp-patching", {"prompt_sets": ["knowns"], "limit": n_patch}),
         Step("causal-trace", {"limit": n_facts, "samples": samples, "max_fact_figures": 2}),
+        # the costliest probe, and C8 asks it of SFT only
         Step("damage-attribution", {"format": "cloze", "limit": n_damage,
-                                    "max_failures": max_failures, "n_control": 4}),
+                                    "max_failures": max_failures, "n_control": 4},
+             kinds=("sft",)),
     ]
 
 
@@ -51,9 +54,9 @@ def _plan(n_mmlu: int, n_task: int | None, n_facts: int, samples: int, n_patch: 
 #: CPU study (MMLU cloze on a fixed stratified sample); ``paper`` is sized for a GPU.
 PLANS: dict[str, list[Step]] = {
     "smoke": _plan(n_mmlu=8, n_task=8, n_facts=1, samples=2, n_patch=2, n_damage=8,
-                   max_failures=2, n_attn=2),
-    "default": _plan(n_mmlu=100, n_task=None, n_facts=4, samples=3, n_patch=8, n_damage=40,
-                     max_failures=12, n_attn=8),
+                   max_failures=2, n_attn=2, sparsity=False),
+    "default": _plan(n_mmlu=100, n_task=None, n_facts=4, samples=3, n_patch=8, n_damage=32,
+                     max_failures=8, n_attn=8),
     "paper": _plan(n_mmlu=2000, n_task=None, n_facts=100, samples=10, n_patch=64, n_damage=1000,
                    max_failures=64, n_attn=64),
 }
@@ -210,6 +213,13 @@ def compare(base: str, variants: dict[str, str], out: Path, data_dir=None,
     for i, step in enumerate(plan, 1):
         probe = get_probe(step.probe)
         models = runs if step.checkpoints else finals
+        if step.kinds is not None:
+            keep = {n: v.final for n, v in info.items() if v.kind in step.kinds}
+            if not keep:
+                echo(f"[compare {i}/{len(plan)}] {step.probe}: skipped (no "
+                     f"{'/'.join(step.kinds)} variant)")
+                continue
+            models = ModelSet(base, keep, check=False, **kw)
         config = make_config(probe, {k: v for k, v in step.options.items() if v is not None})
         t0 = time.perf_counter()
         echo(f"[compare {i}/{len(plan)}] {step.probe} on "

@@ -67,7 +67,7 @@ def load_pairs(config: Config, data) -> list[tuple[str, str]]:
 
 class KLDrift:
     name = "kl-drift"
-    version = "1"
+    version = "2"
     description = "teacher-forced KL(base || variant) on prompts with reference answers (GSM8K)"
     Config = Config
 

@@ -1,0 +1,60 @@
+"""compare on tiny models with planted changes of known size: roles from names, claims decided
+from what was planted, a second run reuses every result, a changed variant is recomputed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mechinterp.compare import compare, load_study
+from mechinterp.errors import UserError
+
+PROBES = ["weight-change", "kl-drift", "task-accuracy", "mmlu"]
+
+
+@pytest.fixture(scope="module")
+def variants(tmp_path_factory):
+    from mechinterp.models import load
+    from mechinterp.models.edit import plant_change
+
+    root = tmp_path_factory.mktemp("cmp")
+    out = {}
+    for name, rel in (("sft", 0.2), ("grpo", 0.01)):
+        model = load("tiny-random-llama", device="cpu", dtype="float32")
+        edits = {(layer, m): rel * (1.5 if m == "gate" else 1.0)
+                 for layer in range(model.n_layers) for m in ("q", "k", "gate")}
+        out[name] = str(plant_change(model, root / name, edits, seed=1))
+    return out
+
+
+def test_compare_decides_weight_claims_and_reuses(variants, tmp_path, data_source, one_thread):
+    said: list[str] = []
+    study = compare("tiny-random-llama", variants, tmp_path, preset="smoke", probes=PROBES,
+                    echo=said.append)
+    claims = {c["id"]: c for c in study.claims}
+    c1 = claims["C1"]
+    assert c1["held"] is True
+    # planted: q, k (and gate 1.5x) moved by 0.2 vs 0.01 in every layer, nothing else -> ratio 20
+    assert c1["numbers"]["ratio_sft_over_grpo"] == pytest.approx(20.0, rel=1e-3)
+    assert claims["C3"]["held"] is False  # gate moved most: the top two are gate and q
+    assert claims["C3"]["numbers"]["sft"]["top_two"][0] == "gate"
+    assert claims["C6"]["held"] is None and "sft-frozen" in claims["C6"]["statement"]
+    stored = json.loads((tmp_path / "claims.json").read_text())
+    assert stored["C1"]["held"] is True and stored["C6"]["held"] is None
+    assert (tmp_path / "report.html").exists() and (tmp_path / "report.md").exists()
+    again: list[str] = []
+    compare("tiny-random-llama", variants, tmp_path, preset="smoke", probes=PROBES,
+            echo=again.append)
+    assert sum("reusing" in m for m in again) == len(PROBES)
+    loaded = load_study(tmp_path)
+    assert set(loaded.results) == set(PROBES) and loaded.role("grpo") == "grpo"
+
+
+def test_compare_refuses_bad_input(variants, tmp_path, data_source):
+    with pytest.raises(UserError, match="at least one --variant"):
+        compare("tiny-random-llama", {}, tmp_path)
+    with pytest.raises(UserError, match="unknown compare preset"):
+        compare("tiny-random-llama", variants, tmp_path, preset="huge")
+    with pytest.raises(UserError, match="no step"):
+        compare("tiny-random-llama", variants, tmp_path, probes=["weight-chnge"])
