@@ -81,7 +81,7 @@ PAPER: dict[str, dict[str, Any]] = {
 #: prompt at temperature 1.0 (the task is calibrated so most groups of 4 differ in reward).
 CPU_DEMO_COMMON = dict(data="arithmetic", max_steps=24, learning_rate=2e-5,
                        lr_scheduler_type="constant", warmup_ratio=0.0, max_grad_norm=1.0,
-                       checkpoints=4, n_heldout=32, heldout_max_length=256,
+                       checkpoints=3, n_heldout=32, heldout_max_length=256,
                        gradient_checkpointing=False)
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
