@@ -1,22 +1,47 @@
 """``damage-attribution``: which layers' MLPs carry the damage behind the MMLU items a variant breaks.
 
-Items the base answers correctly and the variant does not (failures), plus a control set both get
-right, all in lm-eval's letter format. For every layer (and every window of ``window`` consecutive
-layers) the base's activation at a site (``mlp_out``; ``attn_out`` for comparison) is patched into
-the variant at all positions; we record the share of failures that flip back to the gold answer and
-the recovery of the gold answer's log-probability normalised over the four choices,
-``mean(lp_patched - lp_variant) / mean(lp_base - lp_variant)``. A weight-space counterpart reverts
-only layer L's MLP matrices to the base's. Per-layer recovery is related to the per-layer relative
-change of the MLP weights (mean over the MLP matrices of ``||dW||_F / ||W||_F``).
+Every item of the sample is scored by base and variant in the probe's ``format``: the letter format
+(log-prob of " A".." D"), ``cloze`` (summed log-likelihood of each answer text after the question,
+argmax as lm-eval's ``acc``) or ``cloze-norm`` (that divided by the answer's length in characters,
+lm-eval's ``acc_norm``). Scores come from :func:`~mechinterp.analysis.crossmodel_sweep.item_reference`,
+the same blocks, packing and float path as the patched runs, so the unpatched variant on a failure is
+wrong under the very computation that repairs it (``unpatched_failure_accuracy`` must be 0).
 
-Ranking (``top_layers``): MLP recovered fraction, ties broken by log-prob recovery. Spearman and the
-top-third overlap use the log-prob recovery (continuous; the fraction has many ties).
+Two item sets, each a seeded uniform sample (one random order of all items; the first ``max_failures``
+of each set in that order, so they overlap as much as they can and cost as little):
 
-Result keys: ``recovered_fraction[<variant>][<site>]`` (list over layers), ``n_failures[<variant>]``,
-``spearman_vs_weight_change[<variant>]``, ``top_layers[<variant>]``, ``top_third_overlap[<variant>]``,
-plus ``top_windows`` (indices into ``windows``, same ranking), ``logprob_recovery``,
-``window_recovered_fraction``, ``window_logprob_recovery``, ``windows``,
-``control_kept``, ``weight_revert_fraction``, ``mlp_weight_change``, ``by_subject``, ``examples``.
+- failures: the base right, the variant wrong (``n_failures`` found, ``n_failures_used`` patched);
+- damaged items: the gold answer's margin ``m = score(gold) - max_other score(choice)`` dropped,
+  ``m_base - m_variant > DAMAGE_FLOOR`` (``n_damaged`` found, ``n_damaged_used`` patched). Every
+  failure is a damaged item; the margin measure works when nothing flips.
+
+plus ``n_control`` controls both get right. For every layer and every window of ``window``
+consecutive layers the base's output at a site (``mlp_out``; ``attn_out`` for comparison) is
+patched into the variant at all positions. Flip-based (failures): ``recovered_fraction`` (share
+that flip back to gold) and ``logprob_recovery`` (gold's score normalised over the four choices,
+``mean(g_patched - g_variant) / mean(g_base - g_variant)``). Margin-based (damaged items):
+``margin_recovery`` = ``mean(m_patched - m_variant) / mean(m_base - m_variant)`` (a ratio of means),
+with a seeded bootstrap 95% interval over items. A weight-space counterpart reverts only layer L's
+MLP matrices to the base's (``weight_revert_*``). Per-layer recovery is related to the per-layer
+relative change of the MLP weights (mean over the MLP matrices of ``||dW||_F / ||W||_F``).
+
+Ranking (``top_layers``): MLP recovered fraction, ties broken by log-prob recovery; Spearman and the
+top-third overlap use the log-prob recovery. ``top_layers_margin``: layers by MLP margin recovery.
+
+Result keys: ``format``, ``recovered_fraction[<variant>][<site>]`` (list over layers),
+``n_failures[<variant>]`` (all found), ``n_failures_used``, ``spearman_vs_weight_change``,
+``top_layers``, ``top_third_overlap``, ``top_windows`` (indices into ``windows``), ``logprob_recovery``,
+``window_recovered_fraction``, ``window_logprob_recovery``, ``windows``, ``control_kept``,
+``weight_revert_fraction``, ``weight_revert_logprob_recovery``, ``mlp_weight_change``, ``by_subject``,
+``examples``; margin keys ``n_damaged``, ``n_damaged_used``, ``margin_drop`` (mean over the damaged
+items used) with ``margin_drop_ci95``, ``margin_drop_failures``, ``margin_drop_all`` (all scored
+items) with ``margin_drop_all_ci95``, ``margin_recovery[<variant>][<site>]`` with
+``margin_recovery_ci95`` (list of [lo, hi]), ``failure_margin_recovery`` (same on the failures),
+``window_margin_recovery`` with ``window_margin_recovery_ci95``, ``weight_revert_margin_recovery``
+with ``weight_revert_margin_recovery_ci95``, ``top_layers_margin``, ``top_windows_margin``,
+``spearman_margin_vs_weight_change``, ``top_third_overlap_margin``,
+``unpatched_failure_accuracy``; ``failure_items`` and ``damaged_items`` ([subject, index] of the
+items used). NaN (JSON null) where a set is empty.
 """
 
 from __future__ import annotations
@@ -25,19 +50,20 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 from mechinterp.analysis.crossmodel_sweep import (
-    ChoiceBatch,
-    choice_logprobs,
-    cross_model_sweep,
+    Condition,
+    condition_sweep,
+    item_reference,
+    item_rows,
     mlp_matrices,
-    weight_revert_sweep,
+    patch_condition,
+    revert_condition,
 )
 from mechinterp.analysis.weights import weight_change
 from mechinterp.data.mmlu import LETTERS, load_mmlu
 from mechinterp.errors import UserError
-from mechinterp.evals.mmlu import MMLUFormat, build_request, score_mmlu, stratified_sample
+from mechinterp.evals.mmlu import MMLUFormat, build_request, stratified_sample
 from mechinterp.evals.stats import spearman
 from mechinterp.plotting import new_axes
 from mechinterp.probe import BaseConfig
@@ -47,17 +73,80 @@ from mechinterp.results import Result
 
 @dataclass
 class Config(BaseConfig):
-    format: str = "letter-0shot"
+    format: str = "letter-0shot"  # letter-0shot | letter-5shot | cloze | cloze-norm (+ -5shot, -chat)
     subjects: list[str] | None = None
     sites: list[str] = field(default_factory=lambda: ["mlp_out", "attn_out"])
     window: int = 3
-    max_failures: int = 32
+    max_failures: int = 32  # cap on failures patched, and on damaged items patched
     n_control: int = 16
-    items_per_pass: int = 4  # items per patched forward (times the number of conditions)
-    max_rows: int = 64
+    n_bootstrap: int = 1000
+    token_budget: int = 8192  # tokens per patched forward (conditions x the item's packed tokens)
 
 
 RECOVERY_FLOOR = 1e-3  # log-prob recovery below 0.1% of the gap is float noise, not recovery
+DAMAGE_FLOOR = 1e-3  # a margin drop (nats, or nats per character) below this is not damage
+
+
+def parse_format(text: str) -> tuple[MMLUFormat, bool]:
+    """(format, length-normalised): ``cloze-norm`` is ``cloze`` scored as lm-eval's ``acc_norm``."""
+    norm = "-norm" in text
+    fmt = MMLUFormat.parse(text.replace("-norm", ""))
+    if norm and fmt.kind != "cloze":
+        raise UserError(f"{text!r}: only the cloze format has a length-normalised score",
+                        "use cloze-norm, or a letter format without -norm")
+    return fmt, norm
+
+
+def format_label(fmt: MMLUFormat, norm: bool) -> str:
+    return fmt.label + ("-norm" if norm else "")
+
+
+def margins(scores: np.ndarray, gold: np.ndarray) -> np.ndarray:
+    """score(gold) - max over the other choices; ``scores`` [..., items, choices]."""
+    g = np.take_along_axis(scores, np.broadcast_to(gold[:, None], scores.shape[:-1] + (1,)), -1)
+    other = np.where(np.arange(scores.shape[-1]) == gold[:, None], -np.inf, scores)
+    return g[..., 0] - other.max(-1)
+
+
+def gold_norm(scores: np.ndarray, gold: np.ndarray) -> np.ndarray:
+    """The gold choice's score normalised over the choices (log-softmax); [..., items]."""
+    z = scores - scores.max(-1, keepdims=True)
+    lse = np.log(np.exp(z).sum(-1)) + scores.max(-1)
+    g = np.take_along_axis(scores, np.broadcast_to(gold[:, None], scores.shape[:-1] + (1,)), -1)
+    return g[..., 0] - lse
+
+
+def ratio_of_means(num: np.ndarray, den: np.ndarray, rng: np.random.Generator | None = None,
+                   n_boot: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``mean(num, -1) / mean(den)`` per row of ``num`` [conds, items] and, with ``rng``, a
+    percentile bootstrap 95% interval over items ([conds, 2]); NaN when the mean of ``den``
+    is not positive or there are no items."""
+    num = np.asarray(num, float)
+    den = np.asarray(den, float)
+    nan = np.full(num.shape[:-1], np.nan)
+    if den.size == 0:
+        return nan, np.stack([nan, nan], -1)
+    d = den.mean()
+    est = num.mean(-1) / d if d > 0 else nan
+    if rng is None or n_boot <= 0 or not d > 0:
+        return est, np.stack([nan, nan], -1)
+    idx = rng.integers(0, den.size, (n_boot, den.size))
+    db = den[idx].mean(-1)
+    nb = num[..., idx].mean(-1)  # [conds, boot]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratios = np.where(db > 0, nb / db, np.nan)
+    lo, hi = np.nanpercentile(ratios, [2.5, 97.5], axis=-1) if np.isfinite(ratios).any() else (
+        nan, nan)
+    return est, np.stack([lo, hi], -1)
+
+
+def mean_ci(x: np.ndarray, rng: np.random.Generator, n_boot: int) -> tuple[float, list[float]]:
+    """Mean and percentile bootstrap 95% interval."""
+    x = np.asarray(x, float)
+    if x.size == 0:
+        return math.nan, [math.nan, math.nan]
+    boot = x[rng.integers(0, x.size, (max(1, n_boot), x.size))].mean(-1)
+    return float(x.mean()), [float(v) for v in np.percentile(boot, [2.5, 97.5])]
 
 
 def top_third_overlap(recovery: list[float], change: list[float]) -> list[int]:
@@ -67,16 +156,11 @@ def top_third_overlap(recovery: list[float], change: list[float]) -> list[int]:
     k = math.ceil(len(recovery) / 3)
 
     def top(values: list[float], floor: float) -> set[int]:
-        ranked = sorted(range(len(values)), key=lambda i: (-values[i], i))[:k]
-        return {i for i in ranked if values[i] > floor}
+        vals = [v if v is not None and math.isfinite(v) else -math.inf for v in values]
+        ranked = sorted(range(len(vals)), key=lambda i: (-vals[i], i))[:k]
+        return {i for i in ranked if vals[i] > floor}
 
     return sorted(top(recovery, RECOVERY_FLOOR) & top(change, 0.0))
-
-
-def _gold_norm_lp(lp: torch.Tensor, gold: torch.Tensor) -> torch.Tensor:
-    """log p(gold) normalised over the choices; ``lp`` is [..., items, choices]."""
-    norm = lp - torch.logsumexp(lp, dim=-1, keepdim=True)
-    return norm.gather(-1, gold.expand(*lp.shape[:-1]).unsqueeze(-1)).squeeze(-1)
 
 
 def rank_layers(fraction: list[float], lp_recovery: list[float]) -> list[int]:
@@ -87,18 +171,38 @@ def rank_layers(fraction: list[float], lp_recovery: list[float]) -> list[int]:
     return sorted(range(len(fraction)), key=key)
 
 
+def rank_by(values: list[float]) -> list[int]:
+    """Indices by value (desc), NaN last, ties by index."""
+    return sorted(range(len(values)),
+                  key=lambda i: (-values[i] if math.isfinite(values[i]) else math.inf, i))
+
+
+def first_in_order(members: np.ndarray, order_rank: np.ndarray, cap: int) -> list[int]:
+    """The ``cap`` members that come first in a random order (a uniform sample), sorted."""
+    chosen = sorted(members.tolist(), key=lambda i: order_rank[i])[:cap]
+    return sorted(chosen)
+
+
+def _floats(values) -> np.ndarray:
+    """A stored list (None for NaN after the JSON round trip) as a float array."""
+    return np.array([math.nan if v is None else v for v in values], dtype=float)
+
+
+def _pairs(values) -> np.ndarray:
+    return np.array([[math.nan if x is None else x for x in v] for v in values],
+                    dtype=float).reshape(-1, 2)
+
+
 class DamageAttribution:
     name = "damage-attribution"
-    version = "1"
+    version = "2"
     description = ("patch the base's MLP (and attention) outputs into a variant on the MMLU items "
-                   "it broke; relate recovery per layer to MLP weight change")
+                   "it damaged (margin) or broke (flips); relate recovery per layer to MLP weight "
+                   "change")
     Config = Config
 
     def run(self, models, data, config: Config) -> Result:
-        fmt = MMLUFormat.parse(config.format)
-        if fmt.kind != "letter":
-            raise UserError(f"damage-attribution scores the letter format, not {config.format!r}",
-                            "use --set format=letter-0shot (or letter-5shot)")
+        fmt, norm = parse_format(config.format)
         if not models.variants:
             raise UserError("damage-attribution needs a variant", "add --variant NAME=SPEC")
         if config.window < 1:
@@ -106,169 +210,235 @@ class DamageAttribution:
         subjects = list(config.subjects) if config.subjects else None
         items = stratified_sample(load_mmlu(data, "test", subjects), config.limit, config.seed)
         dev = load_mmlu(data, "dev", subjects) if fmt.shots else []
-        shots = {}
+        shots: dict[str, list] = {}
         for d in dev:
             shots.setdefault(d.subject, []).append(d)
+        for s in {it.subject for it in items}:
+            if len(shots.get(s, [])) < fmt.shots:
+                raise UserError(f"the dev split has {len(shots.get(s, []))} items for {s}, "
+                                f"{fmt.shots} shots asked", "use fewer shots")
         base = models.base
-        base_rows = score_mmlu(base, items, dev, fmt)
-        out: dict[str, dict] = {k: {} for k in (
-            "recovered_fraction", "logprob_recovery", "window_recovered_fraction",
-            "window_logprob_recovery", "control_kept", "weight_revert_fraction",
-            "weight_revert_logprob_recovery", "n_failures", "n_controls", "n_base_correct",
-            "mlp_weight_change", "spearman_vs_weight_change", "top_layers", "top_windows",
-            "top_third_overlap",
-            "by_subject", "examples")}
+        requests = [build_request(fmt, it, shots.get(it.subject, [])[:fmt.shots], base.tokenizer)
+                    for it in items]
+        packed = item_rows(base, requests, not fmt.chat)
+        gold = np.array([it.answer for it in items])
+        lengths = (np.array([[float(len(c)) for c in it.choices] for it in items])
+                   if norm else None)
+
+        def to_scores(ll: np.ndarray, idx) -> np.ndarray:
+            """Log-likelihoods [..., len(idx), choices] of items ``idx`` in the format's score."""
+            return ll / lengths[idx] if norm else ll
+
+        with task(f"damage attribution: score {len(items)} items ({base.name})",
+                  len(items)) as advance:
+            base_ll = np.stack([_ref(base, p, advance).scores.numpy() for p in packed])
         L = base.n_layers
         windows = [list(range(s, s + config.window)) for s in range(L - config.window + 1)]
-        rng = np.random.default_rng(config.seed)
-        for vname in models.variants:
+        out: dict[str, dict] = {k: {} for k in KEYS}
+        everything = np.arange(len(items))
+        s_base = to_scores(base_ll, everything)
+        for k, vname in enumerate(models.variants):
             variant = models[vname]
-            v_rows = score_mmlu(variant, items, dev, fmt)
-            fail = [i for i, (b, v) in enumerate(zip(base_rows, v_rows))
-                    if b["pred"] == b["gold"] and v["pred"] != v["gold"]]
-            ctrl = [i for i, (b, v) in enumerate(zip(base_rows, v_rows))
-                    if b["pred"] == b["gold"] and v["pred"] == v["gold"]]
-            out["n_base_correct"][vname] = sum(b["pred"] == b["gold"] for b in base_rows)
-            out["n_failures"][vname] = len(fail)
-            if len(fail) > config.max_failures:
-                fail = sorted(rng.choice(fail, config.max_failures, replace=False).tolist())
-            if len(ctrl) > config.n_control:
-                ctrl = sorted(rng.choice(ctrl, config.n_control, replace=False).tolist())
-            out["n_controls"][vname] = len(ctrl)
+            with task(f"damage attribution: score {len(items)} items ({vname})",
+                      len(items)) as advance:
+                var_ll = np.stack([_ref(variant, p, advance).scores.numpy() for p in packed])
+            s_var = to_scores(var_ll, everything)
             wc = weight_change(models.specs["base"].path, {vname: models.specs[vname].path})[2][vname]
-            mlp_change = [float(np.mean([wc[m][layer] for m in mlp_matrices(base)]))
-                          for layer in range(L)]
-            out["mlp_weight_change"][vname] = mlp_change
-            if not fail:
-                self._empty(out, vname, config.sites, L, len(windows))
-                models.release(vname)
-                continue
-            self._attribute(out, vname, base, variant, items, shots, fmt, fail, ctrl, base_rows,
-                            v_rows, windows, config)
+            out["mlp_weight_change"][vname] = [
+                float(np.mean([wc[m][layer] for m in mlp_matrices(base)])) for layer in range(L)]
+            self._variant(out, k, vname, base, variant, items, packed, gold, s_base, s_var,
+                          to_scores, windows, config)
             models.release(vname)
         return Result(self.name, {"variants": models.variants, "n_layers": L,
-                                  "n_items": len(items), "format": fmt.label,
-                                  "sites": list(config.sites), "windows": windows, **out})
+                                  "n_items": len(items), "format": format_label(fmt, norm),
+                                  "sites": list(config.sites), "windows": windows,
+                                  "damage_floor": DAMAGE_FLOOR, "n_bootstrap": config.n_bootstrap,
+                                  **out})
 
-    @staticmethod
-    def _empty(out, vname, sites, L, n_windows):
-        nan = float("nan")
-        for k in ("recovered_fraction", "logprob_recovery", "control_kept"):
-            out[k][vname] = {s: [nan] * L for s in sites}
-        for k in ("window_recovered_fraction", "window_logprob_recovery"):
-            out[k][vname] = {s: [nan] * n_windows for s in sites}
-        out["weight_revert_fraction"][vname] = [nan] * L
-        out["weight_revert_logprob_recovery"][vname] = [nan] * L
-        out["spearman_vs_weight_change"][vname] = nan
-        out["top_layers"][vname] = []
-        out["top_windows"][vname] = []
-        out["top_third_overlap"][vname] = []
-        out["by_subject"][vname] = {}
-        out["examples"][vname] = []
+    def _variant(self, out, k, vname, base, variant, items, packed, gold, s_base, s_var,
+                 to_scores, windows, config):
+        L, sites = base.n_layers, list(config.sites)
+        pred_b, pred_v = s_base.argmax(-1), s_var.argmax(-1)
+        m_b, m_v = margins(s_base, gold), margins(s_var, gold)
+        drop = m_b - m_v
+        fail_all = np.flatnonzero((pred_b == gold) & (pred_v != gold))
+        ctrl_all = np.flatnonzero((pred_b == gold) & (pred_v == gold))
+        dmg_all = np.flatnonzero(drop > DAMAGE_FLOOR)
+        rng = np.random.default_rng([config.seed, k])
+        rank = np.argsort(rng.permutation(len(items)))  # one random order of all items
+        fail = first_in_order(fail_all, rank, config.max_failures)
+        dmg = first_in_order(dmg_all, rank, config.max_failures)
+        ctrl = first_in_order(ctrl_all, rank, config.n_control)
+        boot = np.random.default_rng([config.seed, k, 1])
+        out["n_base_correct"][vname] = int((pred_b == gold).sum())
+        out["n_variant_correct"][vname] = int((pred_v == gold).sum())
+        out["n_failures"][vname] = len(fail_all)
+        out["n_failures_used"][vname] = len(fail)
+        out["n_damaged"][vname] = len(dmg_all)
+        out["n_damaged_used"][vname] = len(dmg)
+        out["n_controls"][vname] = len(ctrl)
+        out["failure_items"][vname] = [[items[i].subject, items[i].index] for i in fail]
+        out["damaged_items"][vname] = [[items[i].subject, items[i].index] for i in dmg]
+        out["margin_drop_all"][vname], out["margin_drop_all_ci95"][vname] = mean_ci(
+            drop, boot, config.n_bootstrap)
 
-    def _attribute(self, out, vname, base, variant, items, shots, fmt, fail, ctrl, base_rows,
-                   v_rows, windows, config):
-        L = base.n_layers
-        chosen = fail + ctrl
-        gold = torch.tensor([items[i].answer for i in chosen])
-        requests = [build_request(fmt, items[i], shots.get(items[i].subject, [])[:fmt.shots],
-                                  base.tokenizer) for i in chosen]
-        conds = [[layer] for layer in range(L)] + windows
-        sweeps = {s: [] for s in config.sites}
-        step = max(1, config.items_per_pass)
-        n_passes = len(config.sites) * math.ceil(len(chosen) / step) + L
-        with task(f"damage attribution ({vname})", n_passes) as advance:
-            for start in range(0, len(chosen), step):
-                batch = ChoiceBatch.build(base, requests[start:start + step], not fmt.chat)
-                for s in config.sites:
-                    sweeps[s].append(cross_model_sweep(base, variant, batch, s, conds,
-                                                       config.max_rows))
-                    advance()
-            full = ChoiceBatch.build(base, requests, not fmt.chat)
-            revert = weight_revert_sweep(base, variant, full, [[layer] for layer in range(L)])
-            # references through the same forward as the patched runs, so a full recovery is 1
-            # up to float32 rounding of one computation, not of two different ones
-            with torch.inference_mode():
-                lp_base = choice_logprobs(base, full)[0].double()
-                lp_var = choice_logprobs(variant, full)[0].double()
-            advance(L)
-        nf = len(fail)
-        g_base, g_var = _gold_norm_lp(lp_base, gold), _gold_norm_lp(lp_var, gold)
-        denom = float((g_base[:nf] - g_var[:nf]).mean())
-        denom = denom if denom > 0 else math.nan  # no damage in log-prob to recover
+        # conditions: per site the layers, then the windows; then the weight reverts
+        conds: list[Condition] = []
+        for s in sites:
+            conds += [patch_condition(s, [layer]) for layer in range(L)]
+            conds += [patch_condition(s, w) for w in windows]
+        conds += [revert_condition([layer]) for layer in range(L)]
+        per_site = L + len(windows)
+        control_only = [i * per_site + j for i in range(len(sites)) for j in range(L)]
+        targets = set(fail) | set(dmg)
+        chosen = sorted(targets | set(ctrl))
+        res = np.full((len(conds), len(chosen), s_base.shape[-1]), np.nan)
+        ref_b = np.full((len(chosen), s_base.shape[-1]), np.nan)
+        ref_v = np.full_like(ref_b, np.nan)
+        with task(f"damage attribution ({vname}): {len(chosen)} items x {len(conds)} conditions",
+                  len(chosen)) as advance:
+            for j, i in enumerate(chosen):
+                br = item_reference(base, packed[i], capture_sites=sites)
+                vr = item_reference(variant, packed[i], record_resid=True)
+                ref_b[j], ref_v[j] = br.scores.numpy(), vr.scores.numpy()
+                which = list(range(len(conds))) if i in targets else control_only
+                got = condition_sweep(base, variant, packed[i], [conds[c] for c in which], br,
+                                      vr, config.token_budget)
+                res[which, j] = got.numpy()
+                advance()
+        pos = {i: j for j, i in enumerate(chosen)}
+        sc = to_scores(res, np.array(chosen))  # [conds, chosen, choices]
+        rb, rv = to_scores(ref_b, np.array(chosen)), to_scores(ref_v, np.array(chosen))
+        g = gold[chosen]
+        mb, mv, mp = margins(rb, g), margins(rv, g), margins(sc, g)
+        gb, gv, gp = gold_norm(rb, g), gold_norm(rv, g), gold_norm(sc, g)
+        correct = sc.argmax(-1) == g  # [conds, chosen]
+        jf = [pos[i] for i in fail]
+        jd = [pos[i] for i in dmg]
+        jc = [pos[i] for i in ctrl]
+        nan_l = [math.nan] * L
+        # the unpatched variant on the failures, through the path the patched runs start from
+        out["unpatched_failure_accuracy"][vname] = (
+            float((rv[jf].argmax(-1) == g[jf]).mean()) if jf else math.nan)
+        out["margin_drop"][vname], out["margin_drop_ci95"][vname] = mean_ci(
+            mb[jd] - mv[jd], boot, config.n_bootstrap)
+        out["margin_drop_failures"][vname] = (float((mb[jf] - mv[jf]).mean()) if jf
+                                              else math.nan)
 
-        def summary(lp):  # lp: [conditions, items, 4]
-            pred = lp.argmax(-1)
-            correct = pred == gold
-            frac = correct[:, :nf].double().mean(1)
-            kept = correct[:, nf:].double().mean(1) if ctrl else torch.full_like(frac, math.nan)
-            rec = (_gold_norm_lp(lp, gold)[:, :nf] - g_var[:nf]).mean(1) / denom
-            return frac.tolist(), rec.tolist(), kept.tolist(), pred
+        def frac(rows) -> list[float]:
+            return correct[rows][:, jf].mean(-1).tolist() if jf else [math.nan] * len(rows)
 
-        patched_pred = {}
-        for s in config.sites:
-            frac, rec, kept, pred = summary(torch.cat(sweeps[s], dim=1))
-            out["recovered_fraction"].setdefault(vname, {})[s] = frac[:L]
-            out["logprob_recovery"].setdefault(vname, {})[s] = rec[:L]
-            out["window_recovered_fraction"].setdefault(vname, {})[s] = frac[L:]
-            out["window_logprob_recovery"].setdefault(vname, {})[s] = rec[L:]
-            out["control_kept"].setdefault(vname, {})[s] = kept[:L]
-            patched_pred[s] = pred
-        frac, rec, _, _ = summary(revert)
-        out["weight_revert_fraction"][vname] = frac
-        out["weight_revert_logprob_recovery"][vname] = rec
-        site = "mlp_out" if "mlp_out" in config.sites else config.sites[0]
-        mfrac, mrec = out["recovered_fraction"][vname][site], out["logprob_recovery"][vname][site]
-        ranking = rank_layers(mfrac, mrec)
+        def lp_rec(rows) -> list[float]:
+            if not jf:
+                return [math.nan] * len(rows)
+            est, _ = ratio_of_means(gp[rows][:, jf] - gv[jf], gb[jf] - gv[jf])
+            return est.tolist()
+
+        def m_rec(rows, on) -> tuple[list[float], list[list[float]]]:
+            est, ci = ratio_of_means(mp[rows][:, on] - mv[on], mb[on] - mv[on], boot,
+                                     config.n_bootstrap)
+            return est.tolist(), ci.tolist()
+
+        for i, s in enumerate(sites):
+            lay = list(range(i * per_site, i * per_site + L))
+            win = list(range(i * per_site + L, (i + 1) * per_site))
+
+            def setv(key, val, s=s):
+                out[key].setdefault(vname, {})[s] = val
+
+            setv("recovered_fraction", frac(lay))
+            setv("logprob_recovery", lp_rec(lay))
+            setv("window_recovered_fraction", frac(win))
+            setv("window_logprob_recovery", lp_rec(win))
+            setv("control_kept", correct[lay][:, jc].mean(-1).tolist() if jc else nan_l)
+            est, ci = m_rec(lay, jd)
+            setv("margin_recovery", est)
+            setv("margin_recovery_ci95", ci)
+            est, ci = m_rec(win, jd)
+            setv("window_margin_recovery", est)
+            setv("window_margin_recovery_ci95", ci)
+            setv("failure_margin_recovery", m_rec(lay, jf)[0])
+        rev = list(range(len(sites) * per_site, len(conds)))
+        out["weight_revert_fraction"][vname] = frac(rev)
+        out["weight_revert_logprob_recovery"][vname] = lp_rec(rev)
+        est, ci = m_rec(rev, jd)
+        out["weight_revert_margin_recovery"][vname] = est
+        out["weight_revert_margin_recovery_ci95"][vname] = ci
+
+        site = "mlp_out" if "mlp_out" in sites else sites[0]
+        change = out["mlp_weight_change"][vname]
+        mrec = out["margin_recovery"][vname][site]
+        out["top_layers_margin"][vname] = rank_by(mrec) if dmg else []
+        out["top_windows_margin"][vname] = (
+            rank_by(out["window_margin_recovery"][vname][site]) if dmg else [])
+        out["spearman_margin_vs_weight_change"][vname] = (
+            spearman(mrec, change) if dmg else math.nan)
+        out["top_third_overlap_margin"][vname] = top_third_overlap(mrec, change) if dmg else []
+        if not fail:
+            for key in ("top_layers", "top_windows", "top_third_overlap", "examples"):
+                out[key][vname] = []
+            out["spearman_vs_weight_change"][vname] = math.nan
+            out["by_subject"][vname] = {}
+            return
+        mfrac, lrec = out["recovered_fraction"][vname][site], out["logprob_recovery"][vname][site]
+        ranking = rank_layers(mfrac, lrec)
         out["top_layers"][vname] = ranking
         out["top_windows"][vname] = rank_layers(out["window_recovered_fraction"][vname][site],
                                                 out["window_logprob_recovery"][vname][site])
-        change = out["mlp_weight_change"][vname]
-        out["spearman_vs_weight_change"][vname] = spearman(mrec, change)
-        out["top_third_overlap"][vname] = top_third_overlap(mrec, change)
-        pp = patched_pred[site]
-        best, wbest = ranking[0], out["top_windows"][vname][0]
+        out["spearman_vs_weight_change"][vname] = spearman(lrec, change)
+        out["top_third_overlap"][vname] = top_third_overlap(lrec, change)
+        s_off = sites.index(site) * per_site
+        best, wbest = s_off + ranking[0], s_off + L + out["top_windows"][vname][0]
+        pp = sc.argmax(-1)
         by_subject: dict[str, dict] = {}
-        for j, i in enumerate(fail):
+        for i in fail:
             d = by_subject.setdefault(items[i].subject, {"n_failures": 0, "recovered_top_layer": 0,
                                                          "recovered_best_window": 0})
             d["n_failures"] += 1
-            d["recovered_top_layer"] += int(pp[best, j] == items[i].answer)
-            d["recovered_best_window"] += int(pp[L + wbest, j] == items[i].answer)
+            d["recovered_top_layer"] += int(pp[best, pos[i]] == items[i].answer)
+            d["recovered_best_window"] += int(pp[wbest, pos[i]] == items[i].answer)
         out["by_subject"][vname] = dict(sorted(by_subject.items()))
         out["examples"][vname] = [{
             "subject": items[i].subject, "index": items[i].index,
             "question": " ".join(items[i].question.split())[:90],
-            "gold": LETTERS[items[i].answer], "base": LETTERS[base_rows[i]["pred"]],
-            "variant": LETTERS[v_rows[i]["pred"]],
-            "patched_top_layer": LETTERS[int(pp[best, j])],
-            "recovered_top_layer": bool(pp[best, j] == items[i].answer),
-            "recovered_best_window": bool(pp[L + wbest, j] == items[i].answer),
-        } for j, i in enumerate(fail[:8])]
+            "gold": LETTERS[items[i].answer], "base": LETTERS[int(rb[pos[i]].argmax())],
+            "variant": LETTERS[int(rv[pos[i]].argmax())],
+            "patched_top_layer": LETTERS[int(pp[best, pos[i]])],
+            "recovered_top_layer": bool(pp[best, pos[i]] == items[i].answer),
+            "recovered_best_window": bool(pp[wbest, pos[i]] == items[i].answer),
+            "margin_base": round(float(mb[pos[i]]), 4),
+            "margin_variant": round(float(mv[pos[i]]), 4),
+            "margin_patched_top_layer": round(float(mp[best, pos[i]]), 4),
+        } for i in fail[:8]]
 
     def plot(self, result: Result) -> dict:
         d = result.data
         figs = {}
         layers = np.arange(d["n_layers"])
         for v in d["variants"]:
+            if (d.get("n_damaged_used") or {}).get(v):
+                figs[f"margin_recovery_{v}"] = self._margin_figure(d, v, layers)
             if not d["top_layers"].get(v):
                 continue
             fig, ax = new_axes(width=7, height=4)
             for s in d["sites"]:
-                ax.plot(layers, d["recovered_fraction"][v][s], "o-", ms=3,
+                ax.plot(layers, _floats(d["recovered_fraction"][v][s]), "o-", ms=3,
                         label=f"patch base {s}")
-            ax.plot(layers, d["weight_revert_fraction"][v], "s--", ms=3,
+            ax.plot(layers, _floats(d["weight_revert_fraction"][v]), "s--", ms=3,
                     label="revert MLP weights")
             ax.set_xlabel("layer")
-            ax.set_ylabel(f"share of {d['n_failures'][v]} failures recovered")
+            n_used = (d.get("n_failures_used") or {}).get(v, d["n_failures"][v])
+            ax.set_ylabel(f"share of {n_used} used of {d['n_failures'][v]} failures recovered")
             ax.set_ylim(-0.02, 1.02)
             ax2 = ax.twinx()
             ax2.spines["right"].set_visible(True)
-            ax2.plot(layers, d["mlp_weight_change"][v], color="grey", lw=2, alpha=0.6,
+            ax2.plot(layers, _floats(d["mlp_weight_change"][v]), color="grey", lw=2, alpha=0.6,
                      label="MLP weight change")
             ax2.set_ylabel(r"MLP $\|\Delta W\|_F / \|W\|_F$ (grey)")
-            ax.set_title(f"{v}: recovery per layer (Spearman vs weight change "
-                         f"{d['spearman_vs_weight_change'][v]:.2f})")
+            rho = d["spearman_vs_weight_change"][v]
+            rho = "n/a" if rho is None or not math.isfinite(rho) else f"{rho:.2f}"
+            ax.set_title(f"{v} ({d.get('format', 'letter')}): recovery per layer "
+                         f"(Spearman vs weight change {rho})")
             h1, l1 = ax.get_legend_handles_labels()
             h2, l2 = ax2.get_legend_handles_labels()
             ax.legend(h1 + h2, l1 + l2, fontsize=8, loc="upper left")
@@ -304,6 +474,66 @@ class DamageAttribution:
             ax.set_title(f"{v}: example failures (top layer {d['top_layers'][v][0]})")
             figs[f"examples_{v}"] = fig
         return figs
+
+    @staticmethod
+    def _margin_figure(d: dict, v: str, layers: np.ndarray):
+        """Share of the margin drop given back per layer (left) and per window (right), with
+        bootstrap 95% bands."""
+        fig, (ax, axw) = new_axes(width=11, height=4, ncols=2, sharey=True)
+        starts = np.array([w[0] for w in d["windows"]])
+        for s in d["sites"]:
+            for a, x, key in ((ax, layers, "margin_recovery"),
+                              (axw, starts, "window_margin_recovery")):
+                y = _floats(d[key][v][s])
+                (line,) = a.plot(x, y, "o-", ms=3, label=f"patch base {s}")
+                ci = d.get(f"{key}_ci95", {}).get(v, {}).get(s)
+                if ci:
+                    band = _pairs(ci)
+                    a.fill_between(x, band[:, 0], band[:, 1], color=line.get_color(), alpha=0.2,
+                                   lw=0)
+        y = _floats(d["weight_revert_margin_recovery"][v])
+        (line,) = ax.plot(layers, y, "s--", ms=3, label="revert MLP weights")
+        ci = d.get("weight_revert_margin_recovery_ci95", {}).get(v)
+        if ci:
+            band = _pairs(ci)
+            ax.fill_between(layers, band[:, 0], band[:, 1], color=line.get_color(), alpha=0.12,
+                            lw=0)
+        for a in (ax, axw):
+            a.axhline(0, color="grey", lw=0.8)
+            a.axhline(1, color="grey", lw=0.8, ls=":")
+        n_used, n_all = d["n_damaged_used"][v], d["n_damaged"][v]
+        drop = d.get("margin_drop", {}).get(v)
+        drop = "n/a" if drop is None or not math.isfinite(drop) else f"{drop:.3g}"
+        ax.set_xlabel("layer")
+        axw.set_xlabel(f"first layer of the window of {len(d['windows'][0]) if d['windows'] else 0}")
+        ax.set_ylabel(f"share of margin drop given back\n({n_used} used of {n_all} damaged items)")
+        nf = (d.get("n_failures") or {}).get(v)
+        nfu = (d.get("n_failures_used") or {}).get(v)
+        ax.set_title(f"{v} ({d.get('format', 'letter')}): mean margin drop {drop}; "
+                     f"flips: {nfu} used of {nf} failures", fontsize=9)
+        axw.set_title("windows (bands: bootstrap 95% over items)", fontsize=9)
+        ax.legend(fontsize=8, loc="upper left")
+        return fig
+
+
+KEYS = ("recovered_fraction", "logprob_recovery", "window_recovered_fraction",
+        "window_logprob_recovery", "control_kept", "weight_revert_fraction",
+        "weight_revert_logprob_recovery", "n_failures", "n_failures_used", "n_controls",
+        "n_base_correct", "n_variant_correct", "mlp_weight_change", "spearman_vs_weight_change",
+        "top_layers", "top_windows", "top_third_overlap", "by_subject", "examples",
+        "n_damaged", "n_damaged_used", "margin_drop", "margin_drop_ci95", "margin_drop_failures",
+        "margin_drop_all", "margin_drop_all_ci95", "margin_recovery", "margin_recovery_ci95",
+        "failure_margin_recovery", "window_margin_recovery", "window_margin_recovery_ci95",
+        "weight_revert_margin_recovery", "weight_revert_margin_recovery_ci95",
+        "top_layers_margin", "top_windows_margin", "spearman_margin_vs_weight_change",
+        "top_third_overlap_margin", "unpatched_failure_accuracy", "failure_items",
+        "damaged_items")
+
+
+def _ref(model, item, advance):
+    ref = item_reference(model, item)
+    advance()
+    return ref
 
 
 PROBE = DamageAttribution()

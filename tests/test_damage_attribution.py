@@ -1,5 +1,7 @@
 """Planted damage: perturb the MLP of one known layer (or a window of three) of a tiny 8-layer Llama
-until MMLU letter answers flip; the damage-attribution probe must point at that layer (window)."""
+until MMLU letter answers flip; the damage-attribution probe must point at that layer (window), by
+flips and by the gold-answer margin. Cloze formats and the margin measure against naive references:
+tests/test_damage_attribution_cloze.py."""
 
 from __future__ import annotations
 
@@ -60,6 +62,16 @@ def test_planted_layer_and_window_rank_first(planted, data_source, tmp_path):
     assert sum(d["weight_revert_fraction"]["one"][:5]) == 0.0
     assert 5 in d["top_third_overlap"]["one"]
     assert d["mlp_weight_change"]["one"][5] > 0 and d["mlp_weight_change"]["one"][0] == 0
+    # the margin measure agrees, and the failures are failures on the patching path
+    assert d["format"] == "letter-0shot"
+    assert d["n_failures_used"]["one"] == min(d["n_failures"]["one"], 8)
+    assert d["unpatched_failure_accuracy"]["one"] == 0.0
+    assert d["n_damaged"]["one"] >= d["n_failures"]["one"]
+    assert d["top_layers_margin"]["one"][0] == 5
+    assert d["margin_recovery"]["one"]["mlp_out"][5] == pytest.approx(1.0, abs=1e-4)
+    assert d["weight_revert_margin_recovery"]["one"][5] == pytest.approx(1.0, abs=1e-4)
+    assert d["window_margin_recovery"]["window"]["mlp_out"][d["windows"].index([2, 3, 4])] == \
+        pytest.approx(1.0, abs=1e-4)
     # a planted window of three layers: that window recovers everything, and ranks first
     wins = d["windows"]
     wfrac = d["window_recovered_fraction"]["window"]["mlp_out"]
@@ -76,6 +88,7 @@ def test_planted_layer_and_window_rank_first(planted, data_source, tmp_path):
     stored = read_result(tmp_path / "damage-attribution")
     assert stored.data["top_layers"]["one"][0] == 5
     assert (tmp_path / "damage-attribution" / "recovery_one.png").is_file()
+    assert (tmp_path / "damage-attribution" / "margin_recovery_one.png").is_file()
     assert math.isfinite(d["spearman_vs_weight_change"]["one"])
 
 
