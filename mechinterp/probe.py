@@ -16,8 +16,7 @@ import typing
 import warnings
 from dataclasses import dataclass
 from importlib import metadata
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 from .errors import UserError
 from .results import Result
@@ -29,10 +28,96 @@ _TRACKED_PACKAGES = ("mechinterp", "torch", "transformers", "transformer-lens", 
 
 @dataclass
 class BaseConfig:
-    """Options every probe shares; probe configs subclass this."""
+    """Options every probe shares; probe configs subclass this.
+
+    Every config is checked when it is built (:func:`check_config`): each value has its field's
+    type, and numbers are at least their lower bound: ``at_least`` (merged along the class
+    hierarchy) where one is declared, else 0 (counts, sizes and scales are never negative;
+    ``seed`` is free). A bad value is a :class:`UserError` naming the field, so the CLI exits 2.
+    """
 
     seed: int = 0
     limit: int | None = None  # at most this many data items (a fixed, seeded selection)
+
+    at_least: ClassVar[dict[str, float]] = {"limit": 1}
+    signed: ClassVar[tuple[str, ...]] = ("seed",)
+
+    def __post_init__(self):
+        check_config(self)
+
+
+def _bounds(cls: type) -> tuple[dict[str, float], set[str]]:
+    lows: dict[str, float] = {}
+    signed: set[str] = set()
+    for klass in reversed(cls.__mro__):
+        lows.update(vars(klass).get("at_least", {}))
+        signed.update(vars(klass).get("signed", ()))
+    return lows, signed
+
+
+def _type_ok(value: Any, hint: Any) -> tuple[bool, Any]:
+    """(value fits ``hint``, the value normalised: int -> float, tuple -> list)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None:
+            return type(None) in args, None
+        for a in args:
+            if a is not type(None):
+                ok, v = _type_ok(value, a)
+                if ok:
+                    return True, v
+        return False, value
+    if origin in (list, tuple):
+        if isinstance(value, str) or not isinstance(value, (list, tuple)):
+            return False, value
+        inner = args[0] if args else Any
+        out = []
+        for v in value:
+            ok, v = _type_ok(v, inner)
+            if not ok:
+                return False, value
+            out.append(v)
+        return True, tuple(out) if origin is tuple else out
+    if hint is Any:
+        return True, value
+    if hint is bool:
+        return isinstance(value, bool), value
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return ok, float(value) if ok else value
+    if isinstance(hint, type):
+        return isinstance(value, hint), value
+    return True, value
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def check_config(config: Any) -> None:
+    """Check (and normalise) every field of a probe config; raise :class:`UserError` on the first
+    bad one, naming the option, the value and what it must be."""
+    cls = type(config)
+    hints = typing.get_type_hints(cls)
+    lows, signed = _bounds(cls)
+    probe = getattr(cls, "__module__", "").rsplit(".", 1)[-1].replace("_", "-")
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        ok, norm = _type_ok(value, hints[f.name])
+        if not ok:
+            raise UserError(f"option {f.name}={value!r} of {probe} must be "
+                            f"{_type_name(hints[f.name])}", f"set {f.name} to a value of that type")
+        setattr(config, f.name, norm)
+        nums = norm if isinstance(norm, (list, tuple)) else [norm]
+        low = lows.get(f.name, None if f.name in signed else 0)
+        for v in nums:
+            if low is not None and isinstance(v, (int, float)) and not isinstance(v, bool) \
+                    and not v >= low:  # also catches NaN
+                default = "" if f.default is dataclasses.MISSING else f"; default {f.default}"
+                raise UserError(f"option {f.name}={value!r} of {probe} must be at least {low:g}",
+                                f"set {f.name} to {low:g} or more{default}")
 
 
 class Probe(Protocol):

@@ -1,6 +1,8 @@
 """The result store: plain JSON (+ NPZ for big arrays) with provenance, written atomically.
 
-Layout: ``OUT/<probe>/result.json`` (+ ``arrays.npz``, figures ``*.png`` / ``*.pdf``). A result
+Layout: ``OUT/<probe>/result.json`` (+ ``arrays.npz``, figures ``*.png`` / ``*.pdf``). NaN and
+infinity are ``null`` in the JSON (strict JSON, readable by any tool) and listed by path under
+``nonfinite``, so :func:`read_result` gives back exactly the floats the probe returned. A result
 folder is built in a temporary sibling and renamed into place in one step, so a crash never leaves
 a half-written ``result.json`` that looks complete; a previous result is replaced only on success.
 """
@@ -37,19 +39,32 @@ class Result:
         return self.data[key]
 
 
-def _jsonable(obj: Any) -> Any:
-    """Convert numpy/torch scalars and arrays; NaN/inf become null (JSON has no NaN)."""
+def _jsonable(obj: Any, path: tuple = (), nonfinite: list | None = None) -> Any:
+    """Convert numpy/torch scalars and arrays to JSON values. JSON has no NaN or infinity: such a
+    float becomes ``null`` and, when ``nonfinite`` is given, its path and value are appended to it
+    so that :func:`read_result` can put it back (a stored NaN reads as NaN, not ``None``)."""
     if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): _jsonable(v, path + (str(k),), nonfinite) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [_jsonable(v, path + (i,), nonfinite) for i, v in enumerate(obj)]
     if hasattr(obj, "tolist") and not isinstance(obj, (str, bytes)):
-        return _jsonable(obj.tolist())
+        return _jsonable(obj.tolist(), path, nonfinite)
     if isinstance(obj, float) and not math.isfinite(obj):
+        if nonfinite is not None:
+            nonfinite.append([list(path), repr(obj)])  # 'nan', 'inf' or '-inf'
         return None
     if isinstance(obj, Path):
         return str(obj)
     return obj
+
+
+def _restore_nonfinite(section: Any, entries: list) -> None:
+    """Put the non-finite floats recorded by :func:`_jsonable` back into ``section``."""
+    for path, text in entries:
+        node = section
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = float(text)
 
 
 def write_result(result: Result, folder: Path, figures: dict[str, Any] | None = None) -> Path:
@@ -58,9 +73,14 @@ def write_result(result: Result, folder: Path, figures: dict[str, Any] | None = 
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:
-        payload = {"probe": result.probe, "data": _jsonable(result.data),
-                   "provenance": _jsonable(result.provenance),
+        nonfinite: dict[str, list] = {"data": [], "provenance": []}
+        payload = {"probe": result.probe,
+                   "data": _jsonable(result.data, (), nonfinite["data"]),
+                   "provenance": _jsonable(result.provenance, (), nonfinite["provenance"]),
                    "arrays": sorted(result.arrays)}
+        if any(nonfinite.values()):
+            # JSON readers see null; read_result restores NaN / inf from these paths
+            payload["nonfinite"] = {k: v for k, v in nonfinite.items() if v}
         if result.files:
             payload["files"] = sorted(result.files)
         for name, text in result.files.items():
@@ -98,10 +118,16 @@ def read_result(folder: Path) -> Result:
         raise UserError(f"{path} is not valid JSON ({exc.msg})", "re-run the probe") from None
     arrays = {}
     if payload.get("arrays"):
+        if not (folder / ARRAYS_FILE).is_file():
+            raise UserError(f"{path} lists arrays but {ARRAYS_FILE} is missing from {folder}",
+                            "copy the whole result folder, or re-run the probe")
         with np.load(folder / ARRAYS_FILE) as npz:
             arrays = {k: npz[k] for k in npz.files}
     files = {name: (folder / name).read_text() for name in payload.get("files", [])}
-    return Result(payload["probe"], payload["data"], arrays, payload.get("provenance", {}), files)
+    provenance = payload.get("provenance", {})
+    for section, entries in payload.get("nonfinite", {}).items():
+        _restore_nonfinite(payload["data"] if section == "data" else provenance, entries)
+    return Result(payload["probe"], payload["data"], arrays, provenance, files)
 
 
 def save_figures(figures: dict[str, Any], folder: Path) -> list[Path]:

@@ -64,8 +64,12 @@ def run_probe(probe: Probe | str, models, data, config=None, out: Path | str | N
     """
     import torch
 
+    from .data import DataSource
+
     probe = get_probe(probe) if isinstance(probe, str) else probe
     config = make_config(probe) if config is None else config
+    if data is None:  # as the CLI does: $MECHINTERP_DATA, else the hub (a clear error offline)
+        data = DataSource.from_option(None)
     say = echo or (lambda msg: warnings.warn(msg, stacklevel=3))
     chash, identity = config_hash(config), model_identity(models)
     folder = Path(out) / probe.name if out is not None else None

@@ -42,6 +42,8 @@ class Config(BaseConfig):
     max_tokens: int = 256  # prompts are cut to this many tokens
     batch_size: int = 4
 
+    at_least = {"max_tokens": 1, "batch_size": 1}  # lower bounds; every other number: at least 0
+
 
 def mmlu_prompt(item) -> str:
     subject = item.subject.replace("_", " ")

@@ -62,6 +62,8 @@ class Config(BaseConfig):
     keep_wrong: bool = False
     max_fact_figures: int = 3
 
+    at_least = {"samples": 1, "window": 1}  # lower bounds; every other number: at least 0
+
 
 def select(items: list, limit: int | None, seed: int) -> list:
     """A fixed, seeded selection of ``limit`` items (in their original order)."""

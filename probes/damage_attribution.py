@@ -82,6 +82,9 @@ class Config(BaseConfig):
     n_bootstrap: int = 1000
     token_budget: int = 8192  # tokens per patched forward (conditions x the item's packed tokens)
 
+    # lower bounds; every other number: at least 0
+    at_least = {"window": 1, "max_failures": 1, "token_budget": 1, "n_bootstrap": 1}
+
 
 RECOVERY_FLOOR = 1e-3  # log-prob recovery below 0.1% of the gap is float noise, not recovery
 DAMAGE_FLOOR = 1e-3  # a margin drop (nats, or nats per character) below this is not damage

@@ -28,6 +28,8 @@ class Config(BaseConfig):
     max_new_tokens: int = 256
     batch_size: int = 8
 
+    at_least = {"max_new_tokens": 1, "batch_size": 1}  # lower bounds; every other number: at least 0
+
 
 class GSM8KProbe:
     name = "gsm8k"

@@ -43,6 +43,8 @@ class Config(BaseConfig):
     batch_size: int = 4
     max_length: int = 1024  # tokens per item; longer answers are cut (counted in n_truncated)
 
+    at_least = {"batch_size": 1, "max_length": 2}  # lower bounds; every other number: at least 0
+
 
 def load_pairs(config: Config, data) -> list[tuple[str, str]]:
     """(prompt, answer) pairs from GSM8K or a JSONL file of ``{"prompt", "answer"}`` rows."""

@@ -63,6 +63,8 @@ class Config(BaseConfig):
     batch_size: int = 8
     max_tokens: int = 4096
 
+    at_least = {"window": 1, "batch_size": 1, "max_tokens": 1}  # lower bounds; every other number: at least 0
+
 
 def mmlu_prompt(item, fmt: str) -> tuple[str, str]:
     """(prompt, answer text whose first token is scored) for an MMLU item."""

@@ -33,6 +33,8 @@ class Config(BaseConfig):
     subjects: list[str] | None = None
     token_budget: int = 512  # tokens per forward: smaller batches stay in cache (fastest measured on CPU)
 
+    at_least = {"token_budget": 1}  # lower bounds; every other number: at least 0
+
 
 def item_file(model: str, fmt: str) -> str:
     return f"items_{model}_{fmt}.jsonl"

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mechinterp.plotting import heatmap_grid, new_axes
+from mechinterp.plotting.trajectories import checkpoint_step
 from mechinterp.probe import BaseConfig
 from mechinterp.results import Result
 
@@ -23,6 +24,8 @@ from mechinterp.results import Result
 @dataclass
 class Config(BaseConfig):
     heldout_max_length: int = 512
+
+    at_least = {"heldout_max_length": 2}  # lower bounds; every other number: at least 0
 
 
 def _blocks(data: dict) -> dict[str, dict]:
@@ -63,7 +66,7 @@ class TrainingDrift:
                 per = kl_per_item(base_lp, answer_logprobs(models[n].hf, heldout))
                 kls.append(per)
                 models.release(n)
-            steps = [int(n.rsplit("step-", 1)[1]) if "step-" in n else i + 1
+            steps = [i + 1 if checkpoint_step(n) is None else checkpoint_step(n)
                      for i, n in enumerate(names)]
             out[run] = {"algorithm": run, "steps": steps, "checkpoints": names,
                         "matrices": matrices, "n_layers": n_layer,

@@ -7,8 +7,17 @@ import json
 import numpy as np
 import pytest
 
-from mechinterp.claims import c1_weight_change, c2_kl, c3_qk_most_changed, c4_sft_mid_mlp, \
-    c5_mmlu, c6_freezing, c7_razor, c8_damage_mid_mlp, decide_all
+from mechinterp.claims import (
+    c1_weight_change,
+    c2_kl,
+    c3_qk_most_changed,
+    c4_sft_mid_mlp,
+    c5_mmlu,
+    c6_freezing,
+    c7_razor,
+    c8_damage_mid_mlp,
+    decide_all,
+)
 from mechinterp.compare import Study, VariantInfo, write_claims
 from mechinterp.results import Result
 

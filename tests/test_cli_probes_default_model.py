@@ -16,7 +16,12 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 def test_cli_runs_weight_change_kl_drift_attention_shift_then_redraws(tmp_path, data_source):
     from mechinterp.cli import main
-    from mechinterp.planted import PLANTED_MLP_LAYERS, PLANTED_MLP_REL, PLANTED_QK_REL, planted_variant
+    from mechinterp.planted import (
+        PLANTED_MLP_LAYERS,
+        PLANTED_MLP_REL,
+        PLANTED_QK_REL,
+        planted_variant,
+    )
     from mechinterp.results import read_result
 
     variant = planted_variant()

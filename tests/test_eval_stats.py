@@ -149,3 +149,13 @@ def test_bootstrap_memory_does_not_grow_with_n():
     assert time.perf_counter() - t0 < 10
     assert peak < big + 2_000_000, peak  # one boolean temporary; nothing of size n_boot x n
     assert lo < 0.0 < hi and hi - lo < 1e-3
+
+
+def test_wilson_interval_contains_the_estimate_at_the_edges():
+    """k = 0 and k = n: the bound is exactly 0 (1). It used to round to about 1e-17 above the
+    estimate for 95 of the 398 edge cases n < 200, a negative error bar that matplotlib refuses."""
+    for n in range(1, 200):
+        for k in (0, 1, n - 1, n):
+            lo, hi = wilson(k, n)
+            assert 0.0 <= lo <= k / n <= hi <= 1.0, (k, n)
+        assert wilson(0, n)[0] == 0.0 and wilson(n, n)[1] == 1.0

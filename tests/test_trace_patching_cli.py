@@ -14,8 +14,8 @@ from mechinterp.models import load
 from mechinterp.models.edit import plant_change
 from mechinterp.models.modelset import ModelSet
 from mechinterp.probe import get_probe, make_config
-from mechinterp.runner import redraw, run_probe
 from mechinterp.results import read_result
+from mechinterp.runner import redraw, run_probe
 
 
 @pytest.fixture(scope="module")

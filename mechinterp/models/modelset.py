@@ -32,10 +32,7 @@ def parse_variant_args(args: Iterable[str]) -> dict[str, list[str]]:
         if "=" not in arg:
             raise SpecError(f"variant {arg!r} has no name", "write --variant NAME=SPEC, e.g. sft=./out")
         name, specs = arg.split("=", 1)
-        name = name.strip()
-        if not _NAME.match(name) or name == BASE:
-            raise SpecError(f"bad variant name {name!r}",
-                            "use letters, digits, '-', '_' or '.', and not 'base'")
+        name = check_variant_name(name.strip())
         if name in runs:
             raise SpecError(f"variant {name!r} given twice", "give each variant one --variant")
         items = [s.strip() for s in specs.split(",") if s.strip()]
@@ -43,6 +40,15 @@ def parse_variant_args(args: Iterable[str]) -> dict[str, list[str]]:
             raise SpecError(f"variant {name!r} has an empty spec", "write --variant NAME=SPEC")
         runs[name] = items
     return runs
+
+
+def check_variant_name(name: str) -> str:
+    """A variant name must be a plain word and not the base's: the CLI and the Python API share
+    this check (``ModelSet(base, {"base": x})`` would silently replace the base)."""
+    if not isinstance(name, str) or not _NAME.match(name) or name == BASE:
+        raise SpecError(f"bad variant name {name!r}",
+                        "use letters, digits, '-', '_' or '.', and not 'base'")
+    return name
 
 
 def _checkpoint_label(spec: str, index: int) -> str:
@@ -59,6 +65,7 @@ class ModelSet:
         self.specs: dict[str, ResolvedSpec] = {BASE: resolve(base)}
         self.runs: dict[str, list[str]] = {}
         for run, spec_list in (variants or {}).items():
+            check_variant_name(run)
             spec_list = [spec_list] if isinstance(spec_list, str) else list(spec_list)
             spec_list = [s for item in spec_list for s in expand_checkpoints(item)]  # DIR@all
             if len(spec_list) == 1:

@@ -1,0 +1,88 @@
+"""Draw == redraw for every built-in probe (issue 13): the figures drawn from the result a probe
+returns and those drawn from the stored ``result.json`` (``mechinterp figures``) are the same
+pixels. Runs each probe on a tiny random Llama and a planted two-checkpoint run, where many
+numbers are NaN (no fact is known, no MMLU item is failed, Spearman over constants): before the
+result store restored NaN, a redraw saw ``None`` where the first draw saw NaN."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from mechinterp.probe import make_config, registry
+from mechinterp.results import read_result
+from mechinterp.runner import run_probe
+
+#: small options per probe; a new built-in probe must be added here
+OPTIONS: dict[str, dict] = {
+    "weight-change": {},
+    "training-drift": {"limit": 2, "heldout_max_length": 64},
+    "kl-drift": {"items": "arithmetic", "limit": 3, "max_length": 512},
+    "task-accuracy": {"items": "arithmetic", "limit": 3, "max_new_tokens": 4},
+    "mmlu": {"formats": ["cloze"], "limit": 3},
+    "gsm8k": {"limit": 2, "max_new_tokens": 4},
+    "attention-shift": {"n_mmlu": 2, "n_knowns": 2, "max_tokens": 48},
+    "mlp-patching": {"prompt_sets": ["knowns"], "limit": 2},
+    "causal-trace": {"limit": 2, "samples": 2, "keep_wrong": True, "max_fact_figures": 1},
+    "damage-attribution": {"format": "cloze", "limit": 3, "max_failures": 2, "n_control": 1,
+                           "sites": ["mlp_out"], "n_bootstrap": 20},
+}
+
+
+def _pixels(figures: dict) -> dict[str, np.ndarray]:
+    import matplotlib.pyplot as plt
+
+    out = {}
+    for name, fig in figures.items():
+        fig.canvas.draw()
+        out[name] = np.asarray(fig.canvas.buffer_rgba()).copy()
+        plt.close(fig)
+    return out
+
+
+def _has_nan(obj) -> bool:
+    if isinstance(obj, float):
+        return math.isnan(obj)
+    if isinstance(obj, dict):
+        return any(_has_nan(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return any(_has_nan(v) for v in obj)
+    return False
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    from mechinterp.models import ModelSet, load
+    from mechinterp.models.edit import plant_change
+
+    root = tmp_path_factory.mktemp("redraw")
+    base = load("tiny-random-llama", device="cpu", dtype="float32")
+    for step, rel in ((1, 0.05), (2, 0.2)):
+        plant_change(base, root / "run" / f"step-{step}",
+                     {(1, "down"): rel, (0, "q"): rel / 2}, seed=step)
+    return ModelSet("tiny-random-llama", {"sft": f"{root / 'run'}@all"}, device="cpu",
+                    dtype="float32")
+
+
+def test_every_builtin_probe_is_covered():
+    import probes
+
+    assert set(OPTIONS) == set(probes.BUILTIN)
+
+
+@pytest.mark.parametrize("name", sorted(OPTIONS))
+def test_draw_equals_redraw(name, models, data_source, tmp_path, one_thread):
+    probe = registry()[name]
+    opts = dict(OPTIONS[name])
+    config = make_config(probe, opts)
+    result = run_probe(probe, models, data_source, config, out=tmp_path, draw=False)
+    first = _pixels(probe.plot(result))
+    stored = read_result(tmp_path / name)
+    assert _has_nan(stored.data) == _has_nan(result.data)  # NaN comes back as NaN, not None
+    again = _pixels(probe.plot(stored))
+    assert set(again) == set(first)
+    for fig in first:
+        assert again[fig].shape == first[fig].shape, fig
+        assert np.array_equal(again[fig], first[fig]), f"{name}: figure {fig} differs on redraw"

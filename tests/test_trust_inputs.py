@@ -1,0 +1,135 @@
+"""Bad input and the result store (issue 13): every probe option is checked when the config is
+built (type and lower bound, one line, exit 2), variant names are checked in the Python API as on
+the CLI, NaN and infinity survive a write and read of a result, and a result folder missing its
+array file is a clear error. Each case failed (or raised a bare exception) before its fix."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import typing
+
+import numpy as np
+import pytest
+
+from mechinterp.errors import SpecError, UserError
+from mechinterp.probe import make_config, registry
+from mechinterp.results import Result, read_result, write_result
+
+PROBES = sorted(registry())
+
+
+def _numeric_fields(config_cls) -> list[str]:
+    hints = typing.get_type_hints(config_cls)
+    out = []
+    for f in dataclasses.fields(config_cls):
+        args = [a for a in typing.get_args(hints[f.name]) if a is not type(None)] or [hints[f.name]]
+        if f.name != "seed" and any(a in (int, float) for a in args):
+            out.append(f.name)
+    return out
+
+
+@pytest.mark.parametrize("name", PROBES)
+def test_every_numeric_option_rejects_negative_and_wrong_types(name):
+    probe = registry()[name]
+    fields = _numeric_fields(probe.Config)
+    assert "limit" in fields  # every probe has the shared options
+    for field in fields:
+        with pytest.raises(UserError, match=rf"option {field}=-1(\.0)? of .* must be at least"):
+            make_config(probe, {field: "-1"})
+        with pytest.raises(UserError, match=field):
+            make_config(probe, {field: [1, 2]})  # from Python: a list where a number belongs
+    make_config(probe)  # the defaults pass their own checks
+
+
+@pytest.mark.parametrize("name,field", [("attention-shift", "batch_size"), ("mmlu", "token_budget"),
+                                        ("damage-attribution", "window"),
+                                        ("causal-trace", "samples"),
+                                        ("task-accuracy", "max_new_tokens")])
+def test_zero_where_zero_means_nothing(name, field):
+    with pytest.raises(UserError, match=f"{field}=0 .* at least 1"):
+        make_config(registry()[name], {field: "0"})
+
+
+def test_types_from_python_are_checked_and_normalised():
+    probe = registry()["causal-trace"]
+    cfg = probe.Config(noise_scale=2)  # an int where a float belongs: accepted, as a float
+    assert isinstance(cfg.noise_scale, float) and cfg.noise_scale == 2.0
+    with pytest.raises(UserError, match="noise_mult=nan .* at least 0"):
+        probe.Config(noise_mult=math.nan)
+    with pytest.raises(UserError, match="samples=2.5 of causal-trace must be int"):
+        probe.Config(samples=2.5)
+    with pytest.raises(UserError, match="keep_wrong=1 .* must be bool"):
+        probe.Config(keep_wrong=1)
+    with pytest.raises(UserError, match="kinds='mlp' .* must be list"):
+        probe.Config(kinds="mlp")  # a string is not a list of one string
+
+
+def test_cli_bad_option_is_one_line_and_exit_2(capsys, tmp_path):
+    from mechinterp.cli import main
+
+    assert main(["run", "attention-shift", "--set", "batch_size=0", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "batch_size=0" in err and "at least 1" in err
+    assert not any(tmp_path.iterdir())
+
+
+def test_variant_named_base_is_refused_in_python():
+    from mechinterp.models import ModelSet
+
+    with pytest.raises(SpecError, match="bad variant name 'base'"):
+        ModelSet("tiny-random-llama", {"base": "tiny-random-llama"}, device="cpu")
+    with pytest.raises(SpecError, match="bad variant name"):
+        ModelSet("tiny-random-llama", {"a b": "tiny-random-llama"}, device="cpu")
+
+
+def test_checkpoint_step_reads_suffixed_names():
+    from mechinterp.plotting.trajectories import checkpoint_step
+
+    assert checkpoint_step("sft@step-40-final") == 40
+    assert checkpoint_step("sft@checkpoint-7") == 7
+    assert checkpoint_step("sft@main") is None
+
+
+def test_nan_and_inf_round_trip_exactly(tmp_path):
+    data = {"a": math.nan, "b": [1.0, math.inf, {"c": -math.inf, "d": [math.nan, 2.0]}],
+            "e": np.array([0.5, np.nan]), "f": np.float64("nan"), "g": (math.nan, 3),
+            "ok": 1.5, "none": None}
+    prov = {"spearman": math.nan}
+    res = Result("x", data, provenance=prov)
+    write_result(res, tmp_path / "r")
+    text = (tmp_path / "r" / "result.json").read_text()
+
+    def refuse(tok):
+        raise ValueError(tok)
+
+    raw = json.loads(text, parse_constant=refuse)  # strict JSON: no NaN literal in the file
+    assert raw["data"]["a"] is None and raw["data"]["b"][1] is None
+    back = read_result(tmp_path / "r")
+    d = back.data
+    assert math.isnan(d["a"]) and d["b"][1] == math.inf and d["b"][2]["c"] == -math.inf
+    assert math.isnan(d["b"][2]["d"][0]) and d["b"][2]["d"][1] == 2.0
+    assert d["e"][0] == 0.5 and math.isnan(d["e"][1]) and math.isnan(d["f"])
+    assert math.isnan(d["g"][0]) and d["g"][1] == 3
+    assert d["ok"] == 1.5 and d["none"] is None  # a real None stays None
+    assert math.isnan(back.provenance["spearman"])
+
+
+def test_missing_array_file_is_a_user_error(tmp_path):
+    write_result(Result("x", {"k": 1}, arrays={"grid": np.zeros((2, 2))}), tmp_path / "r")
+    (tmp_path / "r" / "arrays.npz").unlink()
+    with pytest.raises(UserError, match="arrays.npz is missing"):
+        read_result(tmp_path / "r")
+
+
+def test_run_probe_without_data_uses_the_data_root(monkeypatch, data_source, tmp_path):
+    """``data=None`` from Python means what it means on the CLI: $MECHINTERP_DATA."""
+    from mechinterp.models import ModelSet
+    from mechinterp.runner import run_probe
+
+    monkeypatch.setenv("MECHINTERP_DATA", str(data_source.root))
+    probe = registry()["mmlu"]
+    models = ModelSet("tiny-random-llama", {}, device="cpu")
+    res = run_probe(probe, models, None, make_config(probe, {"formats": "cloze"}, limit=2))
+    assert res.provenance["data"]["files"]  # the MMLU files it read are logged
