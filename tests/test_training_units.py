@@ -247,6 +247,15 @@ def test_settings_precedence_and_validation():
     assert all(math.isclose(s, round(i * 571 / 20)) for i, s in enumerate(checkpoint_steps(571, 20), 1))
 
 
+def test_default_checkpoints_fit_a_short_run_but_an_asked_number_is_checked():
+    """``--max-steps 3`` with the paper's default 20 checkpoints used to stop with an error."""
+    short = resolve_settings("sft", None, {"max_steps": 3})
+    assert short.checkpoints == 3
+    assert resolve_settings("sft", None, {"max_steps": 100}).checkpoints == 20
+    with pytest.raises(UserError, match="--checkpoints 5 must be between 1 and --max-steps 3"):
+        resolve_settings("sft", None, {"max_steps": 3, "checkpoints": 5})
+
+
 def test_cli_rejects_bad_input_before_training(tmp_path, capsys):
     from mechinterp.cli import main
 

@@ -118,7 +118,13 @@ def resolve_settings(algorithm: str, preset: str | None, overrides: dict[str, An
     if unknown:
         raise UserError(f"unknown training option(s) {', '.join(sorted(unknown))}",
                         "see mechinterp train --help")
-    values |= {k: v for k, v in overrides.items() if v is not None}
+    given = {k: v for k, v in overrides.items() if v is not None}
+    values |= given
+    if "checkpoints" not in given and values.get("max_steps") is not None:
+        # a default (paper: 20, or the preset's) fits itself to a shorter run: --max-steps 3
+        # saves 3 checkpoints; only a --checkpoints the user asked for is refused when too many
+        values["checkpoints"] = max(1, min(values.get("checkpoints", TrainSettings.checkpoints),
+                                          values["max_steps"]))
     s = TrainSettings(**values)
     validate(s)
     return s
