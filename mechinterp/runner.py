@@ -13,6 +13,7 @@ store. Two guarantees a long study needs:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -89,7 +90,9 @@ def run_probe(probe: Probe | str, models, data, config=None, out: Path | str | N
 
     torch.manual_seed(config.seed)
     start = time.perf_counter()
-    result = probe.run(models, data, config)
+    scope = models.run_scope() if hasattr(models, "run_scope") else contextlib.nullcontext()
+    with scope:
+        result = probe.run(models, data, config)
     wall = time.perf_counter() - start
     result.provenance = {
         "probe": probe.name,

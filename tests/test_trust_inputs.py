@@ -133,3 +133,35 @@ def test_run_probe_without_data_uses_the_data_root(monkeypatch, data_source, tmp
     models = ModelSet("tiny-random-llama", {}, device="cpu")
     res = run_probe(probe, models, None, make_config(probe, {"formats": "cloze"}, limit=2))
     assert res.provenance["data"]["files"]  # the MMLU files it read are logged
+
+
+def test_release_frees_the_weights_even_while_a_reference_lives(tmp_path):
+    """Probes loop ``for v in variants: var = models[v]``: the previous variant stayed alive
+    through ``var`` while the next one loaded (peak: base + two variants). ``release`` now frees
+    the weights themselves; inside a probe run a model the caller loaded beforehand is kept."""
+    import torch
+
+    from mechinterp.models import ModelSet, load
+    from mechinterp.models.edit import plant_change
+
+    base = load("tiny-random-llama", device="cpu", dtype="float32")
+    a = plant_change(base, tmp_path / "a", {(0, "q"): 0.1}, seed=0)
+    b = plant_change(base, tmp_path / "b", {(1, "q"): 0.1}, seed=1)
+    models = ModelSet("tiny-random-llama", {"a": str(a), "b": str(b)}, device="cpu")
+
+    var = models["a"]
+    models.release("a")
+    assert all(p.device.type == "meta" for p in var.hf.parameters())  # no storage left
+    fresh = models["a"]  # reloads on next access, intact
+    assert fresh is not var and fresh.hf.model.embed_tokens.weight.device.type == "cpu"
+
+    models.release("a")
+    mine = models["b"]  # a notebook's own handle, loaded before the probe runs
+    with models.run_scope():
+        probes_own = models["a"]
+        models.release("a")
+        models.release("b")
+    assert all(p.device.type == "meta" for p in probes_own.hf.parameters())  # the probe's: freed
+    assert all(p.device.type == "cpu" for p in mine.hf.parameters())  # the caller's: kept
+    ids = torch.tensor([[1, 2, 3]])
+    assert torch.isfinite(mine.hf(input_ids=ids).logits).all()

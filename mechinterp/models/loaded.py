@@ -109,6 +109,14 @@ class LoadedModel:
                                                   tokenizer=copy.deepcopy(self.tokenizer))
         return self._views["lm"]
 
+    def free(self) -> None:
+        """Give the weights' memory back now, even where other references to this object live
+        on (a probe's loop variable still naming the previous variant while the next loads):
+        the parameters move to the meta device, which holds no storage, and the views are
+        dropped. The object is unusable afterwards; load the spec again."""
+        self._views.clear()
+        self.hf.to("meta")
+
     def refresh_views(self) -> None:
         """Drop the bridge and nnsight views; they are rebuilt on next access."""
         self._views.clear()

@@ -12,6 +12,7 @@ mismatch stops before any expensive work. Models load lazily and can be released
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from collections.abc import Iterable, Iterator
@@ -79,6 +80,7 @@ class ModelSet:
             for n, s in zip(names, spec_list):
                 self.specs[n] = resolve(s)
         self._loaded: dict[str, LoadedModel] = {}
+        self._scopes: list[set[str]] = []
         if check:
             self.check_compatible()
 
@@ -114,8 +116,35 @@ class ModelSet:
         return self._loaded[name]
 
     def release(self, name: str) -> None:
-        """Drop a loaded model (it reloads on next access)."""
-        self._loaded.pop(name, None)
+        """Free a loaded model's memory now (it reloads on next access).
+
+        The weights themselves are freed (:meth:`LoadedModel.free`), not just this set's
+        reference, so peak memory is the base plus one variant even when the caller still holds
+        the released object."""
+        import gc
+
+        import torch
+
+        model = self._loaded.pop(name, None)
+        if model is None:
+            return
+        if self._scopes and name in self._scopes[-1]:
+            return  # loaded before this probe ran: the caller's object, not the probe's to free
+        model.free()
+        del model
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    @contextlib.contextmanager
+    def run_scope(self):
+        """While a probe runs (the runner enters this), :meth:`release` frees only models the
+        probe loaded itself: one a notebook loaded before (``m = models["sft"]``) stays usable."""
+        self._scopes.append(set(self._loaded))
+        try:
+            yield self
+        finally:
+            self._scopes.pop()
 
     def provenance(self) -> dict:
         return {name: spec.provenance() for name, spec in self.specs.items()}
