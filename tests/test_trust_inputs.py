@@ -165,3 +165,36 @@ def test_release_frees_the_weights_even_while_a_reference_lives(tmp_path):
     assert all(p.device.type == "cpu" for p in mine.hf.parameters())  # the caller's: kept
     ids = torch.tensor([[1, 2, 3]])
     assert torch.isfinite(mine.hf(input_ids=ids).logits).all()
+
+
+def test_quantisation_origin_is_inherited_and_a_mismatch_warns(tmp_path):
+    """The default model is dequantised from a Q4_1 GGUF: a fine-tune of the *original* weights
+    would pass every check and weight-change would report quantisation noise as fine-tuning."""
+    import json
+    import shutil
+
+    from mechinterp.models import ModelSet
+    from mechinterp.models.origin import quantisation_origin, write_gguf_origin
+    from mechinterp.models.zoo import fetch
+
+    base = tmp_path / "dequantised"
+    shutil.copytree(fetch("tiny-random-llama"), base)
+    write_gguf_origin(base, "m.Q4_1.gguf", "MOSTLY_Q4_1", "ab" * 32)
+    plain = tmp_path / "plain"
+    shutil.copytree(fetch("tiny-random-llama"), plain)
+    run = tmp_path / "run"  # a training output of the dequantised base: inherits its origin
+    shutil.copytree(fetch("tiny-random-llama"), run / "checkpoints" / "step-2")
+    (run / "train-config.json").write_text(json.dumps({"base": str(base)}))
+
+    assert quantisation_origin(plain) is None
+    got = quantisation_origin(run / "checkpoints" / "step-2")
+    assert got["file_type"] == "MOSTLY_Q4_1" and got["inherited_from"] == str(base)
+    with pytest.warns(UserWarning, match="variant 'orig' has plain weights, the base has "
+                                         "dequantised from MOSTLY_Q4_1"):
+        ModelSet(str(base), {"orig": str(plain)}, device="cpu")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ms = ModelSet(str(base), {"sft": f"{run}@step-2"}, device="cpu")
+    assert ms.provenance()["sft"]["quantisation_origin"]["file_type"] == "MOSTLY_Q4_1"

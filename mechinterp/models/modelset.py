@@ -15,10 +15,12 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import warnings
 from collections.abc import Iterable, Iterator
 
 from ..errors import IncompatibleModels, SpecError
 from .loaded import LoadedModel, load, load_tokenizer
+from .origin import origin_label, quantisation_origin
 from .safetensors_io import tensor_index
 from .specs import ResolvedSpec, expand_checkpoints, resolve, split_revision
 
@@ -156,10 +158,18 @@ class ModelSet:
         b_cfg = _arch(base)
         b_shapes = {k: v[1] for k, v in tensor_index(base.path).items()}
         b_vocab = None
+        b_origin = quantisation_origin(base.path)
         for name in self.variants:
             spec = self.specs[name]
             if spec.path == base.path:
                 continue
+            v_origin = quantisation_origin(spec.path)
+            if _origin_key(v_origin) != _origin_key(b_origin):
+                warnings.warn(
+                    f"variant {name!r} has {origin_label(v_origin)}, the base has "
+                    f"{origin_label(b_origin)}: weight change and KL include the quantisation "
+                    "difference, not only fine-tuning (compare a fine-tune with the weights it "
+                    "started from)", stacklevel=3)
             v_cfg = _arch(spec)
             if v_cfg != b_cfg:
                 raise IncompatibleModels(
@@ -185,6 +195,10 @@ class ModelSet:
                     f"tokenizer vocabulary of variant {name!r} differs from the base "
                     f"({len(v_vocab)} vs {len(b_vocab)} entries; first difference {diff})",
                     "fine-tunes must keep the base tokenizer")
+
+
+def _origin_key(origin: dict | None) -> tuple | None:
+    return None if origin is None else (origin.get("file_type"), origin.get("gguf_sha256"))
 
 
 def _arch(spec: ResolvedSpec) -> tuple[str, str]:

@@ -43,8 +43,11 @@ class ResolvedSpec:
         return folder_hash(self.path)
 
     def provenance(self) -> dict:
+        from .origin import quantisation_origin
+
         return {"spec": self.spec, "source": self.source, "revision": self.revision,
-                "path": str(self.path), "weights_sha256": self.weight_hash()}
+                "path": str(self.path), "weights_sha256": self.weight_hash(),
+                "quantisation_origin": quantisation_origin(self.path)}
 
 
 def split_revision(spec: str) -> tuple[str, str | None]:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ..errors import SpecError, UserError
 from ..paths import cache_dir
+from .origin import ORIGIN_FILE, gguf_file_type, write_gguf_origin
 from .safetensors_io import file_sha256
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -123,6 +124,7 @@ def gguf_to_folder(gguf: Path, out: Path) -> None:
     plain.load_state_dict(loaded.state_dict())
     plain.save_pretrained(out)
     tok.save_pretrained(out)
+    write_gguf_origin(out, gguf.name, gguf_file_type(gguf), file_sha256(gguf))
 
 
 def _download_smollm2_gguf() -> Path:
@@ -189,6 +191,9 @@ def fetch(name: str) -> Path:
     entry = ZOO[name]
     folder = entry.folder()
     if entry.is_cached():
+        if name == DEFAULT_MODEL and not (folder / ORIGIN_FILE).exists():
+            # built before origins were recorded: the origin is known without rebuilding
+            write_gguf_origin(folder, Path(SMOLLM2_GGUF).name, "MOSTLY_Q4_1", SMOLLM2_GGUF_SHA256)
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=folder.parent))
