@@ -102,7 +102,7 @@ def merge(args) -> None:
     for folder in folders:
         res = json.loads((folder / "mmlu" / "result.json").read_text())
         prov = res["provenance"]
-        shas.add(prov["models"]["base"]["weights_sha256"])
+        shas.add(prov["models"]["base"]["weights_id"])
         configs.add(json.dumps({k: v for k, v in prov["config"].items() if k != "subjects"},
                                sort_keys=True))
         walls.append(prov["wall_time_s"])
@@ -121,7 +121,7 @@ def merge(args) -> None:
                          f"{missing[0]}): finish `run` first")
     pred_keys = ["pred"] + (["pred_norm"] if "pred_norm" in rows[0] else [])
     merged = {"format": args.format, "n_items": len(rows), "batches": [str(f) for f in folders],
-              "sum_of_batch_wall_time_s": sum(walls), "weights_sha256": shas.pop()}
+              "sum_of_batch_wall_time_s": sum(walls), "weights_id": shas.pop()}
     for key in pred_keys:
         overall, per = summarise(rows, key)
         label = args.format if key == "pred" else f"{args.format}-norm"

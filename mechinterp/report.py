@@ -209,7 +209,7 @@ def _training_figures(study) -> list[tuple[str, Path]]:
 
 def _provenance(res) -> str:
     p = res.provenance
-    models = ", ".join(f"{n}={m.get('spec')} ({str(m.get('weights_sha256'))[:10]})"
+    models = ", ".join(f"{n}={m.get('spec')} ({str(m.get('weights_id'))[:14]})"
                        for n, m in p.get("models", {}).items())
     return (f"probe {p.get('probe')} v{p.get('probe_version')}, config {p.get('config_hash')}, "
             f"{p.get('wall_time_s')} s on {p.get('device')}/{p.get('dtype')}, "

@@ -34,10 +34,10 @@ def config_hash(config: Any) -> str:
 
 
 def model_identity(models) -> dict[str, dict[str, str]]:
-    """``{name: {"spec", "weights_sha256"}}`` for every model of the set (hashes are cached)."""
+    """``{name: {"spec", "weights_id"}}`` for every model of the set (no weights are read)."""
     if models is None:
         return {}
-    return {name: {"spec": p["spec"], "weights_sha256": p["weights_sha256"]}
+    return {name: {"spec": p["spec"], "weights_id": p["weights_id"]}
             for name, p in models.provenance().items()}
 
 

@@ -198,3 +198,44 @@ def test_quantisation_origin_is_inherited_and_a_mismatch_warns(tmp_path):
         warnings.simplefilter("error")
         ms = ModelSet(str(base), {"sft": f"{run}@step-2"}, device="cpu")
     assert ms.provenance()["sft"]["quantisation_origin"]["file_type"] == "MOSTLY_Q4_1"
+
+
+def test_weights_identity_reads_no_tensor_bytes_and_follows_content(tmp_path, monkeypatch):
+    """Provenance hashed every byte of every checkpoint (about 300 GB for a 20-checkpoint 7B run).
+    Now: hub blobs by their content address, local files by name/size/mtime/header, the full
+    SHA-256 on request."""
+    import os
+    import shutil
+
+    from mechinterp.models.safetensors_io import folder_hash, weights_identity
+    from mechinterp.models.zoo import fetch
+
+    src = fetch("tiny-random-llama")
+    a = tmp_path / "a"
+    shutil.copytree(src, a)
+    ident = weights_identity(a)
+    assert ident.startswith("stat:") and weights_identity(a) == ident
+    # a re-save with other bytes changes it
+    f = next(a.glob("*.safetensors"))
+    data = bytearray(f.read_bytes())
+    data[-1] ^= 1
+    f.write_bytes(bytes(data))
+    os.utime(f, ns=(1, 1))
+    assert weights_identity(a) != ident
+
+    # a hub-cache layout: snapshot files are symlinks to blobs named by their sha256
+    hub = tmp_path / "hub"
+    (hub / "blobs").mkdir(parents=True)
+    (hub / "snap").mkdir()
+    blob = hub / "blobs" / ("c" * 64)
+    shutil.copy(next(src.glob("*.safetensors")), blob)
+    (hub / "snap" / "model.safetensors").symlink_to(blob)
+    hub_id = weights_identity(hub / "snap")
+    assert hub_id.startswith("hub:")
+    blob.rename(hub / "blobs" / ("d" * 64))
+    (hub / "snap" / "model.safetensors").unlink()
+    (hub / "snap" / "model.safetensors").symlink_to(hub / "blobs" / ("d" * 64))
+    assert weights_identity(hub / "snap") != hub_id  # another content address: other weights
+
+    monkeypatch.setenv("MECHINTERP_FULL_HASH", "1")
+    assert weights_identity(a) == "sha256:" + folder_hash(a)

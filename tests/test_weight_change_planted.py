@@ -67,7 +67,7 @@ def test_cli_weight_change_end_to_end(tmp_path):
     res = json.loads((out / "weight-change" / "result.json").read_text())
     assert abs(res["data"]["relative_change"]["x"]["up"][2] - 0.1) < 1e-4
     prov = res["provenance"]
-    assert prov["probe"] == "weight-change" and prov["models"]["x"]["weights_sha256"]
+    assert prov["probe"] == "weight-change" and prov["models"]["x"]["weights_id"]
     assert prov["models"]["base"]["spec"] == "tiny-random-qwen2"
     png = out / "weight-change" / "weight_change_heatmap.png"
     assert png.stat().st_size > 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -102,6 +103,41 @@ def folder_hash(folder: Path) -> str:
     except OSError:
         pass  # read-only folder (e.g. a shared hub cache): just do not cache
     return digest
+
+
+FULL_HASH_ENV = "MECHINTERP_FULL_HASH"
+_SHA256_NAME = re.compile(r"^[0-9a-f]{64}$")
+
+
+def weights_identity(folder: Path) -> str:
+    """An identity of a checkpoint's weights that costs no read of the tensors.
+
+    * Files in a Hugging Face hub cache are symlinks to ``blobs/<sha256 of the content>``: the
+      identity hashes those content addresses (``hub:``), exact and free.
+    * Local files: name, size, modification time and the safetensors header (``stat:``): any
+      re-save changes it. A 20-checkpoint 7B run is about 300 GB, which a full hash would read.
+    * With ``MECHINTERP_FULL_HASH=1``: the SHA-256 of every byte (``sha256:``, cached by
+      :func:`folder_hash`).
+    """
+    import os
+
+    files = weight_files(folder)
+    if os.environ.get(FULL_HASH_ENV) == "1":
+        return "sha256:" + folder_hash(folder)
+    h = hashlib.sha256()
+    blobs = [Path(os.readlink(f)).name if f.is_symlink() else "" for f in files]
+    if files and all(_SHA256_NAME.match(b) for b in blobs):
+        for f, b in zip(files, blobs):
+            h.update(f"{f.name}={b};".encode())
+        return "hub:" + h.hexdigest()
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns};".encode())
+        with f.open("rb") as fh:
+            head = fh.read(8)
+            n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+            h.update(head + fh.read(min(n, 1 << 26)))
+    return "stat:" + h.hexdigest()
 
 
 def file_sha256(path: Path) -> str:

@@ -24,7 +24,7 @@ from pathlib import Path
 from ..errors import SpecError
 from ..paths import cache_dir
 from . import zoo
-from .safetensors_io import file_sha256, folder_hash, weight_files
+from .safetensors_io import file_sha256, folder_hash, weight_files, weights_identity
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -40,13 +40,18 @@ class ResolvedSpec:
         return weight_files(self.path)
 
     def weight_hash(self) -> str:
+        """SHA-256 of every weight byte (reads the whole checkpoint once; cached)."""
         return folder_hash(self.path)
+
+    def weight_id(self) -> str:
+        """What identifies these weights without reading them (:func:`weights_identity`)."""
+        return weights_identity(self.path)
 
     def provenance(self) -> dict:
         from .origin import quantisation_origin
 
         return {"spec": self.spec, "source": self.source, "revision": self.revision,
-                "path": str(self.path), "weights_sha256": self.weight_hash(),
+                "path": str(self.path), "weights_id": self.weight_id(),
                 "quantisation_origin": quantisation_origin(self.path)}
 
 
