@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mechinterp.data.gsm8k import load_gsm8k
-from mechinterp.evals.gsm8k import score_gsm8k
+from mechinterp.evals.gsm8k import sample_shots, score_gsm8k
 from mechinterp.evals.mmlu import rows_to_jsonl
 from mechinterp.evals.paired import paired_rows
 from mechinterp.evals.stats import accuracy_summary
@@ -23,17 +23,20 @@ from mechinterp.results import Result
 
 @dataclass
 class Config(BaseConfig):
-    shots: int = 0  # examples from the train split (its first k)
+    shots: int = 0  # examples from the train split before each question
+    shot_sampler: str = "random"  # "random": lm-eval's (k per question, seeded); "first": first k
+    fewshot_seed: int = 1234  # lm-eval's fewshot_random_seed
     chat: bool = False
     max_new_tokens: int = 256
     batch_size: int = 8
 
+    signed = ("fewshot_seed",)
     at_least = {"max_new_tokens": 1, "batch_size": 1}  # lower bounds; every other number: at least 0
 
 
 class GSM8KProbe:
     name = "gsm8k"
-    version = "1"
+    version = "2"
     description = "GSM8K accuracy by batched greedy generation (plain or chat prompt, k-shot)"
     Config = Config
 
@@ -42,11 +45,14 @@ class GSM8KProbe:
         if config.limit is not None and config.limit < len(items):
             pick = np.random.default_rng(config.seed).permutation(len(items))[:config.limit]
             items = [items[i] for i in sorted(pick)]
-        shots = load_gsm8k(data, "train")[:config.shots] if config.shots else []
+        train = load_gsm8k(data, "train") if config.shots else []
+        shots = sample_shots(train, len(items), config.shots, config.shot_sampler,
+                             config.fewshot_seed)
         acc, ci, rows_by, files = {}, {}, {}, {}
         for name in models.names:
-            rows = score_gsm8k(models[name], items, shots, config.chat, config.max_new_tokens,
-                               config.batch_size)
+            rows = score_gsm8k(models[name], items, chat=config.chat,
+                               max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
+                               per_item_shots=shots)
             s = accuracy_summary([r["correct"] for r in rows])
             acc[name], ci[name], rows_by[name] = s["accuracy"], s["ci95"], rows
             files[f"items_{name}.jsonl"] = rows_to_jsonl(rows)
