@@ -64,7 +64,7 @@ from mechinterp.analysis.weights import weight_change
 from mechinterp.data.mmlu import LETTERS, load_mmlu
 from mechinterp.errors import UserError
 from mechinterp.evals.mmlu import MMLUFormat, build_request, stratified_sample
-from mechinterp.evals.stats import spearman
+from mechinterp.evals.stats import mean_ci, ratio_of_means, spearman
 from mechinterp.plotting import new_axes
 from mechinterp.probe import BaseConfig
 from mechinterp.progress import task
@@ -117,39 +117,6 @@ def gold_norm(scores: np.ndarray, gold: np.ndarray) -> np.ndarray:
     lse = np.log(np.exp(z).sum(-1)) + scores.max(-1)
     g = np.take_along_axis(scores, np.broadcast_to(gold[:, None], scores.shape[:-1] + (1,)), -1)
     return g[..., 0] - lse
-
-
-def ratio_of_means(num: np.ndarray, den: np.ndarray, rng: np.random.Generator | None = None,
-                   n_boot: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """``mean(num, -1) / mean(den)`` per row of ``num`` [conds, items] and, with ``rng``, a
-    percentile bootstrap 95% interval over items ([conds, 2]); NaN when the mean of ``den``
-    is not positive or there are no items."""
-    num = np.asarray(num, float)
-    den = np.asarray(den, float)
-    nan = np.full(num.shape[:-1], np.nan)
-    if den.size == 0:
-        return nan, np.stack([nan, nan], -1)
-    d = den.mean()
-    est = num.mean(-1) / d if d > 0 else nan
-    if rng is None or n_boot <= 0 or not d > 0:
-        return est, np.stack([nan, nan], -1)
-    idx = rng.integers(0, den.size, (n_boot, den.size))
-    db = den[idx].mean(-1)
-    nb = num[..., idx].mean(-1)  # [conds, boot]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratios = np.where(db > 0, nb / db, np.nan)
-    lo, hi = np.nanpercentile(ratios, [2.5, 97.5], axis=-1) if np.isfinite(ratios).any() else (
-        nan, nan)
-    return est, np.stack([lo, hi], -1)
-
-
-def mean_ci(x: np.ndarray, rng: np.random.Generator, n_boot: int) -> tuple[float, list[float]]:
-    """Mean and percentile bootstrap 95% interval."""
-    x = np.asarray(x, float)
-    if x.size == 0:
-        return math.nan, [math.nan, math.nan]
-    boot = x[rng.integers(0, x.size, (max(1, n_boot), x.size))].mean(-1)
-    return float(x.mean()), [float(v) for v in np.percentile(boot, [2.5, 97.5])]
 
 
 def top_third_overlap(recovery: list[float], change: list[float]) -> list[int]:

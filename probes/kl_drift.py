@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mechinterp.analysis.divergence import answer_items, teacher_forced_kl
+from mechinterp.analysis.divergence import answer_items, base_cache_fits, teacher_forced_kl
 from mechinterp.data import load_gsm8k
 from mechinterp.data.arithmetic import is_task
 from mechinterp.data.base import read_jsonl
@@ -79,10 +79,14 @@ class KLDrift:
         items = answer_items(models.base.tokenizer, pairs, config.chat_template, system,
                              config.max_length)
         kl, kl_items, n_bad, sem = {}, {}, {}, {}
+        vocab = models.base.hf.get_output_embeddings().weight.shape[0]
+        # the base's answer distributions once for all variants, when they fit (2 GB)
+        cache = {} if base_cache_fits(items, vocab) else None
         with task("kl drift", len(items) * len(models.variants)) as advance:
             for name in models.variants:
                 per_item = teacher_forced_kl(models.base, models[name], items,
-                                             config.batch_size, progress=advance).numpy()
+                                             config.batch_size, progress=advance,
+                                             base_cache=cache).numpy()
                 finite = per_item[np.isfinite(per_item)]
                 kl[name] = float(finite.mean()) if finite.size else float("nan")
                 sem[name] = float(finite.std(ddof=1) / math.sqrt(finite.size)) \

@@ -16,9 +16,15 @@ after the prompt's tokens in ``prompt + " " + answer``
 (:func:`~mechinterp.analysis.tracing.answer_token_id`; not ``" " + answer`` encoded alone, a lone
 ``"▁"`` for SentencePiece tokenizers). ``limit`` items per set (seeded).
 
-Result keys: ``recovery[<variant>][<site>][<direction>]`` (list over layers, mean over prompts of
-all sets), ``n_prompts``; also ``recovery_by_set``, ``n_tiny``, ``logprob`` (base/variant means),
-arrays ``<variant>__<set>__<site>__<direction>`` ([layer, item] recovery) and
+Per layer the recovery pooled over prompts is a ratio of means, ``sum_i sign(g_i) (m_patched -
+m_variant)_i / sum_i |g_i|`` with ``g = m_base - m_variant``: the gap-weighted mean of the per-item
+recoveries, which a few items with a gap just above ``min_gap`` cannot dominate (a plain mean of
+per-item ratios can), with a percentile bootstrap 95% interval over items.
+
+Result keys: ``recovery[<variant>][<site>][<direction>]`` (list over layers, pooled over the
+prompts of all sets), ``recovery_ci95`` (same nesting, [lo, hi] per layer), ``n_prompts``; also ``recovery_by_set``, ``n_tiny``, ``logprob`` (base/variant means),
+arrays ``<variant>__<set>__<site>__<direction>`` ([layer, item] per-item recovery, NaN
+where the gap is tiny) and
 ``<variant>__<set>__m_base`` / ``__m_variant`` (per-item log-probs).
 """
 
@@ -40,6 +46,7 @@ from mechinterp.analysis.tracing import answer_token_id, windows
 from mechinterp.data import load_knowns, load_mmlu
 from mechinterp.data.mmlu import LETTERS
 from mechinterp.errors import UserError
+from mechinterp.evals.stats import ratio_of_means
 from mechinterp.plotting.style import PALETTE, new_axes
 from mechinterp.probe import BaseConfig
 from mechinterp.progress import task
@@ -58,12 +65,14 @@ class Config(BaseConfig):
     sites: list[str] = field(default_factory=lambda: list(SITE))
     window: int = 1
     min_gap: float = 0.1
+    n_bootstrap: int = 1000  # resamples of the items for the 95% interval of each recovery
     mmlu_answer: str = "letter"
     mmlu_subjects: list[str] | None = None
     batch_size: int = 8
     max_tokens: int = 4096
 
-    at_least = {"window": 1, "batch_size": 1, "max_tokens": 1}  # lower bounds; every other number: at least 0
+    # lower bounds; every other number: at least 0
+    at_least = {"window": 1, "batch_size": 1, "max_tokens": 1, "n_bootstrap": 1}
 
 
 def mmlu_prompt(item, fmt: str) -> tuple[str, str]:
@@ -94,7 +103,9 @@ def prompts_for(data, config: Config, tokenizer) -> dict[str, list[tuple[str, in
 
 class MLPPatching:
     name = "mlp-patching"
-    version = "2"  # 2: answer token read after the prompt (was " " + answer alone)
+    # 2: answer token read after the prompt (was " " + answer alone); 3: recovery is a ratio of
+    # means with a bootstrap interval (was the mean of heavy-tailed per-item ratios)
+    version = "3"
     description = "cross-model activation patching (base <-> variant) per layer and site"
     Config = Config
 
@@ -139,8 +150,7 @@ class MLPPatching:
                             for d, (src, tgt) in zip(DIRECTIONS, ((base, var), (var, base))):
                                 lp = cross_model_patch_sweep(src, tgt, ids, mask, SITE[s], conds,
                                                              pos, ans, config.max_tokens)
-                                r, _ = normalised_recovery(lp, m_base, m_var, config.min_gap)
-                                rec[s][d].append(r)
+                                rec[s][d].append(lp - m_var)  # numerator, per item
                             advance()
                     mb, mv = torch.cat(mb), torch.cat(mv)
                     keep = (mb - mv).abs() >= config.min_gap
@@ -152,18 +162,48 @@ class MLPPatching:
                     n_tiny[v][set_name] = int((~keep).sum())
                 models.release(v)
 
-        def mean(t: torch.Tensor) -> list[float]:
-            return torch.nanmean(t, dim=1).tolist() if t.shape[1] else [float("nan")] * n
+        rng = np.random.default_rng(config.seed)
 
-        recovery = {v: {s: {d: mean(torch.cat([per_set[v][k][s][d] for k in sets], 1))
-                            for d in DIRECTIONS} for s in config.sites} for v in models.variants}
-        by_set = {k: {v: {s: {d: mean(per_set[v][k][s][d]) for d in DIRECTIONS}
-                          for s in config.sites} for v in models.variants} for k in sets}
-        arrays = {f"{v}__{k}__{s}__{d}": per_set[v][k][s][d].numpy()
-                  for v in per_set for k in per_set[v] for s in per_set[v][k]
-                  for d in DIRECTIONS} | item_lp
+        def gaps(v, keys):
+            return np.concatenate([item_lp[f"{v}__{k}__m_base"] - item_lp[f"{v}__{k}__m_variant"]
+                                   for k in keys])
+
+        def pooled(v, keys, s, d):
+            """|gap|-weighted recovery over the kept items of ``keys``: a ratio of means,
+            sum(sign(gap) (m_patched - m_variant)) / sum(|gap|), with a bootstrap interval."""
+            num = np.concatenate([per_set[v][k][s][d].numpy() for k in keys], 1)
+            gap = gaps(v, keys)
+            keep = np.abs(gap) >= config.min_gap
+            est, ci = ratio_of_means(num[:, keep] * np.sign(gap[keep]), np.abs(gap[keep]), rng,
+                                     config.n_bootstrap)
+            return est.tolist(), ci.tolist()
+
+        recovery, recovery_ci = {}, {}
+        by_set: dict = {k: {} for k in sets}
+        for v in models.variants:
+            recovery[v], recovery_ci[v] = {}, {}
+            for s in config.sites:
+                recovery[v][s], recovery_ci[v][s] = {}, {}
+                for d in DIRECTIONS:
+                    recovery[v][s][d], recovery_ci[v][s][d] = pooled(v, list(sets), s, d)
+                    for k in sets:
+                        by_set[k].setdefault(v, {}).setdefault(s, {})[d] = pooled(v, [k], s, d)[0]
+        # per item and layer: the recovery of that item alone (NaN where the gap is tiny)
+        arrays = {}
+        for v in per_set:
+            for k in per_set[v]:
+                mb = torch.from_numpy(item_lp[f"{v}__{k}__m_base"])
+                mv = torch.from_numpy(item_lp[f"{v}__{k}__m_variant"])
+                for s in per_set[v][k]:
+                    for d in DIRECTIONS:
+                        r, _ = normalised_recovery(per_set[v][k][s][d] + mv, mb, mv,
+                                                   config.min_gap)
+                        arrays[f"{v}__{k}__{s}__{d}"] = r.numpy()
+        arrays |= item_lp
         return Result(self.name, {
             "recovery": recovery,
+            "recovery_ci95": recovery_ci,
+            "n_bootstrap": config.n_bootstrap,
             "n_prompts": sum(len(x) for x in sets.values()),
             "n_prompts_by_set": {k: len(x) for k, x in sets.items()},
             "recovery_by_set": by_set,
@@ -176,8 +216,10 @@ class MLPPatching:
             "window": config.window,
             "min_gap": config.min_gap,
             "metric": "log p(answer token) at the last prompt position",
-            "recovery_definition": "(m_patched - m_variant) / (m_base - m_variant); 1 = base, "
-                                   "0 = variant, in both directions",
+            "recovery_definition": "sum_i sign(g_i) (m_patched - m_variant)_i / sum_i |g_i|, "
+                                   "g = m_base - m_variant over items with |g| >= min_gap (a "
+                                   "ratio of means: the |g|-weighted mean of per-item "
+                                   "recoveries); 1 = base, 0 = variant, in both directions",
         }, arrays)
 
     def plot(self, result: Result) -> dict:
@@ -192,9 +234,14 @@ class MLPPatching:
             for c, s in enumerate(sites):
                 ax = axes[r, c]
                 for j, v in enumerate(d["variants"]):
+                    color = PALETTE[j % len(PALETTE)]
                     ax.plot(layers, np.array(d["recovery"][v][s][direction], float), marker=".",
-                            color=PALETTE[j % len(PALETTE)],
-                            label=f"{v} ({d['n_prompts'] - d['n_tiny'][v]} prompts)")
+                            color=color, label=f"{v} ({d['n_prompts'] - d['n_tiny'][v]} prompts)")
+                    ci = d.get("recovery_ci95", {}).get(v, {}).get(s, {}).get(direction)
+                    if ci:
+                        band = np.array(ci, float).reshape(-1, 2)
+                        ax.fill_between(layers, band[:, 0], band[:, 1], color=color, alpha=0.15,
+                                        lw=0)
                 ax.axhline(0, color="grey", lw=0.6)
                 ax.axhline(1, color="grey", lw=0.6, ls="--")
                 ax.set_title(f"{names[s]}: {what[direction]}")

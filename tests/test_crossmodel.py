@@ -3,6 +3,7 @@ variant with a planted change of known location."""
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -121,6 +122,18 @@ def test_probe_finds_the_planted_layers_and_redraws(pair, tmp_path, data_source)
     assert rec["attn"]["denoise"][1] == pytest.approx(0.0, abs=1e-4)
     stored = json.loads((tmp_path / "mlp-patching" / "result.json").read_text())["data"]
     assert set(stored["recovery"]["planted"]) == {"mlp", "attn", "resid"}
+    # pooled recovery = the |gap|-weighted mean of the per-item recoveries, recomputed here from
+    # the per-item arrays in float64; its bootstrap interval holds the estimate
+    arr = result.arrays
+    r = np.concatenate([arr[f"planted__{k}__mlp__denoise"] for k in ("knowns", "mmlu")], 1)
+    g = np.concatenate([arr[f"planted__{k}__m_base"] - arr[f"planted__{k}__m_variant"]
+                        for k in ("knowns", "mmlu")]).astype(np.float64)
+    keep = np.abs(g) >= 0.1
+    w = np.abs(g[keep])
+    ref = (r[:, keep].astype(np.float64) * w).sum(1) / w.sum()
+    assert np.allclose(rec["mlp"]["denoise"], ref, atol=1e-5)
+    ci = result.data["recovery_ci95"]["planted"]["mlp"]["denoise"]
+    assert all(lo - 1e-9 <= e <= hi + 1e-9 for (lo, hi), e in zip(ci, rec["mlp"]["denoise"]))
     for png in (tmp_path / "mlp-patching").glob("*.png"):
         png.unlink()
     written = redraw(tmp_path)

@@ -192,3 +192,17 @@ def test_minus_inf_logits_give_zero_terms_not_nan():
         variant.get_output_embeddings().bias.copy_(masked.bias)
     kl = teacher_forced_kl(hf, variant, answer_items(tok, PAIRS[:2]))
     assert torch.isfinite(kl).all() and (kl > 0).all(), kl
+
+
+def test_cached_base_gives_each_variant_its_own_float64_reference(tiny_model):
+    """One base, two variants, the base's answer log-probs cached after the first: each
+    variant's KL still equals its float64 one-item reference (the cache holds the base only)."""
+    items = answer_items(tiny_model.tokenizer, PAIRS)
+    cache: dict = {}
+    for seed in (1, 2):
+        variant = _perturbed(tiny_model.hf, seed=seed)
+        got = teacher_forced_kl(tiny_model.hf, variant, items, batch_size=2, base_cache=cache)
+        ref = [_reference_kl(tiny_model.hf, variant, ids, start)
+               for ids, start in zip(items.input_ids, items.answer_start)]
+        np.testing.assert_allclose(got.numpy(), ref, rtol=1e-4, atol=1e-6)
+    assert len(cache) == 3  # batches of 2 over 5 items, computed once

@@ -137,6 +137,7 @@ def model_device(module: torch.nn.Module) -> torch.device:
 def teacher_forced_kl(base, variant, items: TokenisedItems | Sequence[tuple[str, str]],
                       batch_size: int = 8, tokenizer=None,
                       progress: Callable[[int], None] | None = None,
+                      base_cache: dict | None = None,
                       ) -> Float[torch.Tensor, "n_items"]:  # noqa: F821, UP037
     """Per-item mean over answer positions of ``KL(p_base || p_variant)`` (nats), float64.
 
@@ -144,7 +145,9 @@ def teacher_forced_kl(base, variant, items: TokenisedItems | Sequence[tuple[str,
     LMs with the same vocabulary. ``items``: pre-tokenised, or (prompt, answer) pairs rendered with
     :func:`answer_items` and ``tokenizer`` (default: the base's). Distributions are computed in
     float32 (output layer and log-softmax) whatever the models' dtype. ``progress(n)`` is called
-    with the number of items done.
+    with the number of items done. ``base_cache``: a dict (empty on the first call) that keeps the
+    base's answer log-probs per batch, so comparing one base with many variants runs the base once
+    (:func:`base_cache_fits` says whether it fits in memory).
     """
     if not isinstance(items, TokenisedItems):
         tok = tokenizer if tokenizer is not None else getattr(base, "tokenizer", None)
@@ -156,7 +159,13 @@ def teacher_forced_kl(base, variant, items: TokenisedItems | Sequence[tuple[str,
     with eval_mode(hb, hv):
         for rows, ids, attn, pred in items.batches(batch_size):
             item_of_row = pred.nonzero()[:, 0]
-            lb = answer_log_probs(hb, ids, attn, pred)
+            key = (rows.start, rows.stop)
+            if base_cache is not None and key in base_cache:
+                lb = base_cache[key]
+            else:
+                lb = answer_log_probs(hb, ids, attn, pred)
+                if base_cache is not None:
+                    base_cache[key] = lb
             lv = answer_log_probs(hv, ids, attn, pred)
             per_pos = kl_rows(lb, lv).double()  # (positions,)
             sums = torch.zeros(len(rows), dtype=torch.float64).index_add_(0, item_of_row, per_pos)
@@ -165,6 +174,11 @@ def teacher_forced_kl(base, variant, items: TokenisedItems | Sequence[tuple[str,
             if progress is not None:
                 progress(len(rows))
     return out
+
+
+def base_cache_fits(items: TokenisedItems, vocab: int, budget_bytes: float = 2e9) -> bool:
+    """Whether the base's float32 answer log-probs of all ``items`` fit in ``budget_bytes``."""
+    return sum(items.n_answer_tokens()) * vocab * 4 <= budget_bytes
 
 
 def kl_rows(lb: torch.Tensor, lv: torch.Tensor) -> torch.Tensor:
