@@ -28,7 +28,8 @@ relative change of the MLP weights (mean over the MLP matrices of ``||dW||_F / |
 Ranking (``top_layers``): MLP recovered fraction, ties broken by log-prob recovery; Spearman and the
 top-third overlap use the log-prob recovery. ``top_layers_margin``: layers by MLP margin recovery.
 
-Result keys: ``format``, ``recovered_fraction[<variant>][<site>]`` (list over layers),
+Result keys: ``format``, ``recovered_fraction[<variant>][<site>]`` (list over layers; with
+``recovered_fraction_ci95``, Wilson intervals over the failures used; also for windows and reverts),
 ``n_failures[<variant>]`` (all found), ``n_failures_used``, ``spearman_vs_weight_change``,
 ``top_layers``, ``top_third_overlap``, ``top_windows`` (indices into ``windows``), ``logprob_recovery``,
 ``window_recovered_fraction``, ``window_logprob_recovery``, ``windows``, ``control_kept``,
@@ -64,7 +65,7 @@ from mechinterp.analysis.weights import weight_change
 from mechinterp.data.mmlu import LETTERS, load_mmlu
 from mechinterp.errors import UserError
 from mechinterp.evals.mmlu import MMLUFormat, build_request, stratified_sample
-from mechinterp.evals.stats import mean_ci, ratio_of_means, spearman
+from mechinterp.evals.stats import mean_ci, ratio_of_means, spearman, wilson
 from mechinterp.plotting import new_axes
 from mechinterp.probe import BaseConfig
 from mechinterp.progress import task
@@ -165,7 +166,7 @@ def _pairs(values) -> np.ndarray:
 
 class DamageAttribution:
     name = "damage-attribution"
-    version = "2"
+    version = "3"  # 3: Wilson intervals of the recovered shares
     description = ("patch the base's MLP (and attention) outputs into a variant on the MMLU items "
                    "it damaged (margin) or broke (flips); relate recovery per layer to MLP weight "
                    "change")
@@ -298,6 +299,11 @@ class DamageAttribution:
         def frac(rows) -> list[float]:
             return correct[rows][:, jf].mean(-1).tolist() if jf else [math.nan] * len(rows)
 
+        def frac_ci(rows) -> list[list[float]]:
+            """Wilson 95% interval of each recovered share (k of the failures used)."""
+            k = correct[rows][:, jf].sum(-1) if jf else [0] * len(rows)
+            return [list(wilson(int(x), len(jf))) for x in k]
+
         def lp_rec(rows) -> list[float]:
             if not jf:
                 return [math.nan] * len(rows)
@@ -317,8 +323,10 @@ class DamageAttribution:
                 out[key].setdefault(vname, {})[s] = val
 
             setv("recovered_fraction", frac(lay))
+            setv("recovered_fraction_ci95", frac_ci(lay))
             setv("logprob_recovery", lp_rec(lay))
             setv("window_recovered_fraction", frac(win))
+            setv("window_recovered_fraction_ci95", frac_ci(win))
             setv("window_logprob_recovery", lp_rec(win))
             setv("control_kept", correct[lay][:, jc].mean(-1).tolist() if jc else nan_l)
             est, ci = m_rec(lay, jd)
@@ -330,6 +338,7 @@ class DamageAttribution:
             setv("failure_margin_recovery", m_rec(lay, jf)[0])
         rev = list(range(len(sites) * per_site, len(conds)))
         out["weight_revert_fraction"][vname] = frac(rev)
+        out["weight_revert_fraction_ci95"][vname] = frac_ci(rev)
         out["weight_revert_logprob_recovery"][vname] = lp_rec(rev)
         est, ci = m_rec(rev, jd)
         out["weight_revert_margin_recovery"][vname] = est
@@ -392,13 +401,19 @@ class DamageAttribution:
                 continue
             fig, ax = new_axes(width=7, height=4)
             for s in d["sites"]:
-                ax.plot(layers, _floats(d["recovered_fraction"][v][s]), "o-", ms=3,
-                        label=f"patch base {s}")
+                (line,) = ax.plot(layers, _floats(d["recovered_fraction"][v][s]), "o-", ms=3,
+                                  label=f"patch base {s}")
+                ci = (d.get("recovered_fraction_ci95") or {}).get(v, {}).get(s)
+                if ci:
+                    band = _pairs(ci)
+                    ax.fill_between(layers, band[:, 0], band[:, 1], color=line.get_color(),
+                                    alpha=0.15, lw=0)
             ax.plot(layers, _floats(d["weight_revert_fraction"][v]), "s--", ms=3,
                     label="revert MLP weights")
             ax.set_xlabel("layer")
             n_used = (d.get("n_failures_used") or {}).get(v, d["n_failures"][v])
-            ax.set_ylabel(f"share of {n_used} used of {d['n_failures'][v]} failures recovered")
+            ax.set_ylabel(f"share of {n_used} used of {d['n_failures'][v]} failures recovered\n"
+                          "(bands: Wilson 95%)")
             ax.set_ylim(-0.02, 1.02)
             ax2 = ax.twinx()
             ax2.spines["right"].set_visible(True)
@@ -486,7 +501,8 @@ class DamageAttribution:
         return fig
 
 
-KEYS = ("recovered_fraction", "logprob_recovery", "window_recovered_fraction",
+KEYS = ("recovered_fraction", "recovered_fraction_ci95", "window_recovered_fraction_ci95",
+        "weight_revert_fraction_ci95", "logprob_recovery", "window_recovered_fraction",
         "window_logprob_recovery", "control_kept", "weight_revert_fraction",
         "weight_revert_logprob_recovery", "n_failures", "n_failures_used", "n_controls",
         "n_base_correct", "n_variant_correct", "mlp_weight_change", "spearman_vs_weight_change",

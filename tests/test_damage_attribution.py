@@ -72,6 +72,13 @@ def test_planted_layer_and_window_rank_first(planted, data_source, tmp_path):
     assert d["weight_revert_margin_recovery"]["one"][5] == pytest.approx(1.0, abs=1e-4)
     assert d["window_margin_recovery"]["window"]["mlp_out"][d["windows"].index([2, 3, 4])] == \
         pytest.approx(1.0, abs=1e-4)
+    # the recovered shares carry Wilson intervals over the failures used
+    from mechinterp.evals.stats import wilson
+
+    n_used = d["n_failures_used"]["one"]
+    k5 = round(d["recovered_fraction"]["one"]["mlp_out"][5] * n_used)
+    assert d["recovered_fraction_ci95"]["one"]["mlp_out"][5] == pytest.approx(
+        list(wilson(k5, n_used)))
     # a planted window of three layers: that window recovers everything, and ranks first
     wins = d["windows"]
     wfrac = d["window_recovered_fraction"]["window"]["mlp_out"]
