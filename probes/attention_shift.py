@@ -8,7 +8,9 @@ format (without the answer) and ROME known-fact prompts, ``n_mmlu`` + ``n_knowns
 selection; small by default for CPU), as plain text, cut to ``max_tokens``.
 
 Result keys: ``js[<variant>]``, ``entropy_change[<variant>]``, ``first_token_mass_change[<variant>]``
-(each a list over layers of lists over heads), plus ``n_prompts``, ``runs``, ``steps``.
+(each a list over layers of lists over heads), ``<metric>_layer_ci95[<variant>]`` (per layer,
+the Student-t 95% interval over prompts of the mean over heads), plus ``n_prompts``, ``runs``,
+``steps``.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from mechinterp.data import load_knowns, load_mmlu
 from mechinterp.data.mmlu import LETTERS
 from mechinterp.data.subset import seeded_subset
 from mechinterp.errors import UserError
+from mechinterp.evals.stats import t_interval
 from mechinterp.plotting import heatmap_grid, new_axes
 from mechinterp.plotting.trajectories import run_steps
 from mechinterp.probe import BaseConfig
@@ -69,7 +72,7 @@ def load_prompts(data, config: Config) -> list[str]:
 
 class AttentionShiftProbe:
     name = "attention-shift"
-    version = "1"
+    version = "2"  # 2: per-layer t-intervals over prompts
     description = ("per layer and head: JS divergence of attention rows, entropy change and "
                    "first-token mass change vs the base (MMLU + known facts)")
     Config = Config
@@ -80,18 +83,24 @@ class AttentionShiftProbe:
         prompts = [tok(t)["input_ids"][:config.max_tokens] for t in texts]
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         out = {m: {} for m in METRICS}
+        ci = {m: {} for m in METRICS}
         with task("attention shift", len(prompts) * len(models.variants)) as advance:
             for name in models.variants:
                 shift = attention_shift(models.base, models[name], prompts, config.batch_size,
                                         pad, progress=advance)
                 for m in METRICS:
                     out[m][name] = getattr(shift, m).tolist()
+                    # per layer, the mean over heads with a t-interval over prompts
+                    rows = shift.per_prompt_layer[m]
+                    ci[m][name] = [list(t_interval(rows[:, layer])[1:])
+                                   for layer in range(rows.shape[1])]
                 models.release(name)
         return Result(self.name, {
             "variants": models.variants,
             "runs": models.runs,
             "steps": run_steps(models.runs),
             **out,
+            **{f"{m}_layer_ci95": ci[m] for m in METRICS},
             "n_prompts": len(prompts),
             "n_tokens": int(sum(len(p) for p in prompts)),
         })
@@ -118,15 +127,21 @@ class AttentionShiftProbe:
         for ax, m in zip(axes, METRICS):
             for v in variants:
                 arr = arrays[m][v]
-                ax.plot(range(arr.shape[0]), np.nanmean(arr, axis=1), marker="o", markersize=3,
-                        label=v)
+                (line,) = ax.plot(range(arr.shape[0]), np.nanmean(arr, axis=1), marker="o",
+                                  markersize=3, label=v)
+                band = data.get(f"{m}_layer_ci95", {}).get(v)
+                if band and len(variants) <= 4:  # bands for a few curves; more only clutter
+                    b = np.array(band, float).reshape(-1, 2)
+                    ax.fill_between(range(arr.shape[0]), b[:, 0], b[:, 1],
+                                    color=line.get_color(), alpha=0.15, lw=0)
             ax.set_xlabel("layer")
             ax.set_ylabel(LABELS[m] + ", mean over heads")
             ax.grid(True, alpha=0.3)
             if m != "js":
                 ax.axhline(0.0, color="0.5", linewidth=0.8)
         axes[0].legend(fontsize=8)
-        fig.suptitle(f"Attention shift per layer ({data['n_prompts']} prompts)")
+        fig.suptitle(f"Attention shift per layer ({data['n_prompts']} prompts; bands: t 95% "
+                     "over prompts)")
         figs["attention_shift_layers"] = fig
         return figs
 

@@ -171,3 +171,21 @@ def test_entropy_sign_and_first_key_on_hand_built_patterns(monkeypatch):
                                rtol=1e-6)
     assert np.isfinite(shift.js).all() and shift.js[0, 0] > shift.js[0, 1] > 0
     assert shift.n_prompts == 2
+
+
+def test_per_prompt_rows_average_to_the_means_and_give_t_intervals(tiny_model):
+    """Each prompt's per-layer head mean, averaged over prompts, is the layer mean of the
+    reported (layer, head) array; the probe's interval is the t-interval of those rows."""
+    from mechinterp.evals.stats import t_interval
+    from mechinterp.models import load
+
+    variant = load(tiny_model.resolved, device="cpu", dtype="float32")
+    _edit_rows(variant, 1, "q", slice(0, None), seed=5)
+    prompts = _prompts(tiny_model)
+    shift = attention_shift(tiny_model, variant, prompts, batch_size=2)
+    for name in ("js", "entropy_change", "first_token_mass_change"):
+        rows = shift.per_prompt_layer[name]
+        assert rows.shape == (len(prompts), tiny_model.n_layers)
+        np.testing.assert_allclose(rows.mean(0), getattr(shift, name).mean(1), atol=1e-12)
+    m, lo, hi = t_interval(shift.per_prompt_layer["js"][:, 1])
+    assert lo < m < hi

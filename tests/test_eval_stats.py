@@ -159,3 +159,16 @@ def test_wilson_interval_contains_the_estimate_at_the_edges():
             lo, hi = wilson(k, n)
             assert 0.0 <= lo <= k / n <= hi <= 1.0, (k, n)
         assert wilson(0, n)[0] == 0.0 and wilson(n, n)[1] == 1.0
+
+
+def test_t_quantiles_match_the_printed_table_and_the_normal_limit():
+    from mechinterp.evals.stats import t_interval, t_quantile
+
+    # two-sided 95% critical values from a standard t table
+    for df, want in ((1, 12.7062), (2, 4.3027), (5, 2.5706), (10, 2.2281), (30, 2.0423)):
+        assert t_quantile(0.975, df) == pytest.approx(want, abs=2e-4), df
+    assert t_quantile(0.975, 100000) == pytest.approx(1.95996, abs=1e-3)
+    m, lo, hi = t_interval([1.0, 2.0, 3.0, float("nan")])
+    # hand: mean 2, sd 1, n 3: half-width 4.3027 / sqrt(3)
+    assert m == 2.0 and hi - m == pytest.approx(4.3027 / math.sqrt(3), abs=1e-3)
+    assert math.isnan(t_interval([1.0])[1])

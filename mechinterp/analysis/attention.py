@@ -51,6 +51,8 @@ class AttentionShift:
     entropy_change: np.ndarray
     first_token_mass_change: np.ndarray
     n_prompts: int
+    #: per metric, (prompt, layer): each prompt's value averaged over heads (for intervals)
+    per_prompt_layer: dict[str, np.ndarray] | None = None
 
 
 def attention_patterns(model, ids: torch.Tensor, attn: torch.Tensor) -> list[torch.Tensor]:
@@ -88,6 +90,7 @@ def attention_shift(base, variant, prompts: Sequence[Sequence[int]], batch_size:
                         "attention rows after the first token need at least 2 tokens")
     hb, hv = as_hf(base), as_hf(variant)
     sums: dict[str, torch.Tensor] | None = None
+    prompt_rows: dict[str, list[torch.Tensor]] = {m: [] for m in METRICS}
     with eval_mode(hb, hv):
         for lo in range(0, len(prompts), batch_size):
             chunk = prompts[lo:lo + batch_size]
@@ -106,9 +109,13 @@ def attention_shift(base, variant, prompts: Sequence[Sequence[int]], batch_size:
                         "first_token_mass_change": pv[..., 0] - pb[..., 0]}
                 for m, x in vals.items():  # x: (batch, head, query) -> per prompt (batch, head)
                     per_layer[m].append((x * qmask[:, None, :]).sum(-1) / nq[:, None])
+            for m, v in per_layer.items():  # (L, batch, H) -> (batch, L) head means
+                prompt_rows[m].append(torch.stack(v, 0).mean(-1).T)
             batch_sums = {m: torch.stack(v, 0).sum(1) for m, v in per_layer.items()}  # (L, H)
             sums = batch_sums if sums is None else {m: sums[m] + batch_sums[m] for m in METRICS}
             if progress is not None:
                 progress(len(chunk))
     n = len(prompts)
-    return AttentionShift(*(sums[m].numpy() / n for m in METRICS), n_prompts=n)
+    return AttentionShift(*(sums[m].numpy() / n for m in METRICS), n_prompts=n,
+                          per_prompt_layer={m: torch.cat(prompt_rows[m]).numpy()
+                                            for m in METRICS})

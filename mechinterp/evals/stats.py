@@ -156,3 +156,43 @@ def mean_ci(x: np.ndarray, rng: np.random.Generator, n_boot: int) -> tuple[float
         return math.nan, [math.nan, math.nan]
     boot = x[rng.integers(0, x.size, (max(1, n_boot), x.size))].mean(-1)
     return float(x.mean()), [float(v) for v in np.percentile(boot, [2.5, 97.5])]
+
+
+def t_quantile(p: float, df: int) -> float:
+    """Quantile of Student's t with ``df`` degrees of freedom (``0.5 < p < 1``), by bisection on
+    the CDF, itself a Simpson integral of the density (no SciPy here). Accurate to about 1e-6."""
+    if not 0.5 < p < 1 or df < 1:
+        raise ValueError(f"t_quantile needs 0.5 < p < 1 and df >= 1 (got {p}, {df})")
+    c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
+
+    def cdf(t: float) -> float:  # P(T <= t) for t >= 0; substitute u = atan(t): smooth, bounded
+        n = 2000
+        b = math.atan(t)
+        h = b / n
+
+        def f(u: float) -> float:
+            x = math.tan(u)
+            return c * (1 + x * x / df) ** (-(df + 1) / 2) * (1 + x * x)
+
+        s = f(0.0) + f(b) + sum((4 if k % 2 else 2) * f(k * h) for k in range(1, n))
+        return 0.5 + s * h / 3
+
+    lo, hi = 0.0, 1.0
+    while cdf(hi) < p:
+        hi *= 2
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cdf(mid) < p else (lo, mid)
+    return (lo + hi) / 2
+
+
+def t_interval(x: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:
+    """Mean and Student-t interval of the mean over the finite values of ``x`` (for small n,
+    where the normal interval is too narrow); NaNs where fewer than 2 values."""
+    v = np.asarray([a for a in x if a is not None and math.isfinite(a)], float)
+    if v.size < 2:
+        m = float(v.mean()) if v.size else math.nan
+        return m, math.nan, math.nan
+    m = float(v.mean())
+    half = t_quantile(0.5 + level / 2, v.size - 1) * float(v.std(ddof=1)) / math.sqrt(v.size)
+    return m, m - half, m + half
