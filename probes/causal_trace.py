@@ -2,16 +2,22 @@
 
 For the same known facts (``knowns/known_1000.json``) and every model of the set: corrupt the
 subject's input embeddings with Gaussian noise (``samples`` draws, scale ``noise_mult`` x the std
-of the model's subject-token embeddings, or the fixed ``noise_scale``), restore one clean
+of the *base's* subject-token embeddings for every model with ``shared_noise``, else each model's
+own, or the fixed ``noise_scale``; the draws are seeded per fact, so all models see the same
+noise), restore one clean
 activation per (token, layer) and kind (``hidden`` state; ``mlp`` / ``attn`` output over a window
 of ``window`` layers), and read the probability of the answer token (the first token after the
 prompt's tokens in ``prompt + " " + attribute``: :func:`~mechinterp.analysis.tracing.answer_token_id`).
-Facts the model does not predict (top-1) are left out unless ``keep_wrong``.
+Facts the model does not know are left out unless ``keep_wrong``: ``known="first-token"``
+(its top-1 next token starts the attribute) or ``"strict"`` (ROME's: greedy decoding gives the
+whole attribute); the result says which rule ran (``known_rule``).
 Engine: :mod:`mechinterp.analysis.tracing` (batched, exact).
 
 Result keys: ``aie[<model>][<kind>][<token_group>]`` (list over layers; model ``base`` or a variant),
 ``n_facts[<model>]`` (facts traced), ``n_filtered[<model>]`` (facts left out as wrong); also
-``aie_ci`` (95% normal intervals over facts), ``aie_diff[<variant>]`` (base minus variant),
+``aie_ci`` (Student-t 95% intervals over facts, with the n of each token group),
+``aie_diff[<variant>]`` (base minus variant, per fact on the facts both models traced - both
+know them, unless ``keep_wrong`` - then averaged; ``aie_diff_ci`` its t-interval, ``n_paired`` those facts),
 ``facts[<model>]`` (every selected fact: tokens, subject range, ``correct``; for traced facts
 clean/corrupted probability and ``trace_index``) and arrays ``<model>__<kind>`` ([traced fact,
 token, layer] restored probabilities, NaN-padded).
@@ -33,6 +39,8 @@ from mechinterp.analysis.tracing import (
     TOKEN_GROUPS,
     aie_summary,
     embedding_std,
+    fact_group_effects,
+    mean_t_interval,
     make_noise,
     prepare_fact,
     trace_fact,
@@ -61,6 +69,12 @@ class Config(BaseConfig):
     kinds: list[str] = field(default_factory=lambda: list(KINDS))
     keep_wrong: bool = False
     max_fact_figures: int = 3
+    # which facts a model knows: "first-token" (its top-1 next token starts the attribute) or
+    # "strict" (ROME's: greedy decoding reproduces every token of the attribute)
+    known: str = "first-token"
+    # every model traced at the base's noise scale (ROME's 3 x the std of the *base's* subject
+    # embeddings), so base-minus-variant compares the same corruption; off: each model its own
+    shared_noise: bool = True
 
     at_least = {"samples": 1, "window": 1}  # lower bounds; every other number: at least 0
 
@@ -73,15 +87,32 @@ def select(items: list, limit: int | None, seed: int) -> list:
     return [items[i] for i in keep]
 
 
+KNOWN_RULES = {
+    "first-token": "the model's top-1 next token is the first token of the attribute",
+    "strict": "greedy decoding reproduces every token of the attribute (ROME's rule)",
+}
+
+
 @torch.no_grad()
-def _top1(model, fact) -> int:
+def knows(model, fact, rule: str) -> bool:
+    """Whether ``model`` knows ``fact`` under ``rule`` (:data:`KNOWN_RULES`)."""
     ids = torch.tensor([fact.input_ids], device=model.device)
-    return int(model.hf(input_ids=ids).logits[0, -1].argmax())
+    if rule == "first-token":
+        return int(model.hf(input_ids=ids).logits[0, -1].argmax()) == fact.answer_id
+    want = list(fact.answer_ids)
+    for tok in want:  # greedy, one token at a time: stop at the first miss
+        nxt = int(model.hf(input_ids=ids).logits[0, -1].argmax())
+        if nxt != tok:
+            return False
+        ids = torch.cat([ids, torch.tensor([[nxt]], device=ids.device)], 1)
+    return True
 
 
 class CausalTrace:
     name = "causal-trace"
-    version = "2"  # 2: answer token read after the prompt (was " " + attribute alone)
+    # 2: answer token read after the prompt (was " " + attribute alone); 3: base's noise scale
+    # for every model, base - variant paired on the facts both know, t-intervals, known rule
+    version = "3"
     description = "ROME causal tracing (hidden / MLP / attention restoration) per model, AIE by token"
     Config = Config
 
@@ -90,12 +121,15 @@ class CausalTrace:
         if bad or not config.kinds:
             raise UserError(f"unknown trace kind {bad[0] if bad else '(none)'}",
                             f"use some of {', '.join(KINDS)}")
-        if config.samples < 1 or config.window < 1:
-            raise UserError("samples and window must be >= 1", "e.g. --set samples=10")
+        if config.known not in KNOWN_RULES:
+            raise UserError(f"unknown known-fact rule {config.known!r}",
+                            f"use one of {', '.join(KNOWN_RULES)}")
         facts = select(load_knowns(data), config.limit, config.seed)
         out = {k: {} for k in ("aie", "aie_ci", "n_facts", "n_filtered", "facts", "noise_scale")}
         arrays: dict[str, np.ndarray] = {}
+        effects: dict[str, dict[int, dict]] = {}  # model -> known_id -> kind -> group -> [layer]
         n_layers = None
+        base_scale = None
         for name in models.names:
             model = models[name]
             n_layers = model.n_layers
@@ -103,13 +137,17 @@ class CausalTrace:
             prepared = [prepare_fact(model.tokenizer, f.prompt, f.subject, f.attribute,
                                      f"known_id={f.known_id}") for f in facts]
             scale = config.noise_scale
-            if scale is None:
+            if scale is None and config.shared_noise and base_scale is not None:
+                scale = base_scale
+            elif scale is None:
                 scale = config.noise_mult * embedding_std(model, prepared)
+            if name == "base":
+                base_scale = scale
             d_model = model.hf.get_input_embeddings().weight.shape[1]
             traces, rows = [], []
             with task(f"causal trace {name}", len(facts)) as advance:
                 for fact, inp in zip(facts, prepared):
-                    correct = _top1(model, inp) == inp.answer_id
+                    correct = knows(model, inp, config.known)
                     row = {"known_id": fact.known_id, "subject": fact.subject,
                            "prompt": fact.prompt, "answer": fact.attribute,
                            "answer_token": model.tokenizer.decode([inp.answer_id]),
@@ -123,6 +161,8 @@ class CausalTrace:
                         row |= {"clean_prob": tr.clean_prob, "corrupted_prob": tr.corrupted_prob,
                                 "trace_index": len(traces)}
                         traces.append((inp, tr))
+                        effects.setdefault(name, {})[fact.known_id] = {
+                            k: fact_group_effects(inp, tr, k) for k in config.kinds}
                     rows.append(row)
                     advance()
             summary = aie_summary(traces, config.kinds) if traces else None
@@ -142,18 +182,38 @@ class CausalTrace:
                 arrays[f"{name}__{k}"] = grid
             if name != "base":
                 models.release(name)
-        out["aie_diff"] = {
-            v: {k: {g: (np.array(out["aie"]["base"][k][g]) - np.array(out["aie"][v][k][g])).tolist()
-                    for g in TOKEN_GROUPS} for k in config.kinds}
-            for v in models.variants}
+        out |= self._paired(effects, models.variants, config.kinds, n_layers)
         return Result(self.name, {
             **out, "models": models.names, "variants": models.variants, "kinds": config.kinds,
             "token_groups": list(TOKEN_GROUPS), "n_layers": n_layers, "n_selected": len(facts),
             "max_fact_figures": config.max_fact_figures, "samples": config.samples,
             "window": config.window,
-            "answer": "first token after the prompt's tokens in prompt + ' ' + attribute; a "
-                      "fact counts as known when it is the model's top-1 prediction",
+            "known_rule": config.known, "known_definition": KNOWN_RULES[config.known],
+            "shared_noise": config.noise_scale is None and config.shared_noise,
+            "answer": "the tokens after the prompt's tokens in prompt + ' ' + attribute",
         }, arrays)
+
+    @staticmethod
+    def _paired(effects: dict, variants: list[str], kinds: list[str], n_layers: int) -> dict:
+        """Base minus variant on the same facts, per fact, then the mean with a t-interval. The
+        facts are those both models traced: under the default filter the facts both know; with
+        ``keep_wrong`` every selected fact (what each model's own AIE averages over too)."""
+        diff, ci, n_paired = {}, {}, {}
+        base = effects.get("base", {})
+        for v in variants:
+            mine = effects.get(v, {})
+            common = [f for f in base if f in mine]
+            n_paired[v] = len(common)
+            diff[v], ci[v] = {}, {}
+            for k in kinds:
+                diff[v][k], ci[v][k] = {}, {}
+                for g in TOKEN_GROUPS:
+                    rows = [base[f][k][g] - mine[f][k][g] for f in common
+                            if g in base[f][k] and g in mine[f][k]]
+                    s = mean_t_interval(rows, n_layers)
+                    diff[v][k][g] = s["mean"]
+                    ci[v][k][g] = {x: s[x] for x in ("lo", "hi", "n")}
+        return {"aie_diff": diff, "aie_diff_ci": ci, "n_paired": n_paired}
 
     # ----- figures ---------------------------------------------------------------------------
     def plot(self, result: Result) -> dict:
@@ -212,7 +272,7 @@ def _aie_figure(d: dict, kind: str):
         ax.set_ylabel("AIE (restored - corrupted p)")
     axes[0, 0].legend(fontsize=8)
     fig.suptitle(f"Average indirect effect of restoring the {KIND_TITLE[kind]} "
-                 f"(95% interval over facts)")
+                 f"(Student-t 95% interval over facts)")
     return fig
 
 
@@ -225,16 +285,22 @@ def _diff_figure(d: dict):
         for c, k in enumerate(kinds):
             ax = axes[r, c]
             for j, g in enumerate(d["token_groups"]):
-                ax.plot(layers, np.array(d["aie_diff"][v][k][g], float),
-                        color=PALETTE[j % len(PALETTE)], label=GROUP_TITLE[g])
+                colour = PALETTE[j % len(PALETTE)]
+                ax.plot(layers, np.array(d["aie_diff"][v][k][g], float), color=colour,
+                        label=GROUP_TITLE[g])
+                band = d.get("aie_diff_ci", {}).get(v, {}).get(k, {}).get(g)
+                if band and g in ("last_subject", "last"):  # the two ROME reads; more clutter
+                    ax.fill_between(layers, np.array(band["lo"], float),
+                                    np.array(band["hi"], float), color=colour, alpha=0.15, lw=0)
             ax.axhline(0, color="grey", lw=0.6)
-            ax.set_title(f"base - {v}: {KIND_TITLE[k]}")
+            ax.set_title(f"base - {v}: {KIND_TITLE[k]} "
+                         f"({d.get('n_paired', {}).get(v, '?')} facts both know)")
             ax.set_xlabel("layer")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes[r, 0].set_ylabel("AIE difference")
     axes[0, -1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
-    fig.suptitle("Base minus variant average indirect effect (positive: the base relies more "
-                 "on this site)")
+    fig.suptitle("Base minus variant indirect effect on the same facts at the same noise "
+                 "(positive: the base relies more on this site; bands: t 95%)")
     return fig
 
 

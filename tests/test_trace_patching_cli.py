@@ -51,6 +51,9 @@ def test_causal_trace_probe_on_tiny_models(tiny_set, data_source, tmp_path):
     diff = np.array(d["aie_diff"]["planted"]["hidden"]["last"])
     np.testing.assert_allclose(diff, np.array(d["aie"]["base"]["hidden"]["last"])
                                - np.array(d["aie"]["planted"]["hidden"]["last"]))
+    assert d["n_paired"] == {"planted": 1} and d["known_rule"] == "first-token"
+    # the variant is corrupted at the base's noise scale, not at its own
+    assert d["noise_scale"]["planted"] == d["noise_scale"]["base"] and d["shared_noise"]
     folder = tmp_path / "causal-trace"
     names = {p.stem for p in folder.glob("*.png")}
     assert {"aie_hidden", "aie_mlp", "aie_attn", "aie_diff"} <= names
@@ -58,6 +61,54 @@ def test_causal_trace_probe_on_tiny_models(tiny_set, data_source, tmp_path):
     for png in folder.glob("*.png"):
         png.unlink()
     assert len([p for p in redraw(tmp_path) if p.suffix == ".png"]) == len(names)
+
+
+def test_base_minus_variant_pairs_the_same_facts():
+    """Facts only one model traced (knows) stay out of the difference; the interval is the
+    t-interval of the per-fact differences (n = 3: t(0.975, 2) = 4.3027 from the table)."""
+    from probes.causal_trace import CausalTrace
+
+    def eff(x):
+        return {"hidden": {"last": np.array([x, 2 * x])}}
+
+    effects = {"base": {1: eff(1.0), 2: eff(2.0), 3: eff(4.0), 9: eff(100.0)},
+               "v": {1: eff(0.0), 2: eff(1.0), 3: eff(1.0), 7: eff(-50.0)}}
+    out = CausalTrace._paired(effects, ["v"], ["hidden"], 2)
+    assert out["n_paired"] == {"v": 3}
+    per_fact = np.array([[1.0, 2.0], [1.0, 2.0], [3.0, 6.0]])
+    np.testing.assert_allclose(out["aie_diff"]["v"]["hidden"]["last"], per_fact.mean(0))
+    half = 4.3027 * per_fact.std(0, ddof=1) / np.sqrt(3)
+    np.testing.assert_allclose(out["aie_diff_ci"]["v"]["hidden"]["last"]["hi"],
+                               per_fact.mean(0) + half, rtol=1e-4)
+    assert np.isnan(out["aie_diff"]["v"]["hidden"]["first_subject"]).all()  # no such group
+
+
+def test_strict_known_rule_needs_the_whole_attribute(tiny_set):
+    """ROME's rule: greedy decoding must give every token of the attribute. An attribute whose
+    tokens are the tiny model's own greedy continuation passes both rules; change its last token
+    and it passes only the first-token rule."""
+    import torch
+
+    from mechinterp.analysis.tracing import prepare_fact
+    from probes.causal_trace import knows
+
+    model = tiny_set.base
+    tok = model.tokenizer
+    prompt = "Paris is the capital of"
+    ids = tok(prompt, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        gen = model.hf.generate(ids, max_new_tokens=3, do_sample=False,
+                                pad_token_id=tok.pad_token_id)[0, ids.shape[1]:].tolist()
+    base_fact = prepare_fact(tok, prompt, "Paris", "France", "own")
+    # the attribute's tokens set to the model's own greedy continuation (ids, not text: a byte
+    # tokenizer's decode need not re-encode to the same ids)
+    fact = type(base_fact)(base_fact.name, base_fact.input_ids, base_fact.subject, gen[0],
+                           base_fact.tokens, tuple(gen))
+    assert knows(model, fact, "first-token") and knows(model, fact, "strict")
+    other = [t for t in range(5, 50) if t != gen[-1]][0]
+    wrong = type(fact)(fact.name, fact.input_ids, fact.subject, fact.answer_id, fact.tokens,
+                       tuple(gen[:-1]) + (other,))
+    assert knows(model, wrong, "first-token") and not knows(model, wrong, "strict")
 
 
 def test_bad_options_are_user_errors(tiny_set, data_source):

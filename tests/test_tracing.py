@@ -165,8 +165,8 @@ def test_token_groups_and_aie_by_hand():
     fa_further = (sa[5] + sa[6]) / 2 - 0.1
     np.testing.assert_allclose(out["further"]["mean"], (fa_further + (0.9 - 0.2)) / 2)
     vals = np.array([fa_further, [0.7, 0.7]])
-    half = 1.96 * vals.std(0, ddof=1) / np.sqrt(2)
-    np.testing.assert_allclose(out["further"]["hi"], vals.mean(0) + half)
+    half = 12.7062 * vals.std(0, ddof=1) / np.sqrt(2)  # t(0.975, df=1) from the table: n = 2
+    np.testing.assert_allclose(out["further"]["hi"], vals.mean(0) + half, rtol=1e-5)
 
 
 def test_embedding_std_by_hand():

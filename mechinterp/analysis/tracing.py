@@ -62,6 +62,7 @@ class FactInput:
     subject: tuple[int, int]
     answer_id: int
     tokens: list[str]
+    answer_ids: tuple[int, ...] = ()  # every token of the answer after the prompt (strict rule)
 
     @property
     def n_tokens(self) -> int:
@@ -92,14 +93,20 @@ def prepare_fact(tokenizer, prompt: str, subject: str, answer: str, name: str) -
     if not inside:
         raise UserError(f"fact {name}: no token of the prompt covers the subject {subject!r}",
                         "check the tokenizer's offsets for this prompt")
-    answer_id = answer_token_id(tokenizer, prompt, answer, name=f"fact {name}")
+    answer_ids = answer_token_ids(tokenizer, prompt, answer, name=f"fact {name}")
     tokens = [tokenizer.decode([i]) for i in ids]
-    return FactInput(name, ids, (inside[0], inside[-1] + 1), answer_id, tokens)
+    return FactInput(name, ids, (inside[0], inside[-1] + 1), answer_ids[0], tokens,
+                     tuple(answer_ids))
 
 
 def answer_token_id(tokenizer, prompt: str, answer: str, name: str = "an item") -> int:
-    """The token a model must predict after ``prompt`` to start ``answer``: ``prompt + " " +
-    answer`` is tokenised whole and the first token after the prompt's own tokens is taken.
+    """The first token of :func:`answer_token_ids`."""
+    return answer_token_ids(tokenizer, prompt, answer, name)[0]
+
+
+def answer_token_ids(tokenizer, prompt: str, answer: str, name: str = "an item") -> list[int]:
+    """The tokens a model must predict after ``prompt`` to say ``answer``: ``prompt + " " +
+    answer`` is tokenised whole and the tokens after the prompt's own tokens are taken.
 
     Encoding ``" " + answer`` alone is wrong for SentencePiece tokenizers (Llama-2, Mistral): the
     dummy prefix makes it ``["▁", "▁Paris"]``, and a lone ``"▁"`` is never the prediction. Special
@@ -117,7 +124,7 @@ def answer_token_id(tokenizer, prompt: str, answer: str, name: str = "an item") 
         raise UserError(f"{name}: the prompt's tokens change when the answer {answer!r} follows "
                         f"({prompt[-30:]!r})", "end the prompt where a token boundary falls "
                         "(e.g. without a trailing space)")
-    return int(whole[len(p_ids)])
+    return [int(t) for t in whole[len(p_ids):]]
 
 
 def embedding_std(model: LoadedModel, facts: list[FactInput]) -> float:
@@ -336,9 +343,37 @@ def token_groups(n_tokens: int, subject: tuple[int, int]) -> dict[str, list[int]
     }
 
 
+def fact_group_effects(fact: FactInput, tr: FactTrace, kind: str) -> dict[str, np.ndarray]:
+    """One fact's indirect effect per token group (mean over the group's tokens of restored minus
+    corrupted probability), per layer; groups the fact does not have are absent."""
+    out = {}
+    for group, pos in token_groups(fact.n_tokens, fact.subject).items():
+        if pos:
+            out[group] = (tr.scores[kind][pos] - tr.corrupted_prob).mean(0)
+    return out
+
+
+def mean_t_interval(rows: list[np.ndarray], n_layers: int) -> dict[str, list[float] | int]:
+    """``{"mean", "lo", "hi", "n"}`` per layer over ``rows`` (one per fact): Student-t 95%
+    intervals, which at the handful of facts a CPU traces are much wider than normal ones."""
+    from ..evals.stats import t_quantile
+
+    if not rows:
+        nan = [math.nan] * n_layers
+        return {"mean": nan, "lo": nan, "hi": nan, "n": 0}
+    arr = np.stack(rows)
+    mean = arr.mean(0)
+    if len(arr) > 1:
+        half = t_quantile(0.975, len(arr) - 1) * arr.std(0, ddof=1) / math.sqrt(len(arr))
+    else:
+        half = np.full_like(mean, math.nan)
+    return {"mean": mean.tolist(), "lo": (mean - half).tolist(), "hi": (mean + half).tolist(),
+            "n": len(arr)}
+
+
 def aie_summary(traces: list[tuple[FactInput, FactTrace]], kinds=KINDS,
                 ) -> dict[str, dict[str, dict[str, list[float]]]]:
-    """Average indirect effect per kind and token group, with a normal 95% interval over facts.
+    """Average indirect effect per kind and token group, with a Student-t 95% interval over facts.
 
     A fact's value for a group is the mean indirect effect over the group's tokens; facts whose
     group is empty do not count for that group. Returns ``{kind: {group: {"mean", "lo", "hi",
@@ -346,22 +381,8 @@ def aie_summary(traces: list[tuple[FactInput, FactTrace]], kinds=KINDS,
     """
     out: dict[str, dict[str, dict[str, list[float]]]] = {}
     for kind in kinds:
-        out[kind] = {}
-        for group in TOKEN_GROUPS:
-            rows = []
-            for fact, tr in traces:
-                pos = token_groups(fact.n_tokens, fact.subject)[group]
-                if pos:
-                    rows.append((tr.scores[kind][pos] - tr.corrupted_prob).mean(0))
-            if not rows:
-                n_layers = traces[0][1].scores[kind].shape[1] if traces else 0
-                nan = [math.nan] * n_layers
-                out[kind][group] = {"mean": nan, "lo": nan, "hi": nan, "n": 0}
-                continue
-            arr = np.stack(rows)
-            mean = arr.mean(0)
-            half = (1.96 * arr.std(0, ddof=1) / math.sqrt(len(arr)) if len(arr) > 1
-                    else np.full_like(mean, math.nan))
-            out[kind][group] = {"mean": mean.tolist(), "lo": (mean - half).tolist(),
-                                "hi": (mean + half).tolist(), "n": len(arr)}
+        n_layers = traces[0][1].scores[kind].shape[1] if traces else 0
+        per = [fact_group_effects(f, tr, kind) for f, tr in traces]
+        out[kind] = {g: mean_t_interval([e[g] for e in per if g in e], n_layers)
+                     for g in TOKEN_GROUPS}
     return out
