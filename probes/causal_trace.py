@@ -40,8 +40,8 @@ from mechinterp.analysis.tracing import (
     aie_summary,
     embedding_std,
     fact_group_effects,
-    mean_t_interval,
     make_noise,
+    mean_t_interval,
     prepare_fact,
     trace_fact,
 )
