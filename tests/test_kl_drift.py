@@ -206,3 +206,42 @@ def test_cached_base_gives_each_variant_its_own_float64_reference(tiny_model):
                for ids, start in zip(items.input_ids, items.answer_start)]
         np.testing.assert_allclose(got.numpy(), ref, rtol=1e-4, atol=1e-6)
     assert len(cache) == 3  # batches of 2 over 5 items, computed once
+
+
+def test_bf16_patching_tracing_and_scoring_paths_unembed_in_float32():
+    """The other readers of logits (patching and cross-model patching, the block stack behind
+    tracing and the patched sweeps, the evals' row scorer) used the bf16 output layer: logits off
+    by up to ~0.06 nats. All now match the float64 reference of the same hidden states."""
+    from types import SimpleNamespace
+
+    from mechinterp.analysis.blocks import BlockStack
+    from mechinterp.analysis.patching import model_logits
+    from mechinterp.evals.rows import hidden_logprobs
+    from mechinterp.models import load
+
+    tok, base, _ = _bf16_pair()
+    m = load("tiny-random-llama", device="cpu", dtype="float32")
+    m.hf, m.dtype = base, torch.bfloat16  # the bf16 model behind a LoadedModel
+    items = answer_items(tok, PAIRS[:3])
+    (_, ids, attn, pred), = items.batches(8)
+    want = _reference_from_hidden(base, ids, attn, pred)
+    with torch.no_grad():
+        full = model_logits(m, ids, attn)
+        assert full.dtype == torch.float32
+        got = torch.log_softmax(full[pred], -1).double()
+        assert (got - want).abs().max() < 1e-4
+        h = base.base_model(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state
+        sel = pred.nonzero()
+        tgt = want.argmax(-1)
+        lp = hidden_logprobs(SimpleNamespace(hf=base), h, torch.cat([sel, tgt[:, None]], 1))
+        np.testing.assert_allclose(lp.double().numpy(),
+                                   want.gather(1, tgt[:, None])[:, 0].numpy(), atol=1e-4)
+        stack = BlockStack(m)  # its logits take the residual stream before the final norm
+        x = torch.randn(5, base.config.hidden_size, generator=torch.Generator().manual_seed(0))
+        x = (x * 4).to(torch.bfloat16)
+        ref = stack.norm(x).double() @ base.get_output_embeddings().weight.double().T
+        got_stack = stack.logits(x)
+        assert got_stack.dtype == torch.float32
+        assert (got_stack.double() - ref).abs().max() < 1e-4
+        old = base.get_output_embeddings()(stack.norm(x))  # the bf16 head it used before
+        assert (old.double() - ref).abs().max() > 1e-2

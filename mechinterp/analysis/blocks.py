@@ -22,6 +22,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from ..models.loaded import LoadedModel
+from ..models.unembed import logits_fp32
 
 
 class PrefixKV:
@@ -75,7 +76,8 @@ class BlockStack:
         return out[0] if isinstance(out, tuple) else out
 
     def logits(self, hidden: Float[Tensor, "rows d"]) -> Float[Tensor, "rows vocab"]:
-        return self.unembed(self.norm(hidden))
+        """Final norm, then the output layer in float32 whatever the model's dtype."""
+        return logits_fp32(self.model.hf, self.norm(hidden))
 
     @torch.no_grad()
     def embed_input(self, input_ids: Tensor) -> Float[Tensor, "rows pos d"]:

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ..errors import UserError
 from ..models.loaded import LoadedModel
-from .patching import SITES, Patch, capture, run_patched
+from .patching import SITES, Patch, capture, model_logits, run_patched
 
 Condition = int | Sequence[int]
 
@@ -101,9 +101,8 @@ def cross_model_patch_sweep(
 def plain_logprobs(model: LoadedModel, input_ids: Tensor, attention_mask: Tensor | None,
                    metric_positions: Tensor, answer_ids: Tensor) -> Float[Tensor, " item"]:
     """The unpatched metric of ``model`` (the reference ends of a recovery scale)."""
-    logits = model.hf(input_ids=input_ids.to(model.device),
-                      attention_mask=None if attention_mask is None
-                      else attention_mask.to(model.device)).logits
+    logits = model_logits(model, input_ids.to(model.device),
+                          None if attention_mask is None else attention_mask.to(model.device))
     return answer_logprobs(logits, metric_positions, answer_ids).cpu()
 
 

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from ..errors import UserError
 from ..models.loaded import LoadedModel
+from ..models.unembed import final_hidden, logits_fp32
 
 SITES = ("resid_pre", "attn_out", "mlp_out", "resid_post")
 SiteKey = tuple[str, int]
@@ -142,7 +143,7 @@ def capture(model: LoadedModel, input_ids: Int[Tensor, "batch pos"],
         return fn
 
     with hooked(model, {k: saver(k) for k in sites}):
-        logits = model.hf(input_ids=input_ids, attention_mask=attention_mask).logits
+        logits = model_logits(model, input_ids, attention_mask)
     return logits, store
 
 
@@ -151,4 +152,10 @@ def run_patched(model: LoadedModel, input_ids: Int[Tensor, "batch pos"],
                 attention_mask: Tensor | None, patches: Iterable[Patch]) -> Tensor:
     """Logits of ``model`` with ``patches`` applied."""
     with patching(model, patches):
-        return model.hf(input_ids=input_ids, attention_mask=attention_mask).logits
+        return model_logits(model, input_ids, attention_mask)
+
+
+def model_logits(model: LoadedModel, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
+    """The model's logits with the output layer in float32 (a bf16 model's own logits are
+    rounded to 8 significant bits, too coarse for log-prob metrics); hooks apply as usual."""
+    return logits_fp32(model.hf, final_hidden(model.hf, input_ids, attention_mask))

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from ..models.loaded import LoadedModel
+from ..models.unembed import logits_fp32
 
 
 @dataclass
@@ -39,8 +40,8 @@ def hidden_logprobs(model: LoadedModel, hidden: torch.Tensor, sel: torch.Tensor)
     """``log p(tok)`` read from final hidden states at ``sel`` = rows of (batch row, position, token):
     only the selected positions go through the unembedding and the log-softmax."""
     sel = sel.to(hidden.device)
-    logits = model.hf.get_output_embeddings()(hidden[sel[:, 0], sel[:, 1]])
-    return torch.log_softmax(logits.float(), dim=-1).gather(1, sel[:, 2:3])[:, 0]
+    logits = logits_fp32(model.hf, hidden[sel[:, 0], sel[:, 1]])  # float32 whatever the dtype
+    return torch.log_softmax(logits, dim=-1).gather(1, sel[:, 2:3])[:, 0]
 
 
 def add_target_logprobs(model: LoadedModel, hidden: torch.Tensor, rows: Sequence[Row],
