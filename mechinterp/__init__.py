@@ -6,10 +6,14 @@ Quick start::
     result = mi.run("weight-change", base="smollm2-135m-instruct", variants={"sft": "out/sft@all"},
                     out="results")
     result["relative_change"]["sft@step-10"]["q"]     # per layer
+    result.to_frame().query("component == 'q'")         # the same numbers, one long table
+    result.figures()                                    # matplotlib figures, inline in Jupyter
+    mi.load_results("results")                          # every result of a folder, one table
 """
 
 from .data import DataSource
 from .errors import UserError
+from .frames import load_results
 from .models import DEFAULT_MODEL, LoadedModel, ModelSet, load, resolve
 from .probe import get_probe, make_config, registry
 from .results import Result, read_result
@@ -18,4 +22,4 @@ from .runner import run, run_probe
 __version__ = "0.1.0"
 
 __all__ = ["DEFAULT_MODEL", "DataSource", "LoadedModel", "ModelSet", "Result", "UserError",
-           "get_probe", "load", "make_config", "read_result", "registry", "resolve", "run", "run_probe"]
+           "get_probe", "load", "load_results", "make_config", "read_result", "registry", "resolve", "run", "run_probe"]

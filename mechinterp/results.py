@@ -38,6 +38,23 @@ class Result:
     def __getitem__(self, key: str) -> Any:
         return self.data[key]
 
+    def to_frame(self):
+        """The numbers as a pandas DataFrame in the long schema every probe shares
+        (:mod:`mechinterp.frames`: model, run, step, layer, component, ..., metric, value, lo,
+        hi)."""
+        from .frames import to_frame
+
+        return to_frame(self)
+
+    def figures(self) -> dict[str, Any]:
+        """The probe's figures of this result, drawn in the house style (they display inline
+        in Jupyter; nothing is saved)."""
+        from .plotting.style import house_style
+        from .probe import get_probe
+
+        with house_style():
+            return get_probe(self.probe).plot(self)
+
 
 def _jsonable(obj: Any, path: tuple = (), nonfinite: list | None = None) -> Any:
     """Convert numpy/torch scalars and arrays to JSON values. JSON has no NaN or infinity: such a
@@ -91,6 +108,9 @@ def write_result(result: Result, folder: Path, figures: dict[str, Any] | None = 
             np.savez_compressed(tmp / ARRAYS_FILE, **result.arrays)
         if figures:
             save_figures(figures, tmp)
+        from .frames import write_parquet
+
+        write_parquet(result, tmp)  # the long table beside result.json (when the probe has one)
         (tmp / RESULT_FILE).write_text(json.dumps(payload, indent=1, allow_nan=False) + "\n")
         old = None
         if folder.exists():
@@ -131,16 +151,20 @@ def read_result(folder: Path) -> Result:
 
 
 def save_figures(figures: dict[str, Any], folder: Path) -> list[Path]:
-    """Save matplotlib figures as ``<name>.png`` and ``<name>.pdf``; closes them."""
+    """Save matplotlib figures as ``<name>.png`` and ``<name>.pdf`` in the house style (the PDF
+    font type is read when the file is written); closes them."""
     import matplotlib.pyplot as plt
 
+    from .plotting.style import house_style
+
     written = []
-    for name, fig in figures.items():
-        for ext in ("png", "pdf"):
-            path = Path(folder) / f"{name}.{ext}"
-            fig.savefig(path, dpi=150 if ext == "png" else None, bbox_inches="tight")
-            written.append(path)
-        plt.close(fig)
+    with house_style():
+        for name, fig in figures.items():
+            for ext in ("png", "pdf"):
+                path = Path(folder) / f"{name}.{ext}"
+                fig.savefig(path, dpi=150 if ext == "png" else None, bbox_inches="tight")
+                written.append(path)
+            plt.close(fig)
     return written
 
 

@@ -119,8 +119,12 @@ def run_probe(probe: Probe | str, models, data, config=None, out: Path | str | N
 
 def draw_figures(probe: Probe, result: Result, folder: Path, say=print) -> list[Path]:
     """Best-effort figures for a result already on disk; a failure is reported and recorded."""
+    from .plotting.style import house_style
+
     try:
-        return save_figures(probe.plot(result), folder)
+        with house_style():
+            figures = probe.plot(result)
+        return save_figures(figures, folder)
     except Exception as exc:  # noqa: BLE001 - a plotting bug must not cost a finished run
         msg = f"{type(exc).__name__}: {exc}"
         say(f"{probe.name}: figures failed ({msg}); the result is saved in {folder}")
@@ -160,6 +164,7 @@ def run(probe: str | Probe, base=None, variants: dict[str, Any] | None = None, *
 def redraw(folder: Path | str) -> list[Path]:
     """Re-draw the figures of every stored result under ``folder`` (no model needed); a stored
     result whose probe version differs from the installed probe is refused, not mis-drawn."""
+    from .plotting.style import house_style
     from .results import find_results
 
     written: list[Path] = []
@@ -170,5 +175,7 @@ def redraw(folder: Path | str) -> list[Path]:
         if stored is not None and stored != probe.version:
             raise UserError(f"{res_dir} was written by {probe.name} version {stored}, installed is "
                             f"version {probe.version}", "re-run the probe to refresh the result")
-        written += save_figures(probe.plot(result), res_dir)
+        with house_style():
+            figures = probe.plot(result)
+        written += save_figures(figures, res_dir)
     return written

@@ -25,6 +25,7 @@ from mechinterp.data.mmlu import LETTERS
 from mechinterp.data.subset import seeded_subset
 from mechinterp.errors import UserError
 from mechinterp.evals.stats import t_interval
+from mechinterp.frames import Table
 from mechinterp.plotting import heatmap_grid, new_axes
 from mechinterp.plotting.trajectories import run_steps
 from mechinterp.probe import BaseConfig
@@ -76,6 +77,7 @@ class AttentionShiftProbe:
     description = ("per layer and head: JS divergence of attention rows, entropy change and "
                    "first-token mass change vs the base (MMLU + known facts)")
     Config = Config
+    frames = tuple(Table(m, ("model", "layer", "head")) for m in METRICS)
 
     def run(self, models, data, config: Config) -> Result:
         texts = load_prompts(data, config)

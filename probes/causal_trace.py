@@ -47,6 +47,7 @@ from mechinterp.analysis.tracing import (
 )
 from mechinterp.data.knowns import load_knowns
 from mechinterp.errors import UserError
+from mechinterp.frames import Table
 from mechinterp.plotting.style import PALETTE, new_axes
 from mechinterp.probe import BaseConfig
 from mechinterp.progress import task
@@ -115,6 +116,9 @@ class CausalTrace:
     version = "3"
     description = "ROME causal tracing (hidden / MLP / attention restoration) per model, AIE by token"
     Config = Config
+    frames = (Table("aie", ("model", "component", "token_group", "layer"), ci="aie_ci"),
+              Table("aie_diff", ("model", "component", "token_group", "layer"), ci="aie_diff_ci",
+                    metric="aie_base_minus_variant"))
 
     def run(self, models, data, config: Config) -> Result:
         bad = [k for k in config.kinds if k not in KINDS]

@@ -66,6 +66,7 @@ from mechinterp.data.mmlu import LETTERS, load_mmlu
 from mechinterp.errors import UserError
 from mechinterp.evals.mmlu import MMLUFormat, build_request, stratified_sample
 from mechinterp.evals.stats import mean_ci, ratio_of_means, spearman, wilson
+from mechinterp.frames import Table
 from mechinterp.plotting import new_axes
 from mechinterp.probe import BaseConfig
 from mechinterp.progress import task
@@ -171,6 +172,14 @@ class DamageAttribution:
                    "it damaged (margin) or broke (flips); relate recovery per layer to MLP weight "
                    "change")
     Config = Config
+    frames = (
+        Table("recovered_fraction", ("model", "site", "layer"), ci="recovered_fraction_ci95"),
+        Table("margin_recovery", ("model", "site", "layer"), ci="margin_recovery_ci95"),
+        Table("weight_revert_fraction", ("model", "layer"), ci="weight_revert_fraction_ci95"),
+        Table("weight_revert_margin_recovery", ("model", "layer"),
+              ci="weight_revert_margin_recovery_ci95"),
+        Table("mlp_weight_change", ("model", "layer")),
+        Table("margin_drop", ("model",), ci="margin_drop_ci95"))
 
     def run(self, models, data, config: Config) -> Result:
         fmt, norm = parse_format(config.format)

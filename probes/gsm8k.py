@@ -16,6 +16,7 @@ from mechinterp.evals.gsm8k import sample_shots, score_gsm8k
 from mechinterp.evals.mmlu import rows_to_jsonl
 from mechinterp.evals.paired import paired_rows
 from mechinterp.evals.stats import accuracy_summary
+from mechinterp.frames import Table
 from mechinterp.plotting import new_axes
 from mechinterp.probe import BaseConfig
 from mechinterp.results import Result
@@ -39,6 +40,7 @@ class GSM8KProbe:
     version = "2"
     description = "GSM8K accuracy by batched greedy generation (plain or chat prompt, k-shot)"
     Config = Config
+    frames = (Table("accuracy", ("model",), ci="ci95"), Table("paired", ("model", "metric")))
 
     def run(self, models, data, config: Config) -> Result:
         items = load_gsm8k(data, "test")

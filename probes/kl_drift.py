@@ -25,6 +25,7 @@ from mechinterp.data.arithmetic import is_task
 from mechinterp.data.base import read_jsonl
 from mechinterp.data.subset import seeded_subset
 from mechinterp.errors import DataError, UserError
+from mechinterp.frames import Table
 from mechinterp.plotting import new_axes
 from mechinterp.plotting.trajectories import plot_run_lines, run_steps
 from mechinterp.probe import BaseConfig
@@ -72,6 +73,7 @@ class KLDrift:
     version = "2"
     description = "teacher-forced KL(base || variant) on prompts with reference answers (GSM8K)"
     Config = Config
+    frames = (Table("kl", ("model",), n_key=None), Table("kl_sem", ("model",)))
 
     def run(self, models, data, config: Config) -> Result:
         pairs = seeded_subset(load_pairs(config, data), config.limit, config.seed)

@@ -47,6 +47,7 @@ from mechinterp.data import load_knowns, load_mmlu
 from mechinterp.data.mmlu import LETTERS
 from mechinterp.errors import UserError
 from mechinterp.evals.stats import ratio_of_means
+from mechinterp.frames import Table
 from mechinterp.plotting.style import PALETTE, new_axes
 from mechinterp.probe import BaseConfig
 from mechinterp.progress import task
@@ -108,6 +109,7 @@ class MLPPatching:
     version = "3"
     description = "cross-model activation patching (base <-> variant) per layer and site"
     Config = Config
+    frames = (Table("recovery", ("model", "site", "direction", "layer"), ci="recovery_ci95"),)
 
     def run(self, models, data, config: Config) -> Result:
         if not models.variants:

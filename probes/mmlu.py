@@ -22,6 +22,7 @@ from mechinterp.evals.mmlu import (
     summarise,
 )
 from mechinterp.evals.paired import paired_rows
+from mechinterp.frames import Table
 from mechinterp.plotting import new_axes
 from mechinterp.probe import BaseConfig
 from mechinterp.results import Result
@@ -45,6 +46,8 @@ class MMLUProbe:
     version = "1"
     description = "MMLU accuracy (lm-eval letter format, k-shot; cloze) with item-level rows"
     Config = Config
+    frames = (Table("accuracy", ("model", "format"), ci="ci95"),
+              Table("paired", ("model", "format", "metric")))
 
     def run(self, models, data, config: Config) -> Result:
         fmts = [MMLUFormat.parse(f) for f in config.formats]

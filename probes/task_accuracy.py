@@ -22,6 +22,7 @@ from mechinterp.errors import UserError
 from mechinterp.evals.paired import paired_comparison
 from mechinterp.evals.stats import accuracy_summary
 from mechinterp.evals.task import score_task
+from mechinterp.frames import Table
 from mechinterp.plotting import new_axes
 from mechinterp.probe import BaseConfig
 from mechinterp.results import Result
@@ -48,6 +49,8 @@ class TaskAccuracy:
     version = "1"
     description = "in-domain accuracy on held-out task items, training prompt format, paired"
     Config = Config
+    frames = (Table("accuracy", ("model",), ci="ci95"), Table("format_rate", ("model",)),
+              Table("paired", ("model", "metric")))
 
     def run(self, models, data, config: Config) -> Result:
         from mechinterp.training.prompts import load_items

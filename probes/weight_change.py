@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mechinterp.analysis.weights import SPARSITY_EDGES, load_config, weight_diff
+from mechinterp.frames import Table
 from mechinterp.models.naming import family_for, n_layers
 from mechinterp.plotting import heatmap_grid, new_axes
 from mechinterp.plotting.trajectories import run_linestyle, run_steps, run_x
@@ -41,6 +42,9 @@ class WeightChange:
     description = ("relative Frobenius change per layer and matrix, per checkpoint, and update "
                    "sparsity (bitwise changed fraction, |dW|/|W| histogram)")
     Config = Config
+    frames = (Table("relative_change", ("model", "component", "layer")),
+              Table("changed_fraction", ("model", "component")),
+              Table("changed_fraction_by_layer", ("model", "component", "layer")))
 
     def run(self, models, data, config: Config) -> Result:
         folders = {n: models.specs[n].path for n in models.variants}

@@ -1,36 +1,39 @@
-"""House style: readable fonts, colour-blind-safe palette, headless backend."""
+"""House style: readable fonts, colour-blind-safe palette, editable PDF text.
+
+The style is one file, ``mechinterp.mplstyle``; :func:`house_style` applies it. The runner, the
+redraw and :meth:`Result.figures` draw *and* save inside it, since matplotlib reads some settings
+when a figure is made (fonts, spines), some when a legend is made (its frame) and some only when
+a file is written (the PDF font type). No backend is chosen here: figures show inline in Jupyter,
+and headless runs fall back to Agg by themselves.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import contextmanager
+from pathlib import Path
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
 
-matplotlib.use("Agg")  # figures are files; notebooks still display them via IPython
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
+STYLE_FILE = Path(__file__).with_name("mechinterp.mplstyle")
 PALETTE = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#000000"]
-RC = {
-    "figure.dpi": 110,
-    "font.size": 10,
-    "axes.titlesize": 11,
-    "axes.labelsize": 10,
-    "axes.spines.top": False,
-    "axes.spines.right": False,
-    "axes.prop_cycle": matplotlib.cycler(color=PALETTE),
-    "legend.frameon": False,
-    "pdf.fonttype": 42,  # editable text in PDFs for papers
-}
+
+
+@contextmanager
+def house_style():
+    """Apply the house style inside the block (drawing and saving figures)."""
+    with plt.style.context(STYLE_FILE):
+        yield
 
 
 def figure(width: float = 6.0, height: float = 4.0):
-    with plt.rc_context(RC):
+    with house_style():
         return plt.figure(figsize=(width, height), layout="constrained")
 
 
 def new_axes(width: float = 6.0, height: float = 4.0, nrows: int = 1, ncols: int = 1, **kw):
-    with plt.rc_context(RC):
+    with house_style():
         return plt.subplots(nrows, ncols, figsize=(width, height), layout="constrained", **kw)
 
 
