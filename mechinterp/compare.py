@@ -33,7 +33,8 @@ class Step:
 
 
 def _plan(n_mmlu: int, n_task: int | None, n_facts: int, samples: int, n_patch: int,
-          n_damage: int, max_failures: int, n_attn: int, sparsity: bool = True) -> list[Step]:
+          n_damage: int, max_failures: int, n_attn: int, sparsity: bool = True,
+          patch_sites: tuple[str, ...] = ("mlp", "attn", "resid")) -> list[Step]:
     task = "arithmetic"
     return [
         Step("weight-change", {"sparsity": sparsity}, checkpoints=True),
@@ -43,7 +44,8 @@ def _plan(n_mmlu: int, n_task: int | None, n_facts: int, samples: int, n_patch: 
         Step("task-accuracy", {"items": task, "limit": n_task}),
         Step("mmlu", {"formats": ["cloze"], "limit": n_mmlu}, checkpoints=True),
         Step("attention-shift", {"n_mmlu": n_attn, "n_knowns": n_attn, "max_tokens": 128}),
-        Step("mlp-patching", {"prompt_sets": ["knowns"], "limit": n_patch}),
+        Step("mlp-patching", {"prompt_sets": ["knowns"], "limit": n_patch,
+                              "sites": list(patch_sites)}),
         Step("causal-trace", {"limit": n_facts, "samples": samples, "max_fact_figures": 2}),
         # the costliest probe, and C8 asks it of SFT only
         Step("damage-attribution", {"format": "cloze", "limit": n_damage,
@@ -56,9 +58,9 @@ def _plan(n_mmlu: int, n_task: int | None, n_facts: int, samples: int, n_patch: 
 #: CPU study (MMLU cloze on a fixed stratified sample); ``paper`` is sized for a GPU.
 PLANS: dict[str, list[Step]] = {
     "smoke": _plan(n_mmlu=8, n_task=8, n_facts=1, samples=2, n_patch=2, n_damage=8,
-                   max_failures=2, n_attn=2, sparsity=False),
+                   max_failures=2, n_attn=2, sparsity=False, patch_sites=("mlp",)),
     "default": _plan(n_mmlu=100, n_task=None, n_facts=4, samples=3, n_patch=8, n_damage=32,
-                     max_failures=8, n_attn=8),
+                     max_failures=8, n_attn=8, patch_sites=("mlp",)),
     "paper": _plan(n_mmlu=2000, n_task=None, n_facts=100, samples=10, n_patch=64, n_damage=1000,
                    max_failures=64, n_attn=64),
 }
