@@ -127,7 +127,10 @@ def _patching(study, d) -> list[str]:
             rec = _floats(dirs.get("denoise", []))
             if rec.size and np.isfinite(rec).any():
                 k = int(np.nanargmax(rec))
-                parts.append(f"{site} best at layer {k} ({_fmt(float(rec[k]))})")
+                ci = d.get("recovery_ci95", {}).get(name, {}).get(site, {}).get("denoise")
+                band = (f" [{_fmt(ci[k][0])}, {_fmt(ci[k][1])}]"
+                        if ci and ci[k] and None not in ci[k] else "")
+                parts.append(f"{site} best at layer {k} ({_fmt(float(rec[k]))}{band})")
         out.append(f"{name}: denoising recovery " + "; ".join(parts)
                    + f" ({d.get('n_prompts')} prompts)")
     return out

@@ -239,3 +239,18 @@ def test_weights_identity_reads_no_tensor_bytes_and_follows_content(tmp_path, mo
 
     monkeypatch.setenv("MECHINTERP_FULL_HASH", "1")
     assert weights_identity(a) == "sha256:" + folder_hash(a)
+
+
+def test_cli_strings_coerce_to_each_field_type():
+    """``--set key=value`` strings: lists split on commas, Optional takes none, bools their words,
+    numbers their type; a word that is none of these is an error naming the option."""
+    ct = registry()["causal-trace"]
+    cfg = make_config(ct, {"kinds": "hidden, mlp", "noise_scale": "none", "keep_wrong": "yes",
+                           "samples": "4", "noise_mult": "2.5"})
+    assert cfg.kinds == ["hidden", "mlp"] and cfg.noise_scale is None and cfg.keep_wrong is True
+    assert cfg.samples == 4 and cfg.noise_mult == 2.5
+    assert make_config(ct, {"noise_scale": "0.5"}).noise_scale == 0.5
+    with pytest.raises(UserError, match="keep_wrong='maybe' of probe 'causal-trace' is not a valid bool"):
+        make_config(ct, {"keep_wrong": "maybe"})
+    with pytest.raises(UserError, match="has no option 'sample'"):
+        make_config(ct, {"sample": "4"})
