@@ -15,11 +15,12 @@ from .data import DataSource
 from .errors import UserError
 from .frames import load_results
 from .models import DEFAULT_MODEL, LoadedModel, ModelSet, load, resolve
-from .probe import get_probe, make_config, registry
+from .probe import describe, get_probe, make_config, registry
+from .probe import get_probe as probe
 from .results import Result, read_result
 from .runner import run, run_probe
 
 __version__ = "0.1.0"
 
 __all__ = ["DEFAULT_MODEL", "DataSource", "LoadedModel", "ModelSet", "Result", "UserError",
-           "get_probe", "load", "load_results", "make_config", "read_result", "registry", "resolve", "run", "run_probe"]
+           "describe", "get_probe", "load", "load_results", "make_config", "probe", "read_result", "registry", "resolve", "run", "run_probe"]

@@ -76,6 +76,27 @@ def probes_list() -> None:
     _console().print(table)
 
 
+@probes_app.command("show")
+def probes_show(name: str = typer.Argument(..., help="Probe name (see `mechinterp probes list`).")
+                ) -> None:
+    """What a probe measures and each of its options: type, default, lower bound, meaning."""
+    from rich.table import Table
+
+    from .probe import get_probe, options
+
+    probe = get_probe(name)
+    import inspect
+
+    console = _console()
+    console.print(f"[bold]{probe.name}[/bold] (version {probe.version}): {probe.description}\n")
+    console.print(inspect.getdoc(inspect.getmodule(type(probe))) or "", markup=False)
+    table = Table("option", "type", "default", "min", "meaning",
+                  title="options: --set NAME=VALUE (CLI), NAME=VALUE (mi.run)")
+    for o in options(probe):
+        table.add_row(o["name"], o["type"], o["default"], o["min"], o["meaning"])
+    console.print(table)
+
+
 def _parse_sets(sets: list[str] | None) -> dict[str, str]:
     out = {}
     for item in sets or []:

@@ -36,7 +36,7 @@ class BaseConfig:
     ``seed`` is free). A bad value is a :class:`UserError` naming the field, so the CLI exits 2.
     """
 
-    seed: int = 0
+    seed: int = 0  # random seed (selections of items, noise, bootstrap)
     limit: int | None = None  # at most this many data items (a fixed, seeded selection)
 
     at_least: ClassVar[dict[str, float]] = {"limit": 1}
@@ -93,6 +93,8 @@ def _type_ok(value: Any, hint: Any) -> tuple[bool, Any]:
 
 
 def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) is not None:  # list[str], int | None
+        return str(hint).replace("typing.", "")
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 
@@ -163,7 +165,15 @@ def get_probe(name: str) -> Probe:
     probes = registry()
     if name not in probes:
         raise UserError(f"unknown probe {name!r}", f"known probes: {', '.join(probes)}")
-    return probes[name]
+    probe = probes[name]
+    cls = type(probe)
+    if not getattr(cls, "_described", False):  # help(probe) shows the options
+        try:
+            cls.__doc__ = describe(probe)
+            cls._described = True
+        except (AttributeError, TypeError):  # a plugin class that refuses: its own doc stays
+            pass
+    return probe
 
 
 def make_config(probe: Probe, options: dict[str, Any] | None = None, **common) -> Any:
@@ -206,6 +216,81 @@ def _coerce(raw: str, hint: Any, key: str, probe: str) -> Any:
         raise UserError(f"option {key}={raw!r} of probe {probe!r} is not a valid "
                         f"{getattr(hint, '__name__', hint)}", "check the value") from None
     return raw
+
+
+def option_help(config_cls: type) -> dict[str, str]:
+    """One line of meaning per option, read from the config's source: the comment on the field's
+    line, else the comment lines just above it (``field(metadata={"help": ...})`` wins)."""
+    import inspect
+    import io
+    import tokenize
+
+    out: dict[str, str] = {}
+    for klass in reversed(config_cls.__mro__):
+        if not dataclasses.is_dataclass(klass) or klass is object:
+            continue
+        try:
+            src = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        comments: dict[int, str] = {}
+        for tok in tokenize.generate_tokens(io.StringIO(src).readline):
+            if tok.type == tokenize.COMMENT:
+                comments[tok.start[0]] = tok.string.lstrip("#").strip()
+        lines = src.splitlines()
+        for i, line in enumerate(lines, 1):
+            name = line.strip().split(":", 1)[0]
+            if not line.startswith("    ") or not name.isidentifier() or ":" not in line:
+                continue
+            text = comments.get(i)
+            if text is None:  # comment lines right above the field
+                above, j = [], i - 1
+                while j in comments and lines[j - 1].strip().startswith("#"):
+                    above.insert(0, comments[j])
+                    j -= 1
+                text = " ".join(above) or None
+            if text:
+                out[name] = text
+    for f in dataclasses.fields(config_cls):
+        if f.metadata.get("help"):
+            out[f.name] = f.metadata["help"]
+    return out
+
+
+def options(probe: Probe) -> list[dict[str, str]]:
+    """Each option of a probe: name, type, default, lower bound and meaning."""
+    hints = typing.get_type_hints(probe.Config)
+    lows, signed = _bounds(probe.Config)
+    meaning = option_help(probe.Config)
+    rows = []
+    for f in dataclasses.fields(probe.Config):
+        if f.default is not dataclasses.MISSING:
+            default = repr(f.default)
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            default = repr(f.default_factory())  # type: ignore[misc]
+        else:
+            default = "(required)"
+        rows.append({"name": f.name, "type": _type_name(hints[f.name]), "default": default,
+                     "min": "" if f.name in signed else f"{lows.get(f.name, 0):g}"
+                     if any(a in (int, float) for a in
+                            (typing.get_args(hints[f.name]) or (hints[f.name],))) else "",
+                     "meaning": meaning.get(f.name, "")})
+    return rows
+
+
+def describe(probe: Probe) -> str:
+    """A probe's description, module documentation and option table, as plain text (what
+    ``help(mi.probe(NAME))`` and ``mechinterp probes show NAME`` print)."""
+    import inspect
+
+    doc = inspect.getdoc(inspect.getmodule(type(probe))) or ""
+    lines = [f"{probe.name} (version {probe.version}): {probe.description}", "", doc, "",
+             "Options (--set NAME=VALUE on the command line, NAME=VALUE in mi.run):"]
+    for o in options(probe):
+        bound = f", >= {o['min']}" if o["min"] else ""
+        lines.append(f"  {o['name']} ({o['type']}, default {o['default']}{bound}): "
+                     f"{o['meaning']}")
+    return "\n".join(lines)
 
 
 def package_versions() -> dict[str, str]:

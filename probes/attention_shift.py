@@ -44,8 +44,7 @@ class Config(BaseConfig):
     n_mmlu: int = 16  # MMLU test questions (seeded selection over all subjects)
     n_knowns: int = 16  # known-fact prompts
     max_tokens: int = 256  # prompts are cut to this many tokens
-    batch_size: int = 4
-
+    batch_size: int = 4  # prompts per forward pass
     at_least = {"max_tokens": 1, "batch_size": 1}  # lower bounds; every other number: at least 0
 
 

@@ -63,13 +63,14 @@ GROUP_TITLE = {"first_subject": "first subject token", "middle_subject": "middle
 
 @dataclass
 class Config(BaseConfig):
-    samples: int = 10
-    noise_mult: float = 3.0
+    samples: int = 10  # noise draws per fact (ROME: 10)
+    noise_mult: float = 3.0  # noise scale in units of the subject embeddings' std (ROME: 3)
     noise_scale: float | None = None  # fixed absolute scale (overrides noise_mult)
-    window: int = 10
+    window: int = 10  # layers restored together for the mlp / attn kinds (ROME: 10)
+    # what is restored: hidden, mlp, attn
     kinds: list[str] = field(default_factory=lambda: list(KINDS))
-    keep_wrong: bool = False
-    max_fact_figures: int = 3
+    keep_wrong: bool = False  # also trace facts the model does not know
+    max_fact_figures: int = 3  # per-fact heatmaps drawn per model
     # which facts a model knows: "first-token" (its top-1 next token starts the attribute) or
     # "strict" (ROME's: greedy decoding reproduces every token of the attribute)
     known: str = "first-token"

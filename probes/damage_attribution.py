@@ -76,12 +76,13 @@ from mechinterp.results import Result
 @dataclass
 class Config(BaseConfig):
     format: str = "letter-0shot"  # letter-0shot | letter-5shot | cloze | cloze-norm (+ -5shot, -chat)
-    subjects: list[str] | None = None
+    subjects: list[str] | None = None  # MMLU subjects (default: all 57)
+    # activations patched from the base: mlp_out, attn_out
     sites: list[str] = field(default_factory=lambda: ["mlp_out", "attn_out"])
-    window: int = 3
+    window: int = 3  # layers per window of the window sweep
     max_failures: int = 32  # cap on failures patched, and on damaged items patched
-    n_control: int = 16
-    n_bootstrap: int = 1000
+    n_control: int = 16  # items both models get right, patched as a control
+    n_bootstrap: int = 1000  # bootstrap resamples of the items for each interval
     token_budget: int = 8192  # tokens per patched forward (conditions x the item's packed tokens)
 
     # lower bounds; every other number: at least 0

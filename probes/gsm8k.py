@@ -27,10 +27,9 @@ class Config(BaseConfig):
     shots: int = 0  # examples from the train split before each question
     shot_sampler: str = "random"  # "random": lm-eval's (k per question, seeded); "first": first k
     fewshot_seed: int = 1234  # lm-eval's fewshot_random_seed
-    chat: bool = False
-    max_new_tokens: int = 256
-    batch_size: int = 8
-
+    chat: bool = False  # prompt through the chat template (examples as turns)
+    max_new_tokens: int = 256  # greedy tokens per answer at most
+    batch_size: int = 8  # prompts per generate call
     signed = ("fewshot_seed",)
     at_least = {"max_new_tokens": 1, "batch_size": 1}  # lower bounds; every other number: at least 0
 

@@ -41,7 +41,7 @@ class Config(BaseConfig):
     # a .jsonl file
     chat_template: bool = True  # render prompt as a user turn, answer as the assistant's reply
     system_prompt: str = ""  # optional system turn (chat template only; task items: the training one)
-    batch_size: int = 4
+    batch_size: int = 4  # items per forward pass
     max_length: int = 1024  # tokens per item; longer answers are cut (counted in n_truncated)
 
     at_least = {"batch_size": 1, "max_length": 2}  # lower bounds; every other number: at least 0

@@ -62,16 +62,18 @@ PROMPT_SETS = ("knowns", "mmlu")
 
 @dataclass
 class Config(BaseConfig):
+    # knowns (ROME facts) and/or mmlu (0-shot questions)
     prompt_sets: list[str] = field(default_factory=lambda: list(PROMPT_SETS))
+    # mlp, attn and/or resid outputs, patched at all positions
     sites: list[str] = field(default_factory=lambda: list(SITE))
-    window: int = 1
+    window: int = 1  # layers patched together around each layer
+    # items whose base and variant log-probs differ by less (nats) are left out
     min_gap: float = 0.1
     n_bootstrap: int = 1000  # resamples of the items for the 95% interval of each recovery
-    mmlu_answer: str = "letter"
-    mmlu_subjects: list[str] | None = None
-    batch_size: int = 8
-    max_tokens: int = 4096
-
+    mmlu_answer: str = "letter"  # mmlu prompts: letter (lm-eval format) or text (the choice text)
+    mmlu_subjects: list[str] | None = None  # MMLU subjects for the mmlu prompt set (default: all)
+    batch_size: int = 8  # prompts per forward pass
+    max_tokens: int = 4096  # rows x positions per patched forward pass
     # lower bounds; every other number: at least 0
     at_least = {"window": 1, "batch_size": 1, "max_tokens": 1, "n_bootstrap": 1}
 

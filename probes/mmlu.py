@@ -30,8 +30,9 @@ from mechinterp.results import Result
 
 @dataclass
 class Config(BaseConfig):
+    # letter-0shot, letter-5shot, cloze (+ -chat); several at once
     formats: list[str] = field(default_factory=lambda: ["letter-0shot"])
-    subjects: list[str] | None = None
+    subjects: list[str] | None = None  # MMLU subjects (default: all 57)
     token_budget: int = 512  # tokens per forward: smaller batches stay in cache (fastest measured on CPU)
 
     at_least = {"token_budget": 1}  # lower bounds; every other number: at least 0

@@ -31,9 +31,8 @@ from mechinterp.results import Result
 @dataclass
 class Config(BaseConfig):
     items: str = "arithmetic"  # an arithmetic task spec (its held-out split) or "gsm8k" (test)
-    max_new_tokens: int = 48
-    batch_size: int = 16
-
+    max_new_tokens: int = 48  # greedy tokens per answer at most
+    batch_size: int = 16  # prompts per generate call
     at_least = {"max_new_tokens": 1, "batch_size": 1}  # lower bounds; every other number: at least 0
 
 

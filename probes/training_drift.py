@@ -23,8 +23,7 @@ from mechinterp.results import Result
 
 @dataclass
 class Config(BaseConfig):
-    heldout_max_length: int = 512
-
+    heldout_max_length: int = 512  # tokens per held-out item at most
     at_least = {"heldout_max_length": 2}  # lower bounds; every other number: at least 0
 
 

@@ -254,3 +254,25 @@ def test_cli_strings_coerce_to_each_field_type():
         make_config(ct, {"keep_wrong": "maybe"})
     with pytest.raises(UserError, match="has no option 'sample'"):
         make_config(ct, {"sample": "4"})
+
+
+@pytest.mark.parametrize("name", PROBES)
+def test_every_option_is_documented_with_type_default_and_meaning(name, capsys):
+    """``mechinterp probes show`` and ``help(mi.probe(NAME))`` list each option with its type,
+    default, lower bound and one line of meaning (taken from the Config's comments)."""
+    import pydoc
+
+    import mechinterp as mi
+    from mechinterp.cli import main
+    from mechinterp.probe import options
+
+    probe = mi.probe(name)
+    opts = options(probe)
+    assert {o["name"] for o in opts} == {f.name for f in dataclasses.fields(probe.Config)}
+    assert all(o["meaning"] for o in opts), [o["name"] for o in opts if not o["meaning"]]
+    text = pydoc.render_doc(probe, renderer=pydoc.plaintext)
+    for o in opts:
+        assert f"{o['name']} ({o['type']}, default {o['default']}" in " ".join(text.split())
+    assert main(["probes", "show", name]) == 0
+    shown = capsys.readouterr().out
+    assert all(o["name"] in shown for o in opts)
