@@ -1,4 +1,5 @@
-"""Progress bars for long work: rich in a terminal, silent otherwise (CI logs, pipes)."""
+"""Progress bars for long work: rich in a terminal and in Jupyter (as a widget), silent in CI
+logs and pipes."""
 
 from __future__ import annotations
 
@@ -11,12 +12,24 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
+def in_jupyter() -> bool:
+    """Inside a Jupyter kernel (where stderr is no tty, yet a bar is what the user wants)."""
+    shell = sys.modules.get("IPython")
+    try:
+        ip = shell.get_ipython() if shell is not None else None
+    except Exception:  # noqa: BLE001
+        return False
+    return ip is not None and type(ip).__name__ == "ZMQInteractiveShell"
+
+
 def enabled() -> bool:
+    """Bars on in a terminal and in Jupyter, off in pipes and CI logs; ``MECHINTERP_PROGRESS``
+    (``0``/``1``) overrides."""
     if os.environ.get("MECHINTERP_PROGRESS") in ("0", "off"):
         return False
     if os.environ.get("MECHINTERP_PROGRESS") in ("1", "on"):
         return True
-    return sys.stderr.isatty()
+    return sys.stderr.isatty() or in_jupyter()
 
 
 def new_bar(transient: bool = True):

@@ -21,3 +21,21 @@ def test_notebook_executes(path, monkeypatch):
 
 def test_notebooks_exist():
     assert NOTEBOOKS and os.path.getsize(NOTEBOOKS[0]) > 0
+
+
+def test_progress_bars_show_in_a_jupyter_kernel(monkeypatch):
+    """stderr is no tty in a kernel: bars used to be silent there. Now they are on, and drawn as
+    a widget (rich's Jupyter live display)."""
+    monkeypatch.delenv("MECHINTERP_PROGRESS", raising=False)
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(
+        "from mechinterp.progress import enabled, task\n"
+        "print('enabled', enabled())\n"
+        "with task('work', 3) as advance:\n"
+        "    for _ in range(3):\n"
+        "        advance()")]
+    NotebookClient(nb, timeout=120, kernel_name="python3").execute()
+    outs = nb.cells[0]["outputs"]
+    assert not any(o.get("output_type") == "error" for o in outs)
+    assert any("enabled True" in o.get("text", "") for o in outs)
+    assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in outs)
