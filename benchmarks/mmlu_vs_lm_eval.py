@@ -85,9 +85,8 @@ def run_lm_eval(lm, tasks: list[dict], items, shots: int, chat: bool, task_manag
     """lm-eval's samples in item order (matched by subject and doc id) and the wall time of
     ``simple_evaluate`` on tasks built beforehand (their datasets loaded outside the timing)."""
     from lm_eval import simple_evaluate
-    from lm_eval.tasks import get_task_dict
 
-    built = list(get_task_dict(tasks, task_manager).values())
+    built = list(task_manager.load(tasks)["tasks"].values())
     t0 = time.perf_counter()
     out = simple_evaluate(model=lm, tasks=built, num_fewshot=shots, apply_chat_template=chat,
                           task_manager=task_manager, log_samples=True, verbosity="ERROR")

@@ -59,7 +59,7 @@ def _plan(n_mmlu: int, n_task: int | None, n_facts: int, samples: int, n_patch: 
 PLANS: dict[str, list[Step]] = {
     "smoke": _plan(n_mmlu=8, n_task=8, n_facts=1, samples=2, n_patch=2, n_damage=8,
                    max_failures=2, n_attn=2, sparsity=False, patch_sites=("mlp",)),
-    "default": _plan(n_mmlu=100, n_task=None, n_facts=4, samples=3, n_patch=8, n_damage=32,
+    "default": _plan(n_mmlu=100, n_task=None, n_facts=3, samples=2, n_patch=8, n_damage=32,
                      max_failures=8, n_attn=8, patch_sites=("mlp",)),
     "paper": _plan(n_mmlu=2000, n_task=None, n_facts=100, samples=10, n_patch=64, n_damage=1000,
                    max_failures=64, n_attn=64),
