@@ -41,6 +41,17 @@ def model_identity(models) -> dict[str, dict[str, str]]:
             for name, p in models.provenance().items()}
 
 
+def run_kinds(models) -> dict[str, str | None]:
+    """``{run: kind}`` from each run's training metadata (``sft``, ``grpo``, ``sft-frozen``; None
+    for a model no training run of ours made): figures style runs by it."""
+    from .models.lineage import training_kind
+
+    if models is None or not hasattr(models, "runs"):
+        return {}
+    return {run: training_kind(models.specs[names[0]].path) if names else None
+            for run, names in models.runs.items()}
+
+
 def why_stale(stored: Result, probe: Probe, chash: str, identity: dict) -> str | None:
     """None when ``stored`` answers the same question on the same weights; else the reason."""
     prov = stored.provenance
@@ -101,6 +112,7 @@ def run_probe(probe: Probe | str, models, data, config=None, out: Path | str | N
         "config_hash": chash,
         "model_identity": identity,
         "models": models.provenance() if models is not None else {},
+        "run_kinds": run_kinds(models),
         "device": str(getattr(models, "device", None) or "auto"),
         "dtype": str(getattr(models, "dtype", None) or "auto"),
         "data": data.log.to_json() if data is not None else {},

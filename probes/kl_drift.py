@@ -121,7 +121,8 @@ class KLDrift:
         n_bad = sum(data["n_nonfinite"].values())
         note = f"; {n_bad} non-finite item values left out" if n_bad else ""
         if any(len(n) > 1 for n in runs.values()):
-            by_step = plot_run_lines(ax, runs, data["steps"], kl, err=sem)
+            by_step = plot_run_lines(ax, runs, data["steps"], kl, err=sem,
+                                     kinds=result.provenance.get("run_kinds"))
             ax.set_xlabel("training step" if by_step else "checkpoint")
             ax.legend(title="run (SFT dashed, GRPO solid)", fontsize=8)
         else:

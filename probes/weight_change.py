@@ -23,7 +23,7 @@ from mechinterp.analysis.weights import SPARSITY_EDGES, load_config, weight_diff
 from mechinterp.frames import Table
 from mechinterp.models.naming import family_for, n_layers
 from mechinterp.plotting import heatmap_grid, new_axes
-from mechinterp.plotting.trajectories import run_linestyle, run_steps, run_x
+from mechinterp.plotting.trajectories import run_steps, run_styles, run_x
 from mechinterp.probe import BaseConfig
 from mechinterp.progress import task
 from mechinterp.results import Result
@@ -84,6 +84,7 @@ class WeightChange:
         data = result.data
         matrices = data["matrices"]
         runs = data.get("runs") or {v: [v] for v in data["variants"]}
+        kinds = result.provenance.get("run_kinds") or {}
         rel = data["relative_change"]
         figs = {}
         finals = [names[-1] for names in runs.values() if names]
@@ -100,9 +101,10 @@ class WeightChange:
                 REL_LABEL, vmin=0.0, vmax=float(np.nanmax(last)), ncols=5,
                 title=f"Relative weight change per checkpoint of {run} "
                       "(colour scale 0..max of the last checkpoint; brighter = clipped)")
-            figs[f"weight_change_layers_{run}"] = _layer_trajectories(run, names, data)
+            figs[f"weight_change_layers_{run}"] = _layer_trajectories(
+                run, names, data, run_styles(runs, kinds)[run])
         if multi:
-            figs["weight_change_trajectory"] = _mean_trajectory(multi, data)
+            figs["weight_change_trajectory"] = _mean_trajectory(multi, data, kinds)
         if data.get("sparsity"):
             figs["sparsity_histograms"] = _sparsity_figure(finals, data)
         return figs
@@ -114,11 +116,12 @@ def _layer_matrix(per_matrix: dict, matrices: list[str]) -> np.ndarray:
                     float).T
 
 
-def _mean_trajectory(runs: dict, data: dict):
-    """Mean over layers per matrix kind against step: colour = matrix, line style = algorithm."""
+def _mean_trajectory(runs: dict, data: dict, kinds: dict):
+    """Mean over layers per matrix kind against step: colour = matrix, line style = run kind."""
     from matplotlib.lines import Line2D
 
     matrices, steps, rel = data["matrices"], data["steps"], data["relative_change"]
+    style = run_styles(runs, kinds)
     fig, ax = new_axes(7.5, 4.5)
     colors = {}
     all_steps = True
@@ -127,7 +130,7 @@ def _mean_trajectory(runs: dict, data: dict):
         all_steps &= is_step
         for m in matrices:
             ys = [np.nanmean(_none_nan(rel[n][m])) for n in names]
-            (line,) = ax.plot(xs, ys, linestyle=run_linestyle(run), marker="o", markersize=3,
+            (line,) = ax.plot(xs, ys, linestyle=style[run], marker="o", markersize=3,
                               color=colors.get(m))
             colors[m] = line.get_color()
     ax.set_yscale("log")
@@ -135,13 +138,14 @@ def _mean_trajectory(runs: dict, data: dict):
     ax.set_ylabel("mean over layers of " + REL_LABEL)
     ax.set_title("Weight change over training, per matrix kind")
     handles = [Line2D([], [], color=colors[m], label=m) for m in matrices]
-    handles += [Line2D([], [], color="0.3", linestyle=run_linestyle(r), label=r) for r in runs]
+    handles += [Line2D([], [], color="0.3", linestyle=style[r],
+                       label=f"{r} ({kinds.get(r) or 'kind unknown'})") for r in runs]
     ax.legend(handles=handles, loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
     ax.grid(True, which="major", alpha=0.3)
     return fig
 
 
-def _layer_trajectories(run: str, names: list[str], data: dict):
+def _layer_trajectories(run: str, names: list[str], data: dict, linestyle):
     """One panel per matrix kind: each layer's change against step, coloured by layer."""
     import matplotlib as mpl
 
@@ -157,7 +161,7 @@ def _layer_trajectories(run: str, names: list[str], data: dict):
         arr = np.array([_none_nan(rel[n][m]) for n in names], float)  # (checkpoint, layer)
         for layer in range(L):
             ax.plot(xs, arr[:, layer], color=cmap(layer / max(1, L - 1)), linewidth=1,
-                    linestyle=run_linestyle(run))
+                    linestyle=linestyle)
         ax.set_yscale("log")
         ax.set_title(m)
         if not np.any(np.nan_to_num(arr) > 0):

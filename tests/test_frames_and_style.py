@@ -12,7 +12,6 @@ import math
 import subprocess
 import sys
 
-import numpy as np
 import pandas as pd
 import pytest
 
@@ -125,3 +124,44 @@ def test_importing_the_package_and_probes_switches_no_backend():
             "print(matplotlib.get_backend())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "svg"
+
+
+def test_line_style_follows_the_run_kind_not_its_name(tmp_path):
+    """A run called 'baseline' that was trained with GRPO is drawn as GRPO; a run called
+    'sft-ish' with no training metadata is not guessed to be SFT."""
+    import json
+    import shutil
+
+    from mechinterp.models import ModelSet
+    from mechinterp.models.zoo import fetch
+    from mechinterp.plotting.trajectories import KIND_LINESTYLE, run_styles
+    from mechinterp.runner import run_kinds
+
+    src = fetch("tiny-random-llama")
+    for name, cfg in (("baseline", {"algorithm": "grpo"}),
+                      ("frozen", {"algorithm": "sft", "freeze_preset": "paper-mid-mlp"})):
+        shutil.copytree(src, tmp_path / name / "checkpoints" / "step-1")
+        shutil.copytree(src, tmp_path / name / "checkpoints" / "step-2")
+        (tmp_path / name / "train-config.json").write_text(json.dumps(cfg))
+    shutil.copytree(src, tmp_path / "sft-ish")
+    models = ModelSet("tiny-random-llama", {"baseline": f"{tmp_path / 'baseline'}@all",
+                                            "frozen": f"{tmp_path / 'frozen'}@all",
+                                            "sft-ish": str(tmp_path / "sft-ish")}, device="cpu")
+    kinds = run_kinds(models)
+    assert kinds == {"baseline": "grpo", "frozen": "sft-frozen", "sft-ish": None}
+    styles = run_styles(models.runs, kinds)
+    assert styles["baseline"] == KIND_LINESTYLE["grpo"]
+    assert styles["frozen"] == KIND_LINESTYLE["sft-frozen"]
+    assert styles["sft-ish"] not in KIND_LINESTYLE.values()
+    two_unknown = run_styles(["a", "b"], {})
+    assert two_unknown["a"] != two_unknown["b"]  # unknown runs still tell apart
+
+    from mechinterp.probe import get_probe, make_config
+    from mechinterp.runner import run_probe
+
+    probe = get_probe("weight-change")
+    res = run_probe(probe, models, None, make_config(probe, {"sparsity": False}))
+    assert res.provenance["run_kinds"] == kinds
+    fig = res.figures()["weight_change_trajectory"]
+    labels = {h.get_label(): h.get_linestyle() for h in fig.axes[0].get_legend().legend_handles}
+    assert labels["baseline (grpo)"] == "-" and labels["frozen (sft-frozen)"] == ":"

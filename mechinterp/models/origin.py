@@ -13,8 +13,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .lineage import find_train_config
+
 ORIGIN_FILE = "mechinterp-origin.json"
-_TRAIN_CONFIG = "train-config.json"  # mechinterp.training.runner.CONFIG_FILE (no import cycle)
 
 
 def gguf_file_type(gguf: Path) -> str:
@@ -52,18 +53,17 @@ def quantisation_origin(folder: Path, _depth: int = 0) -> dict | None:
             return None
     if _depth > 4:  # a run trained from a run trained from ...: stop somewhere
         return None
-    for up in (folder, folder.parent, folder.parent.parent):
-        cfg = up / _TRAIN_CONFIG
-        if cfg.is_file():
-            try:
-                base = json.loads(cfg.read_text()).get("base")
-                from .specs import resolve
+    cfg = find_train_config(folder)
+    if cfg is None:
+        return None
+    try:
+        base = json.loads(cfg.read_text()).get("base")
+        from .specs import resolve
 
-                found = quantisation_origin(resolve(base).path, _depth + 1) if base else None
-            except Exception:  # noqa: BLE001 - a base that no longer resolves: origin unknown
-                return None
-            return None if found is None else {**found, "inherited_from": str(base)}
-    return None
+        found = quantisation_origin(resolve(base).path, _depth + 1) if base else None
+    except Exception:  # noqa: BLE001 - a base that no longer resolves: origin unknown
+        return None
+    return None if found is None else {**found, "inherited_from": str(base)}
 
 
 def origin_label(origin: dict | None) -> str:
