@@ -13,6 +13,7 @@ Quick start::
 
 from .data import DataSource
 from .errors import UserError
+from .demo import ensure_demo
 from .frames import load_results
 from .models import DEFAULT_MODEL, LoadedModel, ModelSet, load, resolve
 from .probe import describe, get_probe, make_config, registry
@@ -23,4 +24,4 @@ from .runner import run, run_probe
 __version__ = "0.1.0"
 
 __all__ = ["DEFAULT_MODEL", "DataSource", "LoadedModel", "ModelSet", "Result", "UserError",
-           "describe", "get_probe", "load", "load_results", "make_config", "probe", "read_result", "registry", "resolve", "run", "run_probe"]
+           "describe", "ensure_demo", "get_probe", "load", "load_results", "make_config", "probe", "read_result", "registry", "resolve", "run", "run_probe"]

@@ -93,3 +93,16 @@ def run_demo(out: Path, preset: str = "default", data_dir=None, device: str = "a
     for c in claims:
         echo("  " + verdict_line(c))
     return study, claims
+
+
+def ensure_demo(folder: Path | str = "results", preset: str = "smoke", echo=print) -> Path:
+    """The demo's output folder, for notebooks: used as it is when it holds a finished study
+    (``study.json``), else built there with ``preset`` (``smoke``: a few minutes on a CPU; run
+    ``mechinterp demo --out DIR`` for the default study)."""
+    from .compare import STUDY_FILE
+
+    folder = Path(folder)
+    if not (folder / STUDY_FILE).is_file():
+        echo(f"no finished demo in {folder}: building it with the {preset} preset")
+        run_demo(folder, preset=preset, echo=echo)
+    return folder

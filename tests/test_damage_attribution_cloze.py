@@ -14,6 +14,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from test_damage_attribution import SUBJECTS, _config  # the same tiny 8-layer Llama
 
 from mechinterp.models import load
 from mechinterp.models.edit import plant_change
@@ -22,17 +23,7 @@ from mechinterp.probe import get_probe, make_config
 from mechinterp.results import read_result
 from mechinterp.runner import run_probe
 
-SUBJECTS = "world_religions,conceptual_physics"  # the shortest MMLU prompts: cheap on bytes
 PLANTED = 5
-
-
-def _config(vocab: int):
-    from transformers import LlamaConfig
-
-    return LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128,
-                       num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2,
-                       max_position_embeddings=4096, tie_word_embeddings=False, bos_token_id=0,
-                       eos_token_id=0, pad_token_id=1)
 
 
 @pytest.fixture(scope="module")

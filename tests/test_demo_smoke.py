@@ -1,6 +1,6 @@
 """The README's main command at the smoke preset, end to end on the real default model: three
 trained runs, every probe, claims, report; the claim tests agree with claims.json; a re-run of
-compare into the same folder reuses every result."""
+compare into the same folder reuses every result; the study notebooks run top to bottom on it."""
 
 from __future__ import annotations
 
@@ -12,9 +12,12 @@ import sys
 
 import pytest
 
+from pathlib import Path
+
 from mechinterp.cli import main
 
 pytestmark = pytest.mark.slow
+STUDY_NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("0[1-9]_*.ipynb"))
 
 
 @pytest.fixture(scope="module")
@@ -65,3 +68,21 @@ def test_compare_again_reuses_every_result(demo_dir, capsys):
     assert main(["compare", *variants, "--preset", "smoke", "--out", str(demo_dir)]) == 0
     out = capsys.readouterr().out
     assert out.count("reusing") == 8, out
+
+
+@pytest.mark.parametrize("path", STUDY_NOTEBOOKS, ids=lambda p: p.name)
+def test_study_notebook_runs_on_the_demo(path, demo_dir, monkeypatch):
+    import nbformat
+    from nbclient import NotebookClient
+
+    monkeypatch.setenv("MECHINTERP_DEMO_DIR", str(demo_dir))
+    monkeypatch.setenv("MECHINTERP_PROGRESS", "0")
+    nb = nbformat.read(path, as_version=4)
+    NotebookClient(nb, timeout=600, kernel_name="python3",
+                   resources={"metadata": {"path": str(path.parent)}}).execute()
+    errors = [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    assert not errors, errors[0].get("evalue")
+
+
+def test_there_are_six_study_notebooks():
+    assert [p.name[:2] for p in STUDY_NOTEBOOKS] == ["01", "02", "03", "04", "05", "06"]

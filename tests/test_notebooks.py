@@ -1,4 +1,6 @@
-"""Notebooks run top to bottom (on a tiny model) - they are documentation that must not rot."""
+"""The standalone notebook runs top to bottom on a tiny model - documentation must not rot. The
+study notebooks (01-06) read the demo's folder: tests/test_demo_smoke.py runs them on its smoke
+demo."""
 
 import os
 from pathlib import Path
@@ -7,7 +9,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
+NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("00_*.ipynb"))
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
