@@ -12,8 +12,8 @@ Quick start::
 """
 
 from .data import DataSource
-from .errors import UserError
 from .demo import ensure_demo
+from .errors import UserError
 from .frames import load_results
 from .models import DEFAULT_MODEL, LoadedModel, ModelSet, load, resolve
 from .probe import describe, get_probe, make_config, registry

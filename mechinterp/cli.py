@@ -140,7 +140,10 @@ def run(
 
 
 @app.command("figures")
-def figures(folder: Annotated[Path, typer.Argument(help="A results folder (from --out).")]) -> None:
+def figures(folder: Annotated[Path, typer.Argument(help="A results folder (from --out).")],
+            paper: Annotated[bool, typer.Option(
+                "--paper", help="Also write the paper's figure set (and ours) to FOLDER/paper/: "
+                                "needs a compare or demo folder.")] = False) -> None:
     """Re-draw every figure from the stored results under FOLDER (no model is loaded)."""
     from .results import find_results
     from .runner import redraw
@@ -151,6 +154,11 @@ def figures(folder: Annotated[Path, typer.Argument(help="A results folder (from 
         raise UserError(f"no result.json under {folder}", "run a probe with --out first")
     written = redraw(folder)
     typer.echo(f"re-drew {len(written)} figure files under {folder}")
+    if paper:
+        from .paper_figures import paper_figures
+
+        files = paper_figures(folder)
+        typer.echo(f"paper figure set: {len(files) // 2} figures (PNG + PDF) in {folder / 'paper'}")
 
 
 @app.command("compare")

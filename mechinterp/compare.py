@@ -34,7 +34,8 @@ class Step:
 
 def _plan(n_mmlu: int, n_task: int | None, n_facts: int, samples: int, n_patch: int,
           n_damage: int, max_failures: int, n_attn: int, sparsity: bool = True,
-          patch_sites: tuple[str, ...] = ("mlp", "attn", "resid")) -> list[Step]:
+          patch_sites: tuple[str, ...] = ("mlp", "attn", "resid"),
+          damage_sites: tuple[str, ...] = ("mlp_out", "attn_out")) -> list[Step]:
     task = "arithmetic"
     return [
         Step("weight-change", {"sparsity": sparsity}, checkpoints=True),
@@ -49,7 +50,8 @@ def _plan(n_mmlu: int, n_task: int | None, n_facts: int, samples: int, n_patch: 
         Step("causal-trace", {"limit": n_facts, "samples": samples, "max_fact_figures": 2}),
         # the costliest probe, and C8 asks it of SFT only
         Step("damage-attribution", {"format": "cloze", "limit": n_damage,
-                                    "max_failures": max_failures, "n_control": 4},
+                                    "max_failures": max_failures, "n_control": 4,
+                                    "sites": list(damage_sites)},
              kinds=("sft",)),
     ]
 
@@ -58,9 +60,11 @@ def _plan(n_mmlu: int, n_task: int | None, n_facts: int, samples: int, n_patch: 
 #: CPU study (MMLU cloze on a fixed stratified sample); ``paper`` is sized for a GPU.
 PLANS: dict[str, list[Step]] = {
     "smoke": _plan(n_mmlu=8, n_task=8, n_facts=1, samples=2, n_patch=2, n_damage=8,
-                   max_failures=2, n_attn=2, sparsity=False, patch_sites=("mlp",)),
+                   max_failures=2, n_attn=2, sparsity=False, patch_sites=("mlp",),
+                   damage_sites=("mlp_out",)),
     "default": _plan(n_mmlu=100, n_task=None, n_facts=3, samples=2, n_patch=8, n_damage=32,
-                     max_failures=8, n_attn=8, patch_sites=("mlp",)),
+                     max_failures=8, n_attn=8, patch_sites=("mlp",),
+                     damage_sites=("mlp_out",)),
     "paper": _plan(n_mmlu=2000, n_task=None, n_facts=100, samples=10, n_patch=64, n_damage=1000,
                    max_failures=64, n_attn=64),
 }

@@ -45,6 +45,10 @@ PLAIN: dict[str, str] = {
 }
 
 
+def _seconds(x) -> str:
+    return "n/a" if not isinstance(x, (int, float)) else f"{x:.0f}"
+
+
 def _fmt(x, digits: int = 3) -> str:
     if x is None or (isinstance(x, float) and not np.isfinite(x)):
         return "n/a"
@@ -241,7 +245,7 @@ def build_markdown(study, claims: list[dict]) -> str:
               "gain [95% CI] | n |", "|---|---|---|---|---|---|---|---|---|"]
     for r in training_rows(study):
         lines.append(f"| {r['variant']} | {r['algorithm']} | {r['freeze']} | {_fmt(r['steps'])} | "
-                     f"{_fmt(r['wall_time_s'])} | {_fmt(r.get('before'))} | {_fmt(r.get('after'))} | "
+                     f"{_seconds(r['wall_time_s'])} | {_fmt(r.get('before'))} | {_fmt(r.get('after'))} | "
                      f"{_fmt(r.get('gain'))} {_ci(r.get('gain_ci95'))} | {_fmt(r.get('n'))} |")
     for cap, path in _training_figures(study):
         lines += ["", f"![{cap}]({_rel(path, study.out)})"]
@@ -298,7 +302,7 @@ def build_html(study, claims: list[dict]) -> str:
                  "<th>after</th><th>gain [95% CI]</th><th>n</th></tr>")
     for r in training_rows(study):
         parts.append("<tr>" + "".join(f"<td>{e(str(x))}</td>" for x in (
-            r["variant"], r["algorithm"], r["freeze"], _fmt(r["steps"]), _fmt(r["wall_time_s"]),
+            r["variant"], r["algorithm"], r["freeze"], _fmt(r["steps"]), _seconds(r["wall_time_s"]),
             _fmt(r.get("before")), _fmt(r.get("after")),
             f"{_fmt(r.get('gain'))} {_ci(r.get('gain_ci95'))}", _fmt(r.get("n")))) + "</tr>")
     parts.append("</table>")

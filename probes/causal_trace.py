@@ -8,7 +8,10 @@ noise), restore one clean
 activation per (token, layer) and kind (``hidden`` state; ``mlp`` / ``attn`` output over a window
 of ``window`` layers), and read the probability of the answer token (the first token after the
 prompt's tokens in ``prompt + " " + attribute``: :func:`~mechinterp.analysis.tracing.answer_token_id`).
-Facts the model does not know are left out unless ``keep_wrong``: ``known="first-token"``
+With ``limit`` (and not ``keep_wrong``) the facts are the first ``limit`` of a seeded order that
+the *base* knows (``n_screened`` says how many were looked at), so every traced fact counts;
+a variant traces the same facts and leaves out those it does not know. Facts a model does not
+know are left out unless ``keep_wrong``: ``known="first-token"``
 (its top-1 next token starts the attribute) or ``"strict"`` (ROME's: greedy decoding gives the
 whole attribute); the result says which rule ran (``known_rule``).
 Engine: :mod:`mechinterp.analysis.tracing` (batched, exact).
@@ -113,7 +116,8 @@ def knows(model, fact, rule: str) -> bool:
 class CausalTrace:
     name = "causal-trace"
     # 2: answer token read after the prompt (was " " + attribute alone); 3: base's noise scale
-    # for every model, base - variant paired on the facts both know, t-intervals, known rule
+    # for every model, base - variant paired on the facts both know, t-intervals, known rule,
+    # limit counts facts the base knows
     version = "3"
     description = "ROME causal tracing (hidden / MLP / attention restoration) per model, AIE by token"
     Config = Config
@@ -129,7 +133,11 @@ class CausalTrace:
         if config.known not in KNOWN_RULES:
             raise UserError(f"unknown known-fact rule {config.known!r}",
                             f"use one of {', '.join(KNOWN_RULES)}")
-        facts = select(load_knowns(data), config.limit, config.seed)
+        every = load_knowns(data)
+        if config.keep_wrong or config.limit is None:
+            facts, n_screened = select(every, config.limit, config.seed), None
+        else:  # ROME traces facts the model knows: screen a seeded order until limit are known
+            facts, n_screened = self._known_by_base(models.base, every, config)
         out = {k: {} for k in ("aie", "aie_ci", "n_facts", "n_filtered", "facts", "noise_scale")}
         arrays: dict[str, np.ndarray] = {}
         effects: dict[str, dict[int, dict]] = {}  # model -> known_id -> kind -> group -> [layer]
@@ -194,9 +202,30 @@ class CausalTrace:
             "max_fact_figures": config.max_fact_figures, "samples": config.samples,
             "window": config.window,
             "known_rule": config.known, "known_definition": KNOWN_RULES[config.known],
+            "n_screened": n_screened,
             "shared_noise": config.noise_scale is None and config.shared_noise,
             "answer": "the tokens after the prompt's tokens in prompt + ' ' + attribute",
         }, arrays)
+
+    @staticmethod
+    def _known_by_base(base, every: list, config) -> tuple[list, int]:
+        """The first ``limit`` facts of a seeded order of all facts that the base knows (under
+        ``config.known``), in their original order; and how many were screened."""
+        order = random.Random(config.seed).sample(range(len(every)), len(every))
+        keep: list[int] = []
+        screened = 0
+        with task(f"finding {config.limit} facts the base knows", config.limit) as advance:
+            for i in order:
+                f = every[i]
+                screened += 1
+                inp = prepare_fact(base.tokenizer, f.prompt, f.subject, f.attribute,
+                                   f"known_id={f.known_id}")
+                if knows(base, inp, config.known):
+                    keep.append(i)
+                    advance()
+                    if len(keep) == config.limit:
+                        break
+        return [every[i] for i in sorted(keep)], screened
 
     @staticmethod
     def _paired(effects: dict, variants: list[str], kinds: list[str], n_layers: int) -> dict:

@@ -86,3 +86,30 @@ def test_draw_equals_redraw(name, models, data_source, tmp_path, one_thread):
     for fig in first:
         assert again[fig].shape == first[fig].shape, fig
         assert np.array_equal(again[fig], first[fig]), f"{name}: figure {fig} differs on redraw"
+
+
+@pytest.mark.parametrize("name", sorted(OPTIONS))
+def test_frame_rows_are_the_numbers_in_result_json(name, models, data_source, tmp_path,
+                                                   one_thread):
+    """Every declared table of every probe gives rows, and rows read back to the number at their
+    place in ``result.json`` (navigated here by the row's own columns)."""
+    import json
+
+    probe = registry()[name]
+    run_probe(probe, models, data_source, make_config(probe, dict(OPTIONS[name])), out=tmp_path,
+              draw=False)
+    raw = json.loads((tmp_path / name / "result.json").read_text())["data"]
+    df = read_result(tmp_path / name).to_frame()
+    tables = [t for t in getattr(probe, "frames", ()) if t.key in raw]
+    assert tables or name == "training-drift"  # training-drift declares no table (yet)
+    for t in tables:
+        base_metric = t.metric or t.key
+        rows = df[df.metric.str.split(".").str[0] == base_metric]
+        assert len(rows), (name, t.key)
+        for _, row in rows.head(3).iterrows():
+            node = raw[t.key]
+            for axis in t.axes:
+                key = row["metric"].split(".", 1)[1] if axis == "metric" else row[axis]
+                node = node[int(key)] if isinstance(node, list) else node[str(key)]
+            want = math.nan if node is None else float(node)
+            assert (math.isnan(want) and math.isnan(row.value)) or want == row.value, (name, t.key)

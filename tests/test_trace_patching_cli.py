@@ -28,12 +28,15 @@ def tiny_set(tmp_path_factory):
 
 def test_causal_trace_probe_on_tiny_models(tiny_set, data_source, tmp_path):
     probe = get_probe("causal-trace")
-    # random tiny models know no fact: the default filter drops them all, and says so
+    # a random tiny model knows almost no fact: screening the facts in a seeded order for ones
+    # the base knows goes through all 1209 before it finds 2 (it finds 1, by chance), and every
+    # fact it selects is one the base knows
     filtered = run_probe(probe, tiny_set, data_source, make_config(probe, {"samples": "2"},
                                                                    seed=0, limit=2))
-    assert filtered.data["n_facts"] == {"base": 0, "planted": 0}
-    assert filtered.data["n_filtered"] == {"base": 2, "planted": 2}
-    assert not any(f["correct"] or "trace_index" in f for f in filtered.data["facts"]["base"])
+    f = filtered.data
+    assert f["n_selected"] < 2 and f["n_screened"] == 1209
+    assert f["n_facts"]["base"] == f["n_selected"]
+    assert all(r["correct"] for r in f["facts"]["base"])
     cfg = make_config(probe, {"samples": "2", "window": "2", "keep_wrong": "true",
                               "max_fact_figures": "1"}, seed=0, limit=1)
     result = run_probe(probe, tiny_set, data_source, cfg, out=tmp_path)

@@ -300,13 +300,12 @@ def train(s: TrainSettings, out: Path, resume: bool = False, data_dir=None, echo
 
 
 def _draw(out: Path) -> None:
-    from ..probe import get_probe
     from ..results import read_result, save_figures
     from .driftlog import PROBE_NAME
 
     folder = out / PROBE_NAME
     if (folder / "result.json").exists():
-        save_figures(get_probe(PROBE_NAME).plot(read_result(folder)), folder)
+        save_figures(read_result(folder).figures(), folder)  # in the house style
 
 
 def summarise(rec: dict[str, Any]) -> str:
