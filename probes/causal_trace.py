@@ -116,9 +116,9 @@ def knows(model, fact, rule: str) -> bool:
 class CausalTrace:
     name = "causal-trace"
     # 2: answer token read after the prompt (was " " + attribute alone); 3: base's noise scale
-    # for every model, base - variant paired on the facts both know, t-intervals, known rule,
-    # limit counts facts the base knows
-    version = "3"
+    # for every model, base - variant paired on the facts both know, t-intervals, known rule;
+    # 4: limit counts facts the base knows
+    version = "4"
     description = "ROME causal tracing (hidden / MLP / attention restoration) per model, AIE by token"
     Config = Config
     frames = (Table("aie", ("model", "component", "token_group", "layer"), ci="aie_ci"),
