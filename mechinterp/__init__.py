@@ -11,17 +11,18 @@ Quick start::
     mi.load_results("results")                          # every result of a folder, one table
 """
 
+from . import probe  # callable: mi.probe(NAME) is get_probe(NAME)
 from .data import DataSource
 from .demo import ensure_demo
 from .errors import UserError
 from .frames import load_results
 from .models import DEFAULT_MODEL, LoadedModel, ModelSet, load, resolve
 from .probe import describe, get_probe, make_config, registry
-from .probe import get_probe as probe
 from .results import Result, read_result
 from .runner import run, run_probe
 
 __version__ = "0.1.0"
 
 __all__ = ["DEFAULT_MODEL", "DataSource", "LoadedModel", "ModelSet", "Result", "UserError",
-           "describe", "ensure_demo", "get_probe", "load", "load_results", "make_config", "probe", "read_result", "registry", "resolve", "run", "run_probe"]
+           "describe", "ensure_demo", "get_probe", "load", "load_results", "make_config", "probe",
+           "read_result", "registry", "resolve", "run", "run_probe"]

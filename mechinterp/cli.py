@@ -216,26 +216,6 @@ def demo(
     run_demo(out, preset=preset, data_dir=data_dir, device=device, dtype=dtype, echo=typer.echo)
 
 
-def quiet_library_bars() -> None:
-    """transformers draws a bar per model load ("Loading weights"), datasets one per map (TRL's
-    tokenising), and transformers warns of its own renamed options on every trainer: ours say
-    what is going on instead."""
-    import os
-    import warnings
-
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    try:
-        import datasets
-
-        datasets.disable_progress_bars()
-    except ImportError:  # pragma: no cover - datasets is a dependency
-        pass
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\..*")
-
-
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: user errors are one line and exit code 2."""
     import click
@@ -244,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     exit_types = (click.exceptions.Exit, typer.Exit)
     abort_types = (click.exceptions.Abort, typer.Abort)
     usage_types = (click.ClickException, getattr(typer, "TyperException", click.ClickException))
+    from .progress import quiet_library_bars
+
     quiet_library_bars()
     try:
         app(args=argv, prog_name="mechinterp", standalone_mode=False)

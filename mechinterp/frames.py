@@ -95,10 +95,8 @@ def _run_step(model: str, runs: dict) -> tuple[str, Any]:
 
 def rows(result) -> list[dict]:
     """The rows of one result (see the module doc for the columns)."""
-    from .probe import get_probe
-
     try:
-        tables = getattr(get_probe(result.probe), "frames", ())
+        tables = getattr(result.probe_object(), "frames", ())
     except Exception:  # noqa: BLE001 - an uninstalled probe: no declared tables
         tables = ()
     data = result.data

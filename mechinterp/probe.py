@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import platform
+import sys
+import types
 import typing
 import warnings
 from dataclasses import dataclass
@@ -104,7 +106,10 @@ def check_config(config: Any) -> None:
     cls = type(config)
     hints = typing.get_type_hints(cls)
     lows, signed = _bounds(cls)
-    probe = getattr(cls, "__module__", "").rsplit(".", 1)[-1].replace("_", "-")
+    module = getattr(cls, "__module__", "")
+    # built-in configs live in probes.<name>; others (a notebook's) are named by their class
+    probe = (module.rsplit(".", 1)[-1].replace("_", "-") if module.startswith("probes.")
+             else cls.__qualname__)
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
         ok, norm = _type_ok(value, hints[f.name])
@@ -308,3 +313,14 @@ def run_probe(*args, **kwargs):
     from .runner import run_probe as _run_probe
 
     return _run_probe(*args, **kwargs)
+
+
+class _CallableModule(types.ModuleType):
+    """``mi.probe("causal-trace")`` is :func:`get_probe` while ``mechinterp.probe`` stays the
+    module (``mi.probe.registry``, ``from mechinterp.probe import BaseConfig``)."""
+
+    def __call__(self, name: str) -> Probe:
+        return get_probe(name)
+
+
+sys.modules[__name__].__class__ = _CallableModule

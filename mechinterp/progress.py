@@ -64,3 +64,23 @@ def track(items: Iterable[T], description: str, total: int | None = None) -> Ite
         for item in items:
             yield item
             advance()
+
+
+def quiet_library_bars() -> None:
+    """transformers draws a bar per model load ("Loading weights"), datasets one per map (TRL's
+    tokenising), and transformers warns of its own renamed options on every trainer: ours say
+    what is going on instead. The CLI and ``mi.run`` call this; ours remain."""
+    import os
+    import warnings
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    try:
+        import datasets
+
+        datasets.disable_progress_bars()
+    except ImportError:  # pragma: no cover - datasets is a dependency
+        pass
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\..*")

@@ -46,14 +46,20 @@ class Result:
 
         return to_frame(self)
 
+    def probe_object(self):
+        """The probe that made this result: the object the runner ran (a notebook's own probe
+        too), else the installed probe of that name."""
+        from .probe import get_probe
+
+        return getattr(self, "_probe", None) or get_probe(self.probe)
+
     def figures(self) -> dict[str, Any]:
         """The probe's figures of this result, drawn in the house style (they display inline
         in Jupyter; nothing is saved)."""
         from .plotting.style import house_style
-        from .probe import get_probe
 
         with house_style():
-            return get_probe(self.probe).plot(self)
+            return self.probe_object().plot(self)
 
 
 def _jsonable(obj: Any, path: tuple = (), nonfinite: list | None = None) -> Any:

@@ -93,6 +93,7 @@ def run_probe(probe: Probe | str, models, data, config=None, out: Path | str | N
             stored, stale = None, "the stored result is unreadable"
         if stale is None and reuse:
             stored.provenance["reused"] = True
+            stored._probe = probe
             if echo:
                 echo(f"{probe.name}: reusing {folder / RESULT_FILE} (same configuration and weights)")
             return stored
@@ -105,6 +106,7 @@ def run_probe(probe: Probe | str, models, data, config=None, out: Path | str | N
     with scope:
         result = probe.run(models, data, config)
     wall = time.perf_counter() - start
+    result._probe = probe  # figures() and to_frame() of a probe that is not installed
     result.provenance = {
         "probe": probe.name,
         "probe_version": probe.version,
@@ -159,7 +161,9 @@ def run(probe: str | Probe, base=None, variants: dict[str, Any] | None = None, *
     from .data import DataSource
     from .models.modelset import ModelSet
     from .models.zoo import DEFAULT_MODEL
+    from .progress import quiet_library_bars
 
+    quiet_library_bars()  # one bar per model load from transformers floods a notebook
     probe = get_probe(probe) if isinstance(probe, str) else probe
     config = make_config(probe, options)
     if isinstance(base, ModelSet):

@@ -81,7 +81,7 @@ def test_task_accuracy_probe_on_tiny_models(tmp_path, one_thread):
     assert d["accuracy"]["base"] == sum(r["correct"] for r in rows) / 5
     # the same weights greedy-decode the same text: no flips, difference exactly 0
     assert d["paired"]["same"]["difference"] == 0.0 and d["paired"]["same"]["right_to_wrong"] == 0
-    with pytest.raises(Exception, match="positive"):
+    with pytest.raises(Exception, match="batch_size=0 of task-accuracy must be at least 1"):
         make_config(probe, {"batch_size": "0"})
 
 

@@ -9,14 +9,13 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from pathlib import Path
-
 from mechinterp.cli import main
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("smoke-demo")]
 STUDY_NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("0[1-9]_*.ipynb"))
 
 
