@@ -30,7 +30,9 @@ class Config(BaseConfig):
 def _blocks(data: dict) -> dict[str, dict]:
     if "runs_drift" in data:
         return data["runs_drift"]
-    return {data.get("algorithm", "run"): data}
+    # a training run's own log: named by what was trained (``sft``, ``sft frozen mlp@18-23``)
+    name = data.get("algorithm", "run") + (f" frozen {data['freeze']}" if data.get("freeze") else "")
+    return {name: data}
 
 
 class TrainingDrift:
