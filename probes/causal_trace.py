@@ -59,6 +59,7 @@ from mechinterp.results import Result
 KIND_CMAP = {"hidden": "Purples", "mlp": "Greens", "attn": "Reds"}
 KIND_TITLE = {"hidden": "hidden state", "mlp": "MLP output (window)",
               "attn": "attention output (window)"}
+KIND_SHORT = {"hidden": "hidden", "mlp": "MLP (window)", "attn": "attention (window)"}
 GROUP_TITLE = {"first_subject": "first subject token", "middle_subject": "middle subject tokens",
                "last_subject": "last subject token", "first_after": "first token after subject",
                "further": "further tokens", "last": "last token"}
@@ -295,7 +296,7 @@ def _aie_figure(d: dict, kind: str):
             ci = d["aie_ci"].get(name, {}).get(kind, {}).get(group)
             colour = PALETTE[j % len(PALETTE)]
             ax.plot(layers, mean, color=colour, label=f"{name} (n={d['n_facts'][name]})")
-            if ci:
+            if ci and name == d["models"][0]:  # one band (the base's): stacked bands hide it all
                 ax.fill_between(layers, np.array(ci["lo"], float), np.array(ci["hi"], float),
                                 color=colour, alpha=0.18, linewidth=0)
         ax.axhline(0, color="grey", lw=0.6)
@@ -306,7 +307,7 @@ def _aie_figure(d: dict, kind: str):
         ax.set_ylabel("AIE (restored - corrupted p)")
     axes[0, 0].legend(fontsize=8)
     fig.suptitle(f"Average indirect effect of restoring the {KIND_TITLE[kind]} "
-                 f"(Student-t 95% interval over facts)")
+                 f"(band: {d['models'][0]}'s Student-t 95% interval over facts)")
     return fig
 
 
@@ -327,14 +328,15 @@ def _diff_figure(d: dict):
                     ax.fill_between(layers, np.array(band["lo"], float),
                                     np.array(band["hi"], float), color=colour, alpha=0.15, lw=0)
             ax.axhline(0, color="grey", lw=0.6)
-            ax.set_title(f"base - {v}: {KIND_TITLE[k]} "
-                         f"({d.get('n_paired', {}).get(v, '?')} facts both know)")
+            ax.set_title(f"base - {v}: {KIND_SHORT[k]}, n={d.get('n_paired', {}).get(v, '?')}",
+                         fontsize=10)
             ax.set_xlabel("layer")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes[r, 0].set_ylabel("AIE difference")
     axes[0, -1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
-    fig.suptitle("Base minus variant indirect effect on the same facts at the same noise "
-                 "(positive: the base relies more on this site; bands: t 95%)")
+    fig.suptitle("Base minus variant indirect effect on the same facts (n = facts both know) at "
+                 "the same noise; positive: the base relies more on this site; bands: t 95% "
+                 "(last subject token, last token)", fontsize=10)
     return fig
 
 
