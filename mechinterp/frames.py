@@ -40,7 +40,6 @@ class Table:
     axes: tuple[str, ...]
     ci: str | None = None
     metric: str | None = None
-    n_key: str | None = None  # a key {model: n} giving the n of each model's numbers
 
 
 def _is_number(x: Any) -> bool:
@@ -106,7 +105,6 @@ def rows(result) -> list[dict]:
         if t.key not in data:
             continue
         ci = data.get(t.ci) if t.ci else None
-        ns = data.get(t.n_key) if t.n_key else None
         for where, value in _walk(data[t.key], t.axes, {}):
             if value is None:
                 value = math.nan
@@ -122,10 +120,6 @@ def rows(result) -> list[dict]:
                 row["lo"] = math.nan if lo is None else float(lo)
                 row["hi"] = math.nan if hi is None else float(hi)
                 if n is not None:
-                    row["n"] = n
-            if ns is not None and "model" in where and isinstance(ns, dict):
-                n = ns.get(where["model"])
-                if _is_number(n):
                     row["n"] = n
             if "model" in row:
                 row["run"], row["step"] = _run_step(row["model"], runs)

@@ -73,7 +73,7 @@ class KLDrift:
     version = "2"
     description = "teacher-forced KL(base || variant) on prompts with reference answers (GSM8K)"
     Config = Config
-    frames = (Table("kl", ("model",), n_key=None), Table("kl_sem", ("model",)))
+    frames = (Table("kl", ("model",)), Table("kl_sem", ("model",)))
 
     def run(self, models, data, config: Config) -> Result:
         pairs = seeded_subset(load_pairs(config, data), config.limit, config.seed)

@@ -4,9 +4,9 @@ revert a variant's weights to the base's) and read the log-probability of every 
 Items are :class:`mechinterp.evals.loglik.Request` objects scored as lm-eval does (one row per item
 when every choice is a single token, else one row per choice). A sweep evaluates many conditions
 (a layer, a window of layers) in one forward pass by giving each condition its own group of batch
-rows (``Patch(rows=...)`` of :mod:`mechinterp.analysis.patching`). Kept behind two small functions
-(:func:`cross_model_sweep`, :func:`weight_revert_sweep`) so that it can be unified with the general
-cross-model patching of the causal issue.
+rows (``Patch(rows=...)`` of :mod:`mechinterp.analysis.patching`): :func:`cross_model_sweep`,
+:func:`weight_revert_sweep`. The probes use :func:`condition_sweep` below; these two plain forms
+stay as the reference it is tested against (``tests/test_damage_attribution.py``).
 
 :func:`condition_sweep` is the cheap form of the same computation, one item at a time
 (:class:`ItemRows`): the item's rows (four cloze answers) share their context, so they are packed
