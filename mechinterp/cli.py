@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from .cli_eval import eval_app
-from .cli_options import Base, DataDir, Device, Dtype, Out, Variant
+from .cli_options import Base, DataDir, Device, Dtype, Limit, Out, Seed, Variant
 from .cli_train import train_app
 from .errors import UserError
 
@@ -116,8 +116,8 @@ def run(
     out: Out = Path("results"),
     device: Device = "auto",
     dtype: Dtype = "auto",
-    limit: Annotated[int | None, typer.Option(help="Use at most N data items (seeded).")] = None,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    limit: Limit = None,
+    seed: Seed = 0,
     set_: Annotated[list[str] | None, typer.Option(
         "--set", help="Probe option KEY=VALUE (repeatable); see the probe's Config.")] = None,
     no_figures: Annotated[bool, typer.Option("--no-figures", help="Skip drawing.")] = False,

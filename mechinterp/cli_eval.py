@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from .cli_options import DataDir, Device, Dtype, Out, Variant
+from .cli_options import DataDir, Device, Dtype, Limit, Out, Seed, Variant
 from .errors import UserError
 
 eval_app = typer.Typer(help="Benchmarks: MMLU (lm-eval letter format, cloze), GSM8K, and the "
@@ -21,8 +21,6 @@ eval_app = typer.Typer(help="Benchmarks: MMLU (lm-eval letter format, cloze), GS
 
 Model = Annotated[str, typer.Option("--model", "-m", help="Model spec: zoo name, folder, .gguf "
                                     "file, or hub ORG/NAME[@REV].")]
-Limit = Annotated[int | None, typer.Option(help="At most N items (a fixed, seeded sample).")]
-Seed = Annotated[int, typer.Option(help="Seed of the item sample (and bootstrap).")]
 
 
 def _run(probe_name: str, model: str, variant, data_dir, out, device, dtype, limit, seed,

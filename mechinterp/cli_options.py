@@ -1,4 +1,7 @@
-"""Options shared by the `mechinterp` commands and their sub-apps (one definition each)."""
+"""Options shared by the `mechinterp` commands and their sub-apps (one definition each).
+
+``Base``, ``Device`` and ``Dtype`` accept None: ``train`` leaves them unset so that its settings
+(preset, then the paper's defaults) decide; the other commands give them a default."""
 
 from __future__ import annotations
 
@@ -7,8 +10,8 @@ from typing import Annotated
 
 import typer
 
-Base = Annotated[str, typer.Option("--base", "-b", help="Base model spec: zoo name, folder, "
-                                   ".gguf file, or hub ORG/NAME[@REV].")]
+Base = Annotated[str | None, typer.Option("--base", "-b", help="Base model spec: zoo name, "
+                                          "folder, .gguf file, or hub ORG/NAME[@REV].")]
 Variant = Annotated[list[str] | None, typer.Option(
     "--variant", "-v", help="NAME=SPEC of a fine-tuned model; NAME=SPEC1,SPEC2,... for the "
     "checkpoints of one run (e.g. sft=out@step-40,out@step-80, or sft=out@all for every "
@@ -18,8 +21,9 @@ DataDir = Annotated[Path | None, typer.Option(
     "the Hugging Face hub).")]
 Out = Annotated[Path, typer.Option("--out", "-o", help="Results folder; each probe writes "
                                    "OUT/<probe>/result.json and its figures.")]
-Device = Annotated[str, typer.Option(help="auto (CUDA if present), cpu, cuda, cuda:N.")]
-Dtype = Annotated[str, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, "
-                                    "float16.")]
-
-
+Device = Annotated[str | None, typer.Option(help="auto (CUDA if present), cpu, cuda, cuda:N.")]
+Dtype = Annotated[str | None, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), float32, "
+                                           "bfloat16, float16.")]
+Limit = Annotated[int | None, typer.Option(help="Use at most N data items in all (a fixed, seeded "
+                                           "selection; shared between a probe's prompt sets).")]
+Seed = Annotated[int, typer.Option(help="Seed of the item selection (and of anything random).")]

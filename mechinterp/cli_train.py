@@ -15,6 +15,7 @@ from typing import Annotated, Any
 
 import typer
 
+from .cli_options import Base, DataDir, Device, Dtype
 from .errors import UserError
 
 train_app = typer.Typer(
@@ -25,18 +26,13 @@ train_app = typer.Typer(
 )
 
 Opt = typer.Option
-Base = Annotated[str | None, Opt("--base", "-b", help="Base model spec (zoo name, folder, "
-                                    ".gguf, hub id) [smollm2-135m-instruct].")]
 Out = Annotated[Path, Opt("--out", "-o", help="Run folder: final model (spec OUT), checkpoints "
                           "(OUT@step-N), drift log.")]
 Data = Annotated[str | None, Opt(help="'gsm8k' (train split; test split held out for KL) or a "
                                     "JSONL file with question/answer fields [gsm8k].")]
-DataDir = Annotated[Path | None, Opt("--data-dir", help="Data root (default $MECHINTERP_DATA).")]
 Preset = Annotated[str | None, Opt(help="Settings preset: cpu-demo (the study on the arithmetic task, matched SFT/GRPO, minutes on a CPU) or cpu-smoke (GSM8K, a few steps). "
                                       "Explicit options override it.")]
 Seed = Annotated[int | None, Opt(help="Seed (data order, sampling, init of anything random).")]
-Device = Annotated[str | None, Opt(help="auto, cpu, cuda, cuda:N.")]
-Dtype = Annotated[str | None, Opt(help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16.")]
 Steps = Annotated[int | None, Opt("--max-steps", help="Optimizer steps [paper: 571].")]
 Lr = Annotated[float | None, Opt("--lr", help="Learning rate [paper: 1e-6].")]
 Sched = Annotated[str | None, Opt("--lr-scheduler", help="Scheduler "

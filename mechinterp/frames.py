@@ -3,8 +3,10 @@ work the same on weight change, KL, accuracy, patching or tracing.
 
 A probe declares which of its result keys are tables and what each nesting level means
 (``frames = (Table("kl", ("model",)), Table("recovery", ("model", "site", "direction", "layer"),
-ci="recovery_ci95"), ...)``); :func:`to_frame` walks them. Columns, in this order, those absent
-from a probe's tables dropped::
+ci="recovery_ci95"), ...)``); :func:`to_frame` walks them. A probe whose result is nested by
+position instead (a list over checkpoints) also defines ``frame_data(data) -> dict``: the data,
+keyed by model, that its tables walk. Columns, in this order, those absent from a probe's tables
+dropped::
 
     probe, model, run, step, layer, component, head, token_group, site, direction, format,
     metric, value, lo, hi, n
@@ -82,7 +84,7 @@ def _ci_at(ci: Any, where: dict, axes: Sequence[str]) -> tuple[float, float, Any
 
 
 def _run_step(model: str, runs: dict) -> tuple[str, Any]:
-    from .plotting.trajectories import checkpoint_step
+    from .models.specs import checkpoint_step
 
     for run, names in (runs or {}).items():
         if model in names:
@@ -95,10 +97,13 @@ def _run_step(model: str, runs: dict) -> tuple[str, Any]:
 def rows(result) -> list[dict]:
     """The rows of one result (see the module doc for the columns)."""
     try:
-        tables = getattr(result.probe_object(), "frames", ())
+        probe = result.probe_object()
     except Exception:  # noqa: BLE001 - an uninstalled probe: no declared tables
-        tables = ()
+        probe = None
+    tables = getattr(probe, "frames", ())
     data = result.data
+    if hasattr(probe, "frame_data"):  # results nested by position (training-drift's checkpoints)
+        data = probe.frame_data(data)
     runs = data.get("runs") or {}
     out = []
     for t in tables:

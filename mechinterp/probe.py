@@ -39,7 +39,8 @@ class BaseConfig:
     """
 
     seed: int = 0  # random seed (selections of items, noise, bootstrap)
-    limit: int | None = None  # at most this many data items (a fixed, seeded selection)
+    # at most this many data items in all, shared between a probe's prompt sets (seeded)
+    limit: int | None = None
 
     at_least: ClassVar[dict[str, float]] = {"limit": 1}
     signed: ClassVar[tuple[str, ...]] = ("seed",)

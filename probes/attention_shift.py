@@ -4,8 +4,11 @@ Per variant (every checkpoint of every run), layer and query head, averaged over
 (after the first) and prompts: the Jensen-Shannon divergence between base and variant attention
 rows, the change in row entropy and the change in attention mass on the first token (see
 :mod:`mechinterp.analysis.attention`). Prompts: MMLU test questions in the lm-evaluation-harness
-format (without the answer) and ROME known-fact prompts, ``n_mmlu`` + ``n_knowns`` of them (a seeded
-selection; small by default for CPU), as plain text, cut to ``max_tokens``.
+format (0-shot, without the answer; :mod:`mechinterp.evals.mmlu`'s builder) and ROME known-fact
+prompts, ``n_mmlu`` + ``n_knowns`` of them (a seeded selection of each; small by default for CPU),
+as plain text, cut to ``max_tokens``. ``limit``, when set, caps the total: at most ``limit``
+prompts, shared equally between the two sets as far as ``n_mmlu`` / ``n_knowns`` allow
+(:func:`~mechinterp.data.subset.split_limit`).
 
 Result keys: ``js[<variant>]``, ``entropy_change[<variant>]``, ``first_token_mass_change[<variant>]``
 (each a list over layers of lists over heads), ``<metric>_layer_ci95[<variant>]`` (per layer,
@@ -21,9 +24,9 @@ import numpy as np
 
 from mechinterp.analysis.attention import METRICS, attention_shift
 from mechinterp.data import load_knowns, load_mmlu
-from mechinterp.data.mmlu import LETTERS
-from mechinterp.data.subset import seeded_subset
+from mechinterp.data.subset import seeded_subset, split_limit
 from mechinterp.errors import UserError
+from mechinterp.evals.mmlu import MMLUFormat, build_request
 from mechinterp.evals.stats import t_interval
 from mechinterp.frames import Table
 from mechinterp.plotting import heatmap_grid, new_axes
@@ -42,29 +45,22 @@ LABELS = {
 @dataclass
 class Config(BaseConfig):
     n_mmlu: int = 16  # MMLU test questions (seeded selection over all subjects)
-    n_knowns: int = 16  # known-fact prompts
+    n_knowns: int = 16  # known-fact prompts (limit, when set, caps n_mmlu + n_knowns)
     max_tokens: int = 256  # prompts are cut to this many tokens
     batch_size: int = 4  # prompts per forward pass
     at_least = {"max_tokens": 1, "batch_size": 1}  # lower bounds; every other number: at least 0
 
 
-def mmlu_prompt(item) -> str:
-    subject = item.subject.replace("_", " ")
-    choices = "".join(f"\n{letter}. {c}" for letter, c in zip(LETTERS, item.choices))
-    return (f"The following are multiple choice questions (with answers) about {subject}.\n\n"
-            f"{item.question}{choices}\nAnswer:")
-
-
 def load_prompts(data, config: Config) -> list[str]:
     if data is None:
         raise UserError("attention-shift needs a data source", "pass --data-dir")
+    n_mmlu, n_knowns = split_limit(config.limit, [config.n_mmlu, config.n_knowns])
     texts = []
-    if config.n_mmlu:
-        texts += [mmlu_prompt(it) for it in seeded_subset(load_mmlu(data, "test"), config.n_mmlu,
-                                                          config.seed)]
-    if config.n_knowns:
-        texts += [f.prompt for f in seeded_subset(load_knowns(data), config.n_knowns, config.seed)]
-    texts = seeded_subset(texts, config.limit, config.seed)
+    if n_mmlu:
+        texts += [build_request(MMLUFormat(), it, ()).context
+                  for it in seeded_subset(load_mmlu(data, "test"), n_mmlu, config.seed)]
+    if n_knowns:
+        texts += [f.prompt for f in seeded_subset(load_knowns(data), n_knowns, config.seed)]
     if not texts:
         raise UserError("no prompts selected", "set n_mmlu or n_knowns above 0")
     return texts
@@ -72,7 +68,9 @@ def load_prompts(data, config: Config) -> list[str]:
 
 class AttentionShiftProbe:
     name = "attention-shift"
-    version = "2"  # 2: per-layer t-intervals over prompts
+    # 2: per-layer t-intervals over prompts; 3: MMLU questions stripped (evals.mmlu's builder),
+    # limit shared equally between the two sets (was a seeded subset of their union)
+    version = "3"
     description = ("per layer and head: JS divergence of attention rows, entropy change and "
                    "first-token mass change vs the base (MMLU + known facts)")
     Config = Config

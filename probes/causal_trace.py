@@ -29,7 +29,6 @@ token, layer] restored probabilities, NaN-padded).
 from __future__ import annotations
 
 import math
-import random
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -49,6 +48,7 @@ from mechinterp.analysis.tracing import (
     trace_fact,
 )
 from mechinterp.data.knowns import load_knowns
+from mechinterp.data.subset import screened_subset, seeded_subset
 from mechinterp.errors import UserError
 from mechinterp.frames import Table
 from mechinterp.plotting.style import PALETTE, new_axes
@@ -83,14 +83,6 @@ class Config(BaseConfig):
     shared_noise: bool = True
 
     at_least = {"samples": 1, "window": 1}  # lower bounds; every other number: at least 0
-
-
-def select(items: list, limit: int | None, seed: int) -> list:
-    """A fixed, seeded selection of ``limit`` items (in their original order)."""
-    if limit is None or limit >= len(items):
-        return list(items)
-    keep = sorted(random.Random(seed).sample(range(len(items)), limit))
-    return [items[i] for i in keep]
 
 
 KNOWN_RULES = {
@@ -136,7 +128,7 @@ class CausalTrace:
                             f"use one of {', '.join(KNOWN_RULES)}")
         every = load_knowns(data)
         if config.keep_wrong or config.limit is None:
-            facts, n_screened = select(every, config.limit, config.seed), None
+            facts, n_screened = seeded_subset(every, config.limit, config.seed), None
         else:  # ROME traces facts the model knows: screen a seeded order until limit are known
             facts, n_screened = self._known_by_base(models.base, every, config)
         out = {k: {} for k in ("aie", "aie_ci", "n_facts", "n_filtered", "facts", "noise_scale")}
@@ -212,21 +204,12 @@ class CausalTrace:
     def _known_by_base(base, every: list, config) -> tuple[list, int]:
         """The first ``limit`` facts of a seeded order of all facts that the base knows (under
         ``config.known``), in their original order; and how many were screened."""
-        order = random.Random(config.seed).sample(range(len(every)), len(every))
-        keep: list[int] = []
-        screened = 0
+        def known(f) -> bool:
+            return knows(base, prepare_fact(base.tokenizer, f.prompt, f.subject, f.attribute,
+                                            f"known_id={f.known_id}"), config.known)
+
         with task(f"finding {config.limit} facts the base knows", config.limit) as advance:
-            for i in order:
-                f = every[i]
-                screened += 1
-                inp = prepare_fact(base.tokenizer, f.prompt, f.subject, f.attribute,
-                                   f"known_id={f.known_id}")
-                if knows(base, inp, config.known):
-                    keep.append(i)
-                    advance()
-                    if len(keep) == config.limit:
-                        break
-        return [every[i] for i in sorted(keep)], screened
+            return screened_subset(every, config.limit, config.seed, known, advance)
 
     @staticmethod
     def _paired(effects: dict, variants: list[str], kinds: list[str], n_layers: int) -> dict:

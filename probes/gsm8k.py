@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mechinterp.data.gsm8k import load_gsm8k
+from mechinterp.data.subset import seeded_subset
 from mechinterp.evals.gsm8k import sample_shots, score_gsm8k
 from mechinterp.evals.mmlu import rows_to_jsonl
 from mechinterp.evals.paired import paired_rows
@@ -36,16 +37,13 @@ class Config(BaseConfig):
 
 class GSM8KProbe:
     name = "gsm8k"
-    version = "2"
+    version = "3"  # 3: limit picks data.subset's seeded subset (was its own numpy permutation)
     description = "GSM8K accuracy by batched greedy generation (plain or chat prompt, k-shot)"
     Config = Config
     frames = (Table("accuracy", ("model",), ci="ci95"), Table("paired", ("model", "metric")))
 
     def run(self, models, data, config: Config) -> Result:
-        items = load_gsm8k(data, "test")
-        if config.limit is not None and config.limit < len(items):
-            pick = np.random.default_rng(config.seed).permutation(len(items))[:config.limit]
-            items = [items[i] for i in sorted(pick)]
+        items = seeded_subset(load_gsm8k(data, "test"), config.limit, config.seed)
         train = load_gsm8k(data, "train") if config.shots else []
         shots = sample_shots(train, len(items), config.shots, config.shot_sampler,
                              config.fewshot_seed)

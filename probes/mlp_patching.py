@@ -14,7 +14,10 @@ Prompt sets: ``knowns`` (ROME facts; answer = ``attribute``) and ``mmlu`` (0-sho
 ``Question: ...\\nAnswer:``, answer = the gold choice text). The answer token is the first token
 after the prompt's tokens in ``prompt + " " + answer``
 (:func:`~mechinterp.analysis.tracing.answer_token_id`; not ``" " + answer`` encoded alone, a lone
-``"▁"`` for SentencePiece tokenizers). ``limit`` items per set (seeded).
+``"▁"`` for SentencePiece tokenizers). ``limit`` is the number of items over all prompt sets,
+shared equally between them (a set too small for its share passes the rest on), each share a
+seeded subset of its set. The MMLU prompts come from :mod:`mechinterp.evals.mmlu` (question
+stripped, as lm-eval does).
 
 Per layer the recovery pooled over prompts is a ratio of means, ``sum_i sign(g_i) (m_patched -
 m_variant)_i / sum_i |g_i|`` with ``g = m_base - m_variant``: the gap-weighted mean of the per-item
@@ -44,16 +47,15 @@ from mechinterp.analysis.crossmodel import (
 )
 from mechinterp.analysis.tracing import answer_token_id, windows
 from mechinterp.data import load_knowns, load_mmlu
-from mechinterp.data.mmlu import LETTERS
+from mechinterp.data.subset import seeded_subset, split_limit
 from mechinterp.errors import UserError
+from mechinterp.evals.mmlu import MMLUFormat, answer_texts, build_request, question_text
 from mechinterp.evals.stats import ratio_of_means
 from mechinterp.frames import Table
 from mechinterp.plotting.style import PALETTE, new_axes
 from mechinterp.probe import BaseConfig
 from mechinterp.progress import task
 from mechinterp.results import Result
-
-from .causal_trace import select
 
 SITE = {"mlp": "mlp_out", "attn": "attn_out", "resid": "resid_post"}
 DIRECTIONS = ("denoise", "noise")
@@ -79,26 +81,29 @@ class Config(BaseConfig):
 
 
 def mmlu_prompt(item, fmt: str) -> tuple[str, str]:
-    """(prompt, answer text whose first token is scored) for an MMLU item."""
-    if fmt == "letter":
-        subject = item.subject.replace("_", " ")
-        body = "\n".join(f"{L}. {c}" for L, c in zip(LETTERS, item.choices))
-        head = f"The following are multiple choice questions (with answers) about {subject}."
-        return f"{head}\n\n{item.question}\n{body}\nAnswer:", item.answer_letter
-    return f"Question: {item.question}\nAnswer:", item.choices[item.answer]
+    """(prompt, answer text whose first token is scored) for an MMLU item, built by
+    :mod:`mechinterp.evals.mmlu`: ``letter`` its 0-shot lm-eval context, ``text`` the cloze
+    question alone (``Question: ...\\nAnswer:``, no description)."""
+    f = MMLUFormat("letter" if fmt == "letter" else "cloze")
+    prompt = build_request(f, item, ()).context if fmt == "letter" else question_text(f, item)
+    return prompt, answer_texts(f, item)[item.answer]
 
 
 def prompts_for(data, config: Config, tokenizer) -> dict[str, list[tuple[str, int]]]:
+    """Per prompt set, ``(prompt, answer token id)``: ``config.limit`` items in all, shared
+    between the sets (:func:`~mechinterp.data.subset.split_limit`), each share seeded."""
+    loaders = {"knowns": lambda: [(f.prompt, f.attribute) for f in load_knowns(data)],
+               "mmlu": lambda: load_mmlu(data, "test", config.mmlu_subjects)}
+    bad = [n for n in config.prompt_sets if n not in loaders]
+    if bad:
+        raise UserError(f"unknown prompt set {bad[0]!r}", f"use {', '.join(PROMPT_SETS)}")
+    every = {name: loaders[name]() for name in config.prompt_sets}
+    quota = split_limit(config.limit, [len(v) for v in every.values()])
     out = {}
-    for name in config.prompt_sets:
-        if name == "knowns":
-            facts = select(load_knowns(data), config.limit, config.seed)
-            pairs = [(f.prompt, f.attribute) for f in facts]
-        elif name == "mmlu":
-            items = select(load_mmlu(data, "test", config.mmlu_subjects), config.limit, config.seed)
-            pairs = [mmlu_prompt(it, config.mmlu_answer) for it in items]
-        else:
-            raise UserError(f"unknown prompt set {name!r}", f"use {', '.join(PROMPT_SETS)}")
+    for (name, items), n in zip(every.items(), quota):
+        pairs = seeded_subset(items, n, config.seed)
+        if name == "mmlu":
+            pairs = [mmlu_prompt(it, config.mmlu_answer) for it in pairs]
         out[name] = [(p, answer_token_id(tokenizer, p, a, f"{name} prompt {i}"))
                      for i, (p, a) in enumerate(pairs)]
     return out
@@ -107,8 +112,9 @@ def prompts_for(data, config: Config, tokenizer) -> dict[str, list[tuple[str, in
 class MLPPatching:
     name = "mlp-patching"
     # 2: answer token read after the prompt (was " " + answer alone); 3: recovery is a ratio of
-    # means with a bootstrap interval (was the mean of heavy-tailed per-item ratios)
-    version = "3"
+    # means with a bootstrap interval (was the mean of heavy-tailed per-item ratios); 4: limit is
+    # the total over the prompt sets (was per set), MMLU questions stripped (evals.mmlu's builder)
+    version = "4"
     description = "cross-model activation patching (base <-> variant) per layer and site"
     Config = Config
     frames = (Table("recovery", ("model", "site", "direction", "layer"), ci="recovery_ci95"),)

@@ -6,7 +6,8 @@ streamed from the safetensors, KL is teacher-forced on ``limit`` GSM8K test item
 training format (default 16). Result keys: ``steps``, ``checkpoints``, ``matrices``, ``n_layers``,
 ``relative_change[matrix][checkpoint][layer]``, ``kl[checkpoint]``, ``kl_per_item``, ``history``
 (loss / reward per logged step, empty when run as a probe); a probe run stores one such block per
-run in ``runs_drift[run]``.
+run in ``runs_drift[run]``. ``to_frame()`` gives ``relative_change`` (model, component, layer) and
+``kl`` per checkpoint, the model of a training log's checkpoint named ``<run>@step-N``.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mechinterp.frames import Table
+from mechinterp.models.specs import checkpoint_step
 from mechinterp.plotting import heatmap_grid, new_axes
-from mechinterp.plotting.trajectories import checkpoint_step
 from mechinterp.probe import BaseConfig
 from mechinterp.results import Result
 
@@ -40,6 +42,22 @@ class TrainingDrift:
     version = "1"
     description = "weight change per layer/matrix and held-out KL from the base, per checkpoint"
     Config = Config
+    frames = (Table("relative_change", ("model", "component", "layer")), Table("kl", ("model",)))
+
+    @staticmethod
+    def frame_data(data: dict) -> dict:
+        """The tables keyed by model, for :func:`~mechinterp.frames.to_frame`: a checkpoint of a
+        training run's own log is the model ``<run>@step-N``; a probe run's checkpoints keep
+        their variant names (``sft@step-4``)."""
+        rel, kl, runs = {}, {}, {}
+        own_log = "runs_drift" not in data
+        for run, b in _blocks(data).items():
+            names = [f"{run}@{c}" if own_log else c for c in b.get("checkpoints", [])]
+            runs[run] = names
+            for i, name in enumerate(names):
+                rel[name] = {m: b["relative_change"][m][i] for m in b["matrices"]}
+                kl[name] = b["kl"][i]
+        return {"relative_change": rel, "kl": kl, "runs": runs}
 
     def run(self, models, data, config: Config) -> Result:
         from mechinterp.analysis.weights import weight_change

@@ -68,15 +68,15 @@ def test_byte_level_bpe_answer_token_is_unchanged():
 def test_mlp_patching_prompts_use_the_first_token_after_the_prompt(sp_tok, data_source,
                                                                    mmlu_answer):
     from mechinterp.data import load_knowns, load_mmlu
-    from probes.causal_trace import select
+    from mechinterp.data.subset import seeded_subset
     from probes.mlp_patching import Config, mmlu_prompt, prompts_for
 
-    cfg = Config(prompt_sets=["knowns", "mmlu"], limit=4, mmlu_answer=mmlu_answer)
-    sets = prompts_for(data_source, cfg, sp_tok)
+    cfg = Config(prompt_sets=["knowns", "mmlu"], limit=8, mmlu_answer=mmlu_answer)
+    sets = prompts_for(data_source, cfg, sp_tok)  # limit is the total: 4 items of each set
     want = {"knowns": [(f.prompt, f.attribute)
-                       for f in select(load_knowns(data_source), cfg.limit, cfg.seed)],
+                       for f in seeded_subset(load_knowns(data_source), 4, cfg.seed)],
             "mmlu": [mmlu_prompt(it, mmlu_answer)
-                     for it in select(load_mmlu(data_source, "test"), cfg.limit, cfg.seed)]}
+                     for it in seeded_subset(load_mmlu(data_source, "test"), 4, cfg.seed)]}
     lone = sp_tok.convert_tokens_to_ids("▁")
     for name, items in sets.items():
         assert [p for p, _ in items] == [p for p, _ in want[name]]

@@ -107,7 +107,8 @@ def test_probe_finds_the_planted_layers_and_redraws(pair, tmp_path, data_source)
     models = ModelSet("tiny-random-llama", {"planted": str(folder)}, device="cpu",
                       dtype="float32")
     probe = get_probe("mlp-patching")
-    cfg = make_config(probe, {"mmlu_subjects": "anatomy"}, seed=0, limit=3)
+    # limit is the total over the prompt sets: 3 facts + 3 anatomy questions
+    cfg = make_config(probe, {"mmlu_subjects": "anatomy"}, seed=0, limit=6)
     result = run_probe(probe, models, data_source, cfg, out=tmp_path)
     rec = result.data["recovery"]["planted"]
     assert result.data["n_prompts"] == 6

@@ -49,6 +49,34 @@ def test_nested_values_and_intervals_land_in_their_columns(tmp_path):
     assert pd.isna(df.query("model == 'base' and metric == 'accuracy'").iloc[0].step)
 
 
+def test_training_drift_frames_both_shapes_of_its_result(tmp_path):
+    """training-drift nests by checkpoint position (a training run's own log, or one block per
+    run from the probe): its frame names each checkpoint as a model, with run and step."""
+    log = {"algorithm": "sft", "freeze": "mlp@1-2", "matrices": ["q", "up"], "n_layers": 2,
+           "steps": [2, 4], "checkpoints": ["step-2", "step-4"],
+           "relative_change": {"q": [[0.5, 0.25], [1.5, 1.25]], "up": [[0.0, 0.125], [2.0, 3.0]]},
+           "kl": [0.0625, None], "kl_per_item": [[0.0625], None], "history": []}
+    write_result(Result("training-drift", log), tmp_path / "log")
+    df = read_result(tmp_path / "log").to_frame()
+    assert len(df) == 2 * 2 * 2 + 2 and set(df.run) == {"sft frozen mlp@1-2"}
+    row = df.query("metric == 'relative_change' and step == 4 and component == 'up' "
+                   "and layer == 1").iloc[0]
+    assert (row.model, row.value) == ("sft frozen mlp@1-2@step-4", 3.0)
+    assert df.query("metric == 'kl' and step == 2").value.item() == 0.0625
+    assert math.isnan(df.query("metric == 'kl' and step == 4").value.item())  # no KL logged
+    probe_run = {"runs_drift": {"sft": {**log, "checkpoints": ["sft@step-2", "sft@step-4"]},
+                                "grpo": {**log, "checkpoints": ["grpo"], "steps": [1],
+                                         "relative_change": {"q": [[7.0, 8.0]], "up": [[9.0, 10.0]]},
+                                         "kl": [0.5]}}}
+    df = to_frame(Result("training-drift", probe_run))
+    row = df.query("model == 'sft@step-2' and component == 'q' and layer == 0").iloc[0]
+    assert (row.run, row.step, row.value) == ("sft", 2, 0.5)
+    grpo = df.query("run == 'grpo' and metric == 'relative_change' and layer == 1")
+    assert grpo.set_index("component").value.to_dict() == {"q": 8.0, "up": 10.0}
+    assert pd.isna(grpo.step).all()  # a final model's name carries no step
+    assert df.query("model == 'grpo' and metric == 'kl'").value.item() == 0.5
+
+
 def test_parquet_beside_result_json_and_load_results_concatenates(tmp_path):
     a = Result("gsm8k", {"accuracy": {"base": 0.25, "v": 0.5}, "ci95": {"base": [0.1, 0.4],
                                                                        "v": [0.3, 0.7]}})

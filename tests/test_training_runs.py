@@ -114,6 +114,13 @@ def test_drift_log_matches_independent_computation(sft_run):
         for m in d["matrices"]:
             assert d["relative_change"][m][i] == pytest.approx(ref[c][m], rel=1e-9)
     assert all(v > 0 for v in ref["step-4"]["up"])
+    # the log as one long table: each checkpoint a model, with its run and step
+    df = r.to_frame()
+    assert df.run.nunique() == 1 and sorted(df.step.unique()) == [2, 4]
+    for i, step in enumerate(d["steps"]):
+        got = df.query(f"metric == 'relative_change' and step == {step} and component == 'up'")
+        assert got.sort_values("layer").value.tolist() == d["relative_change"]["up"][i]
+        assert df.query(f"metric == 'kl' and step == {step}").value.item() == d["kl"][i]
     # KL recomputed from the saved checkpoint, on the held-out items rebuilt from scratch
     from mechinterp.data import DataSource
 

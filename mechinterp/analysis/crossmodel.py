@@ -1,10 +1,13 @@
 """Activation patching *between* two models of one architecture (e.g. base -> fine-tuned).
 
-:func:`cross_model_patch_sweep` captures the source model's activation at a site in every layer it
-needs in one forward pass, then runs the target model with the source's activation patched in at
-one layer (or a window of layers) per condition. Conditions are batched as row groups (condition
-``c`` occupies rows ``c*B .. (c+1)*B-1`` for ``B`` items), so one forward pass evaluates many
-layers. The metric is the log-probability of each item's answer token at its metric position.
+:func:`row_group_sweep` is the one engine: it captures the source model's activation at a site in
+every layer it needs in one forward pass, then runs the target model with the source's activation
+patched in at one layer (or a window of layers) per condition. Conditions are batched as row
+groups (condition ``c`` occupies rows ``c*B .. (c+1)*B-1`` for ``B`` rows), so one forward pass
+evaluates many layers; the caller says what is read from the patched run.
+:func:`cross_model_patch_sweep` reads the log-probability of each item's answer token at its
+metric position (``mlp-patching``); :func:`~mechinterp.analysis.crossmodel_sweep.cross_model_sweep`
+reads multiple-choice log-likelihoods.
 
 Denoising (base into variant) and noising (variant into base) are the same call with source and
 target swapped. Built on :mod:`mechinterp.analysis.patching`; no second hook mechanism.
@@ -13,7 +16,7 @@ target swapped. Built on :mod:`mechinterp.analysis.patching`; no second hook mec
 from __future__ import annotations
 
 import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from jaxtyping import Float, Int
@@ -51,6 +54,44 @@ def answer_logprobs(logits: Float[Tensor, "batch pos vocab"], positions: Tensor,
 
 
 @torch.no_grad()
+def row_group_sweep(source: LoadedModel, target: LoadedModel, input_ids: Int[Tensor, "row pos"],
+                    attention_mask: Int[Tensor, "row pos"] | None, site: str,
+                    layers_or_windows: Sequence[Condition], per_pass: int,
+                    run_groups: Callable[[list[Patch], int], Tensor]) -> Tensor:
+    """The cross-model patching engine: ``source``'s ``site`` patched into ``target``.
+
+    The source's activation at every layer the conditions need is captured in one forward pass of
+    ``source`` on the rows. Conditions then go ``per_pass`` at a time to ``run_groups(patches,
+    n)``, which must run ``target`` on its rows repeated ``n`` times under ``patches`` (condition
+    ``c`` of the pass carries the source's activation at each of its layers on rows ``c*R ..
+    (c+1)*R - 1``, all positions) and return one entry per condition (dim 0); those are
+    concatenated in condition order. ``run_groups`` decides the metric.
+    """
+    if site not in SITES:
+        raise UserError(f"unknown site {site!r}", f"use one of {', '.join(SITES)}")
+    if source.n_layers != target.n_layers:
+        raise UserError(f"{source.name} has {source.n_layers} layers, {target.name} "
+                        f"{target.n_layers}", "patch between models of one architecture")
+    groups = as_layer_groups(layers_or_windows)
+    needed = sorted({layer for g in groups for layer in g})
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    _, acts = capture(source, input_ids.to(source.device), attention_mask.to(source.device),
+                      [(site, layer) for layer in needed])
+    acts = {k: v.to(target.device) for k, v in acts.items()}
+    R = input_ids.shape[0]
+    out = []
+    for a in range(0, len(groups), per_pass):
+        chunk = groups[a:a + per_pass]
+        patches = []
+        for c, group in enumerate(chunk):
+            rows = torch.arange(c * R, (c + 1) * R, device=target.device)
+            patches += [Patch(site, layer, acts[(site, layer)], rows=rows) for layer in group]
+        out.append(run_groups(patches, len(chunk)))
+    return torch.cat(out)
+
+
+@torch.no_grad()
 def cross_model_patch_sweep(
     source: LoadedModel,
     target: LoadedModel,
@@ -66,35 +107,21 @@ def cross_model_patch_sweep(
 
     ``site`` is one of ``resid_pre attn_out mlp_out resid_post``; each condition is a layer or a
     window (sequence) of layers, patched at every position. ``max_tokens`` bounds rows x positions
-    per forward pass (conditions are grouped to fit).
+    per forward pass (conditions are grouped to fit). :func:`row_group_sweep` with the answer
+    token's log-probability at ``metric_positions`` as the metric.
     """
-    if site not in SITES:
-        raise UserError(f"unknown site {site!r}", f"use one of {', '.join(SITES)}")
-    if source.n_layers != target.n_layers:
-        raise UserError(f"{source.name} has {source.n_layers} layers, {target.name} "
-                        f"{target.n_layers}", "patch between models of one architecture")
-    groups = as_layer_groups(layers_or_windows)
-    needed = sorted({layer for g in groups for layer in g})
     B, T = input_ids.shape
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    _, acts = capture(source, input_ids.to(source.device), attention_mask.to(source.device),
-                      [(site, layer) for layer in needed])
-    acts = {k: v.to(target.device) for k, v in acts.items()}
     ids, mask = input_ids.to(target.device), attention_mask.to(target.device)
-    per_pass = max(1, max_tokens // max(1, B * T))
-    out = torch.empty(len(groups), B)
-    for a in range(0, len(groups), per_pass):
-        chunk = groups[a:a + per_pass]
-        patches = []
-        for c, group in enumerate(chunk):
-            rows = torch.arange(c * B, (c + 1) * B, device=target.device)
-            patches += [Patch(site, layer, acts[(site, layer)], rows=rows) for layer in group]
-        n = len(chunk)
+
+    def run_groups(patches: list[Patch], n: int) -> Tensor:
         logits = run_patched(target, ids.repeat(n, 1), mask.repeat(n, 1), patches)
         lp = answer_logprobs(logits, metric_positions.repeat(n), answer_ids.repeat(n))
-        out[a:a + n] = lp.view(n, B).cpu()
-    return out
+        return lp.view(n, B).cpu()
+
+    return row_group_sweep(source, target, input_ids, attention_mask, site, layers_or_windows,
+                           max(1, max_tokens // max(1, B * T)), run_groups)
 
 
 @torch.no_grad()

@@ -4,7 +4,8 @@ revert a variant's weights to the base's) and read the log-probability of every 
 Items are :class:`mechinterp.evals.loglik.Request` objects scored as lm-eval does (one row per item
 when every choice is a single token, else one row per choice). A sweep evaluates many conditions
 (a layer, a window of layers) in one forward pass by giving each condition its own group of batch
-rows (``Patch(rows=...)`` of :mod:`mechinterp.analysis.patching`): :func:`cross_model_sweep`,
+rows: :func:`cross_model_sweep` (the one cross-model engine,
+:func:`~mechinterp.analysis.crossmodel.row_group_sweep`, read as choice log-likelihoods) and
 :func:`weight_revert_sweep`. The probes use :func:`condition_sweep` below; these two plain forms
 stay as the reference it is tested against (``tests/test_damage_attribution.py``).
 
@@ -33,7 +34,8 @@ from ..evals.loglik import Request, pad_rows, rows_for, target_logprobs
 from ..evals.rows import Row
 from ..models.loaded import LoadedModel
 from .blocks import BlockStack, PrefixKV
-from .patching import Patch, capture, hooked, patching
+from .crossmodel import row_group_sweep
+from .patching import Patch, hooked, patch_fns, patching
 
 
 @dataclass
@@ -88,21 +90,12 @@ def cross_model_sweep(base: LoadedModel, variant: LoadedModel, batch: ChoiceBatc
                       conditions: Sequence[Sequence[int]], max_rows: int = 64,
                       ) -> Float[Tensor, "conditions items choices"]:
     """For each condition (a set of layers), the variant's choice log-likelihoods with the base's
-    ``site`` activation patched in at those layers (all positions). The base's activations are
-    captured once for every layer needed; conditions share forward passes as row groups."""
-    layers = sorted({layer for c in conditions for layer in c})
-    _, acts = capture(base, batch.ids.to(base.device), batch.mask.to(base.device),
-                      [(site, layer) for layer in layers])
-    R = batch.ids.shape[0]
-    per_pass = max(1, max_rows // max(1, R))
-    out = []
-    for start in range(0, len(conditions), per_pass):
-        chunk = conditions[start:start + per_pass]
-        patches = [Patch(site, layer, acts[(site, layer)].to(variant.device),
-                         rows=torch.arange(g * R, (g + 1) * R, device=variant.device))
-                   for g, cond in enumerate(chunk) for layer in cond]
-        out.append(choice_logprobs(variant, batch, patches, groups=len(chunk)))
-    return torch.cat(out)
+    ``site`` activation patched in at those layers (all positions):
+    :func:`~mechinterp.analysis.crossmodel.row_group_sweep` with :func:`choice_logprobs` as the
+    metric, at most ``max_rows`` rows per forward pass."""
+    per_pass = max(1, max_rows // max(1, batch.ids.shape[0]))
+    return row_group_sweep(base, variant, batch.ids, batch.mask, site, conditions, per_pass,
+                           lambda patches, n: choice_logprobs(variant, batch, patches, groups=n))
 
 
 @contextmanager
@@ -272,21 +265,6 @@ class _Runner:
         return out
 
 
-def _patch_fns(patches: Sequence[Patch]) -> dict:
-    by_site: dict[tuple[str, int], list[Patch]] = {}
-    for p in patches:
-        by_site.setdefault((p.site, p.layer), []).append(p)
-
-    def chain(ps):
-        def fn(act):
-            for p in ps:
-                act = p.apply(act)
-            return act
-        return fn
-
-    return {k: chain(v) for k, v in by_site.items()}
-
-
 @torch.inference_mode()
 def item_reference(model: LoadedModel, item: ItemRows, record_resid: bool = False,
                    capture_sites: Sequence[str] = ()) -> ItemReference:
@@ -360,7 +338,7 @@ def _sweep(base, variant, item, conditions, base_ref, variant_ref, token_budget,
                 whole = len(members) == k and not rev
                 sub = h[:k] if whole else h[torch.tensor(members, device=h.device)]
                 with reverted(variant, base, [layer], matrices) if reverting else _nothing():
-                    new = run.layer(layer, sub, _patch_fns(patches))
+                    new = run.layer(layer, sub, patch_fns(patches))
                 if whole:
                     h[:k] = new
                 else:

@@ -112,9 +112,9 @@ def hooked(model: LoadedModel, fns: dict[SiteKey, callable]) -> Iterator[None]:
             h.remove()
 
 
-@contextmanager
-def patching(model: LoadedModel, patches: Iterable[Patch]) -> Iterator[None]:
-    """Apply patches (several may share a site: they are applied in order)."""
+def patch_fns(patches: Iterable[Patch]) -> dict[SiteKey, callable]:
+    """The :func:`hooked` functions that apply ``patches`` (several may share a site: they are
+    applied in order)."""
     by_site: dict[SiteKey, list[Patch]] = {}
     for p in patches:
         by_site.setdefault((p.site, p.layer), []).append(p)
@@ -126,7 +126,13 @@ def patching(model: LoadedModel, patches: Iterable[Patch]) -> Iterator[None]:
             return act
         return fn
 
-    with hooked(model, {k: chain(v) for k, v in by_site.items()}):
+    return {k: chain(v) for k, v in by_site.items()}
+
+
+@contextmanager
+def patching(model: LoadedModel, patches: Iterable[Patch]) -> Iterator[None]:
+    """Apply patches (several may share a site: they are applied in order)."""
+    with hooked(model, patch_fns(patches)):
         yield
 
 

@@ -415,3 +415,16 @@ def weight_change(base_folder: Path, variant_folders: dict[str, Path],
     """Relative change per variant, matrix and layer: ``out[variant][matrix][layer]``."""
     diff = weight_diff(base_folder, variant_folders, sparsity=False, progress=progress)
     return diff.matrices, diff.n_layers, diff.relative()
+
+
+@torch.no_grad()
+def live_weight_change(base_folder: Path, model: torch.nn.Module, family: Family,
+                       config) -> dict[str, list[float]]:
+    """Relative change of an in-memory ``model`` (training's live weights) from the checkpoint in
+    ``base_folder``, per matrix and layer: ``out[matrix][layer]`` (:func:`relative_change`)."""
+    out = {m: [float("nan")] * n_layers(config) for m in family.matrices}
+    with CheckpointReader(Path(base_folder)) as reader:
+        for layer, m, ref in matrix_refs(family, config):
+            live = ref.take(model.get_parameter(ref.name).detach()).cpu()
+            out[m][layer] = relative_change(ref.take(reader.get(ref.name)), live)
+    return out

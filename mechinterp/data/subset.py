@@ -1,9 +1,23 @@
-"""A fixed, seeded selection of at most ``limit`` items (what ``BaseConfig.limit`` means)."""
+"""Seeded item selections: what ``BaseConfig.limit`` means in every probe.
+
+``limit`` is the total number of data items a probe uses, whatever the number of prompt sets:
+
+* :func:`seeded_subset` - a fixed, seeded selection of at most ``limit`` items of one list;
+* :func:`split_limit` - how a total ``limit`` is shared between several prompt sets (as evenly as
+  their sizes allow), each share then a :func:`seeded_subset` of its set;
+* :func:`screened_subset` - the first ``limit`` items of a seeded order of all items that pass a
+  test (causal tracing keeps facts the base knows), screening no more items than it needs.
+
+The three draw from ``random.Random(seed).sample``. ``sample`` draws a small ``k`` of many items
+differently from a whole permutation, so :func:`screened_subset` with a test every item passes
+picks other items than :func:`seeded_subset`; both are kept as they are so that stored results
+stay reproducible.
+"""
 
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -15,3 +29,42 @@ def seeded_subset(items: Sequence[T], limit: int | None, seed: int = 0) -> list[
         return list(items)
     keep = sorted(random.Random(seed).sample(range(len(items)), limit))
     return [items[i] for i in keep]
+
+
+def split_limit(limit: int | None, sizes: Sequence[int]) -> list[int]:
+    """Items to take from each of several sets of ``sizes`` so that they add up to ``limit``
+    (or to every item, when fewer): equal shares, the first sets taking the remainder, and a
+    share a set cannot fill passed on to the others. ``limit`` None: every item of every set."""
+    if limit is None:
+        return list(sizes)
+    take = [0] * len(sizes)
+    left = limit
+    open_ = [i for i, s in enumerate(sizes) if s > 0]
+    while left > 0 and open_:
+        share, extra = divmod(left, len(open_))
+        for rank, i in enumerate(open_):
+            add = min(sizes[i] - take[i], share + (rank < extra))
+            take[i] += add
+            left -= add
+        open_ = [i for i in open_ if take[i] < sizes[i]]
+    return take
+
+
+def screened_subset(items: Sequence[T], limit: int | None, seed: int,
+                    accept: Callable[[T], bool],
+                    progress: Callable[[], None] | None = None) -> tuple[list[T], int]:
+    """The first ``limit`` items of a seeded order of all ``items`` for which ``accept`` holds (all
+    accepted items when ``limit`` is None), in their original order; and how many were screened.
+    ``progress`` is called once per accepted item."""
+    order = random.Random(seed).sample(range(len(items)), len(items))
+    keep: list[int] = []
+    screened = 0
+    for i in order:
+        if limit is not None and len(keep) >= limit:
+            break
+        screened += 1
+        if accept(items[i]):
+            keep.append(i)
+            if progress is not None:
+                progress()
+    return [items[i] for i in sorted(keep)], screened

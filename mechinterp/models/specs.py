@@ -118,7 +118,23 @@ def _hub_folder(repo: str, revision: str | None, spec: str) -> Path:
 
 
 ALL_CHECKPOINTS = "all"
-_CKPT_DIR = re.compile(r"^(?:step|checkpoint)[-_]?(\d+)$")
+_STEP = re.compile(r"(?:step|checkpoint)[-_]?0*(\d+)", re.IGNORECASE)
+
+
+def checkpoint_step(name: str, folder: bool = False) -> int | None:
+    """The training step a checkpoint's name carries, or None when it names none: the one step
+    parser (``@all`` listings, trajectories, frames, training's resume).
+
+    A spec or label: the last step-like part after the first ``@`` (``sft@step-40`` -> 40, hub
+    revision ``v01.14-step-000000029`` -> 29, ``checkpoint-500`` -> 500). ``folder=True``: the
+    whole name must be a checkpoint folder's, ``step-N`` or ``checkpoint-N`` (or ``_N``, ``N``).
+    """
+    if folder:
+        m = _STEP.fullmatch(name)
+        return int(m.group(1)) if m else None
+    label = name.split("@", 1)[1] if "@" in name else name
+    found = _STEP.findall(label)
+    return int(found[-1]) if found else None
 
 
 def expand_checkpoints(spec: str) -> list[str]:
@@ -139,9 +155,9 @@ def expand_checkpoints(spec: str) -> list[str]:
     for parent in (root / "checkpoints", root):
         found = []
         for sub in parent.glob("*") if parent.is_dir() else []:
-            m = _CKPT_DIR.match(sub.name)
-            if m and sub.is_dir() and (sub / "config.json").exists():
-                found.append((int(m.group(1)), sub.name))
+            step = checkpoint_step(sub.name, folder=True)
+            if step is not None and sub.is_dir() and (sub / "config.json").exists():
+                found.append((step, sub.name))
         if found:
             return [f"{head}@{name}" for _, name in sorted(found)]
     raise SpecError(f"{root} has no checkpoints (no step-N/ or checkpoint-N/ folders with a "

@@ -1,9 +1,9 @@
 """Quantities over the checkpoints of training runs: steps, line styles, one trajectory plot.
 
 A *run* is a list of checkpoint variant names in training order (``ModelSet.runs``); the training
-step of a checkpoint is read from its label (``sft@step-40`` -> 40, hub revision
-``v01.14-step-000000029`` -> 29, ``checkpoint-500`` -> 500). Runs whose labels carry no step are
-plotted against the checkpoint index instead.
+step of a checkpoint is read from its label (:func:`~mechinterp.models.specs.checkpoint_step`:
+``sft@step-40`` -> 40, hub revision ``v01.14-step-000000029`` -> 29, ``checkpoint-500`` -> 500).
+Runs whose labels carry no step are plotted against the checkpoint index instead.
 
 Line style follows the run's kind from its training metadata (:data:`KIND_LINESTYLE`: GRPO solid,
 SFT dashed, frozen SFT dotted), recorded by the runner in ``provenance["run_kinds"]``.
@@ -11,20 +11,12 @@ SFT dashed, frozen SFT dotted), recorded by the runner in ``provenance["run_kind
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-_STEP = re.compile(r"(?:step|checkpoint)[-_]?0*(\d+)", re.IGNORECASE)
-
-
-def checkpoint_step(name: str) -> int | None:
-    """The training step in a checkpoint name, or None when it names none."""
-    label = name.split("@", 1)[1] if "@" in name else name
-    found = _STEP.findall(label)
-    return int(found[-1]) if found else None
+from ..models.specs import checkpoint_step
 
 
 def run_steps(runs: Mapping[str, Sequence[str]]) -> dict[str, int | None]:

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from ..models.specs import checkpoint_step
 from .freeze import FrozenState
 
 COMPLETE = ".mechinterp-complete"
@@ -69,7 +70,7 @@ def complete_checkpoints(out: Path) -> list[Path]:
     """Complete Trainer checkpoints under ``out``, oldest first."""
     root = Path(out) / TRAINER_DIR
     found = [p for p in root.glob("checkpoint-*") if (p / COMPLETE).exists()]
-    return sorted(found, key=lambda p: int(p.name.rsplit("-", 1)[1]))
+    return sorted(found, key=lambda p: checkpoint_step(p.name, folder=True))
 
 
 def clean_incomplete(out: Path) -> list[str]:

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ..analysis.weights import CheckpointReader, relative_change
+from ..analysis.weights import live_weight_change
 from ..results import Result, read_result, write_result
 from .drift import HeldOut, answer_logprobs, kl_from_base, kl_per_item
 
@@ -42,19 +42,8 @@ class DriftLogger:
             old = read_result(self.folder)
             self.records = [r for r in old.data.get("records", []) if r["step"] <= last_step]
 
-    @torch.no_grad()
     def weight_change(self, model: torch.nn.Module) -> dict[str, list[float]]:
-        reader = CheckpointReader(self.base_folder)
-        out = {m: [float("nan")] * self.n_layers for m in self.family.matrices}
-        try:
-            for layer in range(self.n_layers):
-                for m in self.family.matrices:
-                    ref = self.family.param(layer, m, self.config)
-                    live = ref.take(model.get_parameter(ref.name).detach()).cpu()
-                    out[m][layer] = relative_change(ref.take(reader.get(ref.name)), live)
-        finally:
-            reader.close()
-        return out
+        return live_weight_change(self.base_folder, model, self.family, self.config)
 
     def record(self, step: int, model: torch.nn.Module, log_history: list[dict]) -> dict:
         t0 = time.perf_counter()

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from ..errors import UserError
+from ..models.specs import checkpoint_step
 from .callbacks import (
     SNAPSHOT_DIR,
     TRAINER_DIR,
@@ -234,7 +235,7 @@ def train(s: TrainSettings, out: Path, resume: bool = False, data_dir=None, echo
             "dtype": str(lm.dtype)}
     drift = DriftLogger(out, lm.resolved.path, lm.family, lm.config, heldout, base_lp, meta, prov)
     if last is not None:
-        drift.resume_from(int(last.name.rsplit("-", 1)[1]))
+        drift.resume_from(checkpoint_step(last.name, folder=True))
     snaps = Snapshots(out, steps, drift, echo=echo)
     stop = StopGuard()
     cbs = [FreezeGuard(frozen), stop, *([snaps] if record else []),
@@ -265,7 +266,8 @@ def train(s: TrainSettings, out: Path, resume: bool = False, data_dir=None, echo
     except OSError as exc:
         clean_incomplete(out)
         good = complete_checkpoints(out)
-        where = f"last good checkpoint: {out}@step-{good[-1].name.rsplit('-', 1)[1]}" if good \
+        last_good = checkpoint_step(good[-1].name, folder=True) if good else None
+        where = f"last good checkpoint: {out}@step-{last_good}" if good \
             else "no checkpoint was completed"
         what = "out of disk space" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else f"I/O error ({exc})"
         raise UserError(f"training stopped: {what} while saving; {where}",
@@ -276,7 +278,8 @@ def train(s: TrainSettings, out: Path, resume: bool = False, data_dir=None, echo
     reason = stop.reason or snaps.reason
     if reason:
         clean_incomplete(out)
-        good = snaps.saved or [int(p.name.rsplit("-", 1)[1]) for p in complete_checkpoints(out)]
+        good = snaps.saved or [checkpoint_step(p.name, folder=True)
+                               for p in complete_checkpoints(out)]
         where = f"last good checkpoint: {out}@step-{max(good)}" if good else "no checkpoint saved"
         raise UserError(f"training stopped: {reason}; {where}",
                         "lower --lr or check the data, then start a new run")
