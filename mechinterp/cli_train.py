@@ -2,8 +2,9 @@
 
 Thin: options become :class:`~mechinterp.training.settings.TrainSettings` (paper defaults <
 ``--preset`` < explicit options) and :func:`~mechinterp.training.runner.train` does the work.
-Under ``accelerate launch`` run this module: ``accelerate launch --config_file
-configs/accelerate/zero2.yaml -m mechinterp.cli_train grpo ...`` (see docs/training.md).
+Under ``accelerate launch`` run this module or the package: ``accelerate launch --config_file
+configs/accelerate/zero2.yaml -m mechinterp.cli_train grpo ...`` or ``accelerate launch
+--num_processes 2 -m mechinterp train sft ...`` (see docs/training.md).
 """
 
 from __future__ import annotations
@@ -36,7 +37,9 @@ Preset = Annotated[str | None, Opt(help="Settings preset: cpu-demo (the study on
                                       "Explicit options override it.")]
 Seed = Annotated[int | None, Opt(help="Seed (data order, sampling, init of anything random).")]
 Device = Annotated[str | None, Opt(help="auto, cpu, cuda, cuda:N.")]
-Dtype = Annotated[str | None, Opt(help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16.")]
+Dtype = Annotated[str | None, Opt(help="Compute dtype: auto (bf16 on GPU, fp32 on CPU), float32, "
+                                     "bfloat16. bf16 trains float32 master weights under bf16 "
+                                     "autocast.")]
 Steps = Annotated[int | None, Opt("--max-steps", help="Optimizer steps [paper: 571].")]
 Lr = Annotated[float | None, Opt("--lr", help="Learning rate [paper: 1e-6].")]
 Sched = Annotated[str | None, Opt("--lr-scheduler", help="Scheduler "
@@ -61,9 +64,12 @@ HeldLen = Annotated[int | None, Opt(help="Token limit of a held-out item [512]."
 Resume = Annotated[bool, Opt("--resume", help="Continue the run in --out from its last complete "
                              "checkpoint.")]
 SkipDisk = Annotated[bool, Opt("--skip-disk-check", help="Do not check free disk space first.")]
+GradCkpt = Annotated[bool | None, Opt("--gradient-checkpointing/--no-gradient-checkpointing",
+                                      help="Recompute activations in the backward pass (less "
+                                      "memory, slower) [paper: on; CPU presets: off].")]
 Extra = Annotated[list[str] | None, Opt("--trl", help="Extra TRL config field KEY=VALUE "
                                            "(JSON value), repeatable, e.g. "
-                                           "gradient_checkpointing=true.")]
+                                           "adam_beta2=0.95.")]
 
 
 def _extra(items: list[str] | None) -> dict[str, Any] | None:
@@ -72,7 +78,7 @@ def _extra(items: list[str] | None) -> dict[str, Any] | None:
     out = {}
     for item in items:
         if "=" not in item:
-            raise UserError(f"--trl {item!r} is not KEY=VALUE", "e.g. --trl gradient_checkpointing=true")
+            raise UserError(f"--trl {item!r} is not KEY=VALUE", "e.g. --trl adam_beta2=0.95")
         k, v = item.split("=", 1)
         try:
             out[k.strip()] = json.loads(v)
@@ -94,6 +100,8 @@ def _run(algorithm: str, out: Path, preset: str | None, resume: bool, data_dir: 
         settings = resolve_settings(algorithm, preset, overrides)
     res = train(settings, out, resume=resume, data_dir=data_dir,
                 echo=lambda s: typer.echo(s, err=True), skip_disk_check=skip_disk_check)
+    if not res.main:  # under a multi-process launch rank 0 reports
+        return
     typer.echo(f"{algorithm}: {res.steps} steps in {res.wall_time_s:.1f} s; final model {out}; "
                f"checkpoints {', '.join(f'{out}@{c}' for c in res.checkpoints)}")
     typer.echo(summarise(res.final))
@@ -106,7 +114,8 @@ _COMMON = dict(base="base", data="data", seed="seed", device="device", dtype="dt
                max_grad_norm="max_grad_norm", per_device_train_batch_size="batch_size",
                gradient_accumulation_steps="grad_accum", logging_steps="logging_steps",
                freeze="freeze", freeze_preset="freeze_preset", checkpoints="checkpoints",
-               n_heldout="heldout", heldout_max_length="heldout_max_length")
+               n_heldout="heldout", heldout_max_length="heldout_max_length",
+               gradient_checkpointing="gradient_checkpointing")
 
 
 def _common(params: dict) -> dict:
@@ -124,6 +133,7 @@ def sft(
     max_length: Annotated[int | None, Opt(help="Token limit of prompt + target [paper: 4096].")] = None,
     freeze: Freeze = None, freeze_preset: FreezePreset = None, checkpoints: Ckpts = None,
     heldout: Held = None, heldout_max_length: HeldLen = None, trl: Extra = None,
+    gradient_checkpointing: GradCkpt = None,
     resume: Resume = False, skip_disk_check: SkipDisk = False,
 ) -> None:
     """Supervised fine-tuning on reference solutions (TRL SFTTrainer, loss on the answer only)."""
@@ -152,6 +162,7 @@ def grpo(
     vllm_mode: Annotated[str | None, Opt(help="server (trl vllm-serve) or colocate.")] = None,
     freeze: Freeze = None, freeze_preset: FreezePreset = None, checkpoints: Ckpts = None,
     heldout: Held = None, heldout_max_length: HeldLen = None, trl: Extra = None,
+    gradient_checkpointing: GradCkpt = None,
     resume: Resume = False, skip_disk_check: SkipDisk = False,
 ) -> None:
     """GRPO on questions with correctness + format rewards (TRL GRPOTrainer)."""

@@ -15,9 +15,13 @@ import torch
 
 from ..analysis.weights import CheckpointReader, relative_change
 from ..results import Result, read_result, write_result
-from .drift import HeldOut, answer_logprobs, kl_from_base, kl_per_item
+from .drift import HeldOut, answer_logprobs, kl_from_base, kl_per_item, without_autocast
 
 PROBE_NAME = "training-drift"
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 class DriftLogger:
@@ -44,16 +48,27 @@ class DriftLogger:
 
     @torch.no_grad()
     def weight_change(self, model: torch.nn.Module) -> dict[str, list[float]]:
+        """Relative change of the live weights from the base file; a base stored in another dtype
+        (bf16 on disk, float32 master weights live) is compared in the wider of the two, and
+        ``meta["compared"]`` says which dtypes met."""
         reader = CheckpointReader(self.base_folder)
         out = {m: [float("nan")] * self.n_layers for m in self.family.matrices}
+        seen: set[tuple[str, str]] = set()
         try:
             for layer in range(self.n_layers):
                 for m in self.family.matrices:
                     ref = self.family.param(layer, m, self.config)
                     live = ref.take(model.get_parameter(ref.name).detach()).cpu()
-                    out[m][layer] = relative_change(ref.take(reader.get(ref.name)), live)
+                    base = ref.take(reader.get(ref.name))
+                    seen.add((_name(base.dtype), _name(live.dtype)))
+                    out[m][layer] = relative_change(base, live)
         finally:
             reader.close()
+        self.meta["compared"] = [
+            {"base_dtype": b, "live_dtype": v,
+             "compared_in": _name(torch.promote_types(torch.promote_types(
+                 getattr(torch, b), getattr(torch, v)), torch.float32))}
+            for b, v in sorted(seen)]
         return out
 
     def record(self, step: int, model: torch.nn.Module, log_history: list[dict]) -> dict:
@@ -61,7 +76,8 @@ class DriftLogger:
         rec: dict[str, Any] = {"step": step, "checkpoint": f"step-{step}",
                                "relative_change": self.weight_change(model)}
         if self.heldout is not None and self.base_lp is not None and self.heldout.input_ids:
-            tuned = answer_logprobs(model, self.heldout)
+            with without_autocast(model):
+                tuned = answer_logprobs(model, self.heldout)
             rec["kl_per_item"] = kl_per_item(self.base_lp, tuned)
             rec["kl"] = kl_from_base(self.base_lp, tuned)
         rec["drift_time_s"] = round(time.perf_counter() - t0, 3)
