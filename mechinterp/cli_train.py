@@ -66,7 +66,7 @@ Resume = Annotated[bool, Opt("--resume", help="Continue the run in --out from it
 SkipDisk = Annotated[bool, Opt("--skip-disk-check", help="Do not check free disk space first.")]
 GradCkpt = Annotated[bool | None, Opt("--gradient-checkpointing/--no-gradient-checkpointing",
                                       help="Recompute activations in the backward pass (less "
-                                      "memory, slower) [paper: on; CPU presets: off].")]
+                                      "memory, slower) [on, as TRL; cpu-demo: off].")]
 Extra = Annotated[list[str] | None, Opt("--trl", help="Extra TRL config field KEY=VALUE "
                                            "(JSON value), repeatable, e.g. "
                                            "adam_beta2=0.95.")]
