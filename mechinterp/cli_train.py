@@ -2,8 +2,9 @@
 
 Thin: options become :class:`~mechinterp.training.settings.TrainSettings` (paper defaults <
 ``--preset`` < explicit options) and :func:`~mechinterp.training.runner.train` does the work.
-Under ``accelerate launch`` run this module: ``accelerate launch --config_file
-configs/accelerate/zero2.yaml -m mechinterp.cli_train grpo ...`` (see docs/training.md).
+Under ``accelerate launch`` run this module or the package: ``accelerate launch --config_file
+configs/accelerate/zero2.yaml -m mechinterp.cli_train grpo ...`` or ``accelerate launch
+--num_processes 2 -m mechinterp train sft ...`` (see docs/training.md).
 """
 
 from __future__ import annotations
@@ -57,9 +58,12 @@ HeldLen = Annotated[int | None, Opt(help="Token limit of a held-out item [512]."
 Resume = Annotated[bool, Opt("--resume", help="Continue the run in --out from its last complete "
                              "checkpoint.")]
 SkipDisk = Annotated[bool, Opt("--skip-disk-check", help="Do not check free disk space first.")]
+GradCkpt = Annotated[bool | None, Opt("--gradient-checkpointing/--no-gradient-checkpointing",
+                                      help="Recompute activations in the backward pass (less "
+                                      "memory, slower) [on, as TRL; cpu-demo: off].")]
 Extra = Annotated[list[str] | None, Opt("--trl", help="Extra TRL config field KEY=VALUE "
                                            "(JSON value), repeatable, e.g. "
-                                           "gradient_checkpointing=true.")]
+                                           "adam_beta2=0.95.")]
 
 
 def _extra(items: list[str] | None) -> dict[str, Any] | None:
@@ -68,7 +72,7 @@ def _extra(items: list[str] | None) -> dict[str, Any] | None:
     out = {}
     for item in items:
         if "=" not in item:
-            raise UserError(f"--trl {item!r} is not KEY=VALUE", "e.g. --trl gradient_checkpointing=true")
+            raise UserError(f"--trl {item!r} is not KEY=VALUE", "e.g. --trl adam_beta2=0.95")
         k, v = item.split("=", 1)
         try:
             out[k.strip()] = json.loads(v)
@@ -90,6 +94,8 @@ def _run(algorithm: str, out: Path, preset: str | None, resume: bool, data_dir: 
         settings = resolve_settings(algorithm, preset, overrides)
     res = train(settings, out, resume=resume, data_dir=data_dir,
                 echo=lambda s: typer.echo(s, err=True), skip_disk_check=skip_disk_check)
+    if not res.main:  # under a multi-process launch rank 0 reports
+        return
     typer.echo(f"{algorithm}: {res.steps} steps in {res.wall_time_s:.1f} s; final model {out}; "
                f"checkpoints {', '.join(f'{out}@{c}' for c in res.checkpoints)}")
     typer.echo(summarise(res.final))
@@ -102,7 +108,8 @@ _COMMON = dict(base="base", data="data", seed="seed", device="device", dtype="dt
                max_grad_norm="max_grad_norm", per_device_train_batch_size="batch_size",
                gradient_accumulation_steps="grad_accum", logging_steps="logging_steps",
                freeze="freeze", freeze_preset="freeze_preset", checkpoints="checkpoints",
-               n_heldout="heldout", heldout_max_length="heldout_max_length")
+               n_heldout="heldout", heldout_max_length="heldout_max_length",
+               gradient_checkpointing="gradient_checkpointing")
 
 
 def _common(params: dict) -> dict:
@@ -120,6 +127,7 @@ def sft(
     max_length: Annotated[int | None, Opt(help="Token limit of prompt + target [paper: 4096].")] = None,
     freeze: Freeze = None, freeze_preset: FreezePreset = None, checkpoints: Ckpts = None,
     heldout: Held = None, heldout_max_length: HeldLen = None, trl: Extra = None,
+    gradient_checkpointing: GradCkpt = None,
     resume: Resume = False, skip_disk_check: SkipDisk = False,
 ) -> None:
     """Supervised fine-tuning on reference solutions (TRL SFTTrainer, loss on the answer only)."""
@@ -148,6 +156,7 @@ def grpo(
     vllm_mode: Annotated[str | None, Opt(help="server (trl vllm-serve) or colocate.")] = None,
     freeze: Freeze = None, freeze_preset: FreezePreset = None, checkpoints: Ckpts = None,
     heldout: Held = None, heldout_max_length: HeldLen = None, trl: Extra = None,
+    gradient_checkpointing: GradCkpt = None,
     resume: Resume = False, skip_disk_check: SkipDisk = False,
 ) -> None:
     """GRPO on questions with correctness + format rewards (TRL GRPOTrainer)."""

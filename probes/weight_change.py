@@ -8,6 +8,8 @@ few chunks). For each variant (every checkpoint of every run), layer and matrix
 * ``trajectory[<run>][<checkpoint>][<matrix>]``: the same, arranged by run in training order;
 * ``changed_fraction[<variant>][<matrix>]``: fraction of entries whose bits changed, over all layers
   (``changed_fraction_by_layer`` has it per layer);
+* ``dtypes``: the stored dtype(s) of the base and of each variant, and ``compared_in`` per variant:
+  the dtype the differences were taken in (the wider of the two, at least float32);
 * ``sparsity``: histogram of ``|dW| / max(|W_base|, 1e-10)`` over 100 log-spaced bins 1e-8..1 per
   variant and matrix kind (counts summed over layers; ``below``/``above`` count ratios < 1e-8,
   unchanged entries included, and >= 1).
@@ -22,6 +24,7 @@ import numpy as np
 from mechinterp.analysis.weights import SPARSITY_EDGES, load_config, weight_diff
 from mechinterp.frames import Table
 from mechinterp.models.naming import family_for, n_layers
+from mechinterp.models.safetensors_io import tensor_index
 from mechinterp.plotting import heatmap_grid, new_axes
 from mechinterp.plotting.trajectories import run_steps, run_styles, run_x
 from mechinterp.probe import BaseConfig
@@ -69,6 +72,10 @@ class WeightChange:
                 v: {m: [s.changed_fraction for s in per] for m, per in mats.items()}
                 for v, mats in diff.stats.items()},
         }
+        stored = {n: _stored_dtypes(f) for n, f in {"base": base, **folders}.items()}
+        data_out["dtypes"] = stored
+        data_out["compared_in"] = {v: "float64" if "F64" in stored["base"] + stored[v] else "float32"
+                                   for v in folders}
         if config.sparsity:
             data_out["sparsity"] = {
                 "edges": SPARSITY_EDGES.tolist(),
@@ -108,6 +115,11 @@ class WeightChange:
         if data.get("sparsity"):
             figs["sparsity_histograms"] = _sparsity_figure(finals, data)
         return figs
+
+
+def _stored_dtypes(folder) -> str:
+    """The safetensors dtype(s) of a checkpoint's tensors, e.g. ``F32`` or ``BF16,F32``."""
+    return ",".join(sorted({dtype for _, _, dtype in tensor_index(folder).values()}))
 
 
 def _layer_matrix(per_matrix: dict, matrices: list[str]) -> np.ndarray:

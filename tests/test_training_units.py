@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -240,6 +241,14 @@ def test_settings_precedence_and_validation():
     assert smoke.max_steps == 9 and smoke.num_generations == 4
     with pytest.raises(UserError, match="not a multiple of --num-generations"):
         resolve_settings("grpo", "cpu-smoke", {"per_device_train_batch_size": 6})
+    # TRL needs whole groups in the global batch only: 2 per device x 2 processes = one group of 4
+    from mechinterp.training.settings import validate
+
+    s2 = dataclasses.replace(smoke, per_device_train_batch_size=2)
+    validate(s2, world=2)
+    validate(dataclasses.replace(s2, gradient_accumulation_steps=2), world=1)
+    with pytest.raises(UserError, match=r"global batch 2 \(batch size 2 x 1 process"):
+        validate(s2, world=1)
     with pytest.raises(UserError, match="unknown preset"):
         resolve_settings("sft", "gpu-huge", {})
     assert checkpoint_steps(571, 20)[:3] == [29, 57, 86] and checkpoint_steps(571, 20)[-1] == 571

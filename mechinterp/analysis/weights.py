@@ -19,6 +19,8 @@ float64 across blocks (relative error below 1e-6, about 4x faster than widening 
 float64; float64 weights stay float64 throughout). Histogram bins come from a lookup table on the
 float32 bit pattern of the ratio; entries near a bin edge (about 1 in 200 of those inside the
 range) are decided in float64, so bin counts equal a float64 ``np.histogram`` with the same edges.
+A base and variant stored in different dtypes (a bf16 base, float32 master-weight checkpoints) are
+compared in the wider dtype, to which the narrower one converts exactly.
 """
 
 from __future__ import annotations
@@ -282,9 +284,9 @@ def chunk_stats(b: torch.Tensor, v: torch.Tensor, sparsity: bool = True,
     """
     b = b.reshape(-1)
     v = v.reshape(-1)
-    if b.dtype != v.dtype:
-        raise CorruptCheckpoint(f"dtype mismatch: base {b.dtype}, variant {v.dtype}",
-                                "compare checkpoints saved in the same dtype")
+    if b.dtype != v.dtype:  # e.g. a bf16 base against float32 (master-weight) checkpoints:
+        wide = torch.promote_types(b.dtype, v.dtype)  # compare in the wider dtype, exact for both
+        b, v = b.to(wide), v.to(wide)
     ints = _INT_VIEW[b.element_size()]
     changed = v.view(ints) != b.view(ints)
     n_changed = int(torch.count_nonzero(changed))
@@ -419,12 +421,17 @@ def weight_change(base_folder: Path, variant_folders: dict[str, Path],
 
 @torch.no_grad()
 def live_weight_change(base_folder: Path, model: torch.nn.Module, family: Family,
-                       config) -> dict[str, list[float]]:
+                       config, dtypes: set | None = None) -> dict[str, list[float]]:
     """Relative change of an in-memory ``model`` (training's live weights) from the checkpoint in
-    ``base_folder``, per matrix and layer: ``out[matrix][layer]`` (:func:`relative_change`)."""
+    ``base_folder``, per matrix and layer: ``out[matrix][layer]`` (:func:`relative_change`). A base
+    stored in another dtype is compared in the wider of the two; ``dtypes`` (when given) collects
+    the ``(base dtype, live dtype)`` pairs that met."""
     out = {m: [float("nan")] * n_layers(config) for m in family.matrices}
     with CheckpointReader(Path(base_folder)) as reader:
         for layer, m, ref in matrix_refs(family, config):
             live = ref.take(model.get_parameter(ref.name).detach()).cpu()
-            out[m][layer] = relative_change(ref.take(reader.get(ref.name)), live)
+            base = ref.take(reader.get(ref.name))
+            if dtypes is not None:
+                dtypes.add((base.dtype, live.dtype))
+            out[m][layer] = relative_change(base, live)
     return out

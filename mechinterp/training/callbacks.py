@@ -10,6 +10,13 @@ Checkpoint layout under OUT::
 A snapshot is complete when the Trainer has written its checkpoint, the clean folder has been
 renamed into place and the marker ``.mechinterp-complete`` sits in the Trainer checkpoint; a crash
 or a full disk part-way leaves the previous complete pair untouched.
+
+Under a multi-process launch every rank runs these callbacks at the same points; only rank 0
+writes, and the stop flags are all-reduced so that every rank stops together
+(:class:`~mechinterp.training.distributed.Procs`). Test hooks, read from the environment:
+``MECHINTERP_TRAIN_DEBUG_DIR`` (per-rank logs of the items each rank trains on and of the files it
+writes) and ``MECHINTERP_TRAIN_POISON=RANK:STEP`` (a NaN written into one weight on that rank after
+that step).
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import torch
 from transformers import TrainerCallback
 
 from ..models.specs import checkpoint_step
+from .distributed import Procs
 from .freeze import FrozenState
 
 COMPLETE = ".mechinterp-complete"
@@ -32,6 +40,8 @@ TRAINER_DIR = "trainer-state"
 SNAPSHOT_DIR = "checkpoints"
 _MODEL_FILES = (".safetensors", ".json", ".jinja", ".txt", ".model")
 _SKIP = ("optimizer", "scheduler", "rng_state", "trainer_state", "training_args", "scaler")
+DEBUG_DIR_ENV = "MECHINTERP_TRAIN_DEBUG_DIR"
+POISON_ENV = "MECHINTERP_TRAIN_POISON"
 
 
 class FreezeGuard(TrainerCallback):
@@ -45,15 +55,19 @@ class FreezeGuard(TrainerCallback):
 
 
 class StopGuard(TrainerCallback):
-    """Stops on a non-finite loss before anything is saved from the broken step."""
+    """Stops on a non-finite loss before anything is saved from the broken step; every rank stops
+    when any rank sees one (the Trainer logs at the same steps on every rank)."""
 
-    def __init__(self):
+    def __init__(self, procs: Procs | None = None):
+        self.procs = procs or Procs()
         self.reason: str | None = None
 
     def on_log(self, args, state, control, logs=None, **kw):
         loss = (logs or {}).get("loss")
-        if loss is not None and not math.isfinite(float(loss)):
-            self.reason = f"non-finite loss ({loss}) at step {state.global_step}"
+        bad = loss is not None and not math.isfinite(float(loss))
+        if self.procs.any(bad):
+            self.reason = f"non-finite loss ({loss if bad else 'on another rank'}) at step " \
+                          f"{state.global_step}"
             control.should_training_stop = True
             control.should_save = False
 
@@ -89,7 +103,9 @@ def clean_incomplete(out: Path) -> list[str]:
 class Snapshots(TrainerCallback):
     """Saves checkpoints at ``steps`` and logs drift (weight change, KL) at each of them."""
 
-    def __init__(self, out: Path, steps: list[int], drift=None, echo=None):
+    def __init__(self, out: Path, steps: list[int], drift=None, echo=None,
+                 procs: Procs | None = None):
+        self.procs = procs or Procs()
         self.out = Path(out)
         self.steps = set(steps)
         self.drift = drift
@@ -104,14 +120,17 @@ class Snapshots(TrainerCallback):
     def on_save(self, args, state, control, model=None, **kw):
         step = state.global_step
         ckpt = self.out / TRAINER_DIR / f"checkpoint-{step}"
-        if step not in self.steps or not ckpt.is_dir():
+        if step not in self.steps:
             return
-        if not state.is_world_process_zero:
-            return
-        if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
-            shutil.rmtree(ckpt, ignore_errors=True)
+        self.procs.barrier()  # every rank has written its part (RNG state) of the checkpoint
+        # each rank checks its own copy; a stop anywhere stops all
+        if self.procs.any(not all(bool(torch.isfinite(p).all()) for p in model.parameters())):
+            if self.procs.main:
+                shutil.rmtree(ckpt, ignore_errors=True)
             self.reason = f"non-finite weights at step {step}"
             control.should_training_stop = True
+            return
+        if not self.procs.main or not ckpt.is_dir():
             return
         snap = self.snapshot(ckpt, step)
         if self.drift is not None:
@@ -120,6 +139,7 @@ class Snapshots(TrainerCallback):
         for old in complete_checkpoints(self.out)[:-1]:  # keep only the newest for --resume
             shutil.rmtree(old, ignore_errors=True)
         self.saved.append(step)
+        note_write(self.procs, f"snapshot step-{step}")
         self.echo(f"checkpoint step-{step}: {snap}")
 
     def snapshot(self, ckpt: Path, step: int) -> Path:
@@ -185,6 +205,49 @@ class TrainProgress(TrainerCallback):
         if self.bar is not None:
             self.bar.stop()
             self.bar = None
+
+
+# ----- test hooks (environment variables; see the module docstring) ------------------------------
+def note_write(procs: Procs, what: str) -> None:
+    """With ``MECHINTERP_TRAIN_DEBUG_DIR`` set: append ``what`` to this rank's ``writes-rank{R}.txt``."""
+    folder = os.environ.get(DEBUG_DIR_ENV)
+    if folder:
+        with open(Path(folder) / f"writes-rank{procs.rank}.txt", "a") as f:
+            f.write(what + "\n")
+
+
+class ItemLog:
+    """A data collator that first appends the ids of its batch's items to a file (one line per
+    batch); ids come from ``keys`` (tokenised ids, or a prompt's question) and -1 if unknown."""
+
+    def __init__(self, collator, keys: dict, path: Path):
+        self.collator, self.keys, self.path = collator, keys, Path(path)
+
+    def __call__(self, examples):
+        ids = [self.keys.get(tuple(ex["input_ids"]) if "input_ids" in ex
+                             else ex["prompt"][-1]["content"], -1) for ex in examples]
+        with open(self.path, "a") as f:
+            f.write(" ".join(map(str, ids)) + "\n")
+        return self.collator(examples)
+
+
+class Poison(TrainerCallback):
+    """Writes a NaN into the first trainable weight after optimizer step ``step`` (one rank)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, model=None, **kw):
+        if state.global_step == self.step:
+            p = next(p for p in model.parameters() if p.requires_grad)
+            with torch.no_grad():
+                p.view(-1)[0] = float("nan")
+
+
+def debug_hooks(procs: Procs) -> list[TrainerCallback]:
+    """The callbacks the test hooks ask for on this rank (none normally)."""
+    rank, _, step = os.environ.get(POISON_ENV, "").partition(":")
+    return [Poison(int(step))] if step and int(rank) == procs.rank else []
 
 
 def eprint(text: str) -> None:

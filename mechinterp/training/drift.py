@@ -11,6 +11,7 @@ so a checkpoint costs one forward pass of the fine-tuned model over the held-out
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -68,6 +69,24 @@ def answer_logprobs(model: torch.nn.Module, heldout: HeldOut,
             rows = answer_log_probs(model, ids, attn, pred)
             out.extend(rows.split(pred.sum(-1).tolist()))
     return out
+
+
+@contextlib.contextmanager
+def without_autocast(model: torch.nn.Module):
+    """Run ``model``'s own forward inside the block. Under mixed precision accelerate wraps a
+    prepared model's forward in autocast; the drift KL compares with base log-probs computed
+    before training in the parameters' dtype, so the checkpoint's side must be computed the same
+    way (float32 master weights, float32 matmuls)."""
+    original = model.__dict__.get("_original_forward")
+    wrapped = model.__dict__.get("forward")
+    if original is None or wrapped is None:
+        yield model
+        return
+    model.forward = original
+    try:
+        yield model
+    finally:
+        model.forward = wrapped
 
 
 def kl_per_item(base: list[Float[Tensor, "answer vocab"]],

@@ -15,9 +15,13 @@ import torch
 
 from ..analysis.weights import live_weight_change
 from ..results import Result, read_result, write_result
-from .drift import HeldOut, answer_logprobs, kl_from_base, kl_per_item
+from .drift import HeldOut, answer_logprobs, kl_from_base, kl_per_item, without_autocast
 
 PROBE_NAME = "training-drift"
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 class DriftLogger:
@@ -43,14 +47,24 @@ class DriftLogger:
             self.records = [r for r in old.data.get("records", []) if r["step"] <= last_step]
 
     def weight_change(self, model: torch.nn.Module) -> dict[str, list[float]]:
-        return live_weight_change(self.base_folder, model, self.family, self.config)
+        """Relative change of the live weights from the base file; a base stored in another dtype
+        (bf16 on disk, float32 master weights live) is compared in the wider of the two, and
+        ``meta["compared"]`` says which dtypes met."""
+        seen: set[tuple[torch.dtype, torch.dtype]] = set()
+        out = live_weight_change(self.base_folder, model, self.family, self.config, seen)
+        self.meta["compared"] = [
+            {"base_dtype": _name(b), "live_dtype": _name(v),
+             "compared_in": _name(torch.promote_types(torch.promote_types(b, v), torch.float32))}
+            for b, v in sorted(seen, key=str)]
+        return out
 
     def record(self, step: int, model: torch.nn.Module, log_history: list[dict]) -> dict:
         t0 = time.perf_counter()
         rec: dict[str, Any] = {"step": step, "checkpoint": f"step-{step}",
                                "relative_change": self.weight_change(model)}
         if self.heldout is not None and self.base_lp is not None and self.heldout.input_ids:
-            tuned = answer_logprobs(model, self.heldout)
+            with without_autocast(model):
+                tuned = answer_logprobs(model, self.heldout)
             rec["kl_per_item"] = kl_per_item(self.base_lp, tuned)
             rec["kl"] = kl_from_base(self.base_lp, tuned)
         rec["drift_time_s"] = round(time.perf_counter() - t0, 3)

@@ -7,7 +7,11 @@ settings. The output folder ends up as::
     OUT/checkpoints/step-N/                          snapshots: the specs OUT@step-N
     OUT/training-drift/result.json (+ figures)       drift log (mechinterp figures OUT)
     OUT/trainer-state/checkpoint-N/                  newest Trainer checkpoint, for --resume
-    OUT/train-config.json                            the resolved settings
+    OUT/train-config.json                            the resolved settings, the precision scheme
+                                                     and the number of processes
+
+Under ``accelerate launch`` (N processes) every rank trains on its own device and only rank 0
+checks and writes the folder (:mod:`.distributed`); items are rationed for the global batch.
 """
 
 from __future__ import annotations
@@ -38,7 +42,9 @@ from .callbacks import (
     complete_checkpoints,
     link_or_copy,
 )
-from .settings import TrainSettings, checkpoint_steps, load_settings, save_settings
+from .distributed import Procs
+from .precision import Precision
+from .settings import TrainSettings, checkpoint_steps, load_settings, save_settings, validate
 
 CONFIG_FILE = "train-config.json"
 SUMMARY_FILE = "train-summary.json"  # written last: wall time, steps, checkpoints of a finished run
@@ -52,6 +58,7 @@ class TrainOutcome:
     wall_time_s: float
     freeze_summary: str
     final: dict[str, Any] = field(default_factory=dict)  # the last drift record
+    main: bool = True  # rank 0 (or the only process): the one that reports
 
 
 def combined_freeze_spec(s: TrainSettings, n_layer: int) -> str | None:
@@ -104,7 +111,7 @@ def _disk_check(out: Path, model: torch.nn.Module, n_trainable: int, k: int) -> 
                         "--checkpoints, or pass --skip-disk-check")
 
 
-def _trl_config(s: TrainSettings, out: Path, device: torch.device):
+def _trl_config(s: TrainSettings, out: Path, device: torch.device, prec: Precision):
     on_gpu = device.type == "cuda"
     common = dict(
         output_dir=str(out / TRAINER_DIR), max_steps=s.max_steps, learning_rate=s.learning_rate,
@@ -113,24 +120,24 @@ def _trl_config(s: TrainSettings, out: Path, device: torch.device):
         per_device_train_batch_size=s.per_device_train_batch_size,
         gradient_accumulation_steps=s.gradient_accumulation_steps, logging_steps=s.logging_steps,
         save_strategy="no", report_to=[], seed=s.seed, data_seed=s.seed, disable_tqdm=True,
-        logging_nan_inf_filter=False, use_cpu=not on_gpu, bf16=on_gpu and s.dtype != "float32",
+        logging_nan_inf_filter=False, use_cpu=not on_gpu,
+        bf16=prec.mixed == "bf16", fp16=prec.mixed == "fp16",  # autocast over float32 weights
         dataloader_num_workers=0, gradient_checkpointing=s.gradient_checkpointing,
     )
     if s.algorithm == "sft":
         from trl import SFTConfig
 
-        return SFTConfig(**common, max_length=s.max_length, **s.extra)
+        return SFTConfig(**(common | dict(max_length=s.max_length) | s.extra))
     from trl import GRPOConfig
 
-    return GRPOConfig(
-        **common, num_generations=s.num_generations, max_completion_length=s.max_completion_length,
+    return GRPOConfig(**(common | dict(
+        num_generations=s.num_generations, max_completion_length=s.max_completion_length,
         temperature=s.temperature, beta=s.beta, epsilon=s.epsilon, loss_type=s.loss_type,
         use_vllm=s.use_vllm, vllm_mode=s.vllm_mode, log_completions=False,
-        **({"reward_weights": [s.correctness_weight, s.format_weight]} | s.extra),
-    )
+        reward_weights=[s.correctness_weight, s.format_weight]) | s.extra))  # --trl overrides
 
 
-def _datasets(s: TrainSettings, data_dir, tokenizer):
+def _datasets(s: TrainSettings, data_dir, tokenizer, world: int = 1):
     from datasets import Dataset
 
     from ..data import DataSource
@@ -147,16 +154,18 @@ def _datasets(s: TrainSettings, data_dir, tokenizer):
         if not items:
             raise UserError(f"{s.data} has no items left for training after {s.n_heldout} held out",
                             "lower --heldout or add rows")
-    per_step = s.per_device_train_batch_size * s.gradient_accumulation_steps
+    # items per optimizer step over all processes (GRPO: prompts, each sampled num_generations
+    # times); the samplers shard the global batch over the ranks, so one pass covers the run
+    per_step = s.per_device_train_batch_size * s.gradient_accumulation_steps * world
     if s.algorithm == "grpo":
         per_step //= s.num_generations
-    items = items[: max(1, per_step * s.max_steps)]  # one pass covers the run; no more to tokenise
+    items = items[: max(1, per_step * s.max_steps)]
     rows = sft_rows(items) if s.algorithm == "sft" else grpo_rows(items)
     if s.algorithm == "sft":
         _check_prompts_fit(tokenizer, rows, s.max_length)
     heldout = build_heldout(tokenizer, [prompt_messages(i.question) for i in held],
                             [render_target(i) for i in held], s.heldout_max_length) if held else None
-    return Dataset.from_list(rows), heldout, source
+    return Dataset.from_list(rows), heldout, source, items
 
 
 def _check_prompts_fit(tokenizer, rows: list[dict], max_length: int) -> None:
@@ -181,67 +190,163 @@ def train(s: TrainSettings, out: Path, resume: bool = False, data_dir=None, echo
     ``record=False`` trains without snapshots, drift or final model (the benchmark's baseline).
     """
     from ..models import load
+    from ..models.device import pick_device
     from ..probe import package_versions
+    from . import distributed
+    from .callbacks import debug_hooks, note_write
     from .drift import answer_logprobs
     from .driftlog import DriftLogger
     from .freeze import FrozenState, plan
+    from .precision import choose
 
     out = Path(out)
-    _check_out(out, resume)
+    cpu = s.device == "cpu" or not torch.cuda.is_available() or \
+        os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
+    procs = distributed.current(cpu)
+    if not procs.main:
+        echo = _quiet
+    validate(s, procs.world)  # the GRPO group check needs the real number of processes
+    procs.on_main(lambda: _check_out(out, resume))
     if s.use_vllm and importlib.util.find_spec("vllm") is None:
         raise UserError("--use-vllm needs vLLM, which is not installed",
                         "pip install vllm (on a CUDA machine), or drop --use-vllm")
+    device = pick_device(distributed.rank_device(s.device, procs))
+    deepspeed = bool(s.extra.get("deepspeed")) or os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
+    prec = choose(s.dtype, device, deepspeed)
     torch.manual_seed(s.seed)
-    lm = load(s.base, device=s.device, dtype=s.dtype)
+    lm = load(s.base, device=device, dtype=prec.param_dtype)  # float32 master weights when mixed
     model, tok = lm.hf, lm.tokenizer
     spec = combined_freeze_spec(s, lm.n_layers)
     fplan = plan(model, spec, lm.family)
     if fplan.n_trainable == 0:
         raise UserError(f"freeze spec {spec!r} freezes every parameter", "leave something to train")
-    deepspeed = s.extra.get("deepspeed") or os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
     if fplan.partial and s.weight_decay > 0 and deepspeed:
         raise UserError("sliced freezing under DeepSpeed needs --weight-decay 0",
                         "DeepSpeed keeps its own master weights, so only the gradient hooks apply")
     echo(fplan.summary())
-    train_ds, heldout, source = _datasets(s, data_dir, tok)
+    echo(f"precision: {prec.record()['master_weights']}"
+         + (f"; {procs.world} processes" if procs.world > 1 else ""))
+    train_ds, heldout, source, items = _datasets(s, data_dir, tok, procs.world)
     kept = len(heldout.input_ids) if heldout is not None else 0
     if kept < s.n_heldout:
         echo(f"note: {s.n_heldout - kept} of {s.n_heldout} held-out items left no answer tokens "
              f"within --heldout-max-length {s.heldout_max_length}; KL uses {kept}")
-    if not skip_disk_check:
-        _disk_check(out, model, fplan.n_trainable, s.checkpoints)
-    out.mkdir(parents=True, exist_ok=True)
 
+    def prepare_folder():  # rank 0 only; the other ranks wait, and see its errors
+        if not skip_disk_check:
+            _disk_check(out, model, fplan.n_trainable, s.checkpoints)
+        out.mkdir(parents=True, exist_ok=True)
+        if resume:
+            _check_processes(out, procs.world)
+            removed = clean_incomplete(out)
+            if removed:
+                echo(f"removed incomplete: {', '.join(removed)}")
+        else:
+            save_settings(s, out / CONFIG_FILE, {"precision": prec.record(),
+                                                  "processes": procs.world})
+            note_write(procs, "config")
+
+    procs.on_main(prepare_folder)
     last = None
     if resume:
-        removed = clean_incomplete(out)
-        if removed:
-            echo(f"removed incomplete: {', '.join(removed)}")
         done = complete_checkpoints(out)
         last = done[-1] if done else None
         echo(f"resuming from {last}" if last else "no complete checkpoint yet: starting over")
-    else:
-        save_settings(s, out / CONFIG_FILE)
 
-    base_lp = answer_logprobs(model, heldout) if heldout is not None and s.n_heldout else None
     frozen = FrozenState(model, fplan)
     steps = checkpoint_steps(s.max_steps, s.checkpoints)
     meta = {"algorithm": s.algorithm, "base": s.base, "freeze": spec or "",
             "n_trainable": fplan.n_trainable, "n_frozen": fplan.n_frozen,
-            "max_steps": s.max_steps, "n_heldout": len(heldout.input_ids) if heldout else 0}
+            "max_steps": s.max_steps, "n_heldout": len(heldout.input_ids) if heldout else 0,
+            "precision": prec.record(), "processes": procs.world}
     prov = {"probe": "training-drift", "probe_version": "1", "settings": s.to_json(),
             "models": {"base": lm.resolved.provenance()}, "data": source.log.to_json(),
             "seed": s.seed, "packages": package_versions(), "device": str(lm.device),
             "dtype": str(lm.dtype)}
-    drift = DriftLogger(out, lm.resolved.path, lm.family, lm.config, heldout, base_lp, meta, prov)
-    if last is not None:
-        drift.resume_from(checkpoint_step(last.name, folder=True))
-    snaps = Snapshots(out, steps, drift, echo=echo)
-    stop = StopGuard()
-    cbs = [FreezeGuard(frozen), stop, *([snaps] if record else []),
-           TrainProgress(s.max_steps, s.algorithm, echo), *callbacks]
+    with lm.fused_attention():  # SDPA while training (eager again afterwards)
+        # KL's base log-probs: rank 0 writes the drift log, so only it needs them
+        base_lp = answer_logprobs(model, heldout) if (
+            procs.main and heldout is not None and s.n_heldout) else None
+        drift = DriftLogger(out, lm.resolved.path, lm.family, lm.config, heldout, base_lp, meta,
+                            prov)
+        if last is not None and procs.main:
+            drift.resume_from(checkpoint_step(last.name, folder=True))
+        snaps = Snapshots(out, steps, drift, echo=echo, procs=procs)
+        stop = StopGuard(procs)
+        cbs = [FreezeGuard(frozen), stop, *([snaps] if record else []),
+               TrainProgress(s.max_steps, s.algorithm, echo), *debug_hooks(procs), *callbacks]
+        cfg = _trl_config(s, out, lm.device, prec)
+        if getattr(cfg, "mixed_precision", prec.mixed) != prec.mixed:
+            raise UserError(f"training would run with mixed precision {cfg.mixed_precision!r} but "
+                            f"--dtype {s.dtype} means {prec.mixed!r}",
+                            "make --dtype and the launcher's --mixed_precision agree")
+        trainer = _trainer(s, model, cfg, train_ds, tok, cbs, reward_funcs)
+        _log_items(trainer, s.algorithm, procs)
+        t0 = time.perf_counter()
+        try:
+            trainer.train(resume_from_checkpoint=str(last) if last else None)
+        except OSError as exc:
+            if procs.main:
+                clean_incomplete(out)
+            good = complete_checkpoints(out)
+            where = f"last good checkpoint: {out}@step-{checkpoint_step(good[-1].name, folder=True)}" if good \
+                else "no checkpoint was completed"
+            what = "out of disk space" if exc.errno in (errno.ENOSPC, errno.EDQUOT) \
+                else f"I/O error ({exc})"
+            raise UserError(f"training stopped: {what} while saving; {where}",
+                            "free space, then rerun with --resume") from None
+        finally:
+            frozen.remove()
+    wall = time.perf_counter() - t0
+    reason = stop.reason or snaps.reason  # the same on every rank (the stop flags are all-reduced)
+    if reason:
+        def stopped():
+            clean_incomplete(out)
+            good = snaps.saved or [checkpoint_step(p.name, folder=True)
+                                     for p in complete_checkpoints(out)]
+            where = f"last good checkpoint: {out}@step-{max(good)}" if good else "no checkpoint saved"
+            raise UserError(f"training stopped: {reason}; {where}",
+                            "lower --lr or check the data, then start a new run")
 
-    cfg = _trl_config(s, out, lm.device)
+        procs.on_main(stopped)
+        raise UserError(f"training stopped: {reason}", "see rank 0's message")  # not reached
+    rec = drift.records[-1] if drift.records else {}
+    outcome = TrainOutcome(out, trainer.state.global_step, [f"step-{x}" for x in steps], wall,
+                           fplan.summary(), rec, procs.main)
+    if not record or not procs.main:
+        procs.barrier()  # leave together with rank 0, once it has written the final model
+        return outcome
+    final_step = max(steps)
+    src = out / SNAPSHOT_DIR / f"step-{final_step}"
+    for f in sorted(src.iterdir()):
+        if f.is_file():
+            (out / f.name).unlink(missing_ok=True)
+            link_or_copy(f, out / f.name)
+    _draw(out)
+    (out / SUMMARY_FILE).write_text(json.dumps({
+        "algorithm": s.algorithm, "preset": s.preset, "steps": outcome.steps,
+        "wall_time_s": round(wall, 1), "checkpoints": outcome.checkpoints,
+        "freeze": fplan.summary(), "resumed": bool(resume), "precision": prec.record(),
+        "processes": procs.world}, indent=1) + "\n")
+    note_write(procs, "final")
+    procs.barrier()
+    return outcome
+
+
+def _quiet(*_: Any) -> None:
+    """``echo`` on ranks other than 0: one report per job."""
+
+
+def _check_processes(out: Path, world: int) -> None:
+    """--resume continues the data position of a run, which depends on how many processes share
+    each step: they must match the run's."""
+    saved = json.loads((out / CONFIG_FILE).read_text()).get("processes", 1)
+    if saved != world:
+        raise UserError(f"--resume: {out} was trained by {saved} process(es), this launch has "
+                        f"{world}", f"resume with {saved} process(es)")
+
+
+def _trainer(s: TrainSettings, model, cfg, train_ds, tok, cbs: list, reward_funcs):
     if s.algorithm == "sft":
         from trl import SFTTrainer
 
@@ -259,47 +364,24 @@ def train(s: TrainSettings, out: Path, resume: bool = False, data_dir=None, echo
 
     for cb in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(cb)
+    return trainer
 
-    t0 = time.perf_counter()
-    try:
-        trainer.train(resume_from_checkpoint=str(last) if last else None)
-    except OSError as exc:
-        clean_incomplete(out)
-        good = complete_checkpoints(out)
-        last_good = checkpoint_step(good[-1].name, folder=True) if good else None
-        where = f"last good checkpoint: {out}@step-{last_good}" if good \
-            else "no checkpoint was completed"
-        what = "out of disk space" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else f"I/O error ({exc})"
-        raise UserError(f"training stopped: {what} while saving; {where}",
-                        "free space, then rerun with --resume") from None
-    finally:
-        frozen.remove()
-    wall = time.perf_counter() - t0
-    reason = stop.reason or snaps.reason
-    if reason:
-        clean_incomplete(out)
-        good = snaps.saved or [checkpoint_step(p.name, folder=True)
-                               for p in complete_checkpoints(out)]
-        where = f"last good checkpoint: {out}@step-{max(good)}" if good else "no checkpoint saved"
-        raise UserError(f"training stopped: {reason}; {where}",
-                        "lower --lr or check the data, then start a new run")
-    rec = drift.records[-1] if drift.records else {}
-    outcome = TrainOutcome(out, trainer.state.global_step, [f"step-{x}" for x in steps], wall,
-                           fplan.summary(), rec)
-    if not record or not trainer.is_world_process_zero():
-        return outcome
-    final_step = max(steps)
-    src = out / SNAPSHOT_DIR / f"step-{final_step}"
-    for f in sorted(src.iterdir()):
-        if f.is_file():
-            (out / f.name).unlink(missing_ok=True)
-            link_or_copy(f, out / f.name)
-    _draw(out)
-    (out / SUMMARY_FILE).write_text(json.dumps({
-        "algorithm": s.algorithm, "preset": s.preset, "steps": outcome.steps,
-        "wall_time_s": round(wall, 1), "checkpoints": outcome.checkpoints,
-        "freeze": fplan.summary(), "resumed": bool(resume)}, indent=1) + "\n")
-    return outcome
+
+def _log_items(trainer, algorithm: str, procs: Procs) -> None:
+    """Test hook: with ``MECHINTERP_TRAIN_DEBUG_DIR`` set, each rank appends the ids (row numbers
+    of the training set) of the items in every batch it collates to ``items-rank{R}.txt``."""
+    from .callbacks import DEBUG_DIR_ENV, ItemLog
+
+    folder = os.environ.get(DEBUG_DIR_ENV)
+    if not folder:
+        return
+    ds = trainer.train_dataset
+    if algorithm == "sft":  # tokenised rows, in the order of ours
+        keys = {tuple(ids): i for i, ids in enumerate(ds["input_ids"])}
+    else:
+        keys = {row[-1]["content"]: i for i, row in enumerate(ds["prompt"])}
+    trainer.data_collator = ItemLog(trainer.data_collator, keys,
+                                    Path(folder) / f"items-rank{procs.rank}.txt")
 
 
 def _draw(out: Path) -> None:

@@ -130,7 +130,12 @@ def resolve_settings(algorithm: str, preset: str | None, overrides: dict[str, An
     return s
 
 
-def validate(s: TrainSettings) -> None:
+def validate(s: TrainSettings, world: int | None = None) -> None:
+    """Check ``s``; ``world`` is the number of processes (default: the launcher's ``WORLD_SIZE``)."""
+    from .distributed import launched_world
+
+    world = launched_world() if world is None else world
+
     def need(ok: bool, msg: str, fix: str) -> None:
         if not ok:
             raise UserError(msg, fix)
@@ -148,9 +153,14 @@ def validate(s: TrainSettings) -> None:
     if s.algorithm == "grpo":
         need(s.num_generations >= 2, f"--num-generations {s.num_generations} must be >= 2",
              "GRPO compares completions within a group")
-        need(s.per_device_train_batch_size % s.num_generations == 0,
-             f"batch size {s.per_device_train_batch_size} is not a multiple of --num-generations "
-             f"{s.num_generations}", "set --batch-size to k x num_generations")
+        # TRL's rule: the global batch (processes x per-device batch x accumulation) holds whole
+        # groups; one group may span devices
+        glob = s.per_device_train_batch_size * world * s.gradient_accumulation_steps
+        need(glob % s.num_generations == 0,
+             f"global batch {glob} (batch size {s.per_device_train_batch_size} x {world} "
+             f"process(es) x grad-accum {s.gradient_accumulation_steps}) is not a multiple of "
+             f"--num-generations {s.num_generations}",
+             "make batch size x processes x grad-accum a multiple of --num-generations")
         need(s.max_completion_length > 0, "--max-completion-length must be positive", "e.g. 256")
         need(s.temperature > 0, "--temperature must be positive", "e.g. 0.6")
         need(s.beta >= 0, "--beta must be >= 0", "0 = no KL term (the paper)")
@@ -169,8 +179,9 @@ def checkpoint_steps(max_steps: int, k: int) -> list[int]:
     return sorted({max(1, round(i * max_steps / k)) for i in range(1, k + 1)})
 
 
-def save_settings(s: TrainSettings, path: Path) -> None:
-    path.write_text(json.dumps(s.to_json(), indent=1) + "\n")
+def save_settings(s: TrainSettings, path: Path, extra: dict[str, Any] | None = None) -> None:
+    """The settings, plus ``extra`` facts of the run (precision, processes), which loading ignores."""
+    path.write_text(json.dumps(s.to_json() | (extra or {}), indent=1) + "\n")
 
 
 def load_settings(path: Path) -> TrainSettings:
