@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from .cli_eval import eval_app
-from .cli_options import Base, DataDir, Device, Dtype, Out, Variant
+from .cli_options import Base, DataDir, Device, DeviceMap, Dtype, MaxMemory, Out, Variant
 from .cli_train import train_app
 from .errors import UserError
 
@@ -116,6 +116,8 @@ def run(
     out: Out = Path("results"),
     device: Device = "auto",
     dtype: Dtype = "auto",
+    device_map: DeviceMap = None,
+    max_memory: MaxMemory = None,
     limit: Annotated[int | None, typer.Option(help="Use at most N data items (seeded).")] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     set_: Annotated[list[str] | None, typer.Option(
@@ -133,7 +135,8 @@ def run(
     if limit is not None and limit <= 0:
         raise UserError(f"--limit {limit} must be positive", "omit it to use all items")
     data = DataSource.from_option(data_dir)
-    models = ModelSet.from_args(base, variant or [], device=device, dtype=dtype)
+    models = ModelSet.from_args(base, variant or [], device=device, dtype=dtype,
+                                device_map=device_map, max_memory=max_memory)
     result = run_probe(p, models, data, config, out=out, draw=not no_figures, echo=_err)
     typer.echo(f"{p.name}: wrote {out / p.name / 'result.json'} "
                f"({result.provenance['wall_time_s']:.1f} s)")
@@ -174,6 +177,8 @@ def compare_cmd(
     data_dir: DataDir = None,
     device: Device = "auto",
     dtype: Dtype = "auto",
+    device_map: DeviceMap = None,
+    max_memory: MaxMemory = None,
 ) -> None:
     """Run every probe and evaluation on a base and its fine-tunes; decide the paper's claims;
     write OUT/report.md, OUT/report.html (self-contained) and OUT/claims.json.
@@ -192,7 +197,8 @@ def compare_cmd(
                         "pass the training output folder: its checkpoints are found in it")
     probes = [p.strip() for p in only.split(",") if p.strip()] if only else None
     study = compare(base, {n: v[0] for n, v in runs.items()}, out, data_dir=data_dir,
-                    preset=preset, device=device, dtype=dtype, probes=probes, echo=typer.echo)
+                    preset=preset, device=device, dtype=dtype, probes=probes, echo=typer.echo,
+                    device_map=device_map, max_memory=max_memory)
     typer.echo(f"report: {out / 'report.html'} (also report.md, claims.json)")
     for c in study.claims:
         typer.echo("  " + verdict_line(c))

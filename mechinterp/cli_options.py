@@ -23,3 +23,10 @@ Dtype = Annotated[str, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), float
                                     "float16.")]
 
 
+DeviceMap = Annotated[str | None, typer.Option(
+    "--device-map", help="Spread each model over several devices with accelerate's big-model "
+    "placement: auto (fill the GPUs, then CPU, then disk), balanced, sequential. For models "
+    "larger than one GPU; the base and one variant are resident at a time.")]
+MaxMemory = Annotated[str | None, typer.Option(
+    "--max-memory", help="With --device-map: memory per device for the weights, e.g. "
+    "0=70GiB,1=70GiB,cpu=200GiB (leave room for activations).")]

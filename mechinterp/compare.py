@@ -187,7 +187,8 @@ def load_study(out: Path) -> Study:
 
 def compare(base: str, variants: dict[str, str], out: Path, data_dir=None,
             preset: str = "default", device: str = "auto", dtype: str = "auto",
-            probes: list[str] | None = None, echo=print) -> Study:
+            probes: list[str] | None = None, echo=print, device_map=None,
+            max_memory: dict | str | None = None) -> Study:
     """Run the plan of ``preset`` on ``base`` and ``variants``; decide claims; write the report."""
     from .claims import decide_all
     from .data import DataSource
@@ -209,7 +210,7 @@ def compare(base: str, variants: dict[str, str], out: Path, data_dir=None,
     if data.root is None:
         raise UserError("compare needs a data root (MMLU, known facts)",
                         "pass --data-dir or set MECHINTERP_DATA (e.g. ../shared/data)")
-    kw = dict(device=device, dtype=dtype)
+    kw = dict(device=device, dtype=dtype, device_map=device_map, max_memory=max_memory)
     finals = ModelSet(base, {n: v.final for n, v in info.items()}, **kw)
     runs = ModelSet(base, {n: v.checkpoints for n, v in info.items()}, **kw)
     out = Path(out)
