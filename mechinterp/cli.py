@@ -166,12 +166,20 @@ def figures(folder: Annotated[Path, typer.Argument(help="A results folder (from 
 
 @app.command("compare")
 def compare_cmd(
-    base: Base = "smollm2-135m-instruct",
+    base: Annotated[str | None, typer.Option(
+        "--base", "-b", help="Base model spec (default: the built-in model; with --preset paper "
+        "and no --variant, allenai/OLMo-2-1124-7B-Instruct).")] = None,
     variant: Variant = None,
     out: Out = Path("results"),
     preset: Annotated[str, typer.Option(help="What to measure: smoke (seconds per probe), default "
                                         "(the CPU study: MMLU cloze on 100 stratified items, all "
-                                        "held-out task items), paper (GPU scale).")] = "default",
+                                        "held-out task items), paper (GPU scale; without "
+                                        "--variant: the paper's released OLMo-2-7B SFT and GRPO "
+                                        "checkpoints, see docs/gpu.md).")] = "default",
+    revisions: Annotated[list[str] | None, typer.Option(
+        "--revisions", help="With --preset paper and no --variant: the hub revisions (saved "
+        "steps) of a run to analyse, RUN=REV1,REV2 (e.g. grpo=v01.14-step-000000029); default: "
+        "every step, listed from the hub. Repeatable.")] = None,
     only: Annotated[str | None, typer.Option(help="Comma-separated probes of the plan to run "
                                              "(default: all).")] = None,
     data_dir: DataDir = None,
@@ -198,7 +206,8 @@ def compare_cmd(
     probes = [p.strip() for p in only.split(",") if p.strip()] if only else None
     study = compare(base, {n: v[0] for n, v in runs.items()}, out, data_dir=data_dir,
                     preset=preset, device=device, dtype=dtype, probes=probes, echo=typer.echo,
-                    device_map=device_map, max_memory=max_memory)
+                    device_map=device_map, max_memory=max_memory,
+                    revisions=parse_variant_args(revisions or []) or None)
     typer.echo(f"report: {out / 'report.html'} (also report.md, claims.json)")
     for c in study.claims:
         typer.echo("  " + verdict_line(c))
