@@ -227,3 +227,23 @@ def test_cli_device_map_options(planted, tmp_path):
     assert main(["run", "weight-change", "--base", "tiny-random-llama", "--device-map", "auto",
                  "--max-memory", "cpu:1GiB", "--out", str(tmp_path / "x")]) == 2
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow  # ~20 s of CPU (a minute on the shared machine)
+def test_gpu_check_script_runs_on_cpu_and_prints_its_table():
+    """benchmarks/gpu_check.py, as a GPU user runs it, on a tiny model in float32 on the CPU."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "gpu_check.py"), "--model",
+                           "tiny-random-llama", "--device", "cpu", "--dtype", "float32",
+                           "--cells", "4"], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = [line for line in proc.stdout.splitlines() if line.rstrip().endswith(("ok", "FAIL"))
+            or "  ok  " in line or "  FAIL  " in line]
+    assert len(rows) >= 8 and not any("FAIL" in r for r in rows)
+    assert "0 failed" in proc.stdout
