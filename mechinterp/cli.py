@@ -12,7 +12,18 @@ from typing import Annotated
 import typer
 
 from .cli_eval import eval_app
-from .cli_options import Base, DataDir, Device, Dtype, Limit, Out, Seed, Variant
+from .cli_options import (
+    Base,
+    DataDir,
+    Device,
+    DeviceMap,
+    Dtype,
+    Limit,
+    MaxMemory,
+    Out,
+    Seed,
+    Variant,
+)
 from .cli_train import train_app
 from .errors import UserError
 
@@ -116,6 +127,8 @@ def run(
     out: Out = Path("results"),
     device: Device = "auto",
     dtype: Dtype = "auto",
+    device_map: DeviceMap = None,
+    max_memory: MaxMemory = None,
     limit: Limit = None,
     seed: Seed = 0,
     set_: Annotated[list[str] | None, typer.Option(
@@ -133,7 +146,8 @@ def run(
     if limit is not None and limit <= 0:
         raise UserError(f"--limit {limit} must be positive", "omit it to use all items")
     data = DataSource.from_option(data_dir)
-    models = ModelSet.from_args(base, variant or [], device=device, dtype=dtype)
+    models = ModelSet.from_args(base, variant or [], device=device, dtype=dtype,
+                                device_map=device_map, max_memory=max_memory)
     result = run_probe(p, models, data, config, out=out, draw=not no_figures, echo=_err)
     typer.echo(f"{p.name}: wrote {out / p.name / 'result.json'} "
                f"({result.provenance['wall_time_s']:.1f} s)")
@@ -163,17 +177,27 @@ def figures(folder: Annotated[Path, typer.Argument(help="A results folder (from 
 
 @app.command("compare")
 def compare_cmd(
-    base: Base = "smollm2-135m-instruct",
+    base: Annotated[str | None, typer.Option(
+        "--base", "-b", help="Base model spec (default: the built-in model; with --preset paper "
+        "and no --variant, allenai/OLMo-2-1124-7B-Instruct).")] = None,
     variant: Variant = None,
     out: Out = Path("results"),
     preset: Annotated[str, typer.Option(help="What to measure: smoke (seconds per probe), default "
                                         "(the CPU study: MMLU cloze on 100 stratified items, all "
-                                        "held-out task items), paper (GPU scale).")] = "default",
+                                        "held-out task items), paper (GPU scale; without "
+                                        "--variant: the paper's released OLMo-2-7B SFT and GRPO "
+                                        "checkpoints, see docs/gpu.md).")] = "default",
+    revisions: Annotated[list[str] | None, typer.Option(
+        "--revisions", help="With --preset paper and no --variant: the hub revisions (saved "
+        "steps) of a run to analyse, RUN=REV1,REV2 (e.g. grpo=v01.14-step-000000029); default: "
+        "every step, listed from the hub. Repeatable.")] = None,
     only: Annotated[str | None, typer.Option(help="Comma-separated probes of the plan to run "
                                              "(default: all).")] = None,
     data_dir: DataDir = None,
     device: Device = "auto",
     dtype: Dtype = "auto",
+    device_map: DeviceMap = None,
+    max_memory: MaxMemory = None,
 ) -> None:
     """Run every probe and evaluation on a base and its fine-tunes; decide the paper's claims;
     write OUT/report.md, OUT/report.html (self-contained) and OUT/claims.json.
@@ -192,7 +216,9 @@ def compare_cmd(
                         "pass the training output folder: its checkpoints are found in it")
     probes = [p.strip() for p in only.split(",") if p.strip()] if only else None
     study = compare(base, {n: v[0] for n, v in runs.items()}, out, data_dir=data_dir,
-                    preset=preset, device=device, dtype=dtype, probes=probes, echo=typer.echo)
+                    preset=preset, device=device, dtype=dtype, probes=probes, echo=typer.echo,
+                    device_map=device_map, max_memory=max_memory,
+                    revisions=parse_variant_args(revisions or []) or None)
     typer.echo(f"report: {out / 'report.html'} (also report.md, claims.json)")
     for c in study.claims:
         typer.echo("  " + verdict_line(c))

@@ -27,3 +27,12 @@ Dtype = Annotated[str | None, typer.Option(help="auto (bf16 on GPU, fp32 on CPU)
 Limit = Annotated[int | None, typer.Option(help="Use at most N data items in all (a fixed, seeded "
                                            "selection; shared between a probe's prompt sets).")]
 Seed = Annotated[int, typer.Option(help="Seed of the item selection (and of anything random).")]
+
+
+DeviceMap = Annotated[str | None, typer.Option(
+    "--device-map", help="Spread each model over several devices with accelerate's big-model "
+    "placement: auto (fill the GPUs, then CPU, then disk), balanced, sequential. For models "
+    "larger than one GPU; the base and one variant are resident at a time.")]
+MaxMemory = Annotated[str | None, typer.Option(
+    "--max-memory", help="With --device-map: memory per device for the weights, e.g. "
+    "0=70GiB,1=70GiB,cpu=200GiB (leave room for activations).")]

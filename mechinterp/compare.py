@@ -35,14 +35,14 @@ class Step:
 def _plan(n_mmlu: int, n_task: int | None, n_facts: int, samples: int, n_patch: int,
           n_damage: int, max_failures: int, n_attn: int, sparsity: bool = True,
           patch_sites: tuple[str, ...] = ("mlp", "attn", "resid"),
-          damage_sites: tuple[str, ...] = ("mlp_out", "attn_out")) -> list[Step]:
-    task = "arithmetic"
+          damage_sites: tuple[str, ...] = ("mlp_out", "attn_out"), task: str = "arithmetic",
+          answer_tokens: int | None = None) -> list[Step]:
     return [
         Step("weight-change", {"sparsity": sparsity}, checkpoints=True),
         Step("kl-drift", {"items": task, "limit": n_task}, checkpoints=True),
         # before/after is what the claims and the training table read; greedy generation on
         # every checkpoint cost more than any other step of the default demo
-        Step("task-accuracy", {"items": task, "limit": n_task}),
+        Step("task-accuracy", {"items": task, "limit": n_task, "max_new_tokens": answer_tokens}),
         Step("mmlu", {"formats": ["cloze"], "limit": n_mmlu}, checkpoints=True),
         Step("attention-shift", {"n_mmlu": n_attn, "n_knowns": n_attn, "max_tokens": 128}),
         Step("mlp-patching", {"prompt_sets": ["knowns"], "limit": n_patch,
@@ -68,6 +68,68 @@ PLANS: dict[str, list[Step]] = {
     "paper": _plan(n_mmlu=2000, n_task=None, n_facts=100, samples=10, n_patch=64, n_damage=1000,
                    max_failures=64, n_attn=64),
 }
+
+
+#: The paper's released checkpoints (arXiv 2507.10616), what ``compare --preset paper`` analyses
+#: when no --variant is given: the base, and per run a hub repository whose main branch is the
+#: final model and which holds one revision (branch) per saved training step
+#: (``v01.14-step-000000029``).
+PAPER_BASE = "allenai/OLMo-2-1124-7B-Instruct"
+PAPER_RUNS = {"sft": "Neelectric/OLMo-2-1124-7B-Instruct_SFTv02.08",
+              "grpo": "Neelectric/OLMo-2-1124-7B-Instruct_GRPOv01.14"}
+#: The plan for them: the paper preset's sizes, with GSM8K (test questions and reference
+#: solutions; the paper's MATH-500 is not in our data root) as the in-domain items of KL and
+#: accuracy (500 KL items as the paper; answers of up to 512 greedy tokens).
+PAPER_RELEASE_PLAN = _plan(n_mmlu=2000, n_task=500, n_facts=100, samples=10, n_patch=64,
+                           n_damage=1000, max_failures=64, n_attn=64, task="gsm8k",
+                           answer_tokens=512)
+
+
+def step_revisions(repo: str, list_refs=None) -> list[str]:
+    """The revisions (branches and tags) of hub repository ``repo`` that name a training step,
+    in step order, read with ``huggingface_hub.list_repo_refs`` (or ``list_refs``, same
+    signature). A hub that cannot be reached is a :class:`UserError` that names the fix."""
+    from .plotting.trajectories import checkpoint_step
+
+    if list_refs is None:
+        from huggingface_hub import list_repo_refs as list_refs
+    try:
+        refs = list_refs(repo)
+    except Exception as exc:  # noqa: BLE001 - offline, unknown repository, gated...
+        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
+        raise UserError(f"cannot list the revisions of {repo} on the Hugging Face hub "
+                        f"({type(exc).__name__}{': ' + reason if reason else ''})",
+                        "run where the hub is reachable, or name the steps yourself: "
+                        "--revisions RUN=REV1,REV2 (e.g. grpo=v01.14-step-000000029)") from None
+    steps = {ref.name: checkpoint_step(ref.name) for ref in [*refs.branches, *refs.tags]}
+    found = sorted((step, name) for name, step in steps.items() if step is not None)
+    if not found:
+        raise UserError(f"{repo} has no revision named for a training step",
+                        "name the revisions yourself with --revisions RUN=REV1,REV2")
+    return [name for _, name in found]
+
+
+def paper_variants(revisions: dict[str, list[str]] | None = None,
+                   list_refs=None) -> dict[str, VariantInfo]:
+    """``{"sft": ..., "grpo": ...}`` for the paper's runs: the final model (the repository's main
+    branch) and one checkpoint spec ``REPO@REV`` per saved step. ``revisions`` (``{run: [rev,
+    ...]}``) names the steps of some runs explicitly (a subset saves disk: each 7B revision is
+    about 15 GB); the other runs' steps are listed from the hub (:func:`step_revisions`)."""
+    from .plotting.trajectories import checkpoint_step
+
+    revisions = dict(revisions or {})
+    if unknown := set(revisions) - set(PAPER_RUNS):
+        raise UserError(f"the paper has no run {', '.join(sorted(unknown))}",
+                        f"use {', '.join(PAPER_RUNS)}")
+    out = {}
+    for run, repo in PAPER_RUNS.items():
+        revs = revisions.get(run) or step_revisions(repo, list_refs)
+        if len(set(revs)) != len(revs):
+            raise UserError(f"--revisions names a revision of {run} twice", "list each once")
+        revs = sorted(revs, key=lambda r: (checkpoint_step(r) is None, checkpoint_step(r) or 0))
+        out[run] = VariantInfo(run, repo, [f"{repo}@{r}" for r in revs], algorithm=run,
+                               freeze="", train={"source": "hub", "repository": repo})
+    return out
 
 
 @dataclass
@@ -185,31 +247,44 @@ def load_study(out: Path) -> Study:
                  meta.get("runs", {}))
 
 
-def compare(base: str, variants: dict[str, str], out: Path, data_dir=None,
+def compare(base: str | None, variants: dict[str, str], out: Path, data_dir=None,
             preset: str = "default", device: str = "auto", dtype: str = "auto",
-            probes: list[str] | None = None, echo=print) -> Study:
-    """Run the plan of ``preset`` on ``base`` and ``variants``; decide claims; write the report."""
+            probes: list[str] | None = None, echo=print, device_map=None,
+            max_memory: dict | str | None = None,
+            revisions: dict[str, list[str]] | None = None) -> Study:
+    """Run the plan of ``preset`` on ``base`` (default: the built-in model) and ``variants``;
+    decide claims; write the report. ``preset="paper"`` without variants analyses the paper's
+    released checkpoints (:data:`PAPER_RUNS`, every saved step, or the ``revisions`` named)."""
     from .claims import decide_all
     from .data import DataSource
     from .models.modelset import ModelSet
+    from .models.zoo import DEFAULT_MODEL
     from .report import write_report
     from .runner import run_probe
 
     if preset not in PLANS:
         raise UserError(f"unknown compare preset {preset!r}", f"use one of {', '.join(PLANS)}")
-    if not variants:
+    release = preset == "paper" and not variants
+    if revisions and not release:
+        raise UserError("--revisions names steps of the paper's checkpoints",
+                        "use it with --preset paper and no --variant")
+    if not variants and not release:
         raise UserError("compare needs at least one --variant NAME=SPEC",
-                        "e.g. --variant sft=runs/sft --variant grpo=runs/grpo")
-    plan = [s for s in PLANS[preset] if probes is None or s.probe in probes]
-    if probes is not None and (unknown := set(probes) - {s.probe for s in PLANS[preset]}):
+                        "e.g. --variant sft=runs/sft --variant grpo=runs/grpo (or --preset "
+                        "paper alone: the paper's released checkpoints)")
+    steps = PAPER_RELEASE_PLAN if release else PLANS[preset]
+    plan = [s for s in steps if probes is None or s.probe in probes]
+    if probes is not None and (unknown := set(probes) - {s.probe for s in steps}):
         raise UserError(f"compare has no step {', '.join(sorted(unknown))}",
-                        f"choose from {', '.join(s.probe for s in PLANS[preset])}")
-    info = {n: describe_variant(n, s) for n, s in variants.items()}
+                        f"choose from {', '.join(s.probe for s in steps)}")
+    base = base or (PAPER_BASE if release else DEFAULT_MODEL)
+    info = (paper_variants(revisions) if release
+            else {n: describe_variant(n, s) for n, s in variants.items()})
     data = DataSource.from_option(data_dir)
     if data.root is None:
         raise UserError("compare needs a data root (MMLU, known facts)",
                         "pass --data-dir or set MECHINTERP_DATA (e.g. ../shared/data)")
-    kw = dict(device=device, dtype=dtype)
+    kw = dict(device=device, dtype=dtype, device_map=device_map, max_memory=max_memory)
     finals = ModelSet(base, {n: v.final for n, v in info.items()}, **kw)
     runs = ModelSet(base, {n: v.checkpoints for n, v in info.items()}, **kw)
     out = Path(out)

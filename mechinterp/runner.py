@@ -117,6 +117,8 @@ def run_probe(probe: Probe | str, models, data, config=None, out: Path | str | N
         "run_kinds": run_kinds(models),
         "device": str(getattr(models, "device", None) or "auto"),
         "dtype": str(getattr(models, "dtype", None) or "auto"),
+        "placement": {k: v for k, v in getattr(models, "placement", {}).items()
+                      if k != "offload_folder"},
         "data": data.log.to_json() if data is not None else {},
         "seed": config.seed,
         "packages": package_versions(),
@@ -149,14 +151,16 @@ def draw_figures(probe: Probe, result: Result, folder: Path, say=print) -> list[
 
 def run(probe: str | Probe, base=None, variants: dict[str, Any] | None = None, *,
         data=None, out: Path | str | None = None, device: str = "auto", dtype: str = "auto",
-        reuse: bool = False, draw: bool = True, echo=None, **options) -> Result:
+        device_map=None, max_memory: dict | str | None = None, reuse: bool = False,
+        draw: bool = True, echo=None, **options) -> Result:
     """Run one probe from Python: ``mi.run("weight-change", base="smollm2-135m-instruct",
     variants={"sft": "runs/sft@all"}, out="results")``.
 
     ``base`` is a spec (default: the built-in model) or a ready ``ModelSet`` (then ``variants``
     must be None); ``data`` a DataSource, a data-root path or None (``$MECHINTERP_DATA``);
     ``options`` are the probe's Config fields (``limit``, ``seed`` and the probe's own), checked by
-    name and type.
+    name and type. ``device_map="auto"`` (with ``max_memory``, e.g. ``{0: "70GiB", 1: "70GiB"}``)
+    spreads models larger than one device over the GPUs (accelerate's big-model placement).
     """
     from .data import DataSource
     from .models.modelset import ModelSet
@@ -172,7 +176,8 @@ def run(probe: str | Probe, base=None, variants: dict[str, Any] | None = None, *
                             "drop variants= when base is a ModelSet")
         models = base
     else:
-        models = ModelSet(base or DEFAULT_MODEL, variants or {}, device=device, dtype=dtype)
+        models = ModelSet(base or DEFAULT_MODEL, variants or {}, device=device, dtype=dtype,
+                          device_map=device_map, max_memory=max_memory)
     source = data if isinstance(data, DataSource) else DataSource.from_option(data)
     return run_probe(probe, models, source, config, out=out, draw=draw, reuse=reuse, echo=echo)
 

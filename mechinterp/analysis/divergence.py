@@ -130,7 +130,10 @@ def eval_mode(*modules: torch.nn.Module):
 
 
 def model_device(module: torch.nn.Module) -> torch.device:
-    return next(module.parameters()).device
+    """Where the model's inputs go (also for a model placed across devices by accelerate)."""
+    from ..models.device import input_device
+
+    return input_device(module)
 
 
 @torch.no_grad()

@@ -48,12 +48,15 @@ class Patch:
 
     def apply(self, act: Float[Tensor, "batch pos d"]) -> Float[Tensor, "batch pos d"]:
         act = act.clone()
-        rows = self.rows if self.rows is not None else torch.arange(act.shape[0], device=act.device)
-        value = self.value.to(act.dtype)
+        # a model placed across devices runs this layer wherever accelerate put it: the patch
+        # follows the activation
+        rows = (self.rows.to(act.device) if self.rows is not None
+                else torch.arange(act.shape[0], device=act.device))
+        value = self.value.to(act.device, act.dtype)
         if self.positions is None:
             act[rows] = value.expand_as(act[rows])
         else:
-            pos = self.positions
+            pos = self.positions.to(act.device)
             act[rows[:, None], pos[None, :]] = value.expand(len(rows), len(pos), act.shape[-1])
         return act
 

@@ -129,9 +129,13 @@ def answer_token_ids(tokenizer, prompt: str, answer: str, name: str = "an item")
 
 def embedding_std(model: LoadedModel, facts: list[FactInput]) -> float:
     """Standard deviation of the input embeddings of all subject tokens of ``facts`` (ROME)."""
-    emb = model.hf.get_input_embeddings().weight.detach()
+    from accelerate.utils import align_module_device
+
+    module = model.hf.get_input_embeddings()
     ids = [i for f in facts for i in f.input_ids[f.subject[0]:f.subject[1]]]
-    return float(emb[torch.tensor(ids, device=emb.device)].double().std())
+    with align_module_device(module):  # onloaded for the duration when accelerate offloaded it
+        emb = module.weight.detach()
+        return float(emb[torch.tensor(ids, device=emb.device)].double().std())
 
 
 def make_noise(fact: FactInput, n_samples: int, scale: float, d_model: int, seed: int,

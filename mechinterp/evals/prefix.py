@@ -120,7 +120,9 @@ def _score_suffixes(model, rows, chunk, batch, kv, pmask, out, pad, advance) -> 
     ids, smask = pad_rows(tails, pad)
     mask = torch.cat([pmask[sel.cpu()], smask], dim=1)
     pos = prefix[:, None] + torch.arange(ids.shape[1])[None]
-    cache = DynamicCache([(k.index_select(0, sel), v.index_select(0, sel)) for k, v in kv])
+    # a model placed over several devices keeps each layer's cache on that layer's device
+    cache = DynamicCache([(k.index_select(0, sel.to(k.device)), v.index_select(0, sel.to(v.device)))
+                          for k, v in kv])
     hidden = body(model, ids, mask, position_ids=pos.to(model.device), cache=cache,
                   use_cache=True).last_hidden_state
     add_target_logprobs(model, hidden, [rows[k] for _, k in batch],

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import CorruptCheckpoint
-from .device import pick_device, pick_dtype
+from ..errors import CorruptCheckpoint, UserError
+from .device import check_device_map, input_device, parse_max_memory, pick_device, pick_dtype
 from .naming import BRIDGE_HOOKS, Family, ParamSlice, check_family, family_for, n_layers
 from .safetensors_io import tensor_index
 from .specs import ResolvedSpec, resolve
@@ -36,7 +36,11 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     name: str = "model"
+    #: where accelerate placed each module (``{module: device}``, "disk"/"cpu" = offloaded)
+    #: when loaded with a device map; None for a model on one device
+    placement: dict | None = None
     _views: dict = field(default_factory=dict, repr=False)
+    _offload_dir: str | None = field(default=None, repr=False)  # ours to delete on free()
 
     # ----- facts -------------------------------------------------------------------------------
     @property
@@ -57,7 +61,13 @@ class LoadedModel:
     def weight(self, layer: int, matrix: str) -> torch.Tensor:
         """The live weight of ``matrix`` in ``layer`` (a view: editing it edits the model)."""
         ref = self.param_slice(layer, matrix)
-        return ref.take(self.hf.get_parameter(ref.name))
+        param = self.hf.get_parameter(ref.name)
+        if param.device.type == "meta":
+            raise UserError(f"{self.name}: {ref.name} is offloaded (device map "
+                            f"{self.placement and set(self.placement.values())}), it cannot be "
+                            "read or edited in place",
+                            "give the GPUs more room (--max-memory) so that no layer is offloaded")
+        return ref.take(param)
 
     def module(self, layer: int, site: str) -> torch.nn.Module:
         """The HF module whose output is ``site`` (``attn_out``, ``mlp_out``, ``resid_post``)."""
@@ -104,6 +114,12 @@ class LoadedModel:
         if "lm" not in self._views:
             from nnsight import TransformersModel
 
+            if self.placement and next(iter(self.placement.values())) == "disk":
+                # the transformers pipeline nnsight builds takes the first device of the map
+                # as its own, and nnsight's meta-tensor scan cannot pass the offload hooks
+                raise UserError(f"{self.name}: the nnsight view cannot wrap a model whose input "
+                                "embedding is offloaded to disk",
+                                "give the GPUs or the CPU room for it (--max-memory)")
             # its own tokenizer: nnsight switches the one it is given to left padding
             self._views["lm"] = TransformersModel(self.hf, task="text-generation",
                                                   tokenizer=copy.deepcopy(self.tokenizer))
@@ -113,9 +129,17 @@ class LoadedModel:
         """Give the weights' memory back now, even where other references to this object live
         on (a probe's loop variable still naming the previous variant while the next loads):
         the parameters move to the meta device, which holds no storage, and the views are
-        dropped. The object is unusable afterwards; load the spec again."""
+        dropped. The object is unusable afterwards; load the spec again. A model placed by
+        accelerate loses its hooks first (they hold the offloaded weights), and a temporary
+        offload folder of ours is deleted."""
         self._views.clear()
+        if self.placement is not None:
+            from accelerate.hooks import remove_hook_from_submodules
+
+            remove_hook_from_submodules(self.hf)
         self.hf.to("meta")
+        if self._offload_dir is not None:
+            self._offload_dir = _remove(self._offload_dir)
 
     def refresh_views(self) -> None:
         """Drop the bridge and nnsight views; they are rebuilt on next access."""
@@ -143,6 +167,13 @@ def _shadow(module: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(module, memo=shared)
 
 
+def _remove(folder: str | None) -> None:
+    if folder is not None:
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def load_tokenizer(path: Path):
     from transformers import AutoTokenizer
 
@@ -153,29 +184,59 @@ def load_tokenizer(path: Path):
 
 
 def load(spec: str | ResolvedSpec, device: str | None = None, dtype=None,
-         name: str = "model") -> LoadedModel:
-    """Resolve and load a model spec onto a device; checks weights and the component map."""
+         name: str = "model", device_map=None, max_memory: dict | str | None = None,
+         offload_folder: str | None = None) -> LoadedModel:
+    """Resolve and load a model spec onto a device; checks weights and the component map.
+
+    ``device_map`` (``"auto"``, ``"balanced"``, ``"sequential"`` or ``{module: device}``) places
+    the model across devices with accelerate's big-model inference instead: its layers fill the
+    GPUs (each limited by ``max_memory``, e.g. ``{0: "70GiB", "cpu": "200GiB"}``), then the CPU,
+    then ``disk`` (``offload_folder``; default a temporary folder deleted by :meth:`free`).
+    Accelerate's hooks move each layer's inputs to its device. ``device`` then only picks the
+    default dtype (bf16 where CUDA is present)."""
     from transformers import AutoModelForCausalLM
 
     resolved = spec if isinstance(spec, ResolvedSpec) else resolve(spec)
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
+    device_map, max_memory = check_device_map(device_map), parse_max_memory(max_memory)
     index = tensor_index(resolved.path)  # validates every safetensors header first
+    placed, own_dir = {}, None
+    if device_map is not None:
+        if offload_folder is None:
+            import tempfile
+
+            from ..paths import cache_dir
+
+            (cache_dir() / "offload").mkdir(parents=True, exist_ok=True)
+            offload_folder = own_dir = tempfile.mkdtemp(prefix=f"{name}-", dir=cache_dir() / "offload")
+        placed = dict(device_map=device_map, max_memory=max_memory, offload_folder=offload_folder)
     try:
         hf = AutoModelForCausalLM.from_pretrained(
-            str(resolved.path), dtype=dt, attn_implementation="eager"
+            str(resolved.path), dtype=dt, attn_implementation="eager", **placed
         )
     except Exception as exc:  # noqa: BLE001 - report any loader failure as one line
+        _remove(own_dir)
         raise CorruptCheckpoint(
             f"cannot load {resolved.spec!r} from {resolved.path}: {type(exc).__name__}: "
             f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}",
-            "check that the folder is a complete save_pretrained checkpoint",
+            "check that the folder is a complete save_pretrained checkpoint"
+            + ("" if device_map is None else ", and the device map and --max-memory"),
         ) from None
-    hf.to(dev).eval()
+    placement = None
+    if device_map is None:
+        hf.to(dev)
+    else:
+        placement = {k: str(v) for k, v in (getattr(hf, "hf_device_map", None) or {}).items()}
+        dev = input_device(hf)
+        if own_dir is not None and "disk" not in placement.values():
+            own_dir = _remove(own_dir)
+    hf.eval()
     family = family_for(hf.config)
     check_family(family, hf.config, {k: v[1] for k, v in index.items()} | {
         n: tuple(p.shape) for n, p in hf.named_parameters()})
-    return LoadedModel(resolved, hf, load_tokenizer(resolved.path), family, dev, dt, name)
+    return LoadedModel(resolved, hf, load_tokenizer(resolved.path), family, dev, dt, name,
+                       placement, _offload_dir=own_dir)
 
 
 @functools.cache

@@ -63,8 +63,18 @@ class ModelSet:
     """One base plus named variants, lazily loaded, checked comparable on construction."""
 
     def __init__(self, base: str, variants: dict[str, str | list[str]] | None = None,
-                 device: str | None = None, dtype=None, check: bool = True):
+                 device: str | None = None, dtype=None, check: bool = True,
+                 device_map=None, max_memory: dict | str | None = None,
+                 offload_folder: str | None = None):
+        from .device import check_device_map, parse_max_memory
+
         self.device, self.dtype = device, dtype
+        # accelerate's big-model placement for every model of the set (see loaded.load): a
+        # model larger than one device spreads over the GPUs (then CPU, then disk); probes hold
+        # the base and one variant at a time and release each variant when done with it
+        self.placement = {k: v for k, v in (("device_map", check_device_map(device_map)),
+                                            ("max_memory", parse_max_memory(max_memory)),
+                                            ("offload_folder", offload_folder)) if v is not None}
         self.specs: dict[str, ResolvedSpec] = {BASE: resolve(base)}
         self.runs: dict[str, list[str]] = {}
         for run, spec_list in (variants or {}).items():
@@ -114,7 +124,8 @@ class ModelSet:
         if name not in self.specs:
             raise SpecError(f"no model named {name!r} in this set", f"have: {', '.join(self.specs)}")
         if name not in self._loaded:
-            self._loaded[name] = load(self.specs[name], self.device, self.dtype, name=name)
+            self._loaded[name] = load(self.specs[name], self.device, self.dtype, name=name,
+                                      **self.placement)
         return self._loaded[name]
 
     def release(self, name: str) -> None:

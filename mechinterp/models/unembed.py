@@ -29,10 +29,19 @@ def final_hidden(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tens
 
 
 def logits_fp32(model: torch.nn.Module, hidden: Tensor) -> Tensor:
-    """``hidden`` (rows..., d) through the output layer in float32: logits ``(rows..., vocab)``."""
+    """``hidden`` (rows..., d) through the output layer in float32: logits ``(rows..., vocab)``,
+    on the output layer's device (for a model placed by accelerate, the head's weight is brought
+    in from the CPU or disk for the duration when it is offloaded)."""
+    from accelerate.utils import align_module_device
+
     head = model.get_output_embeddings()
+    with align_module_device(head):
+        return _scaled(getattr(model, "config", None), _head_fp32(head, hidden))
+
+
+def _head_fp32(head: torch.nn.Module, hidden: Tensor) -> Tensor:
     weight, bias = head.weight, getattr(head, "bias", None)
-    h = hidden.to(torch.float32)
+    h = hidden.to(weight.device, torch.float32)
     if weight.dtype == torch.float32:
         logits = F.linear(h, weight, bias)
     else:
@@ -43,7 +52,10 @@ def logits_fp32(model: torch.nn.Module, hidden: Tensor) -> Tensor:
             b = min(vocab, a + step)
             logits[..., a:b] = F.linear(h, weight[a:b].to(torch.float32),
                                         None if bias is None else bias[a:b].to(torch.float32))
-    config = getattr(model, "config", None)
+    return logits
+
+
+def _scaled(config, logits: Tensor) -> Tensor:
     scale = getattr(config, "logit_scale", None)
     if isinstance(scale, (int, float)) and scale != 1:
         logits = logits * scale
