@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import functools
 import os
+import queue
+import threading
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self
@@ -37,6 +39,7 @@ import torch
 from ..errors import CorruptCheckpoint
 from ..models.naming import Family, ParamSlice, family_for, n_layers
 from ..models.safetensors_io import read_header, tensor_index
+from . import diffkernel
 
 CHUNK_ELEMENTS = 1 << 22  # rows are processed in chunks of about this many entries
 
@@ -277,6 +280,32 @@ def chunk_stats(b: torch.Tensor, v: torch.Tensor, sparsity: bool = True,
                 base_prepared: tuple[torch.Tensor, float] | None = None) -> DiffStats:
     """Statistics of ``v - b`` for two same-shaped chunks of any float dtype.
 
+    float32 / bfloat16 / float16 chunks go through the fused C kernel (:mod:`.diffkernel`: one
+    read of both chunks, split over the cores) when it is available; float64 chunks, or machines
+    without a C compiler, take the torch path (:func:`chunk_stats_torch`), which gives the same
+    changed and bin counts. ``base_prepared``: see :func:`chunk_stats_torch` (the kernel path
+    does not need it).
+    """
+    b = b.reshape(-1)
+    v = v.reshape(-1)
+    if b.dtype != v.dtype:
+        raise CorruptCheckpoint(f"dtype mismatch: base {b.dtype}, variant {v.dtype}",
+                                "compare checkpoints saved in the same dtype")
+    if not diffkernel.available(b.dtype):
+        return chunk_stats_torch(b, v, sparsity, base_prepared)
+    sq_diff, sq_base, n_changed, counts = diffkernel.fused_chunk_stats(
+        b.contiguous(), v.contiguous(), SPARSITY_EDGES, sparsity)
+    stats = DiffStats(sq_diff=sq_diff, sq_base=sq_base, n_changed=n_changed, n_total=b.numel())
+    if counts is not None:
+        stats.n_below, stats.n_above = int(counts[0]), int(counts[-1])
+        stats.hist = counts[1:-1].astype(np.int64)
+    return stats
+
+
+def chunk_stats_torch(b: torch.Tensor, v: torch.Tensor, sparsity: bool = True,
+                      base_prepared: tuple[torch.Tensor, float] | None = None) -> DiffStats:
+    """:func:`chunk_stats` with torch operations only (several passes over the chunk).
+
     ``base_prepared``: ``(_widen(b), sum of squares of b)`` when the caller compares one base
     chunk with several variants (computed once instead of per variant).
     """
@@ -345,23 +374,97 @@ def _take_rows(ref: ParamSlice, chunk: torch.Tensor) -> torch.Tensor:
     return chunk if ref.dim in (None, 0) else ref.take(chunk)
 
 
+_READ_AHEAD_SLOTS = 3  # buffer sets per reader: one being compared, up to two read ahead
+
+
+def _check_shapes(base: CheckpointReader, variants: dict[str, CheckpointReader],
+                  refs: list[ParamSlice]) -> None:
+    for ref in refs:
+        b_shape = base.shape(ref.name)
+        for name, r in variants.items():
+            if r.shape(ref.name) != b_shape:
+                raise CorruptCheckpoint(f"{ref.name} has shape {r.shape(ref.name)} in {name} but "
+                                        f"{b_shape} in the base", "compare the same architecture")
+
+
+def _read_ahead(base: CheckpointReader, variants: dict[str, CheckpointReader],
+                jobs: list[tuple[int, ParamSlice, int, int]]
+                ) -> Iterator[tuple[int, torch.Tensor, dict[str, torch.Tensor]]]:
+    """``(job index, base rows, {variant: rows})`` per job ``(ref index, ref, start, stop)``.
+
+    A background thread reads the rows (``pread`` drops the GIL) up to two jobs ahead of the
+    caller into :data:`_READ_AHEAD_SLOTS` recycled buffer sets, so reading overlaps comparing and
+    memory stays a few chunks. A yielded chunk is valid until the next one is asked for. Close the
+    generator (``contextlib.closing``) to stop the thread early.
+    """
+    free: queue.Queue[int] = queue.Queue()
+    ready: queue.Queue = queue.Queue()
+    for k in range(_READ_AHEAD_SLOTS):
+        free.put(k)
+    stopping = threading.Event()
+
+    def read() -> None:
+        try:
+            for i, (_, ref, start, stop) in enumerate(jobs):
+                slot = free.get()
+                if stopping.is_set():
+                    return
+                b = _take_rows(ref, base.rows(ref.name, start, stop, slot=slot))
+                vs = {n: _take_rows(ref, r.rows(ref.name, start, stop, slot=slot))
+                      for n, r in variants.items()}
+                ready.put((i, slot, b, vs))
+            ready.put(None)
+        except BaseException as exc:  # handed to the caller, raised there
+            ready.put(exc)
+
+    thread = threading.Thread(target=read, name="weights-read-ahead", daemon=True)
+    thread.start()
+    done_slot = None
+    try:
+        while True:
+            if done_slot is not None:
+                free.put(done_slot)
+                done_slot = None
+            item = ready.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            i, done_slot, b, vs = item
+            yield i, b, vs
+    finally:
+        stopping.set()
+        free.put(-1)
+        thread.join()
+
+
+def _diff_refs(base: CheckpointReader, variants: dict[str, CheckpointReader],
+               refs: list[ParamSlice], sparsity: bool,
+               progress: Callable[[], None] | None = None) -> list[dict[str, DiffStats]]:
+    """Stats of every (sliced) parameter in ``refs`` for every variant, reads overlapped."""
+    _check_shapes(base, variants, refs)
+    jobs = [(k, ref, start, stop) for k, ref in enumerate(refs)
+            for start, stop in _slice_chunks(base, ref)]
+    last_job = {k: i for i, (k, *_) in enumerate(jobs)}
+    out = [{name: DiffStats() for name in variants} for _ in refs]
+    with closing(_read_ahead(base, variants, jobs)) as chunks:
+        for i, b, vs in chunks:
+            k = jobs[i][0]
+            prepared = None
+            if not diffkernel.available(b.dtype):
+                bw = _widen(b)
+                prepared = (bw, _sum_squares(bw))
+            for name, v in vs.items():
+                out[k][name] = out[k][name] + chunk_stats(b, v, sparsity, prepared)
+            if progress is not None and last_job[k] == i:
+                progress()
+    return out
+
+
 def stream_stats(base: CheckpointReader, variants: dict[str, CheckpointReader], ref: ParamSlice,
                  sparsity: bool = True) -> dict[str, DiffStats]:
     """Stats of one (sliced) parameter for every variant; the base rows are read once."""
-    b_shape = base.shape(ref.name)
-    for name, r in variants.items():
-        if r.shape(ref.name) != b_shape:
-            raise CorruptCheckpoint(f"{ref.name} has shape {r.shape(ref.name)} in {name} but "
-                                    f"{b_shape} in the base", "compare the same architecture")
-    out = {name: DiffStats() for name in variants}
-    for start, stop in _slice_chunks(base, ref):
-        b = _take_rows(ref, base.rows(ref.name, start, stop, slot=0))
-        bw = _widen(b)
-        prepared = (bw, _sum_squares(bw))
-        for name, r in variants.items():
-            v = _take_rows(ref, r.rows(ref.name, start, stop, slot=1))
-            out[name] = out[name] + chunk_stats(b, v, sparsity, prepared)
-    return out
+    return _diff_refs(base, variants, [ref], sparsity)[0]
 
 
 # ----- whole checkpoints -----------------------------------------------------------------------
@@ -402,11 +505,10 @@ def weight_diff(base_folder: Path, variant_folders: dict[str, Path], sparsity: b
         base = stack.enter_context(CheckpointReader(Path(base_folder)))
         readers = {n: stack.enter_context(CheckpointReader(Path(f)))
                    for n, f in variant_folders.items()}
-        for layer, matrix, ref in refs:
-            for name, s in stream_stats(base, readers, ref, sparsity).items():
-                stats[name][matrix][layer] = s
-            if progress is not None:
-                progress()
+        per_ref = _diff_refs(base, readers, [ref for _, _, ref in refs], sparsity, progress)
+        for (layer, matrix, _), got in zip(refs, per_ref, strict=True):
+            for name, st in got.items():
+                stats[name][matrix][layer] = st
     return WeightDiff(list(family.matrices), L, stats)
 
 
