@@ -31,8 +31,9 @@ import torch
 from ..paths import cache_dir
 
 _SOURCE = Path(__file__).with_name("diffkernel.c")
-_FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-std=gnu11"]
+_FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-std=gnu11", "-fno-strict-aliasing"]
 _FUNCS = {torch.float32: "diff_f32", torch.bfloat16: "diff_bf16", torch.float16: "diff_f16"}
+_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 N_COUNTS = 102  # below, 100 bins, above
 LUT_SHIFT = 13  # table cell = positive float32 bit pattern >> 13 (2^-10 relative width); as in C
 MARGIN_ULPS = 2  # a float32 ratio is within half an ulp of the exact one; 2 ulps leave room
@@ -75,12 +76,15 @@ def _library() -> ctypes.CDLL | None:
             _why_not = f"{cc} failed: {proc.stderr.strip()[-300:]}"
             return None
         os.replace(tmp, out)  # atomic: concurrent processes never load a half-written file
-    lib = ctypes.CDLL(str(out))
+    lib = ctypes.CDLL(str(out), use_errno=True)
     for name in _FUNCS.values():
         fn = getattr(lib, name)
         fn.restype = None
         fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
                        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    lib.diff_files.restype = ctypes.c_int
+    lib.diff_files.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int,
+                               ctypes.c_int64, ctypes.c_int64] + [ctypes.c_void_p] * 5
     return lib
 
 
@@ -166,6 +170,60 @@ def fused_chunk_stats(b: torch.Tensor, v: torch.Tensor, edges: np.ndarray, spars
         run(0)
     else:
         list(_pool(parts).map(run, range(parts)))
+    return _merge(sq, changed, counts)
+
+
+def _merge(sq: np.ndarray, changed: np.ndarray, counts: np.ndarray | None):
     total = sq.sum(axis=0)
     return (float(total[0]), float(total[1]), int(changed.sum()),
             counts.sum(axis=0) if counts is not None else None)
+
+
+def fused_file_stats(dtype: torch.dtype, base: tuple[Path, int], variant: tuple[Path, int],
+                     n: int, edges: np.ndarray, sparsity: bool, threads: int | None = None,
+                     compute: bool = True) -> tuple[float, float, int, np.ndarray | None]:
+    """:func:`fused_chunk_stats` of ``n`` entries stored contiguously in two files.
+
+    ``base`` / ``variant``: ``(file, byte offset of the first entry)``. The kernel reads the files
+    itself (``pread`` into two 128 KiB buffers per thread, which stay in cache, so the bytes cross
+    memory once, as for ``cat``), in ``threads`` disjoint parts at once (each with its own file
+    descriptors, so the kernel's read-ahead sees sequential reads): one thread reads while another
+    computes. Raises ``OSError`` on a read error and ``EOFError`` when a file ends early.
+    ``compute=False`` only reads (zero statistics): the benchmark's read/compute split.
+    """
+    lib = _library()
+    threads = threads or default_threads()
+    parts = max(1, min(threads, n // MIN_PART))
+    bounds = [n * k // parts for k in range(parts + 1)]
+    sq = np.zeros((parts, 2), np.float64)
+    changed = np.zeros(parts, np.int64)
+    counts = np.zeros((parts, N_COUNTS), np.int64) if sparsity else None
+    item = torch.empty((), dtype=dtype).element_size()
+    lut_p = bin_table(tuple(edges.tolist())).data_ptr() if sparsity else None
+    kind = _KIND[dtype] + (0 if compute else 8)
+
+    def run(k: int) -> None:
+        lo, hi = bounds[k], bounds[k + 1]
+        fb = os.open(base[0], os.O_RDONLY)
+        try:
+            fv = os.open(variant[0], os.O_RDONLY)
+            try:
+                rc = lib.diff_files(kind, fb, base[1] + lo * item, fv, variant[1] + lo * item,
+                                    hi - lo, lut_p, edges.ctypes.data, sq[k].ctypes.data,
+                                    changed[k:].ctypes.data,
+                                    counts[k].ctypes.data if counts is not None else None)
+            finally:
+                os.close(fv)
+        finally:
+            os.close(fb)
+        if rc == -2:
+            raise EOFError(f"{base[0]} or {variant[0]} ended early")
+        if rc != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"reading {base[0]} / {variant[0]}: {os.strerror(err)}")
+
+    if parts == 1:
+        run(0)
+    else:
+        list(_pool(parts).map(run, range(parts)))
+    return _merge(sq, changed, counts)
