@@ -158,13 +158,14 @@ def main() -> None:
                     load0 = os.getloadavg()[0]
                     got = run_child(base, variant, threads, args.repeats, cache)
                     results.append((dtype, cache, threads, size, got, load0, os.getloadavg()[0]))
-                    print(f"  {cache}, {threads} thread(s): done ({got['status']})", flush=True)
+                    print(f"  {cache}, {threads} thread(s): {json.dumps(got)}", flush=True)
             if args.torch_path:
                 load0 = os.getloadavg()[0]
-                got = run_child(base, variant, 2, 1, "warm", {"MECHINTERP_DIFF_KERNEL": "torch"})
+                got = run_child(base, variant, 2, 1, "warm", {"MECHINTERP_DIFF_KERNEL": "torch",
+                                                             "BENCH_STEPS": "cat,rel,hist,cat2"})
                 results.append((dtype, "warm", "torch path, 2", size, got, load0,
                                 os.getloadavg()[0]))
-                print(f"  torch path: done ({got['status']})", flush=True)
+                print(f"  torch path: {json.dumps(got)}", flush=True)
             shutil.rmtree(root / dtype, ignore_errors=True)  # keep the disk footprint to one pair
     finally:
         if args.keep:
@@ -183,7 +184,8 @@ def main() -> None:
     for dtype, cache, threads, size, got, load0, load1 in results:
         rounds = got["rounds"]
         cat = [(r["cat"][0] + r["cat2"][0]) / 2 for r in rounds]
-        col = {k: [r[k][0] for r in rounds] for k in ("rel", "hist", "read")}
+        col = {k: [r[k][0] if k in r else float("nan") for r in rounds]
+               for k in ("rel", "hist", "read")}
         ratio = {k: [x / c for x, c in zip(col[k], cat, strict=True)] for k in col}
         rss = max(r["hist"][1] for r in rounds)
         print(f"| {dtype} | {cache} | {threads} | {size / 1e9:.2f} | {spread(cat)} | "

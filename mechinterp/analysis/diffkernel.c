@@ -6,11 +6,11 @@
  *   d = float(v) - float(b)                 (float32; 16-bit inputs widened per entry only)
  *   sq[0] += double(d)^2, sq[1] += double(b)^2   (products and sums in float64)
  *   changed += bits(v) != bits(b)
- *   optionally the sparsity bin of |d| / max(|b|, 1e-10): the float32 ratio's bit pattern >> 12
- *   indexes `lut` (weights._bin_table); cells marked -1 are decided in float64 against `edges`,
- *   as bucketize(right=True) does, non-finite ratios count as above (bin 101).
- * These are the operations of weights.chunk_stats' torch path, entry for entry, so the bin counts
- * and changed counts are identical; the sums of squares are more exact (float64 products).
+ *   optionally the sparsity bin of |d| / max(|b|, 1e-10): the float32 ratio's bit pattern >> 13
+ *   indexes `lut` (diffkernel.bin_table); cells near an edge are decided in float64 against
+ *   `edges`, as bucketize(right=True) / np.histogram do; non-finite ratios count as above (101).
+ * These are the operations of weights.chunk_stats_torch, entry for entry, so the bin counts and
+ * changed counts are identical; the sums of squares are more exact (float64 products and sums).
  */
 #define _GNU_SOURCE
 #include <math.h>

@@ -66,16 +66,20 @@ def _library() -> ctypes.CDLL | None:
     key = hashlib.sha256(src + " ".join(_FLAGS).encode() + _cpu_tag().encode()).hexdigest()[:16]
     out = cache_dir() / "kernels" / f"diffkernel-{key}.so"
     if not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-        os.close(fd)
-        proc = subprocess.run([cc, *_FLAGS, "-o", tmp, str(_SOURCE)], capture_output=True,
-                              text=True)
-        if proc.returncode != 0:
-            os.unlink(tmp)
-            _why_not = f"{cc} failed: {proc.stderr.strip()[-300:]}"
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+            os.close(fd)
+            proc = subprocess.run([cc, *_FLAGS, "-o", tmp, str(_SOURCE)], capture_output=True,
+                                  text=True)
+            if proc.returncode != 0:
+                os.unlink(tmp)
+                _why_not = f"{cc} failed: {proc.stderr.strip()[-300:]}"
+                return None
+            os.replace(tmp, out)  # atomic: concurrent processes never load a half-written file
+        except OSError as exc:  # read-only cache, compiler not runnable
+            _why_not = f"could not build the kernel in {out.parent}: {exc}"
             return None
-        os.replace(tmp, out)  # atomic: concurrent processes never load a half-written file
     lib = ctypes.CDLL(str(out), use_errno=True)
     for name in _FUNCS.values():
         fn = getattr(lib, name)

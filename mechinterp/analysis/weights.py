@@ -6,19 +6,28 @@ For each (layer, matrix) and variant:
 * update sparsity: the fraction of entries that changed at all (bitwise), and a histogram of
   ``|dW| / max(|W_base|, 1e-10)`` over 100 log-spaced bins from 1e-8 to 1 (:data:`SPARSITY_EDGES`).
 
-Tensors are never loaded whole: :class:`CheckpointReader` reads row chunks of about
-:data:`CHUNK_ELEMENTS` entries straight from the files (``pread`` into a reused buffer, no mmap), so
-peak memory is a few chunks whatever the model or tensor size. The base chunk is read once and
-compared with every variant.
+Tensors are never loaded whole, and peak memory is a few buffers whatever the model size. Two
+paths give the same numbers:
 
-Precision: 16-bit weights are widened to float32, where their difference is exact; float32 weights
-are subtracted in float32, which is exact whenever the two entries are within a factor of two of
-each other (Sterbenz) - every entry a fine-tune moves by less than 100% - and within one rounding
-otherwise. Sums of squares are formed in float32 over blocks of 1024 entries and accumulated in
-float64 across blocks (relative error below 1e-6, about 4x faster than widening every entry to
-float64; float64 weights stay float64 throughout). Histogram bins come from a lookup table on the
-float32 bit pattern of the ratio; entries near a bin edge (about 1 in 200 of those inside the
-range) are decided in float64, so bin counts equal a float64 ``np.histogram`` with the same edges.
+* float32 / bfloat16 / float16 tensors (and row slices of them): the fused C kernel
+  (:mod:`.diffkernel`, compiled on first use) reads both files itself with ``pread`` into two
+  128 KiB buffers per thread that stay in cache, and in the same pass forms the difference, the
+  float64 sums of squares, the bitwise changed count and the histogram bin counts. Each tensor is
+  split over ``torch.get_num_threads()`` threads, so one reads while another computes.
+* everything else (float64, column slices such as GPT-2's fused ``c_attn``, no C compiler, or
+  ``MECHINTERP_DIFF_KERNEL=torch``): :class:`CheckpointReader` reads row chunks of about
+  :data:`CHUNK_ELEMENTS` entries (``pread`` into recycled buffers, a read-ahead thread up to two
+  chunks ahead) and :func:`chunk_stats_torch` compares them with torch operations; the base chunk
+  is read once for all variants.
+
+Precision: 16-bit weights are widened to float32 (per block of 512 entries in the kernel), where
+their difference is exact; float32 weights are subtracted in float32, which is exact whenever the
+two entries are within a factor of two of each other (Sterbenz) - every entry a fine-tune moves by
+less than 100% - and within one rounding otherwise. Sums of squares: the kernel squares and sums
+in float64; the torch path forms float32 sums over blocks of 1024 entries and accumulates them in
+float64 (relative error about 1e-6). Histogram bins come from a lookup table on the float32 bit
+pattern of the ratio; entries near a bin edge are decided in float64, so bin counts equal a float64
+``np.histogram`` with the same edges on both paths.
 """
 
 from __future__ import annotations
