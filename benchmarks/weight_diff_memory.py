@@ -45,8 +45,13 @@ def layer_shapes() -> dict[str, tuple[int, int]]:
     }
 
 
-def write_checkpoints(root: Path, size_gb: float, shards: int, rel: float = 1e-3) -> int:
-    """Write ``root/base`` and ``root/variant``; returns the number of layers."""
+def write_checkpoints(root: Path, size_gb: float, shards: int, rel: float = 1e-3,
+                      dtype: str = "float32") -> int:
+    """Write ``root/base`` and ``root/variant``; returns the number of layers.
+
+    ``size_gb`` is the float32 size (a bfloat16 checkpoint of the same shapes is half of it);
+    the variant is drawn in float32 and then cast like the base.
+    """
     import numpy as np
     import torch
     from safetensors.torch import save_file
@@ -56,7 +61,8 @@ def write_checkpoints(root: Path, size_gb: float, shards: int, rel: float = 1e-3
     config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"],
               "hidden_size": HIDDEN, "intermediate_size": INTER, "num_hidden_layers": n_layers,
               "num_attention_heads": 16, "num_key_value_heads": 16, "vocab_size": VOCAB,
-              "max_position_embeddings": 512, "torch_dtype": "float32"}
+              "max_position_embeddings": 512, "torch_dtype": dtype}
+    tdtype = getattr(torch, dtype)
     gen = torch.Generator().manual_seed(0)
     groups = np.array_split(np.arange(n_layers), min(shards, n_layers))
     for name in ("base", "variant"):
@@ -68,13 +74,13 @@ def write_checkpoints(root: Path, size_gb: float, shards: int, rel: float = 1e-3
         base, variant = {}, {}
         if s == 0:
             emb = torch.randn(VOCAB, HIDDEN, generator=gen) * 0.02
-            base["model.embed_tokens.weight"] = variant["model.embed_tokens.weight"] = emb
+            base["model.embed_tokens.weight"] = variant["model.embed_tokens.weight"] = emb.to(tdtype)
         for layer in layers:
             for key, shape in layer_shapes().items():
                 full = f"model.layers.{layer}.{key}"
                 b = torch.randn(shape, generator=gen) * 0.02
-                base[full] = b
-                variant[full] = b + torch.randn(shape, generator=gen) * (rel * b.abs())
+                base[full] = b.to(tdtype)
+                variant[full] = (b + torch.randn(shape, generator=gen) * (rel * b.abs())).to(tdtype)
         save_file(base, str(root / "base" / fname), metadata={"format": "pt"})
         save_file(variant, str(root / "variant" / fname), metadata={"format": "pt"})
         weight_map |= {k: fname for k in base}

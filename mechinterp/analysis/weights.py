@@ -6,29 +6,40 @@ For each (layer, matrix) and variant:
 * update sparsity: the fraction of entries that changed at all (bitwise), and a histogram of
   ``|dW| / max(|W_base|, 1e-10)`` over 100 log-spaced bins from 1e-8 to 1 (:data:`SPARSITY_EDGES`).
 
-Tensors are never loaded whole: :class:`CheckpointReader` reads row chunks of about
-:data:`CHUNK_ELEMENTS` entries straight from the files (``pread`` into a reused buffer, no mmap), so
-peak memory is a few chunks whatever the model or tensor size. The base chunk is read once and
-compared with every variant.
+Tensors are never loaded whole, and peak memory is a few buffers whatever the model size. Two
+paths give the same numbers:
 
-Precision: 16-bit weights are widened to float32, where their difference is exact; float32 weights
-are subtracted in float32, which is exact whenever the two entries are within a factor of two of
-each other (Sterbenz) - every entry a fine-tune moves by less than 100% - and within one rounding
-otherwise. Sums of squares are formed in float32 over blocks of 1024 entries and accumulated in
-float64 across blocks (relative error below 1e-6, about 4x faster than widening every entry to
-float64; float64 weights stay float64 throughout). Histogram bins come from a lookup table on the
-float32 bit pattern of the ratio; entries near a bin edge (about 1 in 200 of those inside the
-range) are decided in float64, so bin counts equal a float64 ``np.histogram`` with the same edges.
-A base and variant stored in different dtypes (a bf16 base, float32 master-weight checkpoints) are
-compared in the wider dtype, to which the narrower one converts exactly.
+* float32 / bfloat16 / float16 tensors (and row slices of them): the fused C kernel
+  (:mod:`.diffkernel`, compiled on first use) reads both files itself with ``pread`` into two
+  128 KiB buffers per thread that stay in cache, and in the same pass forms the difference, the
+  float64 sums of squares, the bitwise changed count and the histogram bin counts. Each tensor is
+  split over ``torch.get_num_threads()`` threads, so one reads while another computes.
+* everything else (float64, column slices such as GPT-2's fused ``c_attn``, no C compiler, or
+  ``MECHINTERP_DIFF_KERNEL=torch``): :class:`CheckpointReader` reads row chunks of about
+  :data:`CHUNK_ELEMENTS` entries (``pread`` into recycled buffers, a read-ahead thread up to two
+  chunks ahead) and :func:`chunk_stats_torch` compares them with torch operations; the base chunk
+  is read once for all variants.
+
+Precision: 16-bit weights are widened to float32 (per block of 512 entries in the kernel), where
+their difference is exact; float32 weights are subtracted in float32, which is exact whenever the
+two entries are within a factor of two of each other (Sterbenz) - every entry a fine-tune moves by
+less than 100% - and within one rounding otherwise. Sums of squares: the kernel squares and sums
+in float64; the torch path forms float32 sums over blocks of 1024 entries and accumulates them in
+float64 (relative error about 1e-6). Histogram bins come from a lookup table on the float32 bit
+pattern of the ratio; entries near a bin edge are decided in float64, so bin counts equal a float64
+``np.histogram`` with the same edges on both paths. A base and variant stored in different dtypes
+(a bf16 base, float32 master-weight checkpoints) are compared in the wider dtype, to which the
+narrower one converts exactly (the torch path).
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import queue
+import threading
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self
@@ -39,6 +50,7 @@ import torch
 from ..errors import CorruptCheckpoint
 from ..models.naming import Family, ParamSlice, family_for, n_layers
 from ..models.safetensors_io import read_header, tensor_index
+from . import diffkernel
 
 CHUNK_ELEMENTS = 1 << 22  # rows are processed in chunks of about this many entries
 
@@ -279,6 +291,29 @@ def chunk_stats(b: torch.Tensor, v: torch.Tensor, sparsity: bool = True,
                 base_prepared: tuple[torch.Tensor, float] | None = None) -> DiffStats:
     """Statistics of ``v - b`` for two same-shaped chunks of any float dtype.
 
+    float32 / bfloat16 / float16 chunks go through the fused C kernel (:mod:`.diffkernel`: one
+    read of both chunks, split over the cores) when it is available; float64 chunks, or machines
+    without a C compiler, take the torch path (:func:`chunk_stats_torch`), which gives the same
+    changed and bin counts. ``base_prepared``: see :func:`chunk_stats_torch` (the kernel path
+    does not need it).
+    """
+    b = b.reshape(-1)
+    v = v.reshape(-1)
+    if b.dtype != v.dtype or not diffkernel.available(b.dtype):  # the torch path widens a mix
+        return chunk_stats_torch(b, v, sparsity, base_prepared if b.dtype == v.dtype else None)
+    sq_diff, sq_base, n_changed, counts = diffkernel.fused_chunk_stats(
+        b.contiguous(), v.contiguous(), SPARSITY_EDGES, sparsity)
+    stats = DiffStats(sq_diff=sq_diff, sq_base=sq_base, n_changed=n_changed, n_total=b.numel())
+    if counts is not None:
+        stats.n_below, stats.n_above = int(counts[0]), int(counts[-1])
+        stats.hist = counts[1:-1].astype(np.int64)
+    return stats
+
+
+def chunk_stats_torch(b: torch.Tensor, v: torch.Tensor, sparsity: bool = True,
+                      base_prepared: tuple[torch.Tensor, float] | None = None) -> DiffStats:
+    """:func:`chunk_stats` with torch operations only (several passes over the chunk).
+
     ``base_prepared``: ``(_widen(b), sum of squares of b)`` when the caller compares one base
     chunk with several variants (computed once instead of per variant).
     """
@@ -347,23 +382,140 @@ def _take_rows(ref: ParamSlice, chunk: torch.Tensor) -> torch.Tensor:
     return chunk if ref.dim in (None, 0) else ref.take(chunk)
 
 
+_READ_AHEAD_SLOTS = 3  # buffer sets per reader: one being compared, up to two read ahead
+
+
+def _check_shapes(base: CheckpointReader, variants: dict[str, CheckpointReader],
+                  refs: list[ParamSlice]) -> None:
+    for ref in refs:
+        b_shape = base.shape(ref.name)
+        for name, r in variants.items():
+            if r.shape(ref.name) != b_shape:
+                raise CorruptCheckpoint(f"{ref.name} has shape {r.shape(ref.name)} in {name} but "
+                                        f"{b_shape} in the base", "compare the same architecture")
+
+
+def _read_ahead(base: CheckpointReader, variants: dict[str, CheckpointReader],
+                jobs: list[tuple[int, ParamSlice, int, int]]
+                ) -> Iterator[tuple[int, torch.Tensor, dict[str, torch.Tensor]]]:
+    """``(job index, base rows, {variant: rows})`` per job ``(ref index, ref, start, stop)``.
+
+    A background thread reads the rows (``pread`` drops the GIL) up to two jobs ahead of the
+    caller into :data:`_READ_AHEAD_SLOTS` recycled buffer sets, so reading overlaps comparing and
+    memory stays a few chunks. A yielded chunk is valid until the next one is asked for. Close the
+    generator (``contextlib.closing``) to stop the thread early.
+    """
+    free: queue.Queue[int] = queue.Queue()
+    ready: queue.Queue = queue.Queue()
+    for k in range(_READ_AHEAD_SLOTS):
+        free.put(k)
+    stopping = threading.Event()
+
+    def read() -> None:
+        try:
+            for i, (_, ref, start, stop) in enumerate(jobs):
+                slot = free.get()
+                if stopping.is_set():
+                    return
+                b = _take_rows(ref, base.rows(ref.name, start, stop, slot=slot))
+                vs = {n: _take_rows(ref, r.rows(ref.name, start, stop, slot=slot))
+                      for n, r in variants.items()}
+                ready.put((i, slot, b, vs))
+            ready.put(None)
+        except BaseException as exc:  # handed to the caller, raised there
+            ready.put(exc)
+
+    thread = threading.Thread(target=read, name="weights-read-ahead", daemon=True)
+    thread.start()
+    done_slot = None
+    try:
+        while True:
+            if done_slot is not None:
+                free.put(done_slot)
+                done_slot = None
+            item = ready.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            i, done_slot, b, vs = item
+            yield i, b, vs
+    finally:
+        stopping.set()
+        free.put(-1)
+        thread.join()
+
+
+def _file_kernel_ok(base: CheckpointReader, variants: dict[str, CheckpointReader],
+                    ref: ParamSlice) -> bool:
+    """Whether ``ref`` is a contiguous byte range of the files that the fused kernel can read."""
+    dtype = base._loc(ref.name).dtype
+    return ref.dim in (None, 0) and diffkernel.available(dtype) and all(
+        r._loc(ref.name).dtype == dtype for r in variants.values())
+
+
+def _file_stats(base: CheckpointReader, variant: CheckpointReader, ref: ParamSlice,
+                sparsity: bool) -> DiffStats:
+    """:class:`DiffStats` of one row range, read and compared by the fused kernel's threads."""
+    b_loc, v_loc = base._loc(ref.name), variant._loc(ref.name)
+    shape = b_loc.shape
+    lo, hi = (ref.start, ref.stop or shape[0]) if ref.dim == 0 else (0, shape[0])
+    row = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+    skip = lo * row * torch.empty((), dtype=b_loc.dtype).element_size()
+    try:
+        sq_diff, sq_base, n_changed, counts = diffkernel.fused_file_stats(
+            b_loc.dtype, (b_loc.path, b_loc.offset + skip), (v_loc.path, v_loc.offset + skip),
+            (hi - lo) * row, SPARSITY_EDGES, sparsity)
+    except (OSError, EOFError) as exc:
+        raise CorruptCheckpoint(f"reading {ref.name} failed: {exc}",
+                                "re-download or re-save the checkpoint") from None
+    stats = DiffStats(sq_diff=sq_diff, sq_base=sq_base, n_changed=n_changed,
+                      n_total=(hi - lo) * row)
+    if counts is not None:
+        stats.n_below, stats.n_above = int(counts[0]), int(counts[-1])
+        stats.hist = counts[1:-1].astype(np.int64)
+    return stats
+
+
+def _diff_refs(base: CheckpointReader, variants: dict[str, CheckpointReader],
+               refs: list[ParamSlice], sparsity: bool,
+               progress: Callable[[], None] | None = None) -> list[dict[str, DiffStats]]:
+    """Stats of every (sliced) parameter in ``refs`` for every variant, reads overlapped.
+
+    Row ranges of float32/16-bit tensors go to the fused kernel, which reads the files itself;
+    the rest (float64, column slices such as GPT-2's fused ``c_attn``, machines without a C
+    compiler) are read in chunks by :func:`_read_ahead` and compared by :func:`chunk_stats`.
+    """
+    _check_shapes(base, variants, refs)
+    out = [{name: DiffStats() for name in variants} for _ in refs]
+    direct = [_file_kernel_ok(base, variants, ref) for ref in refs]
+    for k, ref in enumerate(refs):
+        if direct[k]:
+            for name, r in variants.items():
+                out[k][name] = _file_stats(base, r, ref, sparsity)
+            if progress is not None:
+                progress()
+    jobs = [(k, ref, start, stop) for k, ref in enumerate(refs) if not direct[k]
+            for start, stop in _slice_chunks(base, ref)]
+    last_job = {k: i for i, (k, *_) in enumerate(jobs)}
+    with closing(_read_ahead(base, variants, jobs)) as chunks:
+        for i, b, vs in chunks:
+            k = jobs[i][0]
+            prepared = None
+            if not diffkernel.available(b.dtype):
+                bw = _widen(b)
+                prepared = (bw, _sum_squares(bw))
+            for name, v in vs.items():
+                out[k][name] = out[k][name] + chunk_stats(b, v, sparsity, prepared)
+            if progress is not None and last_job[k] == i:
+                progress()
+    return out
+
+
 def stream_stats(base: CheckpointReader, variants: dict[str, CheckpointReader], ref: ParamSlice,
                  sparsity: bool = True) -> dict[str, DiffStats]:
     """Stats of one (sliced) parameter for every variant; the base rows are read once."""
-    b_shape = base.shape(ref.name)
-    for name, r in variants.items():
-        if r.shape(ref.name) != b_shape:
-            raise CorruptCheckpoint(f"{ref.name} has shape {r.shape(ref.name)} in {name} but "
-                                    f"{b_shape} in the base", "compare the same architecture")
-    out = {name: DiffStats() for name in variants}
-    for start, stop in _slice_chunks(base, ref):
-        b = _take_rows(ref, base.rows(ref.name, start, stop, slot=0))
-        bw = _widen(b)
-        prepared = (bw, _sum_squares(bw))
-        for name, r in variants.items():
-            v = _take_rows(ref, r.rows(ref.name, start, stop, slot=1))
-            out[name] = out[name] + chunk_stats(b, v, sparsity, prepared)
-    return out
+    return _diff_refs(base, variants, [ref], sparsity)[0]
 
 
 # ----- whole checkpoints -----------------------------------------------------------------------
@@ -404,11 +556,10 @@ def weight_diff(base_folder: Path, variant_folders: dict[str, Path], sparsity: b
         base = stack.enter_context(CheckpointReader(Path(base_folder)))
         readers = {n: stack.enter_context(CheckpointReader(Path(f)))
                    for n, f in variant_folders.items()}
-        for layer, matrix, ref in refs:
-            for name, s in stream_stats(base, readers, ref, sparsity).items():
-                stats[name][matrix][layer] = s
-            if progress is not None:
-                progress()
+        per_ref = _diff_refs(base, readers, [ref for _, _, ref in refs], sparsity, progress)
+        for (layer, matrix, _), got in zip(refs, per_ref, strict=True):
+            for name, st in got.items():
+                stats[name][matrix][layer] = st
     return WeightDiff(list(family.matrices), L, stats)
 
 
