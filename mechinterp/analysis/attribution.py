@@ -145,6 +145,8 @@ def pooled_recovery(effect: Float[Tensor, "... item"], gap: Float[Tensor, " item
     """``sum_i sign(g_i) effect_i / sum_i |g_i|`` over the kept items: the share of the gap
     ``g = m_source - m_target`` a patch closes (the probes' ratio of means)."""
     g = gap[keep]
+    if not len(g):
+        return torch.full(effect.shape[:-1], float("nan"), dtype=torch.float64)
     return (effect[..., keep] * g.sign()).sum(-1) / g.abs().sum()
 
 
@@ -193,3 +195,9 @@ def verify_scan(estimate: dict, exact: Callable[[list], dict], k: int, validate:
     return {"ranking": ranking, "verified": top, "exact": values, "agreement": agree,
             "seconds": {"scan": scan_seconds, "verify_top_k": verify, "exact_all_sites": every,
                         "speedup": (every / (scan_seconds + verify)) if validate else None}}
+
+
+def by_site(values: dict, sites: Sequence[str], n_layers: int) -> dict[str, list[float]]:
+    """``{(site, layer): value}`` as ``{site: [value per layer]}`` (NaN where absent)."""
+    return {s: [float(values.get((s, layer), np.nan)) for layer in range(n_layers)]
+            for s in sites}
