@@ -56,6 +56,7 @@ from mechinterp.data.mmlu import LETTERS
 from mechinterp.errors import UserError
 from mechinterp.evals.stats import ratio_of_means
 from mechinterp.frames import Table
+from mechinterp.plotting.scan import scan_figure
 from mechinterp.plotting.style import PALETTE, new_axes
 from mechinterp.probe import BaseConfig
 from mechinterp.progress import task
@@ -338,35 +339,12 @@ class MLPPatching:
         })
 
     def _plot_scan(self, d: dict) -> dict:
-        """Scan estimate per layer (lines) and the exactly patched sites (markers)."""
-        sites = d["sites"]
-        figs = {}
-        for v in d["variants"]:
-            fig, axes = new_axes(width=4.2 * len(sites) + 1, height=3.6, ncols=len(sites),
-                                 squeeze=False, sharey=True)
-            layers = np.arange(d["n_layers"])
-            names = {"mlp": "MLP output", "attn": "attention output", "resid": "residual stream"}
-            for c, s in enumerate(sites):
-                ax = axes[0, c]
-                ax.plot(layers, np.array(d["scan_estimate"][v][s], float), marker=".",
-                        color=PALETTE[0], label="AtP estimate")
-                ax.plot(layers, np.array(d["scan_exact"][v][s], float), "o", mfc="none",
-                        color=PALETTE[1], label="exact patching")
-                ax.axhline(0, color="grey", lw=0.6)
-                ax.set_title(names[s])
-                ax.set_xlabel("patched layer")
-                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-            axes[0, 0].set_ylabel("denoising recovery (base into variant)")
-            axes[0, 0].legend(fontsize=8)
-            ag = d["scan_agreement"][v]
-            rho = ag["spearman"]
-            rho = "n/a" if rho is None or not np.isfinite(rho) else f"{rho:.2f}"
-            overlap = ("" if ag["top_k_overlap"] is None
-                       else f", top-{ag['top_k']} overlap {ag['top_k_overlap']}")
-            fig.suptitle(f"{v}: attribution-patching scan vs exact patching "
-                         f"(Spearman {rho} over {ag['n_sites']} sites{overlap})")
-            figs[f"scan_{v}"] = fig
-        return figs
+        names = {"mlp": "MLP output", "attn": "attention output", "resid": "residual stream"}
+        return {f"scan_{v}": scan_figure(d["scan_estimate"][v], d["scan_exact"][v],
+                                         d["scan_agreement"][v], names,
+                                         "denoising recovery (base into variant)",
+                                         f"{v}: attribution-patching scan vs exact")
+                for v in d["variants"]}
 
     def plot(self, result: Result) -> dict:
         d = result.data
