@@ -489,7 +489,8 @@ class DamageAttribution:
             for v in d["variants"]:
                 if d["scan_items"][v]["n_damaged_used"]:
                     figs[f"scan_{v}"] = scan_figure(
-                        d["scan_estimate"][v], d["scan_exact"][v], d["scan_agreement"][v], {},
+                        d["scan_estimate"][v], d["scan_exact"][v], d["scan_agreement"][v],
+                        {"mlp_out": "MLP output", "attn_out": "attention output"},
                         "share of the margin drop given back",
                         f"{v} ({d.get('format', 'letter')}): attribution-patching scan vs exact")
         layers = np.arange(d["n_layers"])

@@ -30,7 +30,7 @@ def scan_figure(estimate: dict, exact: dict, agreement: dict, names: dict[str, s
     axes[0, 0].set_ylabel(ylabel)
     axes[0, 0].legend(fontsize=8)
     rho = agreement.get("spearman")
-    rho = "n/a" if rho is None or not np.isfinite(rho) else f"{rho:.2f}"
+    rho = "n/a" if rho is None or not np.isfinite(rho) else f"{rho:.3f}"
     overlap = ("" if agreement.get("top_k_overlap") is None
                else f", top-{agreement['top_k']} overlap {agreement['top_k_overlap']}")
     fig.suptitle(f"{title}: Spearman {rho} over {agreement['n_sites']} exactly patched "
