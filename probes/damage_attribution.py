@@ -48,10 +48,13 @@ items used). NaN (JSON null) where a set is empty.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
+from mechinterp.analysis.attribution import atp_scan, by_site, choice_margin, verify_scan
 from mechinterp.analysis.crossmodel_sweep import (
     Condition,
     condition_sweep,
@@ -68,6 +71,7 @@ from mechinterp.evals.mmlu import MMLUFormat, build_request, stratified_sample
 from mechinterp.evals.stats import mean_ci, ratio_of_means, spearman, wilson
 from mechinterp.frames import Table
 from mechinterp.plotting import new_axes
+from mechinterp.plotting.scan import scan_figure
 from mechinterp.probe import BaseConfig
 from mechinterp.progress import task
 from mechinterp.results import Result
@@ -84,9 +88,15 @@ class Config(BaseConfig):
     n_control: int = 16  # items both models get right, patched as a control
     n_bootstrap: int = 1000  # bootstrap resamples of the items for each interval
     token_budget: int = 8192  # tokens per patched forward (conditions x the item's packed tokens)
+    # exact: patch every layer and window; atp: attribution-patching scan of every (site, layer)
+    # on the damaged items (margin recovery), then exact patching of the top scan_top_k
+    scan: str = "exact"
+    scan_top_k: int = 5  # scan=atp: sites verified by exact patching
+    scan_validate: bool = False  # scan=atp: also patch every site exactly (Spearman, speed ratio)
 
     # lower bounds; every other number: at least 0
-    at_least = {"window": 1, "max_failures": 1, "token_budget": 1, "n_bootstrap": 1}
+    at_least = {"window": 1, "max_failures": 1, "token_budget": 1, "n_bootstrap": 1,
+                "scan_top_k": 1}
 
 
 RECOVERY_FLOOR = 1e-3  # log-prob recovery below 0.1% of the gap is float noise, not recovery
@@ -180,7 +190,9 @@ class DamageAttribution:
         Table("weight_revert_margin_recovery", ("model", "layer"),
               ci="weight_revert_margin_recovery_ci95"),
         Table("mlp_weight_change", ("model", "layer")),
-        Table("margin_drop", ("model",), ci="margin_drop_ci95"))
+        Table("margin_drop", ("model",), ci="margin_drop_ci95"),
+        Table("scan_estimate", ("model", "site", "layer")),
+        Table("scan_exact", ("model", "site", "layer")))
 
     def run(self, models, data, config: Config) -> Result:
         fmt, norm = parse_format(config.format)
@@ -188,6 +200,8 @@ class DamageAttribution:
             raise UserError("damage-attribution needs a variant", "add --variant NAME=SPEC")
         if config.window < 1:
             raise UserError(f"window {config.window} must be at least 1", "e.g. --set window=3")
+        if config.scan not in ("exact", "atp"):
+            raise UserError(f"scan={config.scan!r}", "use scan=exact or scan=atp")
         subjects = list(config.subjects) if config.subjects else None
         items = stratified_sample(load_mmlu(data, "test", subjects), config.limit, config.seed)
         dev = load_mmlu(data, "dev", subjects) if fmt.shots else []
@@ -227,8 +241,9 @@ class DamageAttribution:
             wc = weight_change(models.specs["base"].path, {vname: models.specs[vname].path})[2][vname]
             out["mlp_weight_change"][vname] = [
                 float(np.mean([wc[m][layer] for m in mlp_matrices(base)])) for layer in range(L)]
-            self._variant(out, k, vname, base, variant, items, packed, gold, s_base, s_var,
-                          to_scores, windows, config)
+            each = self._scan_variant if config.scan == "atp" else self._variant
+            each(out, k, vname, base, variant, items, packed, gold, s_base, s_var, to_scores,
+                 windows, config)
             models.release(vname)
         return Result(self.name, {"variants": models.variants, "n_layers": L,
                                   "n_items": len(items), "format": format_label(fmt, norm),
@@ -400,9 +415,84 @@ class DamageAttribution:
             "margin_patched_top_layer": round(float(mp[best, pos[i]]), 4),
         } for i in fail[:8]]
 
+    def _scan_variant(self, out, k, vname, base, variant, items, packed, gold, s_base, s_var,
+                      to_scores, windows, config):
+        """``scan=atp``: the attribution-patching estimate of the margin recovery of every
+        (site, layer) on the damaged items ``scan=exact`` would use (one forward-backward pass
+        per item), the top ``scan_top_k`` patched exactly (:func:`condition_sweep`), and with
+        ``scan_validate`` every site: Spearman and top-k overlap."""
+        L, sites = base.n_layers, list(config.sites)
+        drop = margins(s_base, gold) - margins(s_var, gold)
+        rng = np.random.default_rng([config.seed, k])
+        rank = np.argsort(rng.permutation(len(items)))  # the same order as scan=exact
+        dmg = first_in_order(np.flatnonzero(drop > DAMAGE_FLOOR), rank, config.max_failures)
+        keys = [(s, layer) for s in sites for layer in range(L)]
+        heads = range(L) if "attn_out" in sites else ()
+        est = np.zeros((len(keys), len(dmg)))
+        head_est, check = [], []
+        t0 = time.perf_counter()
+        with task(f"attribution-patching scan ({vname}): {len(dmg)} damaged items",
+                  len(dmg)) as advance:
+            for j, i in enumerate(dmg):
+                it = packed[i]
+                # the item's rows unpacked: (row, position, token) of each scored token
+                sel = torch.cat([it.gather[it.target[:, 0]], it.target[:, 1:]], 1)
+                owner = torch.stack([torch.zeros_like(it.choice), it.choice], 1)
+                scale = to_scores(np.ones((1, it.n_choices)), np.array([i]))  # 1 / length
+                metric = choice_margin(sel, owner, 1, it.n_choices, torch.tensor([gold[i]]),
+                                       torch.from_numpy(1.0 / scale))
+                sc = atp_scan(base, variant, it.rows, torch.ones_like(it.rows), metric, keys,
+                              heads, torch.zeros(len(it.rows), dtype=torch.long), 1)
+                est[:, j] = [sc.estimate[key][0].item() for key in keys]
+                if heads:
+                    head_est.append(torch.stack([sc.heads[la][0] for la in heads]).numpy())
+                check.append(abs(sc.target_metric[0].item() - (margins(s_var, gold)[i])))
+                advance()
+        seconds = time.perf_counter() - t0
+        d_used = drop[dmg]
+        estimate = dict(zip(keys, ratio_of_means(est, d_used)[0].tolist()))
+
+        def exact(chosen):
+            """Exact margin recovery of ``chosen`` (site, layer) pairs on the damaged items."""
+            conds = [patch_condition(s, [layer]) for s, layer in chosen]
+            effect = np.zeros((len(chosen), len(dmg)))
+            for j, i in enumerate(dmg):
+                br = item_reference(base, packed[i], capture_sites=sites)
+                vr = item_reference(variant, packed[i], record_resid=True)
+                got = condition_sweep(base, variant, packed[i], conds, br, vr, config.token_budget)
+                idx, g = np.array([i]), gold[[i]]
+                mv = margins(to_scores(vr.scores.numpy()[None], idx), g)[0]
+                effect[:, j] = margins(to_scores(got.numpy()[:, None], idx), g)[:, 0] - mv
+            return dict(zip(chosen, ratio_of_means(effect, d_used)[0].tolist()))
+
+        res = verify_scan(estimate, exact, config.scan_top_k, config.scan_validate, seconds)
+        out["scan"], out["scan_top_k"] = "atp", config.scan_top_k
+        out["scan_validate"] = config.scan_validate
+        put = {"scan_estimate": by_site(estimate, sites, L),
+               "scan_exact": by_site(res["exact"], sites, L),
+               "scan_head_estimate": (ratio_of_means(np.stack(head_est, -1), d_used)[0].tolist()
+                                      if heads and dmg else []),
+               "scan_ranking": [list(x) for x in res["ranking"]],
+               "scan_verified": [list(x) for x in res["verified"]],
+               "scan_agreement": res["agreement"], "scan_seconds": res["seconds"],
+               "scan_items": {"n_damaged": int((drop > DAMAGE_FLOOR).sum()),
+                              "n_damaged_used": len(dmg),
+                              "damaged_items": [[items[i].subject, items[i].index] for i in dmg],
+                              "metric_max_abs_diff": max(check, default=0.0)}}
+        for key, value in put.items():
+            out.setdefault(key, {})[vname] = value
+
     def plot(self, result: Result) -> dict:
         d = result.data
         figs = {}
+        if d.get("scan") == "atp":
+            for v in d["variants"]:
+                if d["scan_items"][v]["n_damaged_used"]:
+                    figs[f"scan_{v}"] = scan_figure(
+                        d["scan_estimate"][v], d["scan_exact"][v], d["scan_agreement"][v],
+                        {"mlp_out": "MLP output", "attn_out": "attention output"},
+                        "share of the margin drop given back",
+                        f"{v} ({d.get('format', 'letter')}): attribution-patching scan vs exact")
         layers = np.arange(d["n_layers"])
         for v in d["variants"]:
             if (d.get("n_damaged_used") or {}).get(v):

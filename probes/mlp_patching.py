@@ -33,12 +33,20 @@ where the gap is tiny) and
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from matplotlib.ticker import MaxNLocator
 
+from mechinterp.analysis.attribution import (
+    answer_logprob,
+    atp_scan,
+    by_site,
+    pooled_recovery,
+    verify_scan,
+)
 from mechinterp.analysis.crossmodel import (
     cross_model_patch_sweep,
     last_positions,
@@ -52,6 +60,7 @@ from mechinterp.errors import UserError
 from mechinterp.evals.mmlu import MMLUFormat, answer_texts, build_request, question_text
 from mechinterp.evals.stats import ratio_of_means
 from mechinterp.frames import Table
+from mechinterp.plotting.scan import scan_figure
 from mechinterp.plotting.style import PALETTE, new_axes
 from mechinterp.probe import BaseConfig
 from mechinterp.progress import task
@@ -76,8 +85,14 @@ class Config(BaseConfig):
     mmlu_subjects: list[str] | None = None  # MMLU subjects for the mmlu prompt set (default: all)
     batch_size: int = 8  # prompts per forward pass
     max_tokens: int = 4096  # rows x positions per patched forward pass
+    # exact: patch every layer (both directions); atp: attribution-patching scan of every
+    # (site, layer), base into variant, then exact patching of the scan's top scan_top_k
+    scan: str = "exact"
+    scan_top_k: int = 5  # scan=atp: sites verified by exact patching
+    scan_validate: bool = False  # scan=atp: also patch every site exactly (Spearman, speed ratio)
     # lower bounds; every other number: at least 0
-    at_least = {"window": 1, "batch_size": 1, "max_tokens": 1, "n_bootstrap": 1}
+    at_least = {"window": 1, "batch_size": 1, "max_tokens": 1, "n_bootstrap": 1,
+                "scan_top_k": 1}
 
 
 def mmlu_prompt(item, fmt: str) -> tuple[str, str]:
@@ -117,7 +132,9 @@ class MLPPatching:
     version = "4"
     description = "cross-model activation patching (base <-> variant) per layer and site"
     Config = Config
-    frames = (Table("recovery", ("model", "site", "direction", "layer"), ci="recovery_ci95"),)
+    frames = (Table("recovery", ("model", "site", "direction", "layer"), ci="recovery_ci95"),
+              Table("scan_estimate", ("model", "site", "layer")),
+              Table("scan_exact", ("model", "site", "layer")))
 
     def run(self, models, data, config: Config) -> Result:
         if not models.variants:
@@ -127,6 +144,8 @@ class MLPPatching:
             raise UserError(f"unknown site {bad[0]!r}", f"use some of {', '.join(SITE)}")
         if config.mmlu_answer not in ("letter", "text"):
             raise UserError(f"mmlu_answer={config.mmlu_answer!r}", "use letter or text")
+        if config.scan != "exact":
+            return self._scan(models, data, config)
         base = models.base
         n = base.n_layers
         conds = [windows(layer, n, config.window) if config.window > 1 else [layer]
@@ -232,8 +251,111 @@ class MLPPatching:
                                    "recoveries); 1 = base, 0 = variant, in both directions",
         }, arrays)
 
+    def _scan(self, models, data, config: Config) -> Result:
+        """``scan=atp``: the attribution-patching estimate of the denoising recovery of every
+        (site, layer) (:func:`~mechinterp.analysis.attribution.atp_scan`, one forward-backward
+        pass per batch), the top ``scan_top_k`` patched exactly (the sweep of ``scan=exact``), and
+        with ``scan_validate`` every site patched exactly: Spearman and top-k overlap."""
+        if config.scan != "atp":
+            raise UserError(f"scan={config.scan!r}", "use scan=exact or scan=atp")
+        if config.window != 1:
+            raise UserError("scan=atp estimates single layers", "use window=1 with scan=atp")
+        base = models.base
+        n = base.n_layers
+        sets = prompts_for(data, config, base.tokenizer)
+        batches = []
+        for items in sets.values():
+            for a in range(0, len(items), config.batch_size):
+                batch = items[a:a + config.batch_size]
+                enc = base.tokenizer([p for p, _ in batch], return_tensors="pt", padding=True,
+                                     padding_side="right")
+                pos = last_positions(enc["attention_mask"])
+                batches.append((enc["input_ids"], enc["attention_mask"], pos,
+                                torch.tensor([x for _, x in batch])))
+        keys = [(s, layer) for s in config.sites for layer in range(n)]
+        heads = range(n) if "attn" in config.sites else ()
+        data_out: dict = {k: {} for k in ("scan_estimate", "scan_exact", "scan_head_estimate",
+                                          "scan_ranking", "scan_verified", "scan_agreement",
+                                          "scan_seconds", "n_kept", "logprob")}
+        with task("attribution-patching scan", len(models.variants) * len(batches)) as advance:
+            for v in models.variants:
+                var = models[v]
+                t0 = time.perf_counter()
+                est, head_est, mb, mv = [], [], [], []
+                for ids, mask, pos, ans in batches:
+                    sc = atp_scan(base, var, ids, mask, answer_logprob(pos, ans),
+                                  [(SITE[s], layer) for s, layer in keys], heads)
+                    est.append(torch.stack([sc.estimate[(SITE[s], la)] for s, la in keys]))
+                    if heads:
+                        head_est.append(torch.stack([sc.heads[la] for la in heads]))
+                    mb.append(sc.source_metric), mv.append(sc.target_metric)
+                    advance()
+                seconds = time.perf_counter() - t0
+                mb, mv = torch.cat(mb), torch.cat(mv)
+                gap = mb - mv
+                keep = gap.abs() >= config.min_gap
+                estimate = dict(zip(keys, pooled_recovery(torch.cat(est, 1), gap, keep).tolist()))
+
+                def exact(chosen, var=var, mv=mv, gap=gap, keep=keep):
+                    """Exact denoising recovery of ``chosen`` (site, layer) pairs, pooled."""
+                    effect = {k: [] for k in chosen}
+                    done = 0
+                    for ids, mask, pos, ans in batches:
+                        m_var = mv[done:done + len(ids)]
+                        done += len(ids)
+                        for s in dict.fromkeys(s for s, _ in chosen):
+                            layers = [la for t, la in chosen if t == s]
+                            lp = cross_model_patch_sweep(base, var, ids, mask, SITE[s], layers,
+                                                         pos, ans, config.max_tokens)
+                            for la, row in zip(layers, lp.double()):
+                                effect[(s, la)].append(row - m_var)
+                    return {k: pooled_recovery(torch.cat(e), gap, keep).item()
+                            for k, e in effect.items()}
+
+                res = verify_scan(estimate, exact, config.scan_top_k, config.scan_validate,
+                                  seconds)
+                data_out["scan_estimate"][v] = by_site(estimate, config.sites, n)
+                data_out["scan_exact"][v] = by_site(res["exact"], config.sites, n)
+                if heads:
+                    h = torch.cat(head_est, 1)  # [layer, item, head]
+                    data_out["scan_head_estimate"][v] = pooled_recovery(
+                        h.movedim(1, -1), gap, keep).tolist()
+                data_out["scan_ranking"][v] = [list(k) for k in res["ranking"]]
+                data_out["scan_verified"][v] = [list(k) for k in res["verified"]]
+                data_out["scan_agreement"][v] = res["agreement"]
+                data_out["scan_seconds"][v] = res["seconds"]
+                data_out["n_kept"][v] = int(keep.sum())
+                data_out["logprob"][v] = {"base": mb.mean().item(), "variant": mv.mean().item()}
+                models.release(v)
+        return Result(self.name, {
+            "scan": "atp", "scan_top_k": config.scan_top_k, "scan_validate": config.scan_validate,
+            **data_out,
+            "variants": models.variants, "sites": config.sites, "n_layers": n,
+            "n_prompts": sum(len(x) for x in sets.values()),
+            "n_prompts_by_set": {k: len(x) for k, x in sets.items()},
+            "min_gap": config.min_gap,
+            "metric": "log p(answer token) at the last prompt position",
+            "scan_definition": "denoising (base into variant) recovery per (site, layer), "
+                               "sum_i sign(g_i) effect_i / sum_i |g_i| over items with |g| >= "
+                               "min_gap; scan_estimate: effect_i = (a_base - a_variant) . "
+                               "d m / d a on the variant (AtP), scan_exact: effect_i = "
+                               "m_patched - m_variant where patched exactly (NaN elsewhere); "
+                               "scan_head_estimate: [layer][head], patches of one head's z "
+                               "through the variant's o_proj",
+        })
+
+    def _plot_scan(self, d: dict) -> dict:
+        names = {"mlp": "MLP output", "attn": "attention output", "resid": "residual stream"}
+        return {f"scan_{v}": scan_figure(d["scan_estimate"][v], d["scan_exact"][v],
+                                         d["scan_agreement"][v], names,
+                                         "denoising recovery (base into variant)",
+                                         f"{v}: attribution-patching scan vs exact")
+                for v in d["variants"]}
+
     def plot(self, result: Result) -> dict:
         d = result.data
+        if d.get("scan") == "atp":
+            return self._plot_scan(d)
         sites = d["sites"]
         fig, axes = new_axes(width=4.2 * len(sites) + 1, height=7, nrows=2, ncols=len(sites),
                              squeeze=False, sharex=True)

@@ -1,8 +1,10 @@
 """Activation capture and patching on the Hugging Face view: one generic mechanism.
 
 Sites (see :mod:`mechinterp.models.naming`): ``resid_pre`` (input of block L), ``attn_out`` and
-``mlp_out`` (outputs of block L's attention and MLP, before they are added to the residual stream)
-and ``resid_post`` (output of block L). A :class:`Patch` replaces a site's activation - optionally
+``mlp_out`` (outputs of block L's attention and MLP, before they are added to the residual stream),
+``resid_post`` (output of block L) and ``attn_z`` (input of block L's attention output projection:
+the heads' outputs side by side, ``[batch, pos, n_heads * d_head]``, TransformerLens' ``hook_z``
+flattened). A :class:`Patch` replaces a site's activation - optionally
 only for some batch rows and some positions - with a given tensor; every analysis (cross-model
 patching, causal tracing, damage attribution) is a thin specialisation of :func:`patching`.
 
@@ -15,7 +17,7 @@ agree exactly with the same patch done through TransformerLens' bridge hooks.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -27,7 +29,7 @@ from ..errors import UserError
 from ..models.loaded import LoadedModel
 from ..models.unembed import final_hidden, logits_fp32
 
-SITES = ("resid_pre", "attn_out", "mlp_out", "resid_post")
+SITES = ("resid_pre", "attn_out", "mlp_out", "resid_post", "attn_z")
 SiteKey = tuple[str, int]
 
 
@@ -70,9 +72,12 @@ def _check_site(model: LoadedModel, site: str, layer: int) -> None:
 
 
 def _module_for(model: LoadedModel, site: str, layer: int) -> tuple[torch.nn.Module, bool]:
-    """(module, is_pre_hook): resid_pre is the *input* of block L."""
+    """(module, is_pre_hook): resid_pre is the *input* of block L, attn_z that of its o_proj."""
     if site == "resid_pre":
         return model.hf.get_submodule(model.family.block(layer)), True
+    if site == "attn_z":
+        path = f"{model.family.block(layer)}.{model.family.param_names['o']}"
+        return model.hf.get_submodule(path), True
     return model.module(layer, site), False
 
 
@@ -154,6 +159,35 @@ def capture(model: LoadedModel, input_ids: Int[Tensor, "batch pos"],
     with hooked(model, {k: saver(k) for k in sites}):
         logits = model_logits(model, input_ids, attention_mask)
     return logits, store
+
+
+def capture_grads(model: LoadedModel, forward: Callable[[], Tensor],
+                  sites: Iterable[SiteKey]) -> tuple[Tensor, dict[SiteKey, Tensor],
+                                                     dict[SiteKey, Tensor]]:
+    """Run ``forward()`` (a forward pass of ``model`` under these hooks returning one value per
+    item) with gradients: ``(values, {site: activation}, {site: d sum(values) / d activation})``.
+
+    Only the activations' gradients are computed (``torch.autograd.grad``): nothing accumulates
+    in the parameters' ``.grad``. Rows are independent, so the gradient of the sum is each row's
+    gradient of its own value."""
+    sites = list(sites)
+    live: dict[SiteKey, Tensor] = {}
+
+    def keep(key):
+        def fn(act):
+            if act.requires_grad:
+                live[key] = act
+                return None
+            live[key] = act.detach().requires_grad_(True)  # frozen weights: start the graph here
+            return live[key]
+        return fn
+
+    with torch.enable_grad(), hooked(model, {k: keep(k) for k in sites}):
+        values = forward()
+    grads = torch.autograd.grad(values.sum(), [live[k] for k in sites], allow_unused=True)
+    acts = {k: live[k].detach() for k in sites}
+    return values.detach(), acts, {k: torch.zeros_like(acts[k]) if g is None else g
+                                   for k, g in zip(sites, grads)}
 
 
 @torch.no_grad()
