@@ -22,10 +22,14 @@ Fast engine (:func:`trace_fact`). Restoring at (``t``, ``L``) cannot change posi
 model is causal) nor anything before the first layer it touches. So one *recording* run of the
 clean and corrupted rows keeps every layer's input and keys/values; each cell then runs only the
 blocks from its first changed layer on, only for positions ``>= t``, attending to the recorded
-keys/values of positions ``< t`` (:class:`~mechinterp.analysis.blocks.BlockStack`). Cells of all
-three kinds and every layer that share ``t`` go in one batch, sorted by first layer, so block
-``l`` runs on exactly the rows that have started by then. Positions before the first subject
-token are identical in clean and corrupted runs, so their cells need no pass at all (restored ==
+keys/values of positions ``< t``. Every cell x sample of a fact is one row; rows are sorted by
+their first block and their tokens packed (row ``r``: positions ``t_r..T-1``), so block ``l`` runs
+ONCE on the packed tokens of the rows started by then, whatever their ``t``
+(:class:`~mechinterp.analysis.blocks.PackedBlocks`: fused attention over one preallocated
+key/value buffer; patches written in place). A window (mlp/attn) row's first window layer sees the
+corrupted input everywhere, so it changes only position ``t`` and the row starts one block later;
+the last block computes only the last position. Positions before the first subject token are
+identical in clean and corrupted runs, so their cells need no pass at all (restored ==
 corrupted). Only the last position is unembedded.
 :func:`trace_fact_naive` is the textbook loop (one full forward of the ``N`` noised rows per cell)
 used as the reference in tests and in ``benchmarks/causal_trace.py``.
@@ -214,11 +218,10 @@ def record(model: LoadedModel, fact: FactInput, noise: Tensor,
 class _Rows:
     """One row per (kind, token, layer, sample) cell, sorted by the first block it must run.
 
-    A row restores its condition at token ``t``; ``entry`` is the first block whose input differs
-    from the corrupted run at more than ``t``... more precisely the first block run on positions
-    ``t..T-1``; its input is the corrupted run's, with position ``t`` set to ``start`` (see
-    :func:`_start_vectors`). ``lo``/``hi`` are the window (mlp/attn) whose layers after
-    ``entry - 1`` are still patched at ``t``.
+    A row restores its condition at token ``t``; ``entry`` is the first block run on positions
+    ``t..T-1``; its input is the corrupted run's with position ``t`` set to the row's start vector
+    (:func:`_start_vectors`). ``[lo, hi)`` is the row's window (mlp/attn): layers ``entry..hi-1``
+    are still patched at ``t`` (hidden: ``[L, L+1)``, nothing left to patch).
     """
 
     kind: Tensor    # 0 hidden, 1 mlp, 2 attn
