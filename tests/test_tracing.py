@@ -186,3 +186,61 @@ def test_embedding_std_by_hand():
     assert embedding_std(model, facts) == pytest.approx(2.0, abs=1e-12)
     # one fact: values 1 3 2 -2, mean 1, squared deviations 0 4 1 9 = 14, / 3
     assert embedding_std(model, facts[:1]) == pytest.approx((14 / 3) ** 0.5, abs=1e-12)
+
+
+@pytest.mark.parametrize("name", ["tiny-random-llama", "tiny-random-qwen2", "tiny-random-gpt2"])
+def test_packed_blocks_reproduce_hf_hidden_states(name):
+    """Two copies of a prompt packed as tokens 2.. and 4.. (earlier positions' keys/values from a
+    recorded run, written into one buffer), run one PackedBlocks call per layer: every packed token's
+    residual stream equals HF's hidden state of that layer and position."""
+    from mechinterp.analysis.blocks import PackedBlocks, PrefixKV
+
+    model = load(name, device="cpu", dtype="float32")
+    ids = torch.tensor([_fact(model).input_ids])
+    T = ids.shape[1]
+    stack = BlockStack(model)
+    packed = PackedBlocks(stack, T)
+    starts = torch.tensor([2, 4])
+    row = torch.repeat_interleave(torch.arange(2), T - starts)
+    pos = torch.cat([torch.arange(s, T) for s in starts.tolist()])
+    with torch.no_grad():
+        ref = model.hf(input_ids=ids, output_hidden_states=True).hidden_states
+        rec = PrefixKV(record=True)
+        h0 = stack.embed_input(ids)
+        kw = stack.block_kwargs(h0, 0)
+        for layer in range(model.n_layers):
+            h0 = stack.layer(layer, h0, rec, kw)
+        h = ref[0][0, pos].clone()
+        shape = (2, packed.kv_heads, T, packed.head_dim)
+        kb, vb = torch.empty(shape), torch.empty(shape)
+        qb = torch.zeros(2, packed.heads, T, packed.head_dim)
+        for layer in range(model.n_layers):
+            xn = packed.normed(layer, h)
+            k, v = packed.kv(layer, xn, pos)
+            kb[:] = rec.recorded[layer][0]
+            vb[:] = rec.recorded[layer][1]
+            kb[row, :, pos], vb[row, :, pos] = k, v
+            qb[row, :, pos] = packed.queries(layer, xn, pos)
+            o = packed.attend(layer, qb, kb, vb)[row, :, pos]
+            h = h + packed.attn_out(layer, o)
+            h = h + packed.mlp_out(layer, h)
+            if layer < model.n_layers - 1:  # HF's last hidden state is after the final norm
+                torch.testing.assert_close(h, ref[layer + 1][0, pos], atol=1e-4, rtol=0)
+        torch.testing.assert_close(h, h0[0, pos], atol=1e-4, rtol=0)  # float32 GEMM order
+
+
+def test_unsupported_blocks_fall_back_to_the_naive_loop(tiny, monkeypatch):
+    """A block class the packed engine does not know (OLMo-2's, say) is traced by the naive loop,
+    with a warning, instead of failing: the same grid as the packed engine gives."""
+    import mechinterp.analysis.blocks as blocks
+    import mechinterp.analysis.tracing as tracing
+
+    f = _fact(tiny)
+    noise = _noise(tiny, f)
+    packed = trace_fact(tiny, f, noise, ("hidden",), window=2)
+    monkeypatch.setattr(blocks, "PACKED_BLOCKS", ())
+    tracing._warn_naive.cache_clear()
+    with pytest.warns(UserWarning, match="naive loop"):
+        fallback = trace_fact(tiny, f, noise, ("hidden",), window=2)
+    assert fallback.corrupted_prob == pytest.approx(packed.corrupted_prob, abs=1e-6)
+    assert np.nanmax(np.abs(fallback.scores["hidden"] - packed.scores["hidden"])) <= 1e-5

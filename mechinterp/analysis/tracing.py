@@ -22,10 +22,14 @@ Fast engine (:func:`trace_fact`). Restoring at (``t``, ``L``) cannot change posi
 model is causal) nor anything before the first layer it touches. So one *recording* run of the
 clean and corrupted rows keeps every layer's input and keys/values; each cell then runs only the
 blocks from its first changed layer on, only for positions ``>= t``, attending to the recorded
-keys/values of positions ``< t`` (:class:`~mechinterp.analysis.blocks.BlockStack`). Cells of all
-three kinds and every layer that share ``t`` go in one batch, sorted by first layer, so block
-``l`` runs on exactly the rows that have started by then. Positions before the first subject
-token are identical in clean and corrupted runs, so their cells need no pass at all (restored ==
+keys/values of positions ``< t``. Every cell x sample of a fact is one row; rows are sorted by
+their first block and their tokens packed (row ``r``: positions ``t_r..T-1``), so block ``l`` runs
+ONCE on the packed tokens of the rows started by then, whatever their ``t``
+(:class:`~mechinterp.analysis.blocks.PackedBlocks`: fused attention over one preallocated
+key/value buffer; patches written in place). A window (mlp/attn) row's first window layer sees the
+corrupted input everywhere, so it changes only position ``t`` and the row starts one block later;
+the last block computes only the last position. Positions before the first subject token are
+identical in clean and corrupted runs, so their cells need no pass at all (restored ==
 corrupted). Only the last position is unembedded.
 :func:`trace_fact_naive` is the textbook loop (one full forward of the ``N`` noised rows per cell)
 used as the reference in tests and in ``benchmarks/causal_trace.py``.
@@ -33,7 +37,9 @@ used as the reference in tests and in ``benchmarks/causal_trace.py``.
 
 from __future__ import annotations
 
+import functools
 import math
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -44,8 +50,8 @@ from torch import Tensor
 
 from ..errors import UserError
 from ..models.loaded import LoadedModel
-from .blocks import BlockStack, PrefixKV
-from .patching import Patch, capture, hooked, patching, run_patched
+from .blocks import BlockStack, PackedBlocks, PrefixKV, packed_unsupported
+from .patching import Patch, capture, hooked, run_patched
 
 KINDS = ("hidden", "mlp", "attn")
 SITE_OF_KIND = {"hidden": "resid_post", "mlp": "mlp_out", "attn": "attn_out"}
@@ -181,7 +187,7 @@ class Recording:
 
     resid: Tensor  # [n+1, 1+N, T, d]: input of each block, then the last block's output
     kv: dict[int, tuple[Tensor, Tensor]]  # layer -> keys, values [1+N, kv_heads, T, head_dim]
-    clean_out: dict[str, list[Tensor]]    # site -> per layer clean output [T, d]
+    out: dict[str, Tensor]                # site -> [n, 1+N, T, d] attn_out / mlp_out per layer
     probs: Tensor                         # [1+N] answer probability at the last position
     top1: Tensor                          # [1+N] top-1 token at the last position
 
@@ -196,107 +202,198 @@ def record(model: LoadedModel, fact: FactInput, noise: Tensor,
         h = stack.embed_input(ids)
     kw = stack.block_kwargs(h, 0)
     cache = PrefixKV(record=True)
-    clean_out: dict[str, list[Tensor]] = {"mlp_out": [None] * n, "attn_out": [None] * n}
+    out: dict[str, list[Tensor]] = {"mlp_out": [None] * n, "attn_out": [None] * n}
 
     def saver(site, layer):
         def fn(act):
-            clean_out[site][layer] = act[0].clone()
+            out[site][layer] = act.clone()
         return fn
 
     resid = [h]
-
-    with hooked(model, {(s, layer): saver(s, layer) for s in clean_out for layer in range(n)}):
+    with hooked(model, {(s, layer): saver(s, layer) for s in out for layer in range(n)}):
         for layer in range(n):
             h = stack.layer(layer, h, cache, kw)
             resid.append(h)
     logits = stack.logits(h[:, -1])
     probs = logits.float().softmax(-1)[:, fact.answer_id]
-    return Recording(torch.stack(resid), cache.recorded, clean_out, probs, logits.argmax(-1))
+    return Recording(torch.stack(resid), cache.recorded,
+                     {s: torch.stack(v) for s, v in out.items()}, probs, logits.argmax(-1))
 
 
 @dataclass
 class _Rows:
-    """Restoration conditions x samples for one token, sorted by the first layer they change."""
+    """One row per (kind, token, layer, sample) cell, sorted by the first block it must run.
 
-    kind: list[str]
-    layer: Tensor    # cell layer L
-    sample: Tensor   # noise sample index (0..N-1)
-    entry: Tensor    # first block to run (hidden: L+1; windows: first window layer)
+    A row restores its condition at token ``t``; ``entry`` is the first block run on positions
+    ``t..T-1``; its input is the corrupted run's with position ``t`` set to the row's start vector
+    (:func:`_start_vectors`). ``[lo, hi)`` is the row's window (mlp/attn): layers ``entry..hi-1``
+    are still patched at ``t`` (hidden: ``[L, L+1)``, nothing left to patch).
+    """
+
+    kind: Tensor    # 0 hidden, 1 mlp, 2 attn
+    token: Tensor
+    layer: Tensor   # cell layer L
+    sample: Tensor  # noise sample index (0..N-1)
+    entry: Tensor
+    lo: Tensor
+    hi: Tensor
+
+    def take(self, idx) -> _Rows:
+        return _Rows(*(getattr(self, f)[idx] for f in self.__dataclass_fields__))
+
+    def __len__(self) -> int:
+        return len(self.kind)
 
 
-def _rows_for_token(kinds, n_layers: int, n_samples: int, window: int) -> _Rows:
-    kind, layer, sample, entry = [], [], [], []
+def _all_rows(kinds, tokens: range, n_layers: int, n_samples: int, window: int) -> _Rows:
+    cols = {f: [] for f in _Rows.__dataclass_fields__}
     for k in kinds:
-        for L in range(n_layers):
-            e = L + 1 if k == "hidden" else _layers_of(k, L, n_layers, window)[0]
-            for s in range(n_samples):
-                kind.append(k), layer.append(L), sample.append(s), entry.append(e)
-    entry_t = torch.tensor(entry)
-    order = torch.argsort(entry_t, stable=True)
-    return _Rows([kind[i] for i in order.tolist()], torch.tensor(layer)[order],
-                 torch.tensor(sample)[order], entry_t[order])
+        for t in tokens:
+            for L in range(n_layers):
+                if k == "hidden":
+                    lo, hi, entry = L, L + 1, L + 1
+                else:
+                    w = windows(L, n_layers, window)
+                    lo, hi, entry = w[0], w[-1] + 1, w[0] + 1
+                for s in range(n_samples):
+                    for f, v in zip(cols, (KINDS.index(k), t, L, s, entry, lo, hi)):
+                        cols[f].append(v)
+    rows = _Rows(*(torch.tensor(v) for v in cols.values()))
+    return rows.take(torch.argsort(rows.entry, stable=True))
 
 
 @torch.no_grad()
-def _restore_token(stack: BlockStack, rec: Recording, rows: _Rows, t: int, answer_id: int,
-                   window: int) -> Tensor:
-    """Answer probability for each row after restoring its condition at token ``t``."""
-    model, n = stack.model, stack.n_layers
-    resid = rec.resid
-    h = resid[rows.entry, 1 + rows.sample, t:].clone()  # corrupted input of the entry block
-    hid = torch.tensor([i for i, k in enumerate(rows.kind) if k == "hidden"], dtype=torch.long)
-    if len(hid):
-        h[hid, 0] = resid[rows.entry[hid], 0, t]  # clean resid_post[L] at token t
-    kw = stack.block_kwargs(h[:1], t)
-    cache = PrefixKV()
-    is_kind = {k: torch.tensor([r == k for r in rows.kind]) for k in ("mlp", "attn")}
-    lo = rows.layer - window // 2
-    hi = rows.layer - (-window // 2)
-    first = int(rows.entry.min())
-    for layer in range(first, n):
+def _start_vectors(packed: PackedBlocks, rec: Recording, rows: _Rows) -> Float[Tensor, "R d"]:
+    """Input of block ``entry`` at token ``t`` for each row.
+
+    hidden: the clean ``resid_post[L]``. A window row's first window layer ``a`` sees the
+    corrupted input everywhere, so it changes only position ``t``: mlp gives corrupted
+    ``resid_mid + clean mlp_out``; attn gives ``v + mlp(v)`` with ``v`` = corrupted resid_pre +
+    clean attn_out (one token through one MLP). All other positions of block ``a``'s output are
+    the corrupted run's.
+    """
+    t, s1, a = rows.token, 1 + rows.sample, rows.lo
+    out = rec.resid[rows.entry, 0, t]  # hidden: clean resid_post[L] = resid[L + 1]
+    attn, mlp = rec.out["attn_out"], rec.out["mlp_out"]
+    sel = (rows.kind == 1).nonzero().flatten()
+    if len(sel):
+        out[sel] = (rec.resid[a[sel], s1[sel], t[sel]] + attn[a[sel], s1[sel], t[sel]]) \
+            + mlp[a[sel], 0, t[sel]]
+    sel = (rows.kind == 2).nonzero().flatten()
+    for layer in a[sel].unique().tolist():
+        idx = sel[a[sel] == layer]
+        v = rec.resid[layer, s1[idx], t[idx]] + attn[layer, 0, t[idx]]
+        out[idx] = v + packed.mlp_out(layer, v)
+    return out
+
+
+@torch.no_grad()
+def _restore_rows(packed: PackedBlocks, rec: Recording, rows: _Rows, n_tokens: int,
+                  answer_id: int) -> Tensor:
+    """Answer probability for each row (sorted by entry) after restoring its condition.
+
+    Tokens of all rows are packed ``[row, position >= t]`` in row order, so the tokens of the rows
+    that have started by block ``l`` are a prefix: one call per layer covers every token and
+    restore position. Positions ``< t`` of a row come from the recording (its keys/values are
+    copied into the preallocated buffer before the new ones are written). The last block computes
+    only the last position's output (nothing reads the others).
+    """
+    n, T = packed.stack.n_layers, n_tokens
+    R = len(rows)
+    length = T - rows.token
+    first = torch.cumsum(length, 0) - length        # packed index of each row's token t
+    tok_row = torch.repeat_interleave(torch.arange(R), length)
+    tok_pos = torch.arange(int(length.sum())) - first[tok_row] + rows.token[tok_row]
+    last = first + length - 1                      # each row's last position
+    s1 = 1 + rows.sample
+    h = rec.resid[rows.entry[tok_row], s1[tok_row], tok_pos]  # corrupted input of the entry block
+    h[first] = _start_vectors(packed, rec, rows)
+    kv_rows = min(R, int(torch.searchsorted(rows.entry, n - 1, right=True)))
+    dtype = h.dtype
+    shape = (kv_rows, packed.kv_heads, T, packed.head_dim)
+    k_buf, v_buf = h.new_empty(shape), h.new_empty(shape)
+    q_buf = h.new_zeros(kv_rows, packed.heads, T, packed.head_dim)
+    patched = {site: rec.out[site][:, 0].to(dtype) for site in ("attn_out", "mlp_out")}
+    for layer in range(int(rows.entry[0]), n):
         k = int(torch.searchsorted(rows.entry, layer, right=True))
         if k == 0:
             continue
-        kv_k, kv_v = rec.kv[layer]
-        src = 1 + rows.sample[:k]
-        cache.prefix[layer] = (kv_k[src, :, :t], kv_v[src, :, :t])
-        patches = []
-        for kind in ("mlp", "attn"):
-            sel = is_kind[kind][:k] & (lo[:k] <= layer) & (hi[:k] > layer)
-            idx = sel.nonzero().flatten()
-            if len(idx):
-                site = SITE_OF_KIND[kind]
-                patches.append(Patch(site, layer, rec.clean_out[site][layer][t], rows=idx,
-                                     positions=torch.tensor([0])))
-        with patching(model, patches):
-            h[:k] = stack.layer(layer, h[:k], cache, kw)
-        cache.prefix.pop(layer)
-    logits = stack.logits(h[:, -1])
-    return logits.float().softmax(-1)[:, answer_id]
+        A = int(first[k - 1] + length[k - 1])
+        r, p = tok_row[:A], tok_pos[:A]
+        xn = packed.normed(layer, h[:A])
+        key, val = packed.kv(layer, xn, p)
+        rec_k, rec_v = rec.kv[layer]
+        torch.index_select(rec_k, 0, s1[:k], out=k_buf[:k])
+        torch.index_select(rec_v, 0, s1[:k], out=v_buf[:k])
+        k_buf[r, :, p] = key
+        v_buf[r, :, p] = val
+        top = layer == n - 1
+        q_idx = last[:k] if top else torch.arange(A)  # packed tokens whose output is needed
+        q_row, q_pos = tok_row[q_idx], tok_pos[q_idx]
+        q_buf[q_row, :, q_pos] = packed.queries(layer, xn[q_idx], q_pos)
+        o = packed.attend(layer, q_buf[:k], k_buf[:k], v_buf[:k])[q_row, :, q_pos]
+        x = h[q_idx] if top else h[:A]
+        outs = {"attn_out": packed.attn_out(layer, o)}
+        # still-patched window rows: their output at t is the clean one (written in place)
+        live = (rows.lo[:k] < layer) & (rows.hi[:k] > layer)
+        if top:
+            live &= rows.token[:k] == T - 1
+        for kind, site in ((2, "attn_out"), (1, "mlp_out")):
+            if site == "mlp_out":
+                x.add_(outs["attn_out"])
+                outs[site] = packed.mlp_out(layer, x)
+            sel = (live & (rows.kind[:k] == kind)).nonzero().flatten()
+            if len(sel):
+                at = sel if top else first[sel]
+                outs[site][at] = patched[site][layer, rows.token[sel]]
+        x.add_(outs["mlp_out"])
+        if top:
+            h[q_idx] = x
+    logits = packed.stack.logits(h[last]).float()
+    return (logits[:, answer_id] - logits.logsumexp(-1)).exp()  # softmax of one entry
 
 
 def trace_fact(model: LoadedModel, fact: FactInput, noise: Tensor, kinds=KINDS,
-               window: int = 10, max_rows: int = 1024, stack: BlockStack | None = None,
-               ) -> FactTrace:
-    """Fast causal trace of one fact (see module docstring); equals :func:`trace_fact_naive`."""
+               window: int = 10, max_rows: int = 4096, max_tokens: int = 16384,
+               stack: BlockStack | None = None) -> FactTrace:
+    """Fast causal trace of one fact (see module docstring); equals :func:`trace_fact_naive`.
+
+    Rows (cells x samples) are sorted by their first block and cut into chunks of at most
+    ``max_rows`` rows and ``max_tokens`` packed tokens (memory); each chunk is one call per layer.
+    """
     stack = stack or BlockStack(model)
     n, T, N = stack.n_layers, fact.n_tokens, noise.shape[0]
-    rec = record(model, fact, noise, stack)
+    if (why := packed_unsupported(stack, T)) is not None:  # e.g. OLMo-2 blocks: same numbers,
+        _warn_naive(why)                                   # one forward per cell
+        return trace_fact_naive(model, fact, noise, kinds, window)
+    with model.fused_attention():
+        rec = record(model, fact, noise, stack)
     clean, corrupted = float(rec.probs[0]), float(rec.probs[1:].mean())
     scores = {k: np.full((T, n), corrupted, dtype=np.float64) for k in kinds}
-    rows = _rows_for_token(kinds, n, N, window)
-    for t in range(fact.subject[0], T):
-        probs = torch.empty(len(rows.kind))
-        for a in range(0, len(rows.kind), max_rows):  # contiguous chunks keep the entry order
-            b = a + max_rows
-            chunk = _Rows(rows.kind[a:b], rows.layer[a:b], rows.sample[a:b], rows.entry[a:b])
-            probs[a:b] = _restore_token(stack, rec, chunk, t, fact.answer_id, window)
-        for kind in kinds:
-            sel = torch.tensor([r == kind for r in rows.kind])
-            grid = torch.zeros(n, dtype=torch.float64)
-            grid.index_add_(0, rows.layer[sel], probs[sel].double())
-            scores[kind][t] = (grid / N).numpy()
+    rows = _all_rows(kinds, range(fact.subject[0], T), n, N, window)
+    packed = PackedBlocks(stack, T)
+    probs = torch.empty(len(rows))
+    ntok = torch.cumsum(T - rows.token, 0)
+    a = 0
+    while a < len(rows):
+        before = int(ntok[a - 1]) if a else 0
+        b = int(torch.searchsorted(ntok, before + max_tokens, right=True))
+        b = min(max(b, a + 1), a + max_rows, len(rows))
+        probs[a:b] = _restore_rows(packed, rec, rows.take(slice(a, b)), T, fact.answer_id)
+        a = b
+    for kind in kinds:
+        sel = rows.kind == KINDS.index(kind)
+        grid = torch.zeros(T * n, dtype=torch.float64)
+        grid.index_add_(0, (rows.token * n + rows.layer)[sel], probs[sel].double())
+        g = (grid / N).view(T, n).numpy()
+        scores[kind][fact.subject[0]:] = g[fact.subject[0]:]
     return FactTrace(clean, corrupted, int(rec.top1[0]) == fact.answer_id, scores)
+
+
+@functools.cache
+def _warn_naive(why: str) -> None:
+    warnings.warn(f"causal tracing falls back to the naive loop (one forward per cell, several "
+                  f"times slower): {why}", stacklevel=3)
 
 
 # ----- naive reference ----------------------------------------------------------------------------
