@@ -28,14 +28,17 @@ from .cli_train import train_app
 from .errors import UserError
 
 app = typer.Typer(
+    rich_markup_mode=None,  # plain help: rich markup would eat "[paper: 571]" and "[@REV]"
     help="Mechanistic interpretability of post-training: load a base model next to its fine-tunes "
     "and measure where and how fine-tuning changed it.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-models_app = typer.Typer(help="The model zoo: list and fetch built-in models.", no_args_is_help=True)
-probes_app = typer.Typer(help="Probes: one experiment each.", no_args_is_help=True)
+models_app = typer.Typer(rich_markup_mode=None,
+                        help="The model zoo: list and fetch built-in models.", no_args_is_help=True)
+probes_app = typer.Typer(rich_markup_mode=None,
+                        help="Probes: one experiment each.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 app.add_typer(probes_app, name="probes")
 app.add_typer(train_app, name="train")

@@ -15,7 +15,8 @@ import typer
 from .cli_options import DataDir, Device, Dtype, Limit, Out, Seed, Variant
 from .errors import UserError
 
-eval_app = typer.Typer(help="Benchmarks: MMLU (lm-eval letter format, cloze), GSM8K, and the "
+eval_app = typer.Typer(rich_markup_mode=None,
+                      help="Benchmarks: MMLU (lm-eval letter format, cloze), GSM8K, and the "
                        "in-domain task (held-out items in the training format).",
                        no_args_is_help=True)
 

@@ -20,6 +20,7 @@ from .cli_options import Base, DataDir, Device, Dtype
 from .errors import UserError
 
 train_app = typer.Typer(
+    rich_markup_mode=None,  # plain help: rich markup would eat "[paper: 571]" and "[@REV]"
     help="Fine-tune with TRL (SFT or GRPO) on GSM8K-style data in the paper's think/answer format; "
     "freeze parts of the model; save checkpoints that load as OUT@step-N; log weight change and KL "
     "from the base. Defaults are the paper's (GPU); --preset cpu-smoke finishes in minutes on a CPU.",

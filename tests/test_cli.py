@@ -128,3 +128,16 @@ def test_unknown_command_line_option_is_a_usage_error(tmp_path, capsys):
     assert code == 2
     assert "No such option: --subjects" in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()
+
+
+def test_help_keeps_square_brackets():
+    """Help text in square brackets ("[paper: 571]", "ORG/NAME[@REV]") is shown, not eaten as markup."""
+    from typer.testing import CliRunner
+
+    from mechinterp.cli import app
+
+    runner = CliRunner()
+    train = runner.invoke(app, ["train", "sft", "--help"], terminal_width=200)
+    assert train.exit_code == 0 and "[paper: 571]" in train.output
+    run = runner.invoke(app, ["run", "--help"], terminal_width=200)
+    assert run.exit_code == 0 and "ORG/NAME[@REV]" in run.output
