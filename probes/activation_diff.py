@@ -23,7 +23,7 @@ Per variant and layer L (``resid_post``: the residual stream after block L):
 
 Result keys: ``diff_norm[<variant>]`` (list over layers), ``base_norm[<variant>]``,
 ``lens_top[<variant>][<layer>]`` (``{"promoted": [{"token", "id", "logit"}], "suppressed":
-[...]}``), ``steering_kl_reduction[<variant>]`` (list over layers, null where not steered),
+[...]}``; empty lists where the difference is exactly zero), ``steering_kl_reduction[<variant>]`` (list over layers, null where not steered),
 ``steering_kl_reduction_ci95``, ``kl_before[<variant>]`` (mean over held-out texts, nats per
 token), ``kl_after[<variant>]`` (list over layers), ``steer_layers``, ``n_texts``, ``n_heldout``,
 ``n_positions``; arrays ``<variant>__delta`` ([layer, d_model], float64),
@@ -120,8 +120,11 @@ def lens_readout(model, delta: torch.Tensor, k: int) -> list[dict]:
     """Per layer: the ``k`` most promoted and most suppressed tokens of ``delta[layer]``."""
     logits = decode_direction(model, delta).cpu()  # [layer, vocab]
     out = []
-    for row in logits:
-        entry = {}
+    for d, row in zip(delta, logits):
+        entry = {"promoted": [], "suppressed": []}
+        if not d.any():  # no difference (e.g. before the first changed layer): nothing to read
+            out.append(entry)
+            continue
         for name, sign in (("promoted", 1.0), ("suppressed", -1.0)):
             vals, ids = torch.topk(sign * row, k)
             entry[name] = [{"token": model.tokenizer.decode([int(i)]), "id": int(i),
@@ -263,12 +266,13 @@ def _lens_figure(d: dict, n_rows: int = 8, n_tokens: int = 5):
     variants = d["variants"]
     n = d["n_layers"]
     shown = sorted(set(np.linspace(0, n - 1, min(n_rows, n)).round().astype(int).tolist()))
-    fig, axes = new_axes(12, 0.42 * len(shown) + 1.2, nrows=len(variants), squeeze=False)
-    fig.set_size_inches(12, (0.42 * len(shown) + 1.0) * len(variants))
+    fig, axes = new_axes(12, (0.3 * len(shown) + 0.8) * len(variants), nrows=len(variants),
+                         squeeze=False)
     for ax, v in zip(axes[:, 0], variants):
         ax.axis("off")
         rows = [[str(layer)] + [", ".join(repr(t["token"]) for t in
                                           d["lens_top"][v][layer][kind][:n_tokens])
+                                or "(no difference)"
                                 for kind in ("promoted", "suppressed")] for layer in shown]
         table = ax.table(cellText=rows, colLabels=["layer", f"promoted (top {n_tokens})",
                                                    f"suppressed (top {n_tokens})"],
