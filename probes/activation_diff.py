@@ -7,8 +7,10 @@ the difference and ``n_heldout`` *other* texts for steering (``limit`` caps both
 
 Per variant and layer L (``resid_post``: the residual stream after block L):
 
-- ``delta[L]`` = mean over texts and their first ``first_k`` token positions of ``resid(variant) -
-  resid(base)`` (float64); ``diff_norm`` is its L2 norm, ``base_norm`` the mean norm of the base's
+- ``delta[L]`` = mean over texts and their first ``first_k`` token positions (less the first
+  ``skip_first``) of ``resid(variant) - resid(base)`` (float64); ``diff_norm`` is its L2 norm,
+  ``diff_norm_by_position`` the norm of the mean at each position 0..first_k-1 (the paper reads
+  positions separately), ``base_norm`` the mean norm of the base's
   residual stream on the same positions (the scale to read it against).
 - ``lens_top``: ``delta[L]`` decoded through the final norm and the unembedding
   (:func:`~mechinterp.analysis.lens.decode_direction`: the diffing-toolkit's ``lm_head(ln_final(
@@ -24,10 +26,12 @@ Per variant and layer L (``resid_post``: the residual stream after block L):
 Result keys: ``diff_norm[<variant>]`` (list over layers), ``base_norm[<variant>]``,
 ``lens_top[<variant>][<layer>]`` (``{"promoted": [{"token", "id", "logit"}], "suppressed":
 [...]}``; empty lists where the difference is exactly zero), ``steering_kl_reduction[<variant>]`` (list over layers, null where not steered),
-``steering_kl_reduction_ci95``, ``kl_before[<variant>]`` (mean over held-out texts, nats per
+``steering_kl_reduction_ci95``, ``diff_norm_by_position[<variant>]`` ([layer][position]),
+``n_texts_by_position``, ``kl_before[<variant>]`` (mean over held-out texts, nats per
 token), ``kl_after[<variant>]`` (list over layers), ``steer_layers``, ``n_texts``, ``n_heldout``,
 ``n_positions``; arrays ``<variant>__delta`` ([layer, d_model], float64),
-``<variant>__kl_before`` / ``<variant>__kl_after`` ([item] / [steered layer, item]).
+``<variant>__delta_by_position`` ([layer, position, d_model]), ``<variant>__kl_before`` /
+``<variant>__kl_after`` ([item] / [steered layer, item]).
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ from mechinterp.data.subset import seeded_subset
 from mechinterp.errors import DataError, UserError
 from mechinterp.evals.stats import ratio_of_means
 from mechinterp.frames import Table
-from mechinterp.plotting.style import PALETTE, new_axes
+from mechinterp.plotting.style import PALETTE, heatmap_grid, new_axes
 from mechinterp.probe import BaseConfig
 from mechinterp.progress import task
 from mechinterp.results import Result
@@ -62,6 +66,9 @@ class Config(BaseConfig):
     n_texts: int = 64  # texts the mean difference is taken over
     n_heldout: int = 32  # other texts (disjoint) the steering KL is measured on
     first_k: int = 8  # token positions per text (from the first) the difference is averaged over
+    # leading positions left out of the pooled mean (1: without the first token, whose residual
+    # stream has an outlier norm in many models); per-position results keep them
+    skip_first: int = 0
     max_length: int = 64  # tokens per held-out text at most (the steering KL's positions)
     top_tokens: int = 10  # promoted and suppressed tokens listed per layer
     steer_layers: list[int] | None = None  # layers to steer at (default: every layer)
@@ -140,6 +147,7 @@ class ActivationDiff:
                    "readout and how much of KL(base || variant) steering with it removes")
     Config = Config
     frames = (Table("diff_norm", ("model", "layer")), Table("base_norm", ("model", "layer")),
+              Table("diff_norm_by_position", ("model", "layer", "token_group")),
               Table("steering_kl_reduction", ("model", "layer"), ci="steering_kl_reduction_ci95"),
               Table("kl_before", ("model",)), Table("kl_after", ("model", "layer")))
 
@@ -153,6 +161,9 @@ class ActivationDiff:
         if bad:
             raise UserError(f"steer layer {bad[0]} is out of range ({n} layers)",
                             f"use 0..{n - 1}")
+        if config.skip_first >= config.first_k:
+            raise UserError(f"skip_first={config.skip_first} leaves none of the first "
+                            f"{config.first_k} positions", "use skip_first < first_k")
         pool = neutral_texts(config, data)
         diff_texts, held = split_texts(pool, _cap(config.n_texts, config.limit),
                                        _cap(config.n_heldout, config.limit))
@@ -160,16 +171,20 @@ class ActivationDiff:
         diff_batches = text_batches(tok, diff_texts, config.batch_size, config.first_k)
         held_batches = text_batches(tok, held, config.batch_size, config.max_length)
         rng = np.random.default_rng(config.seed)
-        out = {k: {} for k in ("diff_norm", "base_norm", "lens_top", "steering_kl_reduction",
+        out = {k: {} for k in ("diff_norm", "diff_norm_by_position", "base_norm", "lens_top",
+                               "steering_kl_reduction",
                                "steering_kl_reduction_ci95", "kl_before", "kl_after")}
         arrays, n_pos = {}, 0
         total = len(models.variants) * (len(diff_batches) + len(held_batches) * len(steer))
         with task("activation difference", total) as advance:
             for v in models.variants:
                 var = models[v]
-                delta, bnorm, n_pos = mean_difference(base, var, diff_batches, config.first_k,
-                                                      advance)
+                delta, per_pos, counts, bnorm = mean_difference(
+                    base, var, diff_batches, config.first_k, config.skip_first, advance)
+                n_pos = int(counts[config.skip_first:].sum())
                 out["diff_norm"][v] = delta.norm(dim=-1).tolist()
+                out["diff_norm_by_position"][v] = per_pos.norm(dim=-1).tolist()
+                arrays[f"{v}__delta_by_position"] = per_pos.numpy()
                 out["base_norm"][v] = bnorm.tolist()
                 out["lens_top"][v] = lens_readout(base, delta, config.top_tokens)
                 before, after = steering_kl(base, var, held_batches,
@@ -199,6 +214,8 @@ class ActivationDiff:
             "steer_layers": steer,
             "scale": config.scale,
             "first_k": config.first_k,
+            "skip_first": config.skip_first,
+            "n_texts_by_position": counts.tolist(),
             "n_texts": len(diff_texts),
             "n_heldout": len(held),
             "n_positions": n_pos,
@@ -233,9 +250,18 @@ class ActivationDiff:
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.grid(True, alpha=0.3)
         axes[0].legend(fontsize=8)
-        fig.suptitle(f"Mean residual-stream difference over the first {d['first_k']} tokens of "
-                     f"{d['n_texts']} texts ({d['n_positions']} positions)")
+        skip = f" (first {d['skip_first']} left out)" if d.get("skip_first") else ""
+        fig.suptitle(f"Mean residual-stream difference over the first {d['first_k']} tokens"
+                     f"{skip} of {d['n_texts']} texts ({d['n_positions']} positions)")
         figs["diff_norm"] = fig
+        panels = [(v, np.log10(np.maximum(np.array(d["diff_norm_by_position"][v], float),
+                                          1e-12))) for v in variants]
+        fig = heatmap_grid(panels, [str(p) for p in range(d["first_k"])], "layer",
+                           r"$\log_{10}\|\bar\delta_{L,t}\|$", ncols=3,
+                           title="Mean difference per token position (variant $-$ base)")
+        for ax in fig.axes[:len(variants)]:
+            ax.set_xlabel("token position")
+        figs["diff_norm_by_position"] = fig
 
         fig, ax = new_axes(7, 4.2)
         for j, v in enumerate(variants):

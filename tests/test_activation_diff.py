@@ -119,6 +119,42 @@ def test_a_change_in_layer_l_leaves_earlier_layers_exactly_equal(tmp_path, one_t
     assert r["kl_after"]["v"][1] == pytest.approx(r["kl_before"]["v"], abs=0)
 
 
+@pytest.mark.slow
+def test_per_position_and_pooled_means_match_a_float64_loop(tmp_path, one_thread):
+    """Each text alone, unpadded, float64 hidden states; the pooled mean leaves out position 0."""
+    from probes.activation_diff import Config, neutral_texts, split_texts
+
+    m = load("tiny-random-llama", device="cpu", dtype="float32")
+    plant_change(m, tmp_path / "v", {(1, "up"): 0.2}, seed=4)
+    k = 5
+    r = mi.run("activation-diff", base="tiny-random-llama", variants={"v": str(tmp_path / "v")},
+               device="cpu", dtype="float32", n_texts=6, n_heldout=2, first_k=k, skip_first=1,
+               steer_layers=[1], n_bootstrap=10, draw=False)
+    texts, _ = split_texts(neutral_texts(Config(n_texts=6, n_heldout=2),
+                                         DataSource.from_option(None)), 6, 2)
+    base = load("tiny-random-llama", device="cpu", dtype="float64")
+    var = load(str(tmp_path / "v"), device="cpu", dtype="float64")
+    n = base.n_layers
+    sums, counts = torch.zeros(n - 1, k, base.hf.config.hidden_size, dtype=torch.float64), [0] * k
+    for text in texts:
+        ids = base.tokenizer(text, return_tensors="pt")["input_ids"][:, :k]
+        with torch.no_grad():
+            hb = base.hf(ids, output_hidden_states=True).hidden_states
+            hv = var.hf(ids, output_hidden_states=True).hidden_states
+        for layer in range(n - 1):  # the last hidden state is after the final norm: left out
+            sums[layer, :ids.shape[1]] += (hv[layer + 1] - hb[layer + 1])[0]
+        for t in range(ids.shape[1]):
+            counts[t] += 1
+    per_pos = sums / torch.tensor(counts, dtype=torch.float64)[None, :, None]
+    pooled = sums[:, 1:].sum(1) / sum(counts[1:])
+    np.testing.assert_allclose(r.arrays["v__delta_by_position"][:n - 1], per_pos.numpy(),
+                               atol=2e-5)
+    np.testing.assert_allclose(r.arrays["v__delta"][:n - 1], pooled.numpy(), atol=2e-5)
+    assert r["n_texts_by_position"] == counts
+    assert r["n_positions"] == sum(counts[1:])
+    assert not per_pos[0].any() and per_pos[1].abs().max() > 1e-3
+
+
 def test_bad_options_are_user_errors(planted_bias):
     folder, _ = planted_bias
     with pytest.raises(UserError, match="steer layer 9"):

@@ -1,7 +1,9 @@
 """The activation-difference lens (arXiv 2510.13900): what a fine-tune adds to the residual stream.
 
 :func:`mean_difference`: per layer, the mean over texts and over the first ``k`` token positions of
-``resid_post(variant) - resid_post(base)`` (float64 sums), and the mean norm of the base's residual
+``resid_post(variant) - resid_post(base)`` (float64 sums; optionally leaving out the first
+``skip_first`` positions, e.g. the first token, whose residual stream is an outlier of very large
+norm in many models; also kept per position, as the paper reads them), and the mean norm of the base's residual
 stream on the same positions (its scale). :func:`steering_kl`: add ``scale * delta[L]`` to the
 base's ``resid_post`` of layer L at every position of held-out texts and measure, per text, the
 mean over positions of ``KL(base || variant)`` before and ``KL(steered base || variant)`` after.
@@ -18,6 +20,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from ..errors import UserError
 from ..models.loaded import LoadedModel
 from .divergence import kl_rows
 from .lens import residual_streams
@@ -37,29 +40,42 @@ def text_batches(tokenizer, texts: Sequence[str], batch_size: int, max_length: i
 
 @torch.no_grad()
 def mean_difference(base: LoadedModel, variant: LoadedModel, batches, first_k: int,
-                    progress: Callable[[int], None] | None = None,
-                    ) -> tuple[Float[Tensor, "layer d"], Float[Tensor, " layer"], int]:
-    """(mean of ``variant - base`` resid_post over texts x first ``first_k`` real positions,
-    float64; mean L2 norm of the base's resid_post on the same positions; positions counted)."""
-    total = None
-    base_norm = None
-    count = 0
+                    skip_first: int = 0, progress: Callable[[int], None] | None = None,
+                    ) -> tuple[Float[Tensor, "layer d"], Float[Tensor, "layer k d"],
+                               Int[Tensor, " k"], Float[Tensor, " layer"]]:
+    """The mean of ``variant - base`` resid_post over texts and their real positions
+    ``skip_first .. first_k - 1`` (float64, [layer, d]); the same per position 0..first_k-1
+    ([layer, k, d]) with the number of texts long enough for each position; the mean L2 norm of
+    the base's resid_post over the pooled positions."""
+    total = torch.zeros(0)
+    base_norm = torch.zeros(0)
+    counts = torch.zeros(first_k, dtype=torch.long)
     for ids, mask in batches:
-        keep = mask.clone()
-        keep[:, first_k:] = 0
-        keep = keep.bool()
+        keep = mask[:, :first_k].bool()  # [batch, k]
         _, hb = residual_streams(base, ids, mask)
         _, hv = residual_streams(variant, ids, mask)
-        sel = keep.to(hb.device)
-        d = (hv.double() - hb.double())[:, sel]  # [layer, n_pos, d]
-        s = d.sum(1).cpu()
-        n = hb.double()[:, sel].norm(dim=-1).sum(1).cpu()
-        total = s if total is None else total + s
-        base_norm = n if base_norm is None else base_norm + n
-        count += int(sel.sum())
+        k = keep.shape[1]
+        w = keep.to(hb.device).double()
+        d = (hv[:, :, :k].double() - hb[:, :, :k].double()) * w[None, :, :, None]
+        s = d.sum(1).cpu()  # [layer, k, d]
+        pool = w.clone()
+        pool[:, :skip_first] = 0
+        n = (hb[:, :, :k].double().norm(dim=-1) * pool[None]).sum((1, 2)).cpu()
+        if not total.numel():
+            total = torch.zeros(s.shape[0], first_k, s.shape[2], dtype=torch.float64)
+            base_norm = torch.zeros(s.shape[0], dtype=torch.float64)
+        total[:, :k] += s
+        base_norm += n
+        counts[:k] += keep.sum(0).cpu()
         if progress is not None:
             progress(1)
-    return total / count, base_norm / count, count
+    n_pool = int(counts[skip_first:].sum())
+    if n_pool == 0:
+        raise UserError(f"no text has more than {skip_first} tokens",
+                        "lower skip_first or give longer texts")
+    pooled = total[:, skip_first:].sum(1) / n_pool
+    per_pos = total / counts.clamp(min=1)[None, :, None]
+    return pooled, per_pos, counts, base_norm / n_pool
 
 
 def _position_means(values: Float[Tensor, "batch pos"], mask: Tensor) -> Float[Tensor, " batch"]:
