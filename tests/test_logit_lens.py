@@ -89,7 +89,7 @@ def test_last_layer_lens_is_the_models_output(one_thread):
     m = load("tiny-random-qwen2", device="cpu", dtype="float32")
     enc = m.tokenizer(["The capital of France is", "One two"], return_tensors="pt",
                       padding=True, padding_side="right")
-    logits, resid = residual_streams(m, enc["input_ids"], enc["attention_mask"])
+    logits, resid = residual_streams(m, enc["input_ids"], enc["attention_mask"], logits=True)
     with torch.no_grad():
         lens = lens_log_probs(m, resid[-1])
     np.testing.assert_allclose(lens.numpy(), logits.log_softmax(-1).numpy(), atol=1e-5)

@@ -46,13 +46,16 @@ def lens_log_probs(model: LoadedModel,
 @torch.no_grad()
 def residual_streams(model: LoadedModel, input_ids: Int[Tensor, "batch pos"],
                      attention_mask: Tensor | None, layers: Sequence[int] | None = None,
-                     ) -> tuple[Float[Tensor, "batch pos vocab"], Float[Tensor, "layer batch pos d"]]:
-    """(the model's float32 logits, ``resid_post`` of each layer in ``layers`` (default all))."""
+                     logits: bool = False,
+                     ) -> tuple[Float[Tensor, "batch pos vocab"] | None,
+                                Float[Tensor, "layer batch pos d"]]:
+    """(the model's float32 logits if ``logits`` else None, ``resid_post`` of each layer in
+    ``layers`` (default all))."""
     layers = list(range(model.n_layers)) if layers is None else list(layers)
     ids = input_ids.to(model.device)
     mask = None if attention_mask is None else attention_mask.to(model.device)
-    logits, store = capture(model, ids, mask, [("resid_post", layer) for layer in layers])
-    return logits, torch.stack([store[("resid_post", layer)] for layer in layers])
+    out, store = capture(model, ids, mask, [("resid_post", layer) for layer in layers], logits)
+    return out, torch.stack([store[("resid_post", layer)] for layer in layers])
 
 
 @torch.no_grad()
