@@ -72,12 +72,13 @@ class Config(BaseConfig):
     max_length: int = 64  # tokens per held-out text at most (the steering KL's positions)
     top_tokens: int = 10  # promoted and suppressed tokens listed per layer
     steer_layers: list[int] | None = None  # layers to steer at (default: every layer)
-    scale: float = 1.0  # the difference is added times this
+    scale: float = 1.0  # the difference is added times this (negative: subtracted)
     n_bootstrap: int = 1000  # resamples of the held-out texts for each reduction's interval
     batch_size: int = 8  # texts per forward pass
     # lower bounds; every other number: at least 0
     at_least = {"n_texts": 1, "n_heldout": 1, "first_k": 1, "max_length": 2, "top_tokens": 1,
                 "batch_size": 1, "n_bootstrap": 1}
+    signed = ("scale",)  # may be negative
 
 
 def neutral_texts(config: Config, data) -> list[str]:
