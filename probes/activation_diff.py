@@ -71,12 +71,15 @@ class Config(BaseConfig):
     skip_first: int = 0
     max_length: int = 64  # tokens per held-out text at most (the steering KL's positions)
     top_tokens: int = 10  # promoted and suppressed tokens listed per layer
-    steer_layers: list[int] | None = None  # layers to steer at (default: every layer)
+    steer_layers: list[int] | None = None  # layers to steer at (default: see steer_stride)
+    # without steer_layers: steer at layers 0, s, 2s, ... and the last (1: every layer)
+    steer_stride: int = 1
     scale: float = 1.0  # the difference is added times this (negative: subtracted)
     n_bootstrap: int = 1000  # resamples of the held-out texts for each reduction's interval
     batch_size: int = 8  # texts per forward pass
     # lower bounds; every other number: at least 0
     at_least = {"n_texts": 1, "n_heldout": 1, "first_k": 1, "max_length": 2, "top_tokens": 1,
+                "steer_stride": 1,
                 "batch_size": 1, "n_bootstrap": 1}
     signed = ("scale",)  # may be negative
 
@@ -157,7 +160,8 @@ class ActivationDiff:
             raise UserError("activation-diff compares models", "add --variant NAME=SPEC")
         base = models.base
         n = base.n_layers
-        steer = list(range(n)) if config.steer_layers is None else sorted(set(config.steer_layers))
+        steer = (sorted(set(range(0, n, config.steer_stride)) | {n - 1})
+                 if config.steer_layers is None else sorted(set(config.steer_layers)))
         bad = [layer for layer in steer if not 0 <= layer < n]
         if bad:
             raise UserError(f"steer layer {bad[0]} is out of range ({n} layers)",

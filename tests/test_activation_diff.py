@@ -115,6 +115,7 @@ def test_a_change_in_layer_l_leaves_earlier_layers_exactly_equal(tmp_path, one_t
     assert not r.arrays["v__delta"][:2].any()
     red = r["steering_kl_reduction"]["v"]
     assert red[0] is None and red[3] is None  # not steered
+    assert r["steer_layers"] == [1, 2]
     assert red[1] == 0.0
     assert r["kl_after"]["v"][1] == pytest.approx(r["kl_before"]["v"], abs=0)
 
@@ -157,6 +158,11 @@ def test_per_position_and_pooled_means_match_a_float64_loop(tmp_path, one_thread
 
 def test_bad_options_are_user_errors(planted_bias):
     folder, _ = planted_bias
+    r = mi.run("activation-diff", base="tiny-random-gpt2", variants={"p": str(folder)},
+               device="cpu", n_texts=2, n_heldout=2, max_length=8, steer_stride=2,
+               n_bootstrap=5, draw=False)
+    assert r["steer_layers"] == [0, 2, 3]  # every second layer and the last
+    assert [x is None for x in r["steering_kl_reduction"]["p"]] == [False, True, False, False]
     with pytest.raises(UserError, match="steer layer 9"):
         mi.run("activation-diff", base="tiny-random-gpt2", variants={"p": str(folder)},
                device="cpu", steer_layers=[9], draw=False)
