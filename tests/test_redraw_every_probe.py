@@ -28,6 +28,8 @@ OPTIONS: dict[str, dict] = {
     "causal-trace": {"limit": 2, "samples": 2, "keep_wrong": True, "max_fact_figures": 1},
     "damage-attribution": {"format": "cloze", "limit": 3, "max_failures": 2, "n_control": 1,
                            "sites": ["mlp_out"], "n_bootstrap": 20},
+    "activation-diff": {"n_texts": 4, "n_heldout": 3, "max_length": 16, "n_bootstrap": 20},
+    "logit-lens": {"prompt_sets": ["knowns"], "limit": 3, "n_bootstrap": 20},
 }
 
 

@@ -33,6 +33,7 @@ from torch import Tensor
 
 from ..models.loaded import LoadedModel
 from ..models.unembed import logits_fp32
+from .lens import final_norm
 
 
 class PrefixKV:
@@ -60,7 +61,7 @@ class BlockStack:
         fam = model.family
         self.blocks = hf.get_submodule(fam.layers_path)
         trunk = hf.get_submodule(fam.layers_path.rsplit(".", 1)[0])
-        self.norm = getattr(trunk, "norm", None) or trunk.ln_f
+        self.norm = final_norm(model)
         self.rotary = getattr(trunk, "rotary_emb", None)
         self.unembed = hf.get_output_embeddings()
         self.n_layers = model.n_layers

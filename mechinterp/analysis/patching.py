@@ -147,8 +147,11 @@ def patching(model: LoadedModel, patches: Iterable[Patch]) -> Iterator[None]:
 @torch.no_grad()
 def capture(model: LoadedModel, input_ids: Int[Tensor, "batch pos"],
             attention_mask: Tensor | None = None,
-            sites: Iterable[SiteKey] = ()) -> tuple[Tensor, dict[SiteKey, Tensor]]:
-    """One forward pass returning (logits, {(site, layer): activation [batch, pos, d]})."""
+            sites: Iterable[SiteKey] = (), logits: bool = True,
+            ) -> tuple[Tensor | None, dict[SiteKey, Tensor]]:
+    """One forward pass returning (logits, {(site, layer): activation [batch, pos, d]});
+    ``logits=False`` skips the output layer (None instead: a full-vocabulary unembedding of every
+    position can cost more than the blocks of a small model)."""
     store: dict[SiteKey, Tensor] = {}
 
     def saver(key):
@@ -157,8 +160,10 @@ def capture(model: LoadedModel, input_ids: Int[Tensor, "batch pos"],
         return fn
 
     with hooked(model, {k: saver(k) for k in sites}):
-        logits = model_logits(model, input_ids, attention_mask)
-    return logits, store
+        if not logits:
+            final_hidden(model.hf, input_ids, attention_mask)
+            return None, store
+        return model_logits(model, input_ids, attention_mask), store
 
 
 def capture_grads(model: LoadedModel, forward: Callable[[], Tensor],
