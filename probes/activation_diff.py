@@ -274,9 +274,10 @@ class ActivationDiff:
             red = np.array([np.nan if x is None else x for x in d["steering_kl_reduction"][v]])
             ci = np.array([[np.nan if y is None else y for y in x]
                            for x in d["steering_kl_reduction_ci95"][v]], float)
-            ax.plot(layers, red, marker=".", color=c,
+            at = np.asarray(d["steer_layers"], int)  # only steered layers: NaNs would break the line
+            ax.plot(at, red[at], marker=".", color=c,
                     label=f"{v} (KL before {d['kl_before'][v]:.3g} nats/token)")
-            ax.fill_between(layers, ci[:, 0], ci[:, 1], color=c, alpha=0.15, lw=0)
+            ax.fill_between(at, ci[at, 0], ci[at, 1], color=c, alpha=0.15, lw=0)
         ax.axhline(0, color="grey", lw=0.6)
         ax.axhline(1, color="grey", lw=0.6, ls="--")
         ax.set_xlabel("layer steered (resid_post)")
