@@ -5,7 +5,8 @@ through the final norm and the unembedding (float32 log-softmax, :mod:`mechinter
 the last layer's lens is the model's own output), for the base and each variant on the same
 prompts.
 
-Prompt sets (``limit``, else ``n_per_set``, seeded items each): ``knowns`` (ROME facts; gold =
+Prompt sets (``n_per_set`` seeded items each; ``limit``, when given, counts prompts in all, shared
+equally between the sets): ``knowns`` (ROME facts; gold =
 ``attribute``), ``mmlu`` (cloze: ``Question: ...\\nAnswer:``, gold = the correct choice's text) and
 ``task`` (in-domain: the training prompt - think/answer system prompt and the question through the
 chat template - followed by ``<think>\\n7 x 8 = ``, the start of the SFT target's reasoning; gold =
@@ -46,7 +47,7 @@ from mechinterp.analysis.divergence import kl_rows
 from mechinterp.analysis.lens import gold_ranks, lens_log_probs, residual_streams
 from mechinterp.analysis.tracing import answer_token_id
 from mechinterp.data.arithmetic import is_task
-from mechinterp.data.subset import seeded_subset
+from mechinterp.data.subset import seeded_subset, split_limit
 from mechinterp.errors import UserError
 from mechinterp.evals.stats import mean_ci
 from mechinterp.evals.task import task_prompt
@@ -97,17 +98,22 @@ def lens_prompts(config: Config, data, tokenizer) -> dict[str, list[tuple[str, i
     if bad or not config.prompt_sets:
         raise UserError(f"unknown prompt set {bad[0]!r}" if bad else "no prompt set",
                         f"use some of {', '.join(PROMPT_SETS)}")
-    n = config.limit if config.limit is not None else config.n_per_set
     shared = [s for s in config.prompt_sets if s != "task"]
+    if config.limit is None:  # n_per_set each
+        share = dict.fromkeys(config.prompt_sets, config.n_per_set)
+    else:  # limit counts prompts in all, shared equally between the sets (as in every probe)
+        share = dict(zip(config.prompt_sets,
+                         split_limit(config.limit, [config.limit] * len(config.prompt_sets))))
     out = {}
     if shared:
         if data is None:
             raise UserError("logit-lens's knowns/mmlu sets need a data source", "pass --data-dir")
-        cfg = types.SimpleNamespace(prompt_sets=shared, limit=n, seed=config.seed,
+        cfg = types.SimpleNamespace(prompt_sets=shared, limit=sum(share[s] for s in shared),
+                                    seed=config.seed,
                                     mmlu_subjects=config.mmlu_subjects, mmlu_answer="text")
         out |= prompts_for(data, cfg, tokenizer)
     if "task" in config.prompt_sets:
-        out["task"] = task_prompts(tokenizer, config.task, n, config.seed)
+        out["task"] = task_prompts(tokenizer, config.task, share["task"], config.seed)
     return {k: out[k] for k in config.prompt_sets}
 
 
@@ -143,7 +149,7 @@ def last_position_lens(model, tokenizer, prompts: list[str],
 
 class LogitLens:
     name = "logit-lens"
-    version = "1"
+    version = "2"  # 2: limit counts prompts in all (was: per set)
     description = ("logit lens per layer for base and variants on the same prompts: lens KL, gold "
                    "rank, first top-1 layer")
     Config = Config

@@ -137,3 +137,18 @@ def test_a_model_against_itself_has_zero_lens_kl(one_thread):
     with pytest.raises(UserError, match="unknown prompt set"):
         mi.run("logit-lens", base="tiny-random-gpt2", device="cpu", prompt_sets=["nope"],
                draw=False)
+
+
+def test_limit_counts_prompts_in_all():
+    """``limit`` means prompts in all (shared equally between the sets), as in every probe;
+    without it each set takes ``n_per_set``."""
+    from probes.logit_lens import Config, lens_prompts
+
+    tok = load("tiny-random-llama", device="cpu").tokenizer
+    data = DataSource.from_option(None)
+    sizes = {s: len(v) for s, v in
+             lens_prompts(Config(prompt_sets=["knowns", "mmlu"], limit=5), data, tok).items()}
+    assert sizes == {"knowns": 3, "mmlu": 2}
+    sizes = {s: len(v) for s, v in
+             lens_prompts(Config(prompt_sets=["knowns", "mmlu"], n_per_set=4), data, tok).items()}
+    assert sizes == {"knowns": 4, "mmlu": 4}
