@@ -28,6 +28,7 @@ OPTIONS: dict[str, dict] = {
     "causal-trace": {"limit": 2, "samples": 2, "keep_wrong": True, "max_fact_figures": 1},
     "damage-attribution": {"format": "cloze", "limit": 3, "max_failures": 2, "n_control": 1,
                            "sites": ["mlp_out"], "n_bootstrap": 20},
+    "stitch": {"limit": 2, "max_new_tokens": 4, "n_bootstrap": 20},
 }
 
 
