@@ -305,7 +305,6 @@ def _plot_rows(d: dict):
     ax_kl.set_xscale("symlog", linthresh=1e-3)
     ax_kl.set_xlim(left=0)
     ax_kl.set_xlabel("KL, nats per answer token (symlog)")
-    ax_kl.legend(fontsize=8, loc="lower left", bbox_to_anchor=(0, 1), ncol=2, frameon=False)
     base_row = next((r for r in rows if r["recipe"] == "base"), None)
     for ax, key, what in ((ax_m, "mmlu_cloze", "MMLU cloze accuracy"),
                           (ax_t, "task_accuracy", "in-domain accuracy")):
@@ -323,8 +322,10 @@ def _plot_rows(d: dict):
         ax.set_xlim(-0.02, 1.02)
         ax.set_xlabel(f"{what} (95% Wilson)")
         ax.grid(True, axis="x", alpha=0.3)
-    ax_m.legend(*ax_t.get_legend_handles_labels(), fontsize=8, loc="lower left",
-                bbox_to_anchor=(0, 1), ncol=3, frameon=False)
+    handles, labels = (a + b for a, b in zip(ax_kl.get_legend_handles_labels(),
+                                             ax_t.get_legend_handles_labels()))
+    fig.legend(handles, labels, loc="outside lower center", ncol=min(6, len(labels)),
+               fontsize=8, frameon=False)
     ax_kl.set_yticks(y, [r["recipe"] for r in rows], fontsize=8)
     ax_kl.set_ylim(-0.7, n - 0.3)
     for ax in axes:
