@@ -30,6 +30,7 @@ OPTIONS: dict[str, dict] = {
                            "sites": ["mlp_out"], "n_bootstrap": 20},
     "activation-diff": {"n_texts": 4, "n_heldout": 3, "max_length": 16, "n_bootstrap": 20},
     "logit-lens": {"prompt_sets": ["knowns"], "limit": 3, "n_bootstrap": 20},
+    "stitch": {"limit": 2, "max_new_tokens": 4, "n_bootstrap": 20},
 }
 
 

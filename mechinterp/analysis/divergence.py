@@ -140,7 +140,7 @@ def model_device(module: torch.nn.Module) -> torch.device:
 def teacher_forced_kl(base, variant, items: TokenisedItems | Sequence[tuple[str, str]],
                       batch_size: int = 8, tokenizer=None,
                       progress: Callable[[int], None] | None = None,
-                      base_cache: dict | None = None,
+                      base_cache: dict | None = None, variant_cache: dict | None = None,
                       ) -> Float[torch.Tensor, "n_items"]:  # noqa: F821, UP037
     """Per-item mean over answer positions of ``KL(p_base || p_variant)`` (nats), float64.
 
@@ -150,7 +150,8 @@ def teacher_forced_kl(base, variant, items: TokenisedItems | Sequence[tuple[str,
     float32 (output layer and log-softmax) whatever the models' dtype. ``progress(n)`` is called
     with the number of items done. ``base_cache``: a dict (empty on the first call) that keeps the
     base's answer log-probs per batch, so comparing one base with many variants runs the base once
-    (:func:`base_cache_fits` says whether it fits in memory).
+    (:func:`base_cache_fits` says whether it fits in memory). ``variant_cache`` does the same
+    for the variant (one model compared with several references, as ``stitch`` does).
     """
     if not isinstance(items, TokenisedItems):
         tok = tokenizer if tokenizer is not None else getattr(base, "tokenizer", None)
@@ -169,7 +170,12 @@ def teacher_forced_kl(base, variant, items: TokenisedItems | Sequence[tuple[str,
                 lb = answer_log_probs(hb, ids, attn, pred)
                 if base_cache is not None:
                     base_cache[key] = lb
-            lv = answer_log_probs(hv, ids, attn, pred)
+            if variant_cache is not None and key in variant_cache:
+                lv = variant_cache[key]
+            else:
+                lv = answer_log_probs(hv, ids, attn, pred)
+                if variant_cache is not None:
+                    variant_cache[key] = lv
             per_pos = kl_rows(lb, lv).double()  # (positions,)
             sums = torch.zeros(len(rows), dtype=torch.float64).index_add_(0, item_of_row, per_pos)
             counts = torch.bincount(item_of_row, minlength=len(rows)).double()
