@@ -36,7 +36,11 @@ def _plan(n_mmlu: int, n_task: int | None, n_facts: int, samples: int, n_patch: 
           n_damage: int, max_failures: int, n_attn: int, sparsity: bool = True,
           patch_sites: tuple[str, ...] = ("mlp", "attn", "resid"),
           damage_sites: tuple[str, ...] = ("mlp_out", "attn_out"), task: str = "arithmetic",
-          answer_tokens: int | None = None) -> list[Step]:
+          answer_tokens: int | None = None, diffing: dict[str, dict] | None = None,
+          ) -> list[Step]:
+    """The steps of a preset; ``diffing``: options of the model-diffing probes (activation-diff,
+    logit-lens, stitch), run on final models (stitch on the SFT and GRPO runs only)."""
+    diffing = diffing or {}
     return [
         Step("weight-change", {"sparsity": sparsity}, checkpoints=True),
         Step("kl-drift", {"items": task, "limit": n_task}, checkpoints=True),
@@ -53,7 +57,24 @@ def _plan(n_mmlu: int, n_task: int | None, n_facts: int, samples: int, n_patch: 
                                     "max_failures": max_failures, "n_control": 4,
                                     "sites": list(damage_sites)},
              kinds=("sft",)),
+        *(Step(probe, opts, kinds=("sft", "grpo") if probe == "stitch" else None)
+          for probe, opts in diffing.items()),
     ]
+
+
+def _diffing(n_texts: int, n_heldout: int, max_length: int, stride: int, n_lens: int, n_kl: int,
+             n_mmlu: int, n_task: int, task: str = "arithmetic", answer_tokens: int = 48,
+             lens_sets: tuple[str, ...] = ("knowns", "mmlu", "task"), n_boot: int = 1000,
+             recipes: str = "grid") -> dict[str, dict]:
+    return {
+        "activation-diff": {"n_texts": n_texts, "n_heldout": n_heldout, "max_length": max_length,
+                            "steer_stride": stride, "n_bootstrap": n_boot},
+        "logit-lens": {"limit": n_lens, "prompt_sets": list(lens_sets), "task": "arithmetic",
+                       "n_bootstrap": n_boot},
+        "stitch": {"recipes": recipes, "n_kl": n_kl, "n_mmlu": n_mmlu, "n_task": n_task,
+                   "kl_items": task, "task_items": task, "max_new_tokens": answer_tokens,
+                   "n_bootstrap": n_boot},
+    }
 
 
 #: What each preset measures. ``smoke`` proves the pipeline end to end in CI; ``default`` is the
@@ -61,12 +82,18 @@ def _plan(n_mmlu: int, n_task: int | None, n_facts: int, samples: int, n_patch: 
 PLANS: dict[str, list[Step]] = {
     "smoke": _plan(n_mmlu=8, n_task=8, n_facts=1, samples=2, n_patch=2, n_damage=8,
                    max_failures=2, n_attn=2, sparsity=False, patch_sites=("mlp",),
-                   damage_sites=("mlp_out",)),
+                   damage_sites=("mlp_out",),
+                   diffing=_diffing(n_texts=4, n_heldout=2, max_length=16, stride=15, n_lens=3,
+                                    n_kl=2, n_mmlu=2, n_task=2, answer_tokens=16, n_boot=100)),
     "default": _plan(n_mmlu=100, n_task=None, n_facts=3, samples=2, n_patch=8, n_damage=32,
                      max_failures=8, n_attn=8, patch_sites=("mlp",),
-                     damage_sites=("mlp_out",)),
+                     damage_sites=("mlp_out",),
+                     diffing=_diffing(n_texts=32, n_heldout=8, max_length=32, stride=5, n_lens=24,
+                                      n_kl=8, n_mmlu=24, n_task=12)),
     "paper": _plan(n_mmlu=2000, n_task=None, n_facts=100, samples=10, n_patch=64, n_damage=1000,
-                   max_failures=64, n_attn=64),
+                   max_failures=64, n_attn=64,
+                   diffing=_diffing(n_texts=1000, n_heldout=200, max_length=128, stride=1,
+                                    n_lens=300, n_kl=64, n_mmlu=500, n_task=200)),
 }
 
 
@@ -82,7 +109,11 @@ PAPER_RUNS = {"sft": "Neelectric/OLMo-2-1124-7B-Instruct_SFTv02.08",
 #: accuracy (500 KL items as the paper; answers of up to 512 greedy tokens).
 PAPER_RELEASE_PLAN = _plan(n_mmlu=2000, n_task=500, n_facts=100, samples=10, n_patch=64,
                            n_damage=1000, max_failures=64, n_attn=64, task="gsm8k",
-                           answer_tokens=512)
+                           answer_tokens=512,
+                           diffing=_diffing(n_texts=1000, n_heldout=200, max_length=128, stride=1,
+                                            n_lens=300, n_kl=64, n_mmlu=500, n_task=200,
+                                            task="gsm8k", answer_tokens=512,
+                                            lens_sets=("knowns", "mmlu")))
 
 
 def step_revisions(repo: str, list_refs=None) -> list[str]:

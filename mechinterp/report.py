@@ -42,6 +42,18 @@ PLAIN: dict[str, str] = {
     "damage-attribution": "Which layers carry SFT's MMLU damage: items whose gold-answer margin "
                           "dropped are re-scored with the base's MLP (or attention) output patched in "
                           "per layer; the share of the margin drop each layer gives back.",
+    "activation-diff": "The activation-difference lens: the mean difference of the residual stream "
+                       "(variant minus base) over the first tokens of neutral text, per layer; its "
+                       "norm, the tokens it promotes when read through the unembedding, and how "
+                       "much of KL(base || variant) on held-out text disappears when it is added to "
+                       "the base's residual stream at one layer.",
+    "logit-lens": "The logit lens across models: each layer's residual stream read through the "
+                  "final norm and unembedding, for base and variants on the same prompts; "
+                  "KL(base lens || variant lens) per layer and the gold answer's rank per layer.",
+    "stitch": "Weight-space module swaps: a model that takes one block of modules (attention or "
+              "MLP, early/mid/late third of the layers) from the fine-tune and the rest from the "
+              "base, or the reverse; KL from each parent, MMLU cloze and in-domain accuracy on "
+              "the same items - which modules carry the new skill, which carry the damage.",
 }
 
 
@@ -168,10 +180,48 @@ def _damage(study, d) -> list[str]:
     return out
 
 
+def _activation_diff(study, d) -> list[str]:
+    out = []
+    for v in d["variants"]:
+        norm = _floats(d["diff_norm"][v])
+        red = _floats(d["steering_kl_reduction"][v])
+        line = f"{v}: difference norm largest at layer {int(np.nanargmax(norm))} ({_fmt(np.nanmax(norm))})"
+        if np.isfinite(red).any():
+            k = int(np.nanargmax(red))
+            line += (f"; steering removes at most {_fmt(float(red[k]))} "
+                     f"{_ci(d['steering_kl_reduction_ci95'][v][k])} of KL "
+                     f"{_fmt(d['kl_before'][v])} nats/token (layer {k}), "
+                     f"least {_fmt(float(np.nanmin(red)))} (layer {int(np.nanargmin(red))})")
+        out.append(line)
+    return out
+
+
+def _logit_lens(study, d) -> list[str]:
+    out = []
+    for v in d["variants"]:
+        kl = _floats(d["lens_kl"][v])
+        out.append(f"{v}: lens KL from the base peaks at layer {int(np.nanargmax(kl))} "
+                   f"({_fmt(np.nanmax(kl))} nats), last layer {_fmt(kl[-1])} "
+                   f"{_ci(d['lens_kl_ci95'][v][-1])}")
+    out.append("median first top-1 layer of the gold answer: " + ", ".join(
+        f"{m} {_fmt(d['first_top1_layer'][m])}" for m in d["models"])
+        + f" ({d['n_prompts']} prompts)")
+    return out
+
+
+def _stitch(study, d) -> list[str]:
+    return [f"{r['recipe']}: MMLU cloze {_fmt(r['mmlu_cloze'])} {_ci(r['mmlu_cloze_ci95'])}, "
+            f"in-domain {_fmt(r['task_accuracy'])} {_ci(r['task_accuracy_ci95'])}, KL from "
+            + ", ".join(f"{p} {_fmt(k)}" for p, k in r["kl"].items())
+            for r in d["rows"]]
+
+
 SUMMARY: dict[str, Callable] = {"weight-change": _weight_change, "kl-drift": _kl,
                                 "task-accuracy": _task, "mmlu": _mmlu,
                                 "attention-shift": _attention, "mlp-patching": _patching,
-                                "causal-trace": _trace, "damage-attribution": _damage}
+                                "causal-trace": _trace, "damage-attribution": _damage,
+                                "activation-diff": _activation_diff, "logit-lens": _logit_lens,
+                                "stitch": _stitch}
 
 
 def key_numbers(study, probe: str) -> list[str]:
