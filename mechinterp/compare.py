@@ -36,11 +36,9 @@ def _plan(n_mmlu: int, n_task: int | None, n_facts: int, samples: int, n_patch: 
           n_damage: int, max_failures: int, n_attn: int, sparsity: bool = True,
           patch_sites: tuple[str, ...] = ("mlp", "attn", "resid"),
           damage_sites: tuple[str, ...] = ("mlp_out", "attn_out"), task: str = "arithmetic",
-          answer_tokens: int | None = None, diffing: dict[str, dict] | None = None,
+          answer_tokens: int | None = None, diffing: list[Step] = (),
           ) -> list[Step]:
-    """The steps of a preset; ``diffing``: options of the model-diffing probes (activation-diff,
-    logit-lens, stitch), run on final models (stitch on the SFT and GRPO runs only)."""
-    diffing = diffing or {}
+    """The steps of a preset; ``diffing``: the model-diffing probes' steps (:func:`_diffing`)."""
     return [
         Step("weight-change", {"sparsity": sparsity}, checkpoints=True),
         Step("kl-drift", {"items": task, "limit": n_task}, checkpoints=True),
@@ -57,24 +55,27 @@ def _plan(n_mmlu: int, n_task: int | None, n_facts: int, samples: int, n_patch: 
                                     "max_failures": max_failures, "n_control": 4,
                                     "sites": list(damage_sites)},
              kinds=("sft",)),
-        *(Step(probe, opts, kinds=("sft", "grpo") if probe == "stitch" else None)
-          for probe, opts in diffing.items()),
+        *diffing,
     ]
 
 
 def _diffing(n_texts: int, n_heldout: int, max_length: int, stride: int, n_lens: int, n_kl: int,
              n_mmlu: int, n_task: int, task: str = "arithmetic", answer_tokens: int = 48,
              lens_sets: tuple[str, ...] = ("knowns", "mmlu", "task"), n_boot: int = 1000,
-             recipes: str = "grid") -> dict[str, dict]:
-    return {
-        "activation-diff": {"n_texts": n_texts, "n_heldout": n_heldout, "max_length": max_length,
-                            "steer_stride": stride, "n_bootstrap": n_boot},
-        "logit-lens": {"limit": n_lens, "prompt_sets": list(lens_sets), "task": "arithmetic",
-                       "n_bootstrap": n_boot},
-        "stitch": {"recipes": recipes, "n_kl": n_kl, "n_mmlu": n_mmlu, "n_task": n_task,
-                   "kl_items": task, "task_items": task, "max_new_tokens": answer_tokens,
-                   "n_bootstrap": n_boot},
-    }
+             stitch_kinds: tuple[str, ...] = ("sft", "grpo")) -> list[Step]:
+    """activation-diff and logit-lens on every final model; stitch's grid (12 recipes and the two
+    parents per variant, about a CPU-minute each at the default preset's sizes) on the SFT and
+    GRPO runs."""
+    return [
+        Step("activation-diff", {"n_texts": n_texts, "n_heldout": n_heldout,
+                                 "max_length": max_length, "steer_stride": stride,
+                                 "n_bootstrap": n_boot}),
+        Step("logit-lens", {"limit": n_lens, "prompt_sets": list(lens_sets),
+                            "task": "arithmetic", "n_bootstrap": n_boot}),
+        Step("stitch", {"recipes": "grid", "n_kl": n_kl, "n_mmlu": n_mmlu, "n_task": n_task,
+                        "kl_items": task, "task_items": task, "max_new_tokens": answer_tokens,
+                        "n_bootstrap": n_boot}, kinds=stitch_kinds),
+    ]
 
 
 #: What each preset measures. ``smoke`` proves the pipeline end to end in CI; ``default`` is the
@@ -84,12 +85,13 @@ PLANS: dict[str, list[Step]] = {
                    max_failures=2, n_attn=2, sparsity=False, patch_sites=("mlp",),
                    damage_sites=("mlp_out",),
                    diffing=_diffing(n_texts=4, n_heldout=2, max_length=16, stride=15, n_lens=3,
-                                    n_kl=2, n_mmlu=2, n_task=2, answer_tokens=16, n_boot=100)),
+                                    n_kl=2, n_mmlu=2, n_task=2, answer_tokens=16, n_boot=100,
+                                    stitch_kinds=("sft",))),
     "default": _plan(n_mmlu=100, n_task=None, n_facts=3, samples=2, n_patch=8, n_damage=32,
                      max_failures=8, n_attn=8, patch_sites=("mlp",),
                      damage_sites=("mlp_out",),
                      diffing=_diffing(n_texts=32, n_heldout=8, max_length=32, stride=5, n_lens=24,
-                                      n_kl=8, n_mmlu=24, n_task=12)),
+                                      n_kl=8, n_mmlu=16, n_task=8)),
     "paper": _plan(n_mmlu=2000, n_task=None, n_facts=100, samples=10, n_patch=64, n_damage=1000,
                    max_failures=64, n_attn=64,
                    diffing=_diffing(n_texts=1000, n_heldout=200, max_length=128, stride=1,
