@@ -71,7 +71,7 @@ def main() -> None:
     )
     from mechinterp.data import DataSource, load_knowns
     from mechinterp.models import DEFAULT_MODEL, load
-    from probes.causal_trace import select
+    from mechinterp.data.subset import seeded_subset as select
 
     model = load(DEFAULT_MODEL, device="cpu", dtype="float32")
     n, N = model.n_layers, args.samples
