@@ -24,12 +24,14 @@ Qwen2/3 and GPT-2 (:data:`PACKED_BLOCKS`); checked against the HF forward in the
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..models.loaded import LoadedModel
 from ..models.unembed import logits_fp32
@@ -207,10 +209,14 @@ class PackedBlocks:
     def attend(self, layer: int, q: Float[Tensor, "rows heads T hd"],
                k: Float[Tensor, "rows kvh T hd"], v: Float[Tensor, "rows kvh T hd"],
                ) -> Float[Tensor, "rows heads T hd"]:
-        """Fused causal attention (no pattern is materialised)."""
+        """Causal attention: fused on a GPU (no pattern is materialised); on a CPU the math
+        kernel, since the flash kernel for CPU took 5x the time of eager attention on these
+        short sequences (SmolLM2-135M traces, issue 17's note)."""
         scale = self._parts(layer)[1].scaling
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
-                                              enable_gqa=self.kv_heads != self.heads)
+        cpu = q.device.type == "cpu"
+        with sdpa_kernel(SDPBackend.MATH) if cpu else contextlib.nullcontext():
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+                                                  enable_gqa=self.kv_heads != self.heads)
 
     def attn_out(self, layer: int, o: Float[Tensor, "A heads hd"]) -> Float[Tensor, "A d"]:
         attn = self._parts(layer)[1]
