@@ -5,7 +5,8 @@ checkpoint (one colour scale per run), the mean-over-layers trajectory per matri
 style by run kind), per-layer trajectories, update-sparsity histograms, KL against step, a benchmark
 table (MMLU cloze, in-domain accuracy and KL per final model, with intervals) and a freezing table
 (SFT against SFT with the mid-layer MLPs frozen, paired); then ours: causal-trace panels, attention
-shift and damage attribution. Every figure comes from stored results; no model is loaded.
+shift, damage attribution, and the diffing probes' summaries (activation-difference norm,
+logit-lens KL, the stitching grid). Every figure comes from stored results; no model is loaded.
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ PAPER_SET: list[tuple[str, str]] = [
     ("attention-shift", "attention_js_heatmap"),
     ("damage-attribution", "margin_recovery_*"),
     ("damage-attribution", "recovery_*"),
+    ("activation-diff", "diff_norm"),
+    ("logit-lens", "lens_kl"),
+    ("stitch", "stitch_grid"),
 ]
 
 

@@ -52,7 +52,7 @@ from mechinterp.data.subset import seeded_subset
 from mechinterp.errors import DataError, UserError
 from mechinterp.evals.stats import ratio_of_means
 from mechinterp.frames import Table
-from mechinterp.plotting.style import PALETTE, heatmap_grid, new_axes
+from mechinterp.plotting.style import heatmap_grid, model_colours, new_axes
 from mechinterp.probe import BaseConfig
 from mechinterp.progress import task
 from mechinterp.results import Result
@@ -242,8 +242,8 @@ class ActivationDiff:
         layers = np.arange(d["n_layers"])
         figs = {}
         fig, axes = new_axes(11, 4, ncols=2)
-        for j, v in enumerate(variants):
-            c = PALETTE[j % len(PALETTE)]
+        for v in variants:
+            c = model_colours(variants)[v]
             dn = np.array(d["diff_norm"][v], float)
             axes[0].plot(layers, dn, marker=".", color=c, label=v)
             axes[1].plot(layers, dn / np.array(d["base_norm"][v], float), marker=".", color=c,
@@ -269,8 +269,8 @@ class ActivationDiff:
         figs["diff_norm_by_position"] = fig
 
         fig, ax = new_axes(7, 4.2)
-        for j, v in enumerate(variants):
-            c = PALETTE[j % len(PALETTE)]
+        for v in variants:
+            c = model_colours(variants)[v]
             red = np.array([np.nan if x is None else x for x in d["steering_kl_reduction"][v]])
             ci = np.array([[np.nan if y is None else y for y in x]
                            for x in d["steering_kl_reduction_ci95"][v]], float)

@@ -51,7 +51,7 @@ from mechinterp.data.knowns import load_knowns
 from mechinterp.data.subset import screened_subset, seeded_subset
 from mechinterp.errors import UserError
 from mechinterp.frames import Table
-from mechinterp.plotting.style import PALETTE, new_axes
+from mechinterp.plotting.style import PALETTE, model_colours, new_axes
 from mechinterp.probe import BaseConfig
 from mechinterp.progress import task
 from mechinterp.results import Result
@@ -274,10 +274,10 @@ def _aie_figure(d: dict, kind: str):
     fig, axes = new_axes(width=12, height=6.5, nrows=2, ncols=3, sharey=True)
     layers = np.arange(d["n_layers"])
     for ax, group in zip(axes.flat, d["token_groups"]):
-        for j, name in enumerate(d["models"]):
+        for name in d["models"]:
             mean = np.array(d["aie"][name][kind][group], dtype=float)
             ci = d["aie_ci"].get(name, {}).get(kind, {}).get(group)
-            colour = PALETTE[j % len(PALETTE)]
+            colour = model_colours(d["models"])[name]
             ax.plot(layers, mean, color=colour, label=f"{name} (n={d['n_facts'][name]})")
             if ci and name == d["models"][0]:  # one band (the base's): stacked bands hide it all
                 ax.fill_between(layers, np.array(ci["lo"], float), np.array(ci["hi"], float),

@@ -52,7 +52,7 @@ from mechinterp.errors import UserError
 from mechinterp.evals.stats import mean_ci
 from mechinterp.evals.task import task_prompt
 from mechinterp.frames import Table
-from mechinterp.plotting.style import PALETTE, new_axes
+from mechinterp.plotting.style import model_colours, new_axes
 from mechinterp.probe import BaseConfig
 from mechinterp.progress import task
 from mechinterp.results import Result
@@ -235,7 +235,7 @@ class LogitLens:
     def plot(self, result: Result) -> dict:
         d = result.data
         layers = np.arange(d["n_layers"])
-        colors = {m: PALETTE[j % len(PALETTE)] for j, m in enumerate(d["models"])}
+        colors = model_colours(d["models"])
         figs = {}
         if d["variants"]:
             fig, ax = new_axes(7, 4.2)

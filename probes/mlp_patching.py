@@ -61,7 +61,7 @@ from mechinterp.evals.mmlu import MMLUFormat, answer_texts, build_request, quest
 from mechinterp.evals.stats import ratio_of_means
 from mechinterp.frames import Table
 from mechinterp.plotting.scan import scan_figure
-from mechinterp.plotting.style import PALETTE, new_axes
+from mechinterp.plotting.style import model_colours, new_axes
 from mechinterp.probe import BaseConfig
 from mechinterp.progress import task
 from mechinterp.results import Result
@@ -365,8 +365,8 @@ class MLPPatching:
         for r, direction in enumerate(DIRECTIONS):
             for c, s in enumerate(sites):
                 ax = axes[r, c]
-                for j, v in enumerate(d["variants"]):
-                    color = PALETTE[j % len(PALETTE)]
+                for v in d["variants"]:
+                    color = model_colours(d["variants"])[v]
                     ax.plot(layers, np.array(d["recovery"][v][s][direction], float), marker=".",
                             color=color, label=f"{v} ({d['n_prompts'] - d['n_tiny'][v]} prompts)")
                     ci = d.get("recovery_ci95", {}).get(v, {}).get(s, {}).get(direction)

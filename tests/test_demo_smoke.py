@@ -86,3 +86,29 @@ def test_study_notebook_runs_on_the_demo(path, demo_dir, monkeypatch):
 
 def test_there_are_six_study_notebooks():
     assert [p.name[:2] for p in STUDY_NOTEBOOKS] == ["01", "02", "03", "04", "05", "06"]
+
+
+def test_paper_figure_set_is_written_and_its_table_reads_the_results(demo_dir):
+    from mechinterp.compare import load_study
+    from mechinterp.paper_figures import PAPER_SET, benchmark_table
+
+    assert main(["figures", str(demo_dir), "--paper"]) == 0
+    files = sorted(p.name for p in (demo_dir / "paper").iterdir())
+    pngs = [f for f in files if f.endswith(".png")]
+    assert [f[:2] for f in pngs] == [f"{i:02d}" for i in range(1, len(pngs) + 1)]
+    assert sorted(f.replace(".png", ".pdf") for f in pngs) == [f for f in files if f.endswith(".pdf")]
+    for probe in {p for p, _ in PAPER_SET}:  # every probe that ran has a figure in the set
+        if probe == "*tables*" or (demo_dir / probe / "result.json").exists():
+            stems = [pat.rstrip("*") for p, pat in PAPER_SET if p == probe]
+            assert any(f[3:].startswith(tuple(stems)) for f in pngs), (probe, pngs)
+    # the benchmark table's MMLU cell for SFT is the final SFT model's stored accuracy
+    mmlu = json.loads((demo_dir / "mmlu" / "result.json").read_text())["data"]
+    keys = [k for k in mmlu["accuracy"] if k == "sft" or k.startswith("sft@")]
+    final = "sft" if "sft" in keys else max(keys, key=lambda k: int(k.rsplit("-", 1)[1]))
+    want = mmlu["accuracy"][final]
+    want = want["cloze"] if isinstance(want, dict) else want
+    fig = benchmark_table(load_study(demo_dir))
+    cells = {(r, c): cell.get_text().get_text()
+             for (r, c), cell in fig.axes[0].tables[0].get_celld().items()}
+    row = next(r for (r, c), text in cells.items() if c == 0 and text == "sft")
+    assert cells[(row, 1)].startswith(f"{want:.3f} [")

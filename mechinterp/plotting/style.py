@@ -20,6 +20,14 @@ STYLE_FILE = Path(__file__).with_name("mechinterp.mplstyle")
 PALETTE = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#000000"]
 
 
+def model_colours(models: Sequence[str], base: str = "base") -> dict[str, str]:
+    """One colour per model, the same in every probe's figures: the base the palette's first,
+    the variants the following ones in their order, whether or not the base is drawn."""
+    variants = [m for m in models if m != base]
+    colours = {v: PALETTE[(j + 1) % len(PALETTE)] for j, v in enumerate(variants)}
+    return {base: PALETTE[0], **colours} if base in models else colours
+
+
 @contextmanager
 def house_style():
     """Apply the house style inside the block (drawing and saving figures)."""
