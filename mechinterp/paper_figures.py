@@ -1,12 +1,13 @@
 """The paper's figure set from a ``compare`` / ``demo`` folder: ``mechinterp figures DIR --paper``.
 
-Numbered PNG + PDF files in ``DIR/paper/``, one house style: the weight-change heatmaps per
-checkpoint (one colour scale per run), the mean-over-layers trajectory per matrix (log axis, line
-style by run kind), per-layer trajectories, update-sparsity histograms, KL against step, a benchmark
-table (MMLU cloze, in-domain accuracy and KL per final model, with intervals) and a freezing table
-(SFT against SFT with the mid-layer MLPs frozen, paired); then ours: causal-trace panels, attention
-shift, damage attribution, and the diffing probes' summaries (activation-difference norm,
-logit-lens KL, the stitching grid). Every figure comes from stored results; no model is loaded.
+Numbered PNG + PDF files in ``DIR/paper/``, one house style: the weight-change heatmap of the final
+models, the heatmaps per checkpoint (one colour scale per run), the mean-over-layers trajectory per
+matrix (log axis, line style by run kind), per-layer trajectories, update-sparsity histograms, KL
+against step, a benchmark table (MMLU cloze, in-domain accuracy and KL per final model, with
+intervals) and a freezing table (SFT against SFT with the mid-layer MLPs frozen, paired); then ours:
+causal-trace panels, attention shift, damage attribution, and the diffing probes' summaries
+(activation-difference norm, logit-lens KL, the stitching grid). Every figure comes from stored
+results; no model is loaded.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from pathlib import Path
 
 #: (probe, figure-name pattern), in the order of the set
 PAPER_SET: list[tuple[str, str]] = [
+    # the final models side by side: with one checkpoint per run (smoke preset) the only one drawn
+    ("weight-change", "weight_change_heatmap"),
     ("weight-change", "weight_change_checkpoints_*"),
     ("weight-change", "weight_change_trajectory"),
     ("weight-change", "weight_change_layers_*"),

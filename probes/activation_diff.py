@@ -52,7 +52,7 @@ from mechinterp.data.subset import seeded_subset
 from mechinterp.errors import DataError, UserError
 from mechinterp.evals.stats import ratio_of_means
 from mechinterp.frames import Table
-from mechinterp.plotting.style import heatmap_grid, model_colours, new_axes
+from mechinterp.plotting.style import heatmap_grid, model_colours, new_axes, token_text
 from mechinterp.probe import BaseConfig
 from mechinterp.progress import task
 from mechinterp.results import Result
@@ -302,7 +302,7 @@ def _lens_figure(d: dict, n_rows: int = 8, n_tokens: int = 5):
                          squeeze=False)
     for ax, v in zip(axes[:, 0], variants):
         ax.axis("off")
-        rows = [[str(layer)] + [", ".join(repr(t["token"]) for t in
+        rows = [[str(layer)] + [", ".join(token_text(t["token"]) for t in
                                           d["lens_top"][v][layer][kind][:n_tokens])
                                 or "(no difference)"
                                 for kind in ("promoted", "suppressed")] for layer in shown]

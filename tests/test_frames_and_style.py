@@ -195,3 +195,23 @@ def test_line_style_follows_the_run_kind_not_its_name(tmp_path):
     fig = res.figures()["weight_change_trajectory"]
     labels = {h.get_label(): h.get_linestyle() for h in fig.axes[0].get_legend().legend_handles}
     assert labels["baseline (grpo)"] == "-" and labels["frozen (sft-frozen)"] == ":"
+
+
+def test_tokens_the_font_cannot_draw_are_written_as_escapes(tmp_path):
+    """The activation-diff lens table shows tokens; a CJK token must come out as ``\\u7801``, not
+    as an empty box (matplotlib warns 'Glyph ... missing' when it draws one)."""
+    import warnings
+
+    from mechinterp.plotting.style import token_text
+    from mechinterp.results import save_figures
+    from probes.activation_diff import _lens_figure
+
+    assert token_text("\u7801x") == "'\\u7801x'" and token_text(" caf\u00e9") == "' caf\u00e9'"
+    top = [{"token": t, "id": i, "logit": 1.0} for i, t in enumerate(["\u7801", " the", "\u00e9"])]
+    fig = _lens_figure({"variants": ["v"], "n_layers": 1,
+                        "lens_top": {"v": [{"promoted": top, "suppressed": top[::-1]}]}})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a missing glyph would raise here
+        save_figures({"lens_top": fig}, tmp_path)
+    texts = [c.get_text().get_text() for c in fig.axes[0].tables[0].get_celld().values()]
+    assert any("'\\u7801'" in t for t in texts)

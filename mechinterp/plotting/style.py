@@ -9,6 +9,7 @@ and headless runs fall back to Agg by themselves.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,6 +27,26 @@ def model_colours(models: Sequence[str], base: str = "base") -> dict[str, str]:
     variants = [m for m in models if m != base]
     colours = {v: PALETTE[(j + 1) % len(PALETTE)] for j, v in enumerate(variants)}
     return {base: PALETTE[0], **colours} if base in models else colours
+
+
+def token_text(token: str) -> str:
+    """A token as a figure label: quoted like ``repr``, with every character the house font has no
+    glyph for written as its ``\\uXXXX`` escape (a CJK token would otherwise draw as empty boxes)."""
+    return "".join(c if _has_glyph(c) else f"\\u{ord(c):04x}" for c in repr(token))
+
+
+@functools.lru_cache(maxsize=4096)
+def _has_glyph(char: str) -> bool:
+    return ord(char) < 0x250 or _house_font().get_char_index(ord(char)) != 0
+
+
+@functools.lru_cache(maxsize=1)
+def _house_font():
+    from matplotlib import font_manager, ft2font
+
+    with house_style():
+        path = font_manager.findfont(font_manager.FontProperties(family=plt.rcParams["font.family"]))
+    return ft2font.FT2Font(path)
 
 
 @contextmanager
