@@ -51,7 +51,7 @@ from mechinterp.data.knowns import load_knowns
 from mechinterp.data.subset import screened_subset, seeded_subset
 from mechinterp.errors import UserError
 from mechinterp.frames import Table
-from mechinterp.plotting.style import PALETTE, model_colours, new_axes
+from mechinterp.plotting.style import PALETTE, model_colours, new_axes, token_text
 from mechinterp.probe import BaseConfig
 from mechinterp.progress import task
 from mechinterp.results import Result
@@ -252,7 +252,7 @@ class CausalTrace:
 def _fact_figure(model: str, row: dict, grids: dict[str, np.ndarray]):
     n_tok = len(row["tokens"])
     s, e = row["subject_range"]
-    labels = [repr(t)[1:-1] + (" *" if s <= i < e else "") for i, t in enumerate(row["tokens"])]
+    labels = [token_text(t)[1:-1] + (" *" if s <= i < e else "") for i, t in enumerate(row["tokens"])]
     kinds = list(grids)
     fig, axes = new_axes(width=4.2 * len(kinds) + 0.8, height=0.32 * n_tok + 1.8,
                          ncols=len(kinds), squeeze=False)
