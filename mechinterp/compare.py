@@ -175,6 +175,7 @@ class VariantInfo:
     algorithm: str | None = None  # "sft" / "grpo" from the run's train-config.json
     freeze: str | None = None  # the freeze spec of the run, "" when nothing was frozen
     train: dict[str, Any] = field(default_factory=dict)  # training wall time, steps, preset
+    seed: int | None = None  # the run's training seed (train-config.json), None when unknown
 
     @property
     def kind(self) -> str | None:
@@ -205,7 +206,8 @@ def describe_variant(name: str, spec: str) -> VariantInfo:
     summary = folder / "train-summary.json"
     if summary.is_file():
         train = json.loads(summary.read_text())
-    return VariantInfo(name, spec, ckpts or [spec], cfg.get("algorithm"), freeze, train)
+    return VariantInfo(name, spec, ckpts or [spec], cfg.get("algorithm"), freeze, train,
+                       cfg.get("seed"))
 
 
 def _kind_from_name(name: str) -> dict[str, Any]:
@@ -233,6 +235,13 @@ class Study:
     def role(self, kind: str) -> str | None:
         """The first variant of a kind (``sft``, ``grpo``, ``sft-frozen``), by training metadata."""
         return next((n for n, v in self.variants.items() if v.kind == kind), None)
+
+    def replicates(self, kind: str) -> list[str]:
+        """Every variant of a kind, one per training seed (seed order; the study's order when the
+        seeds are unknown): the replicates a claim's interval over seeds is computed from."""
+        names = [n for n, v in self.variants.items() if v.kind == kind]
+        return sorted(names, key=lambda n: (self.variants[n].seed is None,
+                                            self.variants[n].seed or 0, names.index(n)))
 
     def final_name(self, variant: str, probe: str) -> str:
         """The name a variant's final model has in ``probe``'s result: the run's last checkpoint
