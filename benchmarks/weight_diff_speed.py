@@ -22,12 +22,12 @@ the config, compiling the kernel (first run on a machine) and building its bin t
 process).
 
 Optionally (``--torch-path``) one round of the previous torch-only path
-(``MECHINTERP_DIFF_KERNEL=torch``, issue 3's code path) for the before/after ratio.
+(``MECHINTERP_DIFF_KERNEL=torch``) for the before/after ratio.
 
     python benchmarks/weight_diff_speed.py [--size-gb 1] [--repeats 5] [--threads 1,2]
         [--cache warm,cold] [--torch-path] [--tmp DIR]
 
-Targets (issue 17): <= 2x the read time without histograms, <= 3x with them.
+Targets: <= 2x the read time without histograms, <= 3x with them.
 """
 
 from __future__ import annotations

@@ -211,7 +211,7 @@ class PackedBlocks:
                ) -> Float[Tensor, "rows heads T hd"]:
         """Causal attention: fused on a GPU (no pattern is materialised); on a CPU the math
         kernel, since the flash kernel for CPU took 5x the time of eager attention on these
-        short sequences (SmolLM2-135M traces, issue 17's note)."""
+        short sequences (SmolLM2-135M traces)."""
         scale = self._parts(layer)[1].scaling
         cpu = q.device.type == "cpu"
         with sdpa_kernel(SDPBackend.MATH) if cpu else contextlib.nullcontext():

@@ -362,7 +362,7 @@ def trace_fact(model: LoadedModel, fact: FactInput, noise: Tensor, kinds=KINDS,
     ``max_rows`` rows and ``max_tokens`` packed tokens; each chunk is one call per layer.
     ``max_tokens`` defaults to 1024 on a CPU, where a chunk's MLP activations (tokens x
     d_mlp floats) must stay in cache: at 16384 the elementwise ops turn memory-bound and the
-    trace took 20% longer (58 against 47 CPU s, SmolLM2-135M, 10 samples; issue 17's note), and
+    trace took 20% longer (58 against 47 CPU s, SmolLM2-135M, 10 samples), and
     to 16384 on a GPU (fewer, larger launches).
     """
     stack = stack or BlockStack(model)
