@@ -89,12 +89,12 @@ def c8_damage_mid_mlp(study) -> dict:
                "mid_window_layers": layers, "mid_layers_rule": MID_LAYERS_RULE,
                "net_damage": float(nd[:, 0].mean()), "net_damage_ci95": [nd_lo, nd_hi],
                "net_damage_p": nd_p, "n_used": n_used, "models": names}
-    text = ["weight revert (origin): giving the base's MLP weights back to a third recovers "
-            + ", ".join(f"{w} {win[:, i].mean():.2f}" for i, w in enumerate(WINDOWS))
-            + f" of the margin drop (mid layers {layers[0]}-{layers[1]} by {MID_LAYERS_RULE}; "
-              if layers else "; "]
-    text[0] += (f"mid minus best other {p['effect']:+.2f} [{p['ci95'][0]:+.2f}, "
-                f"{p['ci95'][1]:+.2f}])")
+    where = (f"mid = layers {layers[0]}-{layers[1]}, {MID_LAYERS_RULE}" if layers
+             else MID_LAYERS_RULE)
+    text = ["weight revert (origin): giving the base's MLP weights back to a third of the layers "
+            "recovers " + ", ".join(f"{w} {win[:, i].mean():.2f}" for i, w in enumerate(WINDOWS))
+            + f" of the margin drop ({where}); mid minus the best other third {p['effect']:+.2f} "
+              f"[{p['ci95'][0]:+.2f}, {p['ci95'][1]:+.2f}] over {len(names)} seed(s)"]
     if per_layer:
         rv = floats(per_layer)
         if np.isfinite(rv).any():

@@ -67,14 +67,15 @@ def floor_mean(data: dict, model: str, key: str) -> float:
 
 
 def confound_caveats(data: dict, models: list[str]) -> list[str]:
-    out = []
-    for m in models:
-        r = get(data, "scale_confound", m)
-        if r is not None and math.isfinite(r) and r > SCALE_CONFOUND:
-            out.append(f"the relative-change map reads the base's weight scale: Spearman of "
-                       f"relative change against 1/RMS(W_base) is {r:.2f} for {m} (> "
-                       f"{SCALE_CONFOUND}); the claims read update scale / coherence instead")
-    return out
+    """One caveat naming every model whose relative-change map reads the base's weight scale."""
+    hits = [(m, get(data, "scale_confound", m)) for m in models]
+    hits = [(m, r) for m, r in hits if r is not None and math.isfinite(r) and r > SCALE_CONFOUND]
+    if not hits:
+        return []
+    return ["the relative-change map reads the base's weight scale: Spearman of relative change "
+            "against 1/RMS(W_base) over layers x matrices is "
+            + ", ".join(f"{r:.2f} ({m})" for m, r in hits)
+            + f" (> {SCALE_CONFOUND}); the claims read update scale / coherence instead"]
 
 
 def _weights(study):
