@@ -147,3 +147,34 @@ def test_saturation_caveat_from_the_training_curves(tmp_path):
 
 def test_every_claim_is_registered_once():
     assert [f.__name__[:2] for f in CLAIMS] == [f"c{i}" for i in range(1, 9)]
+
+
+def test_pytest_claims_map_verdicts_to_outcomes(study, tmp_path):
+    """``pytest --pyargs probes.claims --mi-results DIR`` on a stored study: held passes, not held
+    fails, inconclusive is XFAIL with its numbers (never a pass), not measured is skipped."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    from mechinterp.compare import STUDY_FILE
+    from mechinterp.results import write_result
+
+    out = tmp_path / "stored"
+    out.mkdir()
+    (out / STUDY_FILE).write_text(json.dumps(study.to_json()))
+    for probe, res in study.results.items():
+        write_result(res, out / probe)
+    claims = {c["id"]: c for c in decide_all(study)}
+    env = dict(os.environ, MECHINTERP_PROGRESS="0")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "--pyargs", "probes.claims", "-v", "-rx",
+                           "-p", "no:cacheprovider", "-p", "no:xdist", "--mi-results", str(out)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    got = dict(re.findall(r"test_claim\[c(\d)_\w+\] (PASSED|FAILED|SKIPPED|XFAIL)", proc.stdout))
+    want = {cid[1]: {"held": "PASSED", "not held": "FAILED", "inconclusive": "XFAIL",
+                     "not measured": "SKIPPED"}[c["verdict"]] for cid, c in claims.items()}
+    assert got == want, proc.stdout[-3000:]
+    assert {"PASSED", "FAILED", "XFAIL", "SKIPPED"} <= set(got.values())
+    c7 = claims["C7"]["primary"]
+    assert re.search(rf"XFAIL .*C7 .*inconclusive.*\[{c7['ci95'][0]:.4g}, ", proc.stdout)
+    assert proc.returncode == 1  # a claim that does not hold fails the run
