@@ -97,6 +97,9 @@ def test_verdicts_held_fields_and_holm(study):
     assert claims["C6"]["verdict"] == "not measured"  # no frozen run
     line = verdict_line(claims["C1"])
     assert line.startswith("C1 HELD") and "3-5x" in line
+    body = json.loads(write_claims(list(claims.values()), study.out).read_text())
+    assert body["C1"]["verdict"] == "held" and body["C1"]["held"] is True
+    assert body["C7"]["primary"]["p_holm"] == pytest.approx(claims["C7"]["primary"]["p_holm"])
 
 
 def test_report_states_verdict_caveats_holm_and_mid_layers(study, tmp_path):

@@ -66,6 +66,14 @@ def floor_mean(data: dict, model: str, key: str) -> float:
     return math.nan if v is None else float(v)
 
 
+def floor_gate(value: float, floor: float, what: str, why: str = "") -> dict:
+    """The claim cannot hold unless ``value`` is above the noise floor (nor when there is none)."""
+    if not math.isfinite(floor):
+        return gate(False, f"no noise floor for {what}: cannot tell the update from noise")
+    return gate(value > floor, f"{what} ({value:.3g}) is within the optimizer's noise floor "
+                               f"(up to {floor:.3g}){why}")
+
+
 def confound_caveats(data: dict, models: list[str]) -> list[str]:
     """One caveat naming every model whose relative-change map reads the base's weight scale."""
     hits = [(m, get(data, "scale_confound", m)) for m in models]
@@ -128,10 +136,8 @@ def c1_weight_change(study) -> dict:
     fl_g = np.nanmean([floor_hi(data, n, "coherence") for _, n in names])
     floor_us = np.nanmean([floor_mean(data, n, "update_scale") for n, _ in names])
     sft_coh, grpo_coh = float(np.nanmean(coh[:, 0])), float(np.nanmean(coh[:, 1]))
-    above = bool(sft_coh > fl["coherence"])
-    gates = [gate(above, f"SFT's update is within the optimizer's noise floor (coherence "
-                         f"{sft_coh:.3g} <= noise {fl['coherence']:.3g}): a noise-driven run "
-                         "cannot support 'moves more'")]
+    gates = [floor_gate(sft_coh, fl["coherence"], "SFT's update coherence",
+                        ": a noise-driven run cannot support 'moves more'")]
     sft_us, grpo_us = (float(x) for x in point)
     ceiling = 1.0 / grpo_us if grpo_us > 0 else math.inf
     rel_a = np.array(rel, float)
@@ -195,8 +201,7 @@ def c3_qk_most_changed(study) -> dict:
                     needed=0.05, n=len(groups[0]), n_seeds=len(ns), units=key)
         floor = float(np.nanmean([floor_hi(data, n, key) for n in ns]))
         qk = float(min(point[qi], point[ki]))
-        gates = [gate(qk > floor, f"{kind}: q/k's {key} ({qk:.3g}) is within the noise floor "
-                                  f"({floor:.3g})")]
+        gates = [floor_gate(qk, floor, f"{kind}: q/k's {key}")]
         order = sorted(range(len(mats)), key=lambda i: -point[i])
         rel = data.get("relative_change", {}).get(ns[0])
         rel_top = (sorted(rel, key=lambda m: -float(np.nanmean(floats(rel[m]))))[:2]
@@ -255,8 +260,7 @@ def c4_sft_mid_mlp(study) -> dict:
                 n=len(groups[0]), n_seeds=len(ns), units="log ratio")
     mid_mean, rest_mean = float(point[0] / point[1]), float(point[2] / point[3])
     floor = float(np.nanmean([floor_hi(data, n, key) for n in ns]))
-    gates = [gate(mid_mean > floor, f"SFT's mid-layer MLP {key} ({mid_mean:.3g}) is within the "
-                                    f"noise floor ({floor:.3g})")]
+    gates = [floor_gate(mid_mean, floor, f"SFT's mid-layer MLP {key}")]
     profile = np.nanmean(np.stack(profiles), axis=0)
     rel = data.get("relative_change", {}).get(ns[0])
     rel_peak = rel_thirds = None
