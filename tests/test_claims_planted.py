@@ -458,3 +458,26 @@ def test_decide_all_applies_holm_and_states_it(tmp_path):
     assert c8["primary"]["p_holm"] >= c8["primary"]["p_value"]
     assert c8["primary"]["holm_family"] == 1
     assert {c["verdict"] for c in claims if c["id"] != "C8"} == {"not measured"}
+
+
+def test_hierarchical_bootstrap_by_hand():
+    # constant within each seed: a replicate is the mean of 3 seeds drawn from {0, 1, 2}, so its
+    # values are k/3 and its SD is sqrt(var_pop({0,1,2}) / 3) = sqrt(2/9)
+    point, reps = hier_bootstrap([np.full((5, 1), float(s)) for s in range(3)], n_boot=20000)
+    assert point[0] == 1.0
+    assert np.allclose(reps * 3, np.round(reps * 3))
+    assert reps.mean() == pytest.approx(1.0, abs=0.02)
+    assert reps.std() == pytest.approx(math.sqrt(2 / 9), rel=0.03)
+    # one seed: the ordinary bootstrap, SD of the mean = sd_pop / sqrt(n)
+    x = np.random.default_rng(1).normal(0, 1, (400, 1))
+    _, reps = hier_bootstrap([x], n_boot=4000)
+    assert reps.std() == pytest.approx(x.std() / math.sqrt(400), rel=0.06)
+
+
+def test_sign_flip_monte_carlo_agrees_with_enumeration():
+    import itertools
+
+    d = np.random.default_rng(2).normal(0.3, 1, 17)  # one past the exact limit
+    signs = np.array(list(itertools.product((1.0, -1.0), repeat=17)))
+    exact = float((np.abs(signs @ d) >= abs(d.sum()) - 1e-12).mean())
+    assert sign_flip_p(d, n_perm=40000) == pytest.approx(exact, abs=0.01)
