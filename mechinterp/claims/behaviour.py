@@ -119,7 +119,7 @@ def c2_kl(study) -> dict:
              "reference solutions)")
     pr, res = pairs(study, "sft", "grpo"), result(study, "kl-drift")
     if isinstance(pr, str) or res is None:
-        return missing("C2", title, pr if isinstance(pr, str) else "kl-drift")
+        return missing("C2", title, pr if isinstance(pr, str) else "no kl-drift result in the study")
     d = res.data
     if "kl_reference_items" not in d:
         return missing("C2", title, "the kl-drift result has no kl_reference_items (KL on neutral "

@@ -44,7 +44,8 @@ def c8_damage_mid_mlp(study) -> dict:
     title = "SFT's MMLU damage originates in the mid-layer MLPs (weight revert by thirds)"
     names, res = replicates(study, "sft"), result(study, "damage-attribution")
     if not names or res is None:
-        return missing("C8", title, "no sft variant" if not names else "damage-attribution")
+        return missing("C8", title, "no sft variant" if not names
+                       else "no damage-attribution result in the study")
     d = res.data
     if "revert_window_recovery" not in d or "net_damage" not in d:
         return missing("C8", title, "the damage-attribution result has no revert_window_recovery / "

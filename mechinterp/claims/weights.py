@@ -89,7 +89,7 @@ def confound_caveats(data: dict, models: list[str]) -> list[str]:
 def _weights(study):
     res = result(study, "weight-change")
     if res is None:
-        return None, "weight-change"
+        return None, "no weight-change result in the study"
     if not any(k in res.data for k in ("update_scale", "coherence")) or "noise_floor" not in res.data:
         return None, ("the weight-change result has no update_scale / coherence / noise_floor "
                       "(stored before they were measured): re-run compare")
