@@ -253,7 +253,7 @@ def c6_freezing(study) -> dict:
         numbers |= {"frozen_mlp_layers": frozen, "mid_layers": [span[0], span[-1]]}
         if frozen != span:
             cav.append(f"the frozen run's unchanged MLP layers {_span(frozen)} are not the mid "
-                       f"layers {span[0]}-{span[-1]} ({MID_LAYERS_RULE}) that C4 and C8 test")
+                       f"layers {_span(span)} ({MID_LAYERS_RULE}) that C4 and C8 test")
     statement = (f"pre-specified primary: gold-answer log-prob on {p['n']} MMLU items, frozen minus "
                  f"unfrozen SFT {p['effect']:+.3g} [{p['ci95'][0]:+.3g}, {p['ci95'][1]:+.3g}] "
                  f"nats over {len(pr)} seed(s); beside (seed 1, frozen - SFT): " + "; ".join(beside))
@@ -263,7 +263,7 @@ def c6_freezing(study) -> dict:
 def _span(layers: list[int]) -> str:
     if not layers:
         return "(none)"
-    if layers == list(range(layers[0], layers[-1] + 1)):
+    if len(layers) > 1 and layers == list(range(layers[0], layers[-1] + 1)):
         return f"{layers[0]}-{layers[-1]}"
     return ",".join(map(str, layers))
 

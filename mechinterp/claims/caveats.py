@@ -70,8 +70,9 @@ def mid_layer_line(study) -> str:
     if n is None:
         return f"Mid layers: {MID_LAYERS_RULE} (C4, C6, C8 and the paper-mid-mlp freeze preset)."
     span = mid_layers(n)
-    return (f"Mid layers: {MID_LAYERS_RULE}; for this {n}-layer model layers {span.start}-"
-            f"{span.stop - 1} (C4, C6, C8 and the paper-mid-mlp freeze preset).")
+    which = (f"layer {span.start}" if len(span) == 1 else f"layers {span.start}-{span.stop - 1}")
+    return (f"Mid layers: {MID_LAYERS_RULE}; for this {n}-layer model {which} (C4, C6, C8 and "
+            "the paper-mid-mlp freeze preset).")
 
 
 def study_caveats(study, claims: list[dict]) -> list[str]:
