@@ -89,7 +89,10 @@ def claim_cells(c: dict) -> tuple[str, str]:
     p = c.get("primary")
     if not p:
         return "", ""
-    effect = f"{_fmt(p['effect'])} {_ci(p['ci95'])} {p.get('units', '')}".strip()
+    if p.get("units") == "log ratio":  # shown as the ratio itself
+        effect = f"{_fmt(np.exp(p['effect']))}x {_ci([np.exp(x) for x in p['ci95']])}"
+    else:
+        effect = f"{_fmt(p['effect'])} {_ci(p['ci95'])} {p.get('units', '')}".strip()
     holm = f", Holm {_fmt(p['p_holm'])}" if p.get("p_holm") is not None else ""
     test = (f"{p['measure']}; {p['test']}; p {_fmt(p['p_value'])}{holm}; MDE (80% power) "
             f"{_fmt(p['mde'])}, needed {_fmt(p['needed'])}; n {p['n']}, {p['n_seeds']} seed(s)")

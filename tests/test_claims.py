@@ -124,9 +124,11 @@ def test_report_states_verdict_caveats_holm_and_mid_layers(study, tmp_path):
     for needle in ("| **C1**", "| held |", "## Caveats", "Holm", "Mid layers: the middle third",
                    "layers 3-5", "MDE (80% power)"):
         assert needle in text, needle
-    c1 = next(c for c in claims if c["id"] == "C1")
-    lo, hi = c1["primary"]["ci95"]
-    assert f"[{lo:.3f}, {hi:.3f}]" in text
+    c1, c5 = (next(c for c in claims if c["id"] == i) for i in ("C1", "C5"))
+    lo, hi = np.exp(c1["primary"]["ci95"])  # C1's log ratio shown as the ratio
+    assert f"{np.exp(c1['primary']['effect']):.3f}x [{lo:.3f}, {hi:.3f}]" in text
+    lo, hi = c5["primary"]["ci95"]
+    assert f"[{lo:.3f}, {hi:.3f}] nats" in text
     assert "reads the base's weight scale" in text  # GRPO's noise matrices: relative change ~ 1/RMS
     assert "<h2>Caveats</h2>" in html and "weight-change/fig.png" in text
 
