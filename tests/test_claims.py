@@ -183,3 +183,55 @@ def test_pytest_claims_map_verdicts_to_outcomes(study, tmp_path):
     c7 = claims["C7"]["primary"]
     assert re.search(rf"XFAIL .*C7 .*inconclusive.*\[{c7['ci95'][0]:.4g}, ", proc.stdout)
     assert proc.returncode == 1  # a claim that does not hold fails the run
+
+
+def _primary(effect, lo, hi, p, mde, needed=0.1):
+    from mechinterp.claims.core import primary
+
+    p_ = primary("t", "m", effect, np.array([lo, hi]), needed, 10, 1, p=p)
+    return p_ | {"ci95": [lo, hi], "mde": mde}
+
+
+@pytest.mark.parametrize(("args", "verdict"), [
+    ((0.5, 0.2, 0.8, 0.001, 0.05), "held"),
+    ((-0.5, -0.8, -0.2, 0.001, 0.05), "not held"),  # significant the other way
+    ((0.01, -0.03, 0.05, 0.6, 0.05), "not held"),  # powered (MDE 0.05 <= 0.1), rules 0.1 out
+    ((0.01, -0.03, 0.15, 0.6, 0.05), "inconclusive"),  # powered but 0.1 not ruled out
+    ((0.01, -0.3, 0.05, 0.6, 0.3), "inconclusive"),  # MDE 0.3 > needed 0.1: no power
+    ((0.3, 0.1, 0.5, 0.125, 0.05), "inconclusive"),  # interval excludes 0, the test does not
+])
+def test_the_decision_rule(args, verdict):
+    from mechinterp.claims.core import decide
+
+    assert decide(_primary(*args), [])[0] == verdict
+
+
+def test_a_failed_gate_blocks_held_or_everything():
+    from mechinterp.claims.core import decide, gate
+
+    p = _primary(0.5, 0.2, 0.8, 0.001, 0.05)
+    assert decide(p, [gate(False, "noise")]) == ("inconclusive", "noise")
+    q = _primary(-0.5, -0.8, -0.2, 0.001, 0.05)
+    assert decide(q, [gate(False, "noise")])[0] == "not held"  # a 'held' gate leaves it
+    assert decide(q, [gate(False, "no damage", blocks="any")])[0] == "inconclusive"
+
+
+def test_holm_turns_three_borderline_claims_inconclusive(tmp_path, monkeypatch):
+    """Three claims each at p = 0.02 with intervals excluding 0: held alone, not after Holm
+    (0.06 each)."""
+    import mechinterp.claims as claims_mod
+    from mechinterp.claims.core import claim
+
+    def make(cid):
+        def fn(study):
+            return claim(cid, cid, "planted", {}, _primary(0.5, 0.1, 0.9, 0.02, 0.05))
+        fn.__name__ = f"{cid.lower()}_planted"
+        return fn
+
+    monkeypatch.setattr(claims_mod, "CLAIMS", [make("C1"), make("C2"), make("C3")])
+    alone = make("C1")(None)
+    assert alone["verdict"] == "held"
+    out = claims_mod.decide_all(Study(tmp_path, "b", {}, {}))
+    assert [c["primary"]["p_holm"] for c in out] == pytest.approx([0.06] * 3)
+    assert {c["verdict"] for c in out} == {"inconclusive"}
+    assert "Holm-adjusted p = 0.06" in out[0]["why"]
