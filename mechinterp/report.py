@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .claims import _floats, mean_change
+from .claims import HOLM, _floats, mean_change
+from .claims.caveats import mid_layer_line, study_caveats
 
 #: What each probe measured, for a reader who has not read the code.
 PLAIN: dict[str, str] = {
@@ -71,6 +72,42 @@ def _fmt(x, digits: int = 3) -> str:
 
 def _ci(ci) -> str:
     return f"[{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else ""
+
+
+# ----- the verdict -----------------------------------------------------------------------------
+
+VERDICT_CLASS = {"held": "yes", "not held": "no", "inconclusive": "inc", "not measured": "na"}
+
+
+def verdict_word(c: dict) -> str:
+    return c.get("verdict") or {True: "held", False: "not held", None: "not measured"}[c["held"]]
+
+
+def claim_cells(c: dict) -> tuple[str, str]:
+    """``(effect [95% CI], primary test with p, Holm p, MDE, n)`` of a claim ("" when not
+    measured)."""
+    p = c.get("primary")
+    if not p:
+        return "", ""
+    if p.get("units") == "log ratio":  # shown as the ratio itself
+        effect = f"{_fmt(np.exp(p['effect']))}x {_ci([np.exp(x) for x in p['ci95']])}"
+    else:
+        effect = f"{_fmt(p['effect'])} {_ci(p['ci95'])} {p.get('units', '')}".strip()
+    holm = f", Holm {_fmt(p['p_holm'])}" if p.get("p_holm") is not None else ""
+    test = (f"{p['measure']}; {p['test']}; p {_fmt(p['p_value'])}{holm}; MDE (80% power) "
+            f"{_fmt(p['mde'])}, needed {_fmt(p['needed'])}; n {p['n']}, {p['n_seeds']} seed(s)")
+    return effect, test
+
+
+def decision_text(claims: list[dict]) -> str:
+    m = max([(c.get("primary") or {}).get("holm_family") or 0 for c in claims] + [0])
+    return ("Verdicts: held = the 95% interval excludes 0 on the claimed side and the primary "
+            "test's p is below 0.05 after " + HOLM.format(m=m) + "; not held = significant the "
+            "other way, or the test had 80% power for the effect the claim needs and the interval "
+            "rules it out; inconclusive = neither (the interval spans 0 without that power, or a "
+            "condition such as the noise floor or a significant net damage failed); not measured "
+            "= the study lacks what the claim reads. Intervals resample seeds, then items. A claim "
+            "that does not hold on this model is a finding, not a failure of the suite.")
 
 
 # ----- key numbers per probe (one markdown bullet each) ------------------------------------------
@@ -283,13 +320,15 @@ def build_markdown(study, claims: list[dict]) -> str:
              f"Compare folder `{study.out}`, preset `{study.preset}`. Variants: "
              + ", ".join(f"`{n}` ({v.kind or 'unknown kind'}: {v.final})"
                          for n, v in study.variants.items()), "", "## Verdict", "",
-             "| claim | held | statement |", "|---|---|---|"]
-    word = {True: "yes", False: "no", None: "n/a"}
+             "| claim | verdict | effect [95% CI] | primary test | statement |",
+             "|---|---|---|---|---|"]
     for c in claims:
-        lines.append(f"| **{c['id']}** {c['title']} | {word[c['held']]} | {c['statement']} |")
-    lines += ["", "A claim comparing models on the same items holds only when its paired 95% "
-              "interval excludes zero in the claimed direction; a claim that does not hold on this "
-              "model is a finding, not a failure of the suite.", "",
+        effect, test = claim_cells(c)
+        lines.append(f"| **{c['id']}** {c['title']} | {verdict_word(c)} | {effect} | {test} | "
+                     f"{c['statement']} |")
+    lines += ["", decision_text(claims), "", "## Caveats", ""]
+    lines += [f"- {x}" for x in study_caveats(study, claims)] or ["- none generated from the data"]
+    lines += ["", mid_layer_line(study), "",
               "## Training: did each run learn?", "",
               "| variant | algorithm | frozen | steps | wall time (s) | in-domain before | after | "
               "gain [95% CI] | n |", "|---|---|---|---|---|---|---|---|---|"]
@@ -319,7 +358,7 @@ _CSS = """body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width
 padding:0 1em;color:#222;line-height:1.45}h1{font-size:1.6em}h2{border-bottom:1px solid #ddd;
 padding-bottom:.2em;margin-top:2em}table{border-collapse:collapse;margin:1em 0;font-size:.92em}
 td,th{border:1px solid #ccc;padding:.35em .6em;vertical-align:top}th{background:#f3f3f3}
-.yes{background:#e3f4e3}.no{background:#fbe6e6}.na{background:#eee}img{max-width:100%;
+.yes{background:#e3f4e3}.no{background:#fbe6e6}.inc{background:#fdf5d8}.na{background:#eee}img{max-width:100%;
 border:1px solid #eee;margin:.5em 0}figure{margin:1em 0}figcaption{color:#555;font-size:.9em}
 .prov{color:#666;font-size:.8em}code{background:#f5f5f5;padding:0 .2em}"""
 
@@ -332,21 +371,23 @@ def _img(path: Path, caption: str) -> str:
 
 def build_html(study, claims: list[dict]) -> str:
     e = html.escape
-    cls = {True: "yes", False: "no", None: "na"}
-    word = {True: "held", False: "not held", None: "not measured"}
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>SFT vs GRPO: {e(study.base)}"
              f"</title><style>{_CSS}</style></head><body>",
              f"<h1>SFT vs GRPO on {e(study.base)}</h1>",
              f"<p>Compare folder <code>{e(str(study.out))}</code>, preset <code>{e(study.preset)}"
              "</code>. Variants: " + ", ".join(f"<code>{e(n)}</code> ({e(v.kind or 'unknown kind')})"
                                                 for n, v in study.variants.items()) + ".</p>",
-             "<h2>Verdict</h2><table><tr><th>claim</th><th>verdict</th><th>numbers</th></tr>"]
+             "<h2>Verdict</h2><table><tr><th>claim</th><th>verdict</th><th>effect [95% CI]</th>"
+             "<th>primary test</th><th>numbers</th></tr>"]
     for c in claims:
-        parts.append(f"<tr class='{cls[c['held']]}'><td><b>{e(c['id'])}</b> {e(c['title'])}</td>"
-                     f"<td>{word[c['held']]}</td><td>{e(c['statement'])}</td></tr>")
-    parts.append("</table><p>A claim comparing models on the same items holds only when its paired "
-                 "95% interval excludes zero in the claimed direction. A claim that does not hold on "
-                 "this model is a finding, not a failure of the suite.</p>")
+        effect, test = claim_cells(c)
+        parts.append(f"<tr class='{VERDICT_CLASS[verdict_word(c)]}'><td><b>{e(c['id'])}</b> "
+                     f"{e(c['title'])}</td><td>{e(verdict_word(c))}</td><td>{e(effect)}</td>"
+                     f"<td>{e(test)}</td><td>{e(c['statement'])}</td></tr>")
+    parts.append(f"</table><p>{e(decision_text(claims))}</p><h2>Caveats</h2><ul>")
+    parts += [f"<li>{e(x)}</li>" for x in study_caveats(study, claims)] or [
+        "<li>none generated from the data</li>"]
+    parts.append(f"</ul><p>{e(mid_layer_line(study))}</p>")
     parts.append("<h2>Training: did each run learn?</h2><table><tr><th>variant</th><th>algorithm"
                  "</th><th>frozen</th><th>steps</th><th>wall time (s)</th><th>in-domain before</th>"
                  "<th>after</th><th>gain [95% CI]</th><th>n</th></tr>")

@@ -33,15 +33,15 @@ def test_compare_decides_weight_claims_and_reuses(variants, tmp_path, data_sourc
     study = compare("tiny-random-llama", variants, tmp_path, preset="smoke", probes=PROBES,
                     echo=said.append)
     claims = {c["id"]: c for c in study.claims}
-    c1 = claims["C1"]
-    assert c1["held"] is True
-    # planted: q, k (and gate 1.5x) moved by 0.2 vs 0.01 in every layer, nothing else -> ratio 20
-    assert c1["numbers"]["ratio_sft_over_grpo"] == pytest.approx(20.0, rel=1e-3)
-    assert claims["C3"]["held"] is False  # gate moved most: the top two are gate and q
-    assert claims["C3"]["numbers"]["sft"]["top_two"][0] == "gate"
+    # planted q, k (and gate 1.5x) moved by 0.2 vs 0.01 in every layer: relative change says 20x,
+    # but a plain model spec records no learning rate or steps, so the update per unit of
+    # lr x steps (what C1 is decided on) is unknown: not measured, and it says why
+    assert claims["C1"]["verdict"] == "not measured" and claims["C1"]["held"] is None
+    assert "update_scale" in claims["C1"]["statement"]
+    assert claims["C3"]["held"] is not True  # gate moved as much as q/k: they do not lead
     assert claims["C6"]["held"] is None and "sft-frozen" in claims["C6"]["statement"]
     stored = json.loads((tmp_path / "claims.json").read_text())
-    assert stored["C1"]["held"] is True and stored["C6"]["held"] is None
+    assert stored["C1"]["verdict"] == "not measured" and stored["C6"]["held"] is None
     assert (tmp_path / "report.html").exists() and (tmp_path / "report.md").exists()
     again: list[str] = []
     compare("tiny-random-llama", variants, tmp_path, preset="smoke", probes=PROBES,

@@ -6,7 +6,8 @@
 
 With ``--mi-results DIR`` holding a compare folder the stored results are read (no model loads);
 otherwise ``compare`` runs first (into DIR when given, else a temporary folder; ``--mi-preset``
-chooses its size). Each claim is one test; a failing claim's message states the measured numbers.
-A claim that cannot be measured on the given models (no frozen run, say) is skipped with the
-reason. The verdicts are the same functions the report uses (:mod:`mechinterp.claims`).
+chooses its size). Each claim is one test: ``held`` passes, ``not held`` fails, ``inconclusive``
+is an expected failure (XFAIL, never a pass) and ``not measured`` (no frozen run, say) is skipped;
+each message states the effect, its interval, the test, p (and Holm's p), the minimum detectable
+effect and n. The verdicts are the same functions the report uses (:mod:`mechinterp.claims`).
 """

@@ -28,3 +28,11 @@ def study(request, tmp_path_factory):
                        device=opt("--mi-device"), dtype=opt("--mi-dtype"))
     except UserError as exc:
         pytest.fail(f"mechinterp: {exc.one_line()}", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def decided(study):
+    """``{claim id: claim}``: every claim decided once, Holm-corrected, as the report has them."""
+    from mechinterp.claims import decide_all
+
+    return {c["id"]: c for c in decide_all(study)}

@@ -1,0 +1,63 @@
+"""The paper's claims as small functions of stored results: numbers in, a verdict out.
+
+Each claim takes a :class:`~mechinterp.compare.Study` (the results of one ``compare`` folder, the
+kinds and seeds of its variants) and returns a dict: ``id``, ``title``, ``verdict`` (``held``,
+``not held``, ``inconclusive``, ``not measured``), ``held`` (True only when held, False when not
+held, else None), ``test`` (its one primary test), ``primary`` (effect size, 95% interval, p-value,
+Holm-adjusted p, minimum detectable effect at 80% power, the effect the claim needs, n and seeds),
+``numbers``, ``statement``, ``caveats`` and ``why`` (the reason for the verdict). The decision rule
+is :func:`mechinterp.claims.core.decide`. Intervals resample seeds, then items, so they reflect
+seed-to-seed variation; with one seed a claim says so.
+
+:func:`decide_all` decides every claim and applies Holm's correction across the claims' primary
+tests. The report, ``claims.json`` and the pytest claims (``pytest --pyargs probes.claims``) all
+call it, so they cannot disagree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from . import stats
+from .behaviour import c2_kl, c5_mmlu, c6_freezing, c7_razor, gold_logprob, paired_delta
+from .core import VERDICTS, floats, missing, redecide
+from .origin import c8_damage_mid_mlp
+from .weights import c1_weight_change, c3_qk_most_changed, c4_sft_mid_mlp, mean_change
+
+_floats = floats  # the report's old name
+
+CLAIMS: list[Callable] = [c1_weight_change, c2_kl, c3_qk_most_changed, c4_sft_mid_mlp, c5_mmlu,
+                          c6_freezing, c7_razor, c8_damage_mid_mlp]
+
+HOLM = ("Holm's step-down correction across the primary tests of the claims that were measured "
+        "(family of {m}); a claim is held only when its Holm-adjusted p is below 0.05")
+
+
+def decide_all(study) -> list[dict]:
+    """Every claim, Holm-corrected across their primary tests; a claim whose computation fails is
+    reported as not measured, with why."""
+    out = []
+    for fn in CLAIMS:
+        cid = fn.__name__.split("_", 1)[0].upper()
+        try:
+            out.append(fn(study))
+        except (KeyError, ValueError, IndexError, TypeError, ZeroDivisionError) as exc:
+            out.append(missing(cid, cid, f"could not be computed ({type(exc).__name__}: {exc})"))
+    tested = [c for c in out if c.get("primary") is not None]
+    adjusted = stats.holm([c["primary"]["p_value"] for c in tested])
+    for c, p in zip(tested, adjusted):
+        c["primary"]["p_holm"] = p
+        c["primary"]["holm_family"] = len(tested)
+        redecide(c)
+    return out
+
+
+def verdict_line(claim: dict) -> str:
+    word = claim.get("verdict") or {True: "held", False: "not held", None: "not measured"}[
+        claim["held"]]
+    return f"{claim['id']} {word.upper():12s} {claim['title']}: {claim['statement']}"
+
+
+__all__ = ["CLAIMS", "HOLM", "VERDICTS", "decide_all", "verdict_line", "mean_change",
+           "gold_logprob", "paired_delta", "c1_weight_change", "c2_kl", "c3_qk_most_changed",
+           "c4_sft_mid_mlp", "c5_mmlu", "c6_freezing", "c7_razor", "c8_damage_mid_mlp"]
