@@ -303,3 +303,23 @@ def test_logged_path_lengths_equal_norms_of_step_differences(tmp_path):
         assert got["coherence"]["sft"][m][layer] == pytest.approx(
             np.linalg.norm(seq[-1] - seq[0]) / path, rel=1e-6)
     assert got["noise_floor"]["sft"]["settings"]["weight_decay"] == 0.1
+
+
+@torch.no_grad()
+def test_path_log_measures_gpt2_fused_slices_apart():
+    """GPT-2's q/k/v are column slices of one c_attn: moving only v's third logs only v."""
+    from mechinterp.models import load
+    from mechinterp.training.driftlog import PathLog
+
+    lm = load("tiny-random-gpt2", device="cpu", dtype="float32")
+    log = PathLog(lm.family, lm.config)
+    log.begin(lm.hf)
+    before = lm.weight(0, "v").double().clone()
+    lm.weight(0, "v").add_(1e-3)
+    log.step(1, lm.hf)
+    want = float(np.linalg.norm((lm.weight(0, "v").double() - before).numpy()))
+    assert log.norms[0]["v"][0] == pytest.approx(want, rel=1e-9) and want > 0
+    assert log.norms[0]["q"][0] == 0.0 and log.norms[0]["k"][0] == 0.0
+    log.step(2, lm.hf)  # nothing moved since: the kept copy is current
+    assert all(x == 0.0 for m in lm.matrices for x in log.norms[1][m])
+    assert log.to_json()["update_norm_steps"] == [1, 2]
