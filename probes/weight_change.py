@@ -67,8 +67,19 @@ class WeightChange:
               Table("changed_fraction_by_layer", ("model", "component", "layer")),
               Table("coherence", ("model", "component", "layer")),
               Table("update_scale", ("model", "component", "layer")),
-              Table("noise_floor", ("model", "metric"), ci="noise_floor_ci95"),
+              *(Table(f"noise_floor_{k}", ("model",), ci=f"noise_floor_{k}_ci95",
+                      metric=f"noise_floor.{k}") for k in ("update_scale", "coherence")),
               Table("scale_confound", ("model",)))
+
+    @staticmethod
+    def frame_data(data: dict) -> dict:
+        """The result, with each noise floor's two measures and bands keyed by model."""
+        floors = {v: f for v, f in (data.get("noise_floor") or {}).items() if f}
+        out = dict(data)
+        for k in ("update_scale", "coherence"):
+            out[f"noise_floor_{k}"] = {v: f[k] for v, f in floors.items()}
+            out[f"noise_floor_{k}_ci95"] = {v: f[f"{k}_ci95"] for v, f in floors.items()}
+        return out
 
     def run(self, models, data, config: Config) -> Result:
         folders = {n: models.specs[n].path for n in models.variants}
@@ -94,9 +105,6 @@ class WeightChange:
                 for v, mats in diff.stats.items()},
         }
         data_out.update(measures(models.runs or {v: [v] for v in folders}, folders, base, diff))
-        data_out["noise_floor_ci95"] = {  # the bands again, nested as the table walks them
-            v: {k: f[f"{k}_ci95"] for k in ("update_scale", "coherence")}
-            for v, f in data_out["noise_floor"].items() if f}
         stored = {n: _stored_dtypes(f) for n, f in {"base": base, **folders}.items()}
         data_out["dtypes"] = stored
         data_out["compared_in"] = {v: "float64" if "F64" in stored["base"] + stored[v] else "float32"
@@ -163,6 +171,8 @@ def _has_values(per_matrix) -> bool:
 def _measure_lines(variants: list[str], data: dict, key: str, label: str):
     """Per variant: the measure over layers, one line per matrix kind, over the band pure-noise
     AdamW gradients with the run's settings reach (mean and 2.5-97.5 percentiles)."""
+    from matplotlib.ticker import MaxNLocator
+
     matrices = data["matrices"]
     cols = min(3, len(variants))
     rows = -(-len(variants) // cols)
@@ -180,6 +190,7 @@ def _measure_lines(variants: list[str], data: dict, key: str, label: str):
         src = (data.get("coherence_source") or {}).get(v) if key == "coherence" else None
         ax.set_title(f"{v}" + (f" (path: {src})" if src else ""), fontsize=9)
         ax.set_xlabel("layer")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7, loc="best")
     for ax in axes[:, 0]:

@@ -38,7 +38,7 @@ class OptimizerSettings:
 
     lr: float
     max_steps: int
-    kind: str = "adamw_torch"  # the Trainer's ``optim``; every AdamW variant is simulated as one
+    kind: str = "adamw_torch_fused"  # the Trainer's optim (its default); any AdamW simulates as one
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     weight_decay: float = 0.0
@@ -66,7 +66,7 @@ class OptimizerSettings:
         warm = float(warm or 0.0)
         warmup = math.ceil(warm * steps) if warm < 1 else int(warm)
         return cls(lr=float(lr), max_steps=int(steps),
-                   kind=str(extra.get("optim", "adamw_torch")),
+                   kind=str(extra.get("optim", cls.kind)),
                    betas=(float(extra.get("adam_beta1", 0.9)), float(extra.get("adam_beta2", 0.999))),
                    eps=float(extra.get("adam_epsilon", 1e-8)),
                    weight_decay=float(extra.get("weight_decay", cfg.get("weight_decay", 0.0)) or 0.0),

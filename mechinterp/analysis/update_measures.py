@@ -123,7 +123,7 @@ def measures(runs: dict[str, list[str]], folders: dict[str, Path], base_folder: 
     out: dict[str, Any] = {"coherence": {}, "coherence_source": {}, "update_scale": {},
                            "update_scale_settings": {}, "noise_floor": {}, "scale_confound": {},
                            "base_rms": rms}
-    for run, names in runs.items():
+    for names in runs.values():
         metas = {v: run_metadata(folders[v]) for v in names}
         steps = {v: model_step(v, folders[v], metas[v]) for v in names}
         logs = {}
