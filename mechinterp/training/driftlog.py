@@ -37,7 +37,8 @@ class PathLog:
     :meth:`begin` (before a step) keeps a copy of the tracked matrices once, on their device (the
     memory of one copy of them); :meth:`step` (after it) measures each against its copy (float64
     sums; the fused kernel on CPU) and overwrites the copy. Frozen entries add nothing: they are
-    written back before the step ends.
+    written back before the step ends. Parameters sharded over processes (ZeRO-3, FSDP) are not
+    logged (the weight-change probe then estimates the path from the checkpoints).
     """
 
     def __init__(self, family, config):
@@ -47,6 +48,7 @@ class PathLog:
         self.n_layers = n_layers(config)
         self.refs = matrix_refs(family, config)
         self.prev: list[torch.Tensor] | None = None
+        self.off = False  # parameters sharded over processes: this rank cannot see them whole
         self.steps: list[int] = []
         self.norms: list[dict[str, list[float]]] = []  # per step: [matrix][layer]
 
@@ -55,10 +57,13 @@ class PathLog:
 
     @torch.no_grad()
     def begin(self, model: torch.nn.Module) -> None:
-        if self.prev is None:
+        if self.prev is None and not self.off:
+            lives = [self._live(model, ref) for _, _, ref in self.refs]
+            if any(t.numel() == 0 for t in lives):  # sharded parameters (ZeRO-3, FSDP): no log
+                self.off = True
+                return
             self.prev = []
-            for _, _, ref in self.refs:
-                live = self._live(model, ref)
+            for live in lives:
                 self.prev.append(torch.empty_like(live, memory_format=torch.contiguous_format))
                 _copy_into(self.prev[-1], live)
 
