@@ -13,6 +13,21 @@ few chunks). For each variant (every checkpoint of every run), layer and matrix
 * ``sparsity``: histogram of ``|dW| / max(|W_base|, 1e-10)`` over 100 log-spaced bins 1e-8..1 per
   variant and matrix kind (counts summed over layers; ``below``/``above`` count ratios < 1e-8,
   unchanged entries included, and >= 1).
+
+Measures that relative change confounds with the optimizer and the base's weight scale
+(:mod:`mechinterp.analysis.update_measures`), per variant:
+
+* ``coherence[<variant>][<matrix>]``: ``||W_v - W_base||_F / path length`` per layer (1 = straight
+  path, about ``1/sqrt(T)`` = random walk); ``coherence_source[<variant>]``: ``per-step log`` (the
+  run's drift log) or ``checkpoints (N)`` (the path through the run's first N saved checkpoints:
+  a lower bound of the path, so coherence is an upper bound; None for the first);
+* ``update_scale[<variant>][<matrix>]``: ``RMS(W_v - W_base) / (lr x steps)`` per layer (None
+  when lr / steps are unknown), with ``update_scale_settings[<variant>]`` (lr, steps, source);
+* ``noise_floor[<variant>]``: both measures for the run's optimizer settings on pure-noise
+  gradients (seeded AdamW simulation: mean and 95% band), None for a model no run of ours made;
+* ``scale_confound[<variant>]``: Spearman over (layer, matrix) of relative change against
+  ``1 / RMS(W_base)`` (``base_rms[<matrix>]`` per layer); above 0.9 the relative-change map reads
+  the base's weight scale.
 """
 
 from __future__ import annotations
@@ -21,6 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mechinterp.analysis.update_measures import measures
 from mechinterp.analysis.weights import SPARSITY_EDGES, load_config, weight_diff
 from mechinterp.frames import Table
 from mechinterp.models.naming import family_for, n_layers
@@ -41,13 +57,29 @@ class Config(BaseConfig):
 
 class WeightChange:
     name = "weight-change"
-    version = "2"
-    description = ("relative Frobenius change per layer and matrix, per checkpoint, and update "
-                   "sparsity (bitwise changed fraction, |dW|/|W| histogram)")
+    version = "3"
+    description = ("relative Frobenius change per layer and matrix, per checkpoint, update "
+                   "sparsity (bitwise changed fraction, |dW|/|W| histogram), path coherence and "
+                   "update scale against an optimizer noise floor, and the weight-scale confound")
     Config = Config
     frames = (Table("relative_change", ("model", "component", "layer")),
               Table("changed_fraction", ("model", "component")),
-              Table("changed_fraction_by_layer", ("model", "component", "layer")))
+              Table("changed_fraction_by_layer", ("model", "component", "layer")),
+              Table("coherence", ("model", "component", "layer")),
+              Table("update_scale", ("model", "component", "layer")),
+              *(Table(f"noise_floor_{k}", ("model",), ci=f"noise_floor_{k}_ci95",
+                      metric=f"noise_floor.{k}") for k in ("update_scale", "coherence")),
+              Table("scale_confound", ("model",)))
+
+    @staticmethod
+    def frame_data(data: dict) -> dict:
+        """The result, with each noise floor's two measures and bands keyed by model."""
+        floors = {v: f for v, f in (data.get("noise_floor") or {}).items() if f}
+        out = dict(data)
+        for k in ("update_scale", "coherence"):
+            out[f"noise_floor_{k}"] = {v: f[k] for v, f in floors.items()}
+            out[f"noise_floor_{k}_ci95"] = {v: f[f"{k}_ci95"] for v, f in floors.items()}
+        return out
 
     def run(self, models, data, config: Config) -> Result:
         folders = {n: models.specs[n].path for n in models.variants}
@@ -72,6 +104,7 @@ class WeightChange:
                 v: {m: [s.changed_fraction for s in per] for m, per in mats.items()}
                 for v, mats in diff.stats.items()},
         }
+        data_out.update(measures(models.runs or {v: [v] for v in folders}, folders, base, diff))
         stored = {n: _stored_dtypes(f) for n, f in {"base": base, **folders}.items()}
         data_out["dtypes"] = stored
         data_out["compared_in"] = {v: "float64" if "F64" in stored["base"] + stored[v] else "float32"
@@ -114,7 +147,58 @@ class WeightChange:
             figs["weight_change_trajectory"] = _mean_trajectory(multi, data, kinds)
         if data.get("sparsity"):
             figs["sparsity_histograms"] = _sparsity_figure(finals, data)
+        for key, label in MEASURES.items():
+            if finals and data.get(key):
+                shown = [v for v in finals if _has_values(data[key].get(v))]
+                if not shown:
+                    continue
+                figs[f"{key}_heatmap"] = heatmap_grid(
+                    [(v, _layer_matrix(data[key][v], matrices)) for v in shown], matrices,
+                    "layer", label, ncols=4,
+                    title=f"{label} per layer and matrix (last checkpoints)")
+                figs[f"{key}_layers"] = _measure_lines(shown, data, key, label)
         return figs
+
+
+MEASURES = {"coherence": "coherence (displacement / path length)",
+            "update_scale": "update scale RMS(dW) / (lr x steps)"}
+
+
+def _has_values(per_matrix) -> bool:
+    return bool(per_matrix) and any(x is not None for xs in per_matrix.values() for x in xs)
+
+
+def _measure_lines(variants: list[str], data: dict, key: str, label: str):
+    """Per variant: the measure over layers, one line per matrix kind, over the band pure-noise
+    AdamW gradients with the run's settings reach (mean and 2.5-97.5 percentiles)."""
+    from matplotlib.ticker import MaxNLocator
+
+    matrices = data["matrices"]
+    cols = min(3, len(variants))
+    rows = -(-len(variants) // cols)
+    fig, axes = new_axes(5.0 * cols + 0.5, 3.6 * rows, nrows=rows, ncols=cols, squeeze=False,
+                         sharey=True)
+    for ax, v in zip(axes.ravel(), variants):
+        floor = (data.get("noise_floor") or {}).get(v)
+        if floor:
+            lo, hi = floor[f"{key}_ci95"]
+            ax.axhspan(lo, hi, color="0.85", zorder=0)
+            ax.axhline(floor[key], color="0.4", linestyle="--", linewidth=1,
+                       label=f"noise floor {floor[key]:.3g} [{lo:.3g}, {hi:.3g}]")
+        for m in matrices:
+            ax.plot(_none_nan(data[key][v][m]), marker="o", markersize=2.5, linewidth=1, label=m)
+        src = (data.get("coherence_source") or {}).get(v) if key == "coherence" else None
+        ax.set_title(f"{v}" + (f" (path: {src})" if src else ""), fontsize=9)
+        ax.set_xlabel("layer")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+    for ax in axes[:, 0]:
+        ax.set_ylabel(label)
+    for ax in axes.ravel()[len(variants):]:
+        ax.set_visible(False)
+    fig.suptitle(f"{label}; grey band: AdamW with the run's settings on pure-noise gradients")
+    return fig
 
 
 def _stored_dtypes(folder) -> str:

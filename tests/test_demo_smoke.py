@@ -32,6 +32,16 @@ def test_demo_trains_three_runs_and_writes_the_report(demo_dir):
         summary = json.loads((run / "train-summary.json").read_text())
         assert summary["algorithm"] == algo and summary["steps"] == 2
         assert (run / "config.json").exists() and (run / "training-drift" / "result.json").exists()
+    # every run of ours logged its path: coherence from the per-step log, over its noise floor
+    from mechinterp.results import read_result
+
+    wc = read_result(demo_dir / "weight-change").data
+    for names in wc["runs"].values():
+        last = names[-1]
+        assert wc["coherence_source"][last] == "per-step log", last
+        assert 0 < wc["noise_floor"][last]["update_scale"] < 1
+        coh = [x for xs in wc["coherence"][last].values() for x in xs if x is not None]
+        assert coh and all(0 < x <= 1 + 1e-9 for x in coh)
     claims = json.loads((demo_dir / "claims.json").read_text())
     assert sorted(claims) == [f"C{i}" for i in range(1, 9)]
     assert all(c["held"] in (True, False, None) and c["statement"] for c in claims.values())

@@ -177,6 +177,9 @@ def test_resume_after_interruption_reproduces_the_run(sft_run, tmp_path, neuron_
     a, b = read_result(ref_out / "training-drift").data, read_result(out / "training-drift").data
     assert a["steps"] == b["steps"] == [2, 4]
     assert a["relative_change"] == b["relative_change"] and a["kl"] == pytest.approx(b["kl"])
+    # the per-step path: steps 1-2 kept from the interrupted log, 3-4 measured after resuming
+    assert a["update_norm_steps"] == b["update_norm_steps"] == [1, 2, 3, 4]
+    assert a["update_norm"] == b["update_norm"]
     with pytest.raises(UserError, match="already holds a training run"):
         train(s, out)
 

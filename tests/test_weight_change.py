@@ -170,6 +170,10 @@ def test_probe_trajectory_over_a_run_folder(tmp_path):
     figs = probe.plot(res)
     assert set(figs) == {"weight_change_heatmap", "weight_change_checkpoints_sft",
                          "weight_change_trajectory", "weight_change_layers_sft",
-                         "sparsity_histograms"}
+                         "sparsity_histograms", "coherence_heatmap", "coherence_layers"}
+    # no run of ours made these: the path comes from the checkpoints, lr and steps are unknown
+    assert res["coherence_source"]["sft@step-20"] == "checkpoints (2)"
+    assert res["update_scale"]["sft@step-20"]["gate"][1] is None
+    assert res["noise_floor"]["grpo"] is None
     for fig in figs.values():
         plt.close(fig)

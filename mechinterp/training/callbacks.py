@@ -5,7 +5,8 @@ Checkpoint layout under OUT::
     OUT/trainer-state/checkpoint-N/   Trainer format (model, optimizer, scheduler, RNG): --resume
                                       reads it; only the newest complete one is kept
     OUT/checkpoints/step-N/           clean save_pretrained folder + tokenizer: the spec OUT@step-N
-    OUT/training-drift/result.json    weight change and KL at every snapshot (result store)
+    OUT/training-drift/result.json    weight change and KL at every snapshot, and the length of
+                                      every optimizer step (result store)
 
 A snapshot is complete when the Trainer has written its checkpoint, the clean folder has been
 renamed into place and the marker ``.mechinterp-complete`` sits in the Trainer checkpoint; a crash
@@ -113,7 +114,13 @@ class Snapshots(TrainerCallback):
         self.saved: list[int] = []
         self.reason: str | None = None
 
-    def on_step_end(self, args, state, control, **kw):
+    def on_step_begin(self, args, state, control, model=None, **kw):
+        if self.drift is not None and self.procs.main:
+            self.drift.path.begin(model)  # the weights before the step (once; then kept current)
+
+    def on_step_end(self, args, state, control, model=None, **kw):
+        if self.drift is not None and self.procs.main:
+            self.drift.path.step(state.global_step, model)  # ||W_t - W_{t-1}||_F per matrix
         if state.global_step in self.steps:
             control.should_save = True
 
