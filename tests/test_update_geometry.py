@@ -1,0 +1,243 @@
+"""update-geometry: spectral and precision measures of dW against independent float64 numpy
+computations and hand counts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mechinterp.analysis import geometry as G
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _orthonormal(rng, m: int) -> np.ndarray:
+    q, r = np.linalg.qr(rng.standard_normal((m, m)))
+    return q * np.sign(np.diag(r))
+
+
+def _base(rng, m: int, n: int, s: np.ndarray):
+    """W = U diag(s) V^T with known singular vectors (numpy float64)."""
+    u, v = _orthonormal(rng, m), _orthonormal(rng, n)
+    r = min(m, n)
+    return u[:, :r] @ np.diag(s) @ v[:, :r].T, u, v
+
+
+def _ref_effective_rank(dw: np.ndarray) -> float:
+    s = np.linalg.svd(dw, compute_uv=False)
+    p = s / s.sum()
+    p = p[p > 0]
+    return float(np.exp(-(p * np.log(p)).sum()))
+
+
+def _geometry(w_b: np.ndarray, dw: np.ndarray, k: int, method: str = "exact") -> dict:
+    wb = torch.from_numpy(w_b)
+    base = G.top_svd(wb, k, method)
+    return G.update_geometry(base, wb + torch.from_numpy(dw), torch.from_numpy(dw))
+
+
+def test_planted_rank1_update_effective_rank_and_share():
+    """dW = a (cos(al) u_1 + sin(al) u_out)(cos(be) v_2 + sin(be) v_out)^T: rank 1, and the
+    share of its energy in the top-k subspace is cos^2(al) cos^2(be) by construction."""
+    rng = np.random.default_rng(0)
+    m, n, k = 40, 30, 5
+    s = np.linspace(10.0, 1.0, n)
+    w_b, u, v = _base(rng, m, n, s)
+    al, be = 0.7, 0.4
+    left = np.cos(al) * u[:, 0] + np.sin(al) * u[:, 20]  # u_20: outside the top 5
+    right = np.cos(be) * v[:, 1] + np.sin(be) * v[:, 12]
+    dw = 1e-2 * np.outer(left, right)
+    got = _geometry(w_b, dw, k)
+    assert got["on_principal_share"] == pytest.approx(np.cos(al) ** 2 * np.cos(be) ** 2, rel=1e-9)
+    assert got["left_share"] == pytest.approx(np.cos(al) ** 2, rel=1e-9)
+    assert got["right_share"] == pytest.approx(np.cos(be) ** 2, rel=1e-9)
+    assert got["effective_rank"] == pytest.approx(1.0, abs=1e-6)
+    assert got["stable_rank"] == pytest.approx(1.0, rel=1e-9)
+    assert got["random_share"] == pytest.approx(k * k / (m * n))
+    # and the other measures against numpy directly
+    sb = np.linalg.svd(w_b, compute_uv=False)[:k]
+    sv = np.linalg.svd(w_b + dw, compute_uv=False)[:k]
+    assert got["spectral_drift"] == pytest.approx(np.mean(np.abs(sv - sb) / sb), rel=1e-6)
+    assert got["top_singular_change"] == pytest.approx((sv[0] - sb[0]) / sb[0], rel=1e-6)
+
+
+def test_update_in_the_orthogonal_complement_has_share_and_rotation_zero():
+    rng = np.random.default_rng(1)
+    m, n, k = 36, 24, 4
+    s = np.concatenate([np.linspace(20.0, 15.0, k), np.linspace(3.0, 0.5, n - k)])
+    w_b, u, v = _base(rng, m, n, s)
+    pu = np.eye(m) - u[:, :k] @ u[:, :k].T
+    pv = np.eye(n) - v[:, :k] @ v[:, :k].T
+    dw = 0.3 * pu @ rng.standard_normal((m, n)) @ pv
+    got = _geometry(w_b, dw, k)
+    assert got["on_principal_share"] == pytest.approx(0.0, abs=1e-24)
+    assert got["left_share"] == pytest.approx(0.0, abs=1e-24)
+    assert got["right_share"] == pytest.approx(0.0, abs=1e-24)
+    for side in ("left", "right"):
+        assert got[f"rotation_{side}"] == pytest.approx(0.0, abs=1e-5)
+        assert got[f"rotation_{side}_max"] == pytest.approx(0.0, abs=1e-5)
+    assert got["spectral_drift"] == pytest.approx(0.0, abs=1e-12)
+    assert got["effective_rank"] == pytest.approx(_ref_effective_rank(dw), rel=1e-9)
+    ref_stable = np.linalg.norm(dw) ** 2 / np.linalg.norm(dw, 2) ** 2
+    assert got["stable_rank"] == pytest.approx(ref_stable, rel=1e-9)
+
+
+def _ref_angles(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Principal angles from the cosines only (numpy float64; fine away from 0)."""
+    return np.arccos(np.clip(np.linalg.svd(a.T @ b, compute_uv=False), 0.0, 1.0))
+
+
+def test_a_rotated_subspace_and_a_random_update_against_numpy():
+    """A general update: angles equal numpy's (arccos of the singular values of Ub^T Uv) between
+    numpy's singular vectors; shares equal the numpy projections."""
+    rng = np.random.default_rng(2)
+    m, n, k = 50, 32, 6
+    s = np.geomspace(30.0, 0.1, n)
+    w_b, _, _ = _base(rng, m, n, s)
+    dw = 0.5 * rng.standard_normal((m, n))
+    got = _geometry(w_b, dw, k)
+    ub, _, vbh = np.linalg.svd(w_b)
+    uv, _, vvh = np.linalg.svd(w_b + dw)
+    left = np.degrees(_ref_angles(ub[:, :k], uv[:, :k]))
+    right = np.degrees(_ref_angles(vbh[:k].T, vvh[:k].T))
+    assert got["rotation_left"] == pytest.approx(left.mean(), rel=1e-6)
+    assert got["rotation_left_max"] == pytest.approx(left.max(), rel=1e-6)
+    assert got["rotation_right"] == pytest.approx(right.mean(), rel=1e-6)
+    assert got["rotation_right_max"] == pytest.approx(right.max(), rel=1e-6)
+    assert got["rotation_left"] > 1.0  # a real rotation, not a vacuous zero
+    two = ub[:, :k].T @ dw @ vbh[:k].T
+    assert got["on_principal_share"] == pytest.approx((two**2).sum() / (dw**2).sum(), rel=1e-9)
+    assert got["effective_rank"] == pytest.approx(_ref_effective_rank(dw), rel=1e-9)
+
+
+def test_gram_spectrum_for_large_matrices_matches_svd(monkeypatch):
+    rng = np.random.default_rng(3)
+    dw = rng.standard_normal((70, 40)) @ np.diag(np.geomspace(1, 1e-3, 40)) @ \
+        _orthonormal(rng, 40)
+    monkeypatch.setattr(G, "EXACT_MAX_DIM", 10)
+    s, how = G.singular_values(torch.from_numpy(dw))
+    assert how == "gram-eigvalsh"
+    np.testing.assert_allclose(s.numpy(), np.linalg.svd(dw, compute_uv=False), rtol=1e-7)
+    assert G.svd_method((70, 40)) == "lowrank"
+
+
+def test_k_for():
+    assert G.k_for((576, 1536), 0.05) == 29  # round(28.8)
+    assert G.k_for((10, 3), 0.05) == 1
+    assert G.k_for((10, 3), 2.0) == 3
+
+
+# ----- precision ---------------------------------------------------------------------------------
+
+def _ref_bf16(x: float) -> float:
+    """The bfloat16 value nearest to ``x`` (ties to an even last mantissa bit), by enumerating
+    the two bfloat16 neighbours in float64: independent of any bit trick."""
+    if x == 0:
+        return 0.0
+    sign, a = np.sign(x), abs(x)
+    e = int(np.floor(np.log2(a)))
+    ulp = 2.0 ** (e - 7)  # 8 significant bits
+    lo = np.floor(a / ulp) * ulp
+    hi = lo + ulp
+    if a - lo < hi - a:
+        r = lo
+    elif a - lo > hi - a:
+        r = hi
+    else:
+        r = lo if int(round(lo / ulp)) % 2 == 0 else hi
+    return float(sign * r)
+
+
+# (base, variant, exactly unchanged, invisible in bf16), worked by hand. ulp(1) = 2^-7 in bf16.
+H = 2.0**-8  # half a bf16 ulp at 1
+HAND = [
+    (1.0, 1.0, True, True),
+    (1.0, 1.0 + 2**-20, False, True),  # far below half an ulp
+    (1.0, 1.0 + H, False, True),  # tie; 1.0's mantissa is even: rounds back to 1.0
+    (1.0, 1.0 + H + 2**-20, False, False),  # just past the tie
+    (1.0 + 2**-7, 1.0 + 2**-7 + H, False, False),  # tie; odd mantissa: rounds up to even
+    (1.0 + 2**-7, 1.0 + 2**-7 + H - 2**-20, False, True),  # just short of the tie
+    (1.0 + 2**-7, 1.0 + 2**-7 - H, False, False),  # tie downward, rounds to 1.0 (even)
+    (1.0, 1.0 - 2**-9, False, True),  # below a power of two the gap halves: tie at ulp/4, even
+    (1.0, 1.0 - 2**-9 - 2**-20, False, False),  # just past that tie
+    (-3.0, -3.0 + 2**-7 - 2**-20, False, True),  # |d| < half ulp(3) = 2^-7
+    (-3.0, -3.0 + 2**-7 + 2**-20, False, False),
+    (0.5, 0.5 + 1e-6, False, True),  # tolerance 1e-5 counts it too
+    (2.0**-20, 2.0**-20 + 2.0**-27, False, False),  # tiny base: a tiny change is a full ulp
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_exact_zero_and_bf16_invisible_equal_a_hand_count(dtype):
+    b = torch.tensor([h[0] for h in HAND], dtype=dtype)
+    v = torch.tensor([h[1] for h in HAND], dtype=dtype)
+    for (bb, vv, _, inv) in HAND:  # the hand column agrees with the independent rounding
+        assert (_ref_bf16(vv) == _ref_bf16(bb)) == inv, (bb, vv)
+    got = G.sparsity_counts(b, v, [1e-5, 1e-7])
+    assert got["n"] == len(HAND)
+    assert got["exact_zero"] == sum(h[2] for h in HAND) == 1
+    assert got["bf16_invisible"] == sum(h[3] for h in HAND) == 7
+    # |d| <= 1e-5: 0, 2^-20 (9.5e-7), 1e-6, 2^-27 (7.5e-9); <= 1e-7: 0 and 2^-27
+    assert got["tolerance"] == {1e-5: 4, 1e-7: 2}
+    assert got["compared_in"] == str(dtype).removeprefix("torch.")
+
+
+def test_bf16_rounding_matches_float64_reference_on_random_values():
+    """Both input dtypes: float32 values, and float64 values placed a hair off the bf16 ties
+    (where rounding through float32 first would round twice and go wrong)."""
+    rng = np.random.default_rng(4)
+    x32 = (rng.standard_normal(4000) * 10.0 ** rng.uniform(-6, 3, 4000)).astype(np.float32)
+    got = G.to_bf16_bits(torch.from_numpy(x32))
+    ref = torch.tensor([_ref_bf16(float(x)) for x in x32], dtype=torch.float32)
+    ref_bits = (ref.view(torch.int32).to(torch.int64) >> 16) & 0xFFFF
+    assert torch.equal(got, ref_bits)
+    # float64 just off a bf16 midpoint: float32 rounding would land on the midpoint
+    mids = torch.from_numpy(x32).to(torch.bfloat16).double() * (1 + 2.0**-8)
+    x64 = mids + torch.where(torch.rand(4000, generator=torch.Generator().manual_seed(0)) < 0.5,
+                             mids.abs() * 2.0**-40, -mids.abs() * 2.0**-40)
+    got = G.to_bf16_bits(x64)
+    ref = torch.tensor([_ref_bf16(float(x)) for x in x64], dtype=torch.float32)
+    ref_bits = (ref.view(torch.int32).to(torch.int64) >> 16) & 0xFFFF
+    assert torch.equal(got, ref_bits)
+
+
+def test_mixed_dtypes_compare_in_the_wider():
+    """A bf16 base against a float32 variant: compared in float32, where both are exact."""
+    b = torch.tensor([1.0, 1.0, 2.0], dtype=torch.bfloat16)
+    v = torch.tensor([1.0, 1.0 + 2**-10, 2.0 + 2**-6], dtype=torch.float32)
+    got = G.sparsity_counts(b, v, [1e-5])
+    assert (got["exact_zero"], got["bf16_invisible"], got["compared_in"]) == (1, 2, "float32")
+
+
+# ----- svd_lowrank on the default model --------------------------------------------------------
+
+#: stated tolerances of the randomized SVD against the exact one (k = 5% of the smaller side,
+#: q = 3k, 8 power iterations): top-k singular values, and the mean principal angle between the
+#: two top-k subspaces (measured on these four matrices: at most 2.4e-4 and 0.2 degrees)
+LOWRANK_SV_RTOL = 1e-3
+LOWRANK_MEAN_ANGLE_DEG = 0.5
+
+
+@pytest.mark.slow
+def test_svd_lowrank_agrees_with_exact_svd_on_default_model_matrices():
+    from mechinterp.analysis.weights import CheckpointReader, load_config, matrix_refs
+    from mechinterp.models.naming import family_for
+    from mechinterp.models.zoo import DEFAULT_MODEL, fetch
+
+    folder = fetch(DEFAULT_MODEL)
+    cfg = load_config(folder)
+    refs = {(layer, m): ref for layer, m, ref in matrix_refs(family_for(cfg), cfg)}
+    with CheckpointReader(folder) as reader:
+        for key in ((0, "q"), (15, "gate"), (29, "down"), (10, "k")):
+            ref = refs[key]
+            w = ref.take(reader.get(ref.name)).double()
+            k = G.k_for(tuple(w.shape), 0.05)
+            exact = G.top_svd(w, k, "exact")
+            low = G.top_svd(w, k, "lowrank")
+            ref_s = np.linalg.svd(w.numpy(), compute_uv=False)[:k]
+            np.testing.assert_allclose(exact.s.numpy(), ref_s, rtol=1e-10)
+            np.testing.assert_allclose(low.s.numpy(), ref_s, rtol=LOWRANK_SV_RTOL, err_msg=str(key))
+            for a, b in ((exact.u, low.u), (exact.v, low.v)):
+                angles = np.degrees(G.principal_angles(a, b).numpy())
+                assert angles.mean() < LOWRANK_MEAN_ANGLE_DEG, (key, angles.mean())
