@@ -241,3 +241,109 @@ def test_svd_lowrank_agrees_with_exact_svd_on_default_model_matrices():
             for a, b in ((exact.u, low.u), (exact.v, low.v)):
                 angles = np.degrees(G.principal_angles(a, b).numpy())
                 assert angles.mean() < LOWRANK_MEAN_ANGLE_DEG, (key, angles.mean())
+
+
+# ----- the probe on checkpoint folders -----------------------------------------------------------
+
+def _save_with(tmp, name: str, edit) -> str:
+    """tiny-random-llama with ``edit(model)`` applied in place, saved to ``tmp/name``."""
+    from mechinterp.models import load
+    from mechinterp.models.edit import plant_change
+
+    model = load("tiny-random-llama", device="cpu", dtype="float32")
+    with torch.no_grad():
+        edit(model)
+    return str(plant_change(model, tmp / name, {}))
+
+
+def test_probe_over_a_run_against_direct_computation(tmp_path):
+    """A run of two checkpoints and a final variant; every number of one planted matrix against
+    numpy on the saved tensors; figures draw from the stored result; to_frame has the rows."""
+    import matplotlib.pyplot as plt
+    from safetensors.torch import load_file
+
+    from mechinterp.models.modelset import ModelSet
+    from mechinterp.models.zoo import fetch
+    from mechinterp.probe import get_probe, make_config
+    from mechinterp.results import read_result
+    from mechinterp.runner import run_probe
+
+    def rank1(scale):
+        def edit(model):
+            w = model.weight(1, "gate")  # (128, 64)
+            u, s, vh = torch.linalg.svd(w.double())
+            w += (scale * s[0] * torch.outer(u[:, 0], vh[0])).float()  # on-principal, rank 1
+            q = model.weight(2, "q")
+            q[0, :8] += 2.0**-12 * q[0, :8].sign()  # a few entries moved, by less than bf16 sees
+            q[1, 0] += 1.0
+        return edit
+
+    sft = tmp_path / "sft" / "checkpoints"
+    for step, scale in ((10, 1e-3), (20, 1e-2)):
+        _save_with(sft, f"step-{step}", rank1(scale))
+    _save_with(tmp_path, "grpo", lambda m: m.weight(0, "k").mul_(1.5))
+    ms = ModelSet("tiny-random-llama", {"sft": f"{tmp_path / 'sft'}@all",
+                                        "grpo": str(tmp_path / "grpo")}, device="cpu")
+    probe = get_probe("update-geometry")
+    out = tmp_path / "out"
+    res = run_probe(probe, ms, None, make_config(probe, {"k_fraction": 0.1,
+                                                         "tolerances": "1e-5,1e-3"}), out=out)
+    base = load_file(next(fetch("tiny-random-llama").glob("*.safetensors")))
+    var = load_file(tmp_path / "sft" / "checkpoints" / "step-20" / "model.safetensors")
+    name = "model.layers.1.mlp.gate_proj.weight"
+    b, v = base[name].double().numpy(), var[name].double().numpy()
+    dw = v - b
+    k = max(1, round(0.1 * 64))
+    assert res["k"]["gate"] == k and res["svd"]["gate"] == "exact"
+    ck = "sft@step-20"
+    assert res["on_principal_share"][ck]["gate"][1] == pytest.approx(1.0, rel=1e-6)
+    # float32 storage adds rounding noise to the rank-1 dW: near 1, and numpy's on the stored dW
+    assert res["effective_rank"][ck]["gate"][1] == pytest.approx(_ref_effective_rank(dw), rel=1e-9)
+    assert res["effective_rank"][ck]["gate"][1] < 1.01
+    sb, sv = np.linalg.svd(b, compute_uv=False)[:k], np.linalg.svd(v, compute_uv=False)[:k]
+    assert res["spectral_drift"][ck]["gate"][1] == pytest.approx(np.mean(np.abs(sv - sb) / sb),
+                                                                 rel=1e-5)
+    assert res["top_singular_change"][ck]["gate"][1] == pytest.approx(1e-2, rel=1e-3)
+    assert res["exact_zero_fraction"][ck]["gate"][1] == np.mean(dw == 0)
+    # layer 2 q: 9 of 64 * 64 entries moved; 8 by 2^-12 (invisible in bf16 where |w| > 2^-5)
+    q = "model.layers.2.self_attn.q_proj.weight"
+    qb, qv = base[q].float(), var[q].float()
+    invisible = (qb.to(torch.bfloat16) == qv.to(torch.bfloat16)).double().mean().item()
+    assert res["bf16_invisible_fraction"][ck]["q"][2] == pytest.approx(invisible, abs=0)
+    assert res["exact_zero_fraction"][ck]["q"][2] == 1 - 9 / qb.numel()
+    assert res["tolerance_fraction"]["1e-05"][ck]["q"][2] == 1 - 9 / qb.numel()
+    assert res["tolerance_fraction"]["0.001"][ck]["q"][2] == 1 - 1 / qb.numel()
+    # untouched matrices: exactly zero update, undefined ranks (NaN, stored as null)
+    assert res["exact_zero_fraction"]["grpo"]["q"][0] == 1.0
+    assert res["effective_rank"]["grpo"]["q"][0] is None or np.isnan(
+        res["effective_rank"]["grpo"]["q"][0])
+    # scaling W by 1.5: no rotation, every singular value +50%
+    assert res["spectral_drift"]["grpo"]["k"][0] == pytest.approx(0.5, rel=1e-6)
+    assert res["rotation_left"]["grpo"]["k"][0] == pytest.approx(0.0, abs=1e-4)
+    h = res["histograms"]
+    assert h["zero"][ck]["q"] + h["below"][ck]["q"] + sum(h["counts"][ck]["q"]) \
+        + h["above"][ck]["q"] == h["total"][ck]["q"]
+    assert res["compared_in"][ck] == "float32" and res["dtypes"]["base"] == "F32"
+    # figures re-draw from the stored result; the frame holds every measure
+    stored = read_result(out / "update-geometry")
+    figs = probe.plot(stored)
+    assert {"geometry_trajectory", "precision_histograms", "geometry_by_matrix",
+            "geometry_on_principal_share_heatmap"} <= set(figs)
+    for fig in figs.values():
+        plt.close(fig)
+    df = stored.to_frame()
+    row = df.query("model == @ck and component == 'gate' and layer == 1 and "
+                   "metric == 'on_principal_share'")
+    assert len(row) == 1 and row["step"].iloc[0] == 20
+    assert "tolerance_fraction.1e-05" in set(df["metric"])
+
+
+def test_bad_options_are_user_errors():
+    from mechinterp.errors import UserError
+    from mechinterp.probe import get_probe, make_config
+
+    probe = get_probe("update-geometry")
+    with pytest.raises(UserError, match="k_fraction"):
+        make_config(probe, {"k_fraction": "-0.1"})
+    with pytest.raises(UserError, match="at least 1"):
+        make_config(probe, {"k": "0"})
