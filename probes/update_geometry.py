@@ -374,6 +374,77 @@ def precision_figure(data: dict, finals: list[str]):
     return fig
 
 
+# ----- the report's key numbers ---------------------------------------------------------------------
+
+def final_means(data: dict, name: str) -> dict[str, float]:
+    """One model's headline numbers: spectral measures averaged over layers and matrices (the
+    share as a multiple of a random update's, the effective rank as a fraction of min(m, n)),
+    precision fractions over all matrix entries."""
+    out = {}
+    for meas in ("on_principal_share", "rotation_left", "rotation_right", "spectral_drift",
+                 "stable_rank"):
+        if meas in data:
+            out[meas] = _mean(data, meas, name)
+    if "effective_rank" in data:
+        vals = [np.nan if x is None else x / min(data["shape"][m])
+                for m in data["matrices"] for x in data["effective_rank"][name][m]]
+        out["effective_rank"] = float(np.nanmean(vals)) if np.isfinite(vals).any() else np.nan
+    ov = data["overall"][name]
+    out |= {"exact_zero_fraction": ov["exact_zero_fraction"],
+            "bf16_invisible_fraction": ov["bf16_invisible_fraction"],
+            **{f"tolerance_fraction.{t}": f for t, f in ov["tolerance_fraction"].items()}}
+    return out
+
+
+def summary_lines(study, data: dict) -> list[str]:
+    """Per kind of run (SFT, GRPO, ...; every variant of unknown kind on its own): the final
+    models' on-/off-principal share, rotation, spectral drift, ranks and apparent sparsity per
+    precision; with several seeds of a kind, the mean and a Student-t 95% interval over seeds."""
+    from mechinterp.evals.stats import t_interval
+
+    groups: dict[str, list[str]] = {}
+    for name, info in study.variants.items():
+        kind = info.kind
+        if kind is None or name not in study.replicates(kind):
+            groups[name] = [name]
+        else:
+            groups.setdefault(kind, study.replicates(kind))
+    models = set(data.get("variants") or [])
+    lines = []
+    k = data.get("k") or {}
+    if k:
+        how = ", ".join(sorted(set((data.get("svd") or {}).values()))) or "no SVD"
+        lines.append(f"k per matrix: {', '.join(f'{m} {k[m]}' for m in data['matrices'])} "
+                     f"({how} SVD); compared in "
+                     f"{', '.join(sorted(set(data['compared_in'].values())))}")
+    fmt = {"on_principal_share": ("on-principal share (two-sided, x a random update's)", ".2f"),
+           "rotation_left": ("left rotation (deg)", ".3g"),
+           "rotation_right": ("right rotation (deg)", ".3g"),
+           "spectral_drift": ("spectral drift", ".3g"),
+           "effective_rank": ("effective rank / min(m,n)", ".3f"),
+           "stable_rank": ("stable rank", ".3g"),
+           "exact_zero_fraction": ("exactly unchanged", ".4%"),
+           "bf16_invisible_fraction": ("unchanged in bf16", ".2%")}
+    for label, names in groups.items():
+        finals = [study.final_name(n, "update-geometry") for n in names]
+        finals = [f for f in finals if f in models]
+        if not finals:
+            continue
+        per = [final_means(data, f) for f in finals]
+        parts = []
+        for key in per[0]:
+            name, spec = fmt.get(key, (f"|dW| <= {key.split('.', 1)[-1]}", ".2%"))
+            vals = [p.get(key, np.nan) for p in per]
+            mean, lo, hi = t_interval(vals)
+            text = f"{name} {mean:{spec}}" if mean == mean else f"{name} n/a"
+            if len(finals) > 1 and lo == lo:
+                text += f" [{lo:{spec}}, {hi:{spec}}]"
+            parts.append(text)
+        seeds = f" ({len(finals)} seeds, mean [95% t-interval])" if len(finals) > 1 else ""
+        lines.append(f"{label}{seeds}: " + "; ".join(parts))
+    return lines
+
+
 PROBE = UpdateGeometry()
 
-__all__ = ["PROBE", "X_AXES", "measure", "trajectory_figure"]
+__all__ = ["PROBE", "X_AXES", "final_means", "measure", "summary_lines", "trajectory_figure"]

@@ -347,3 +347,69 @@ def test_bad_options_are_user_errors():
         make_config(probe, {"k_fraction": "-0.1"})
     with pytest.raises(UserError, match="at least 1"):
         make_config(probe, {"k": "0"})
+
+
+# ----- the study: report lines over seeds, forgetting against KL ------------------------------------
+
+def _study(tmp_path, results: dict, variants: dict, runs: dict):
+    from mechinterp.compare import Study, VariantInfo
+
+    info = {n: VariantInfo(n, n, runs[n], algorithm=a, freeze="", seed=s)
+            for n, (a, s) in variants.items()}
+    return Study(tmp_path, "base", info, results, "default", runs)
+
+
+def test_report_lines_give_a_t_interval_over_seeds(tmp_path):
+    from probes.update_geometry import summary_lines
+
+    from mechinterp.results import Result
+
+    def geo(share, zero):
+        return {"on_principal_share": {"q": [share, share]}, "exact_zero_fraction": {"q": [zero]}}
+
+    vals = {"sft-1": (0.02, 0.1), "sft-2": (0.04, 0.3), "grpo": (0.001, 0.5)}
+    data = {"matrices": ["q"], "variants": list(vals), "shape": {"q": [10, 10]},
+            "random_share": {"q": 0.01}, "k": {"q": 1}, "svd": {"q": "exact"},
+            "compared_in": dict.fromkeys(vals, "float32"),
+            "on_principal_share": {v: {"q": [a, a]} for v, (a, _) in vals.items()},
+            "overall": {v: {"exact_zero_fraction": z, "bf16_invisible_fraction": z,
+                            "tolerance_fraction": {"1e-05": z}} for v, (_, z) in vals.items()}}
+    study = _study(tmp_path, {"update-geometry": Result("update-geometry", data)},
+                   {"sft-1": ("sft", 1), "sft-2": ("sft", 2), "grpo": ("grpo", 0)},
+                   {v: [v] for v in vals})
+    lines = summary_lines(study, data)
+    sft = next(x for x in lines if x.startswith("sft"))
+    # shares as multiples of the random share: 2 and 4 -> mean 3, t(0.975, 1) = 12.706 * sd/sqrt 2
+    half = 12.7062 * np.std([2.0, 4.0], ddof=1) / np.sqrt(2)
+    assert "2 seeds" in sft and f"x a random update's) 3.00 [{3 - half:.2f}, {3 + half:.2f}]" in sft
+    assert "exactly unchanged 20.0000%" in sft
+    grpo = next(x for x in lines if x.startswith("grpo"))
+    assert "0.10" in grpo and "[" not in grpo.split(":", 1)[1]  # one seed: no interval
+
+
+def test_forgetting_vs_kl_plots_every_checkpoint(tmp_path):
+    import matplotlib.pyplot as plt
+
+    from mechinterp.paper_figures import forgetting_vs_kl
+    from mechinterp.results import Result
+
+    runs = {"sft": ["sft@step-1", "sft@step-2"], "grpo": ["grpo@step-1", "grpo@step-2"]}
+    acc = {"base": 0.5, "sft@step-1": 0.45, "sft@step-2": 0.40, "grpo@step-1": 0.5,
+           "grpo@step-2": 0.48}
+    kl = {"sft@step-1": 0.1, "sft@step-2": 0.3, "grpo@step-1": 0.01, "grpo@step-2": 0.02}
+    mm = Result("mmlu", {"formats": ["cloze"], "n_items": 100,
+                         "accuracy": {k: {"cloze": a} for k, a in acc.items()},
+                         "paired": {k: {"cloze": {"difference_ci95": [a - 0.5 - 0.05,
+                                                                      a - 0.5 + 0.05]}}
+                                    for k, a in acc.items() if k != "base"}})
+    study = _study(tmp_path, {"mmlu": mm, "kl-drift": Result("kl-drift", {"kl": kl})},
+                   {"sft": ("sft", 0), "grpo": ("grpo", 0)}, runs)
+    fig = forgetting_vs_kl(study)
+    got = {}
+    for bars in fig.axes[0].containers:  # one errorbar container per run (and the base)
+        xs, ys = bars.lines[0].get_data()
+        for x, y in zip(xs, ys):
+            got[round(float(x), 6)] = round(float(y), 6)
+    want = {round(kl[n], 6): round(acc[n] - 0.5, 6) for n in kl} | {0.0: 0.0}
+    assert {x: got[x] for x in want} == want
+    plt.close(fig)
