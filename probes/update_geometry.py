@@ -202,7 +202,7 @@ def measure(base: Path, variants: dict[str, Path], config: Config, progress=None
                                             f"{shape} in the base", "compare the same architecture")
                 seconds["read"] += time.perf_counter() - t0
                 t0 = time.perf_counter()
-                c = G.sparsity_counts(b, v, config.tolerances)
+                c = _precision(b, v, config.tolerances)
                 compared_in[name].add(c["compared_in"])
                 n = c["n"]
                 per["exact_zero_fraction"][name][m][layer] = c["exact_zero"] / n
@@ -214,10 +214,7 @@ def measure(base: Path, variants: dict[str, Path], config: Config, progress=None
                 for t, key in zip(config.tolerances, tol_keys, strict=True):
                     tolf[key][name][m][layer] = c["tolerance"][t] / n
                     tot["tolerance"][key] += c["tolerance"][t]
-                d, bb = c["d_nonzero"], c["b_nonzero"]
-                finite = bool(torch.isfinite(d).all() and torch.isfinite(bb).all())
-                counts = torch.bincount(_bin_ratios(d, bb, finite).long(),
-                                        minlength=SPARSITY_BINS + 2).numpy()
+                counts = c["counts"]
                 hist["zero"][name][m] += c["exact_zero"]
                 hist["below"][name][m] += int(counts[0])
                 hist["above"][name][m] += int(counts[-1])
@@ -249,6 +246,31 @@ def measure(base: Path, variants: dict[str, Path], config: Config, progress=None
     if not config.spectral:
         for key in ("svd", "dw_spectrum"):
             out.pop(key)
+    return out
+
+
+def _precision(b: torch.Tensor, v: torch.Tensor, tolerances: list[float]) -> dict:
+    """:func:`~mechinterp.analysis.geometry.sparsity_counts` over row chunks of about
+    :data:`~mechinterp.analysis.weights.CHUNK_ELEMENTS` entries (its temporaries stay a few
+    chunks), merged, with the |dW|/|W| bin counts of the nonzero updates (``counts``: below
+    1e-8, the 100 bins, at or above 1)."""
+    from mechinterp.analysis.weights import CHUNK_ELEMENTS
+
+    rows = max(1, CHUNK_ELEMENTS // max(1, b[0].numel() if b.ndim > 1 else 1))
+    out = {"n": 0, "exact_zero": 0, "bf16_invisible": 0, "tolerance": dict.fromkeys(tolerances, 0),
+           "counts": np.zeros(SPARSITY_BINS + 2, np.int64)}
+    for i in range(0, b.shape[0], rows):
+        c = G.sparsity_counts(b[i:i + rows], v[i:i + rows], tolerances)
+        for key in ("n", "exact_zero", "bf16_invisible"):
+            out[key] += c[key]
+        for t in tolerances:
+            out["tolerance"][t] += c["tolerance"][t]
+        out["compared_in"] = c["compared_in"]
+        d, bb = c["d_nonzero"], c["b_nonzero"]
+        if d.numel():
+            finite = bool(torch.isfinite(d).all() and torch.isfinite(bb).all())
+            out["counts"] += torch.bincount(_bin_ratios(d, bb, finite).long(),
+                                            minlength=SPARSITY_BINS + 2).numpy()
     return out
 
 

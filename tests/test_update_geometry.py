@@ -256,10 +256,14 @@ def _save_with(tmp, name: str, edit) -> str:
     return str(plant_change(model, tmp / name, {}))
 
 
-def test_probe_over_a_run_against_direct_computation(tmp_path):
+def test_probe_over_a_run_against_direct_computation(tmp_path, monkeypatch):
     """A run of two checkpoints and a final variant; every number of one planted matrix against
     numpy on the saved tensors; figures draw from the stored result; to_frame has the rows."""
     import matplotlib.pyplot as plt
+
+    from mechinterp.analysis import weights as W
+
+    monkeypatch.setattr(W, "CHUNK_ELEMENTS", 1000)  # the precision counts over several chunks
     from safetensors.torch import load_file
 
     from mechinterp.models.modelset import ModelSet
@@ -287,7 +291,8 @@ def test_probe_over_a_run_against_direct_computation(tmp_path):
     probe = get_probe("update-geometry")
     out = tmp_path / "out"
     res = run_probe(probe, ms, None, make_config(probe, {"k_fraction": 0.1,
-                                                         "tolerances": "1e-5,1e-3"}), out=out)
+                                                         "tolerances": "1e-5,1e-3"}),
+                    out=out, draw=False)
     base = load_file(next(fetch("tiny-random-llama").glob("*.safetensors")))
     var = load_file(tmp_path / "sft" / "checkpoints" / "step-20" / "model.safetensors")
     name = "model.layers.1.mlp.gate_proj.weight"
