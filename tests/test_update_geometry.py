@@ -165,6 +165,7 @@ HAND = [
     (-3.0, -3.0 + 2**-7 + 2**-20, False, False),
     (0.5, 0.5 + 1e-6, False, True),  # tolerance 1e-5 counts it too
     (2.0**-20, 2.0**-20 + 2.0**-27, False, False),  # tiny base: a tiny change is a full ulp
+    (0.0, -0.0, True, True),  # -0 == +0: no update at any precision
 ]
 
 
@@ -176,10 +177,10 @@ def test_exact_zero_and_bf16_invisible_equal_a_hand_count(dtype):
         assert (_ref_bf16(vv) == _ref_bf16(bb)) == inv, (bb, vv)
     got = G.sparsity_counts(b, v, [1e-5, 1e-7])
     assert got["n"] == len(HAND)
-    assert got["exact_zero"] == sum(h[2] for h in HAND) == 1
-    assert got["bf16_invisible"] == sum(h[3] for h in HAND) == 7
-    # |d| <= 1e-5: 0, 2^-20 (9.5e-7), 1e-6, 2^-27 (7.5e-9); <= 1e-7: 0 and 2^-27
-    assert got["tolerance"] == {1e-5: 4, 1e-7: 2}
+    assert got["exact_zero"] == sum(h[2] for h in HAND) == 2
+    assert got["bf16_invisible"] == sum(h[3] for h in HAND) == 8
+    # |d| <= 1e-5: 0 (twice), 2^-20 (9.5e-7), 1e-6, 2^-27 (7.5e-9); <= 1e-7: 0, 0 and 2^-27
+    assert got["tolerance"] == {1e-5: 5, 1e-7: 3}
     assert got["compared_in"] == str(dtype).removeprefix("torch.")
 
 

@@ -209,6 +209,14 @@ def to_bf16_bits(x: torch.Tensor) -> torch.Tensor:
     return torch.where(nan, torch.full_like(rounded, 0x7FC0), rounded & 0xFFFF)
 
 
+def _equal_bf16(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Whether ``a`` and ``b`` round to the same bfloat16 number (+0 and -0 are one number)."""
+    ba, bb = to_bf16_bits(a), to_bf16_bits(b)
+    ba = torch.where((ba & 0x7FFF) == 0, 0, ba)
+    bb = torch.where((bb & 0x7FFF) == 0, 0, bb)
+    return ba == bb
+
+
 def sparsity_counts(b: torch.Tensor, v: torch.Tensor, tolerances: list[float]) -> dict:
     """Counts of one matrix's entries by how the update looks at each precision.
 
@@ -219,7 +227,7 @@ def sparsity_counts(b: torch.Tensor, v: torch.Tensor, tolerances: list[float]) -
     bw, vw = b.reshape(-1).to(wide), v.reshape(-1).to(wide)
     d = vw - bw
     zero = vw == bw
-    same16 = to_bf16_bits(vw) == to_bf16_bits(bw)
+    same16 = _equal_bf16(vw, bw)
     absd = d.abs()
     tol = {t: int((absd <= t).sum()) for t in tolerances}
     nz = ~zero
