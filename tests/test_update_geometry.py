@@ -419,3 +419,35 @@ def test_forgetting_vs_kl_plots_every_checkpoint(tmp_path):
     want = {round(kl[n], 6): round(acc[n] - 0.5, 6) for n in kl} | {0.0: 0.0}
     assert {x: got[x] for x in want} == want
     plt.close(fig)
+
+
+def test_compare_runs_update_geometry_and_reports_it(tmp_path, data_source):
+    """compare's default plan runs the probe (spectral measures on); the report carries its key
+    numbers, equal to the probe's own means; dense random updates sit about where a random
+    update would (share / random share near 1) and are dense at every precision."""
+    from probes.update_geometry import final_means
+
+    from mechinterp.compare import compare
+    from mechinterp.models import load
+    from mechinterp.models.edit import plant_change
+
+    variants = {}
+    for name, rel in (("sft", 0.2), ("grpo", 0.01)):
+        model = load("tiny-random-llama", device="cpu", dtype="float32")
+        edits = {(layer, m): rel for layer in range(model.n_layers) for m in ("q", "gate")}
+        variants[name] = str(plant_change(model, tmp_path / "models" / name, edits, seed=1))
+    study = compare("tiny-random-llama", variants, tmp_path / "out", preset="default",
+                    probes=["update-geometry"], echo=lambda m: None)
+    d = study.results["update-geometry"].data
+    assert d["svd"]["q"] == "exact" and d["k"]["gate"] == max(1, round(0.05 * 64))
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "## update-geometry" in md
+    for name in ("sft", "grpo"):
+        means = final_means(d, name)
+        assert 0.5 < means["on_principal_share"] < 1.5, means
+        assert f"x a random update's) {means['on_principal_share']:.2f}" in md
+        # untouched matrices are exactly zero, the planted ones changed in (almost) every entry:
+        # noise below half a float32 ulp of an entry leaves it as it was
+        n_all = sum(d["histograms"]["total"][name].values())
+        n_planted = d["histograms"]["total"][name]["q"] + d["histograms"]["total"][name]["gate"]
+        assert 0 <= means["exact_zero_fraction"] - (1 - n_planted / n_all) < 1e-4
