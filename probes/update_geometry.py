@@ -48,18 +48,24 @@ import numpy as np
 import torch
 
 from mechinterp.analysis import geometry as G
-from mechinterp.analysis.weights import (SPARSITY_BINS, SPARSITY_EDGES, CheckpointReader,
-                                         _bin_ratios, load_config, matrix_refs)
+from mechinterp.analysis.weights import (
+    SPARSITY_BINS,
+    SPARSITY_EDGES,
+    CheckpointReader,
+    _bin_ratios,
+    load_config,
+    matrix_refs,
+)
 from mechinterp.errors import CorruptCheckpoint, UserError
 from mechinterp.frames import Table
 from mechinterp.models.naming import family_for, n_layers
-from mechinterp.models.safetensors_io import tensor_index
 from mechinterp.plotting import heatmap_grid, new_axes
-from mechinterp.plotting.trajectories import (X_AXES, checkpoint_x, run_steps, run_styles,
-                                              x_label)
+from mechinterp.plotting.trajectories import X_AXES, checkpoint_x, run_steps, run_styles, x_label
 from mechinterp.probe import BaseConfig
 from mechinterp.progress import task
 from mechinterp.results import Result
+
+from .weight_change import _stored_dtypes
 
 #: spectral measures, per variant, matrix and layer
 SPECTRAL = ("spectral_drift", "top_singular_change", "rotation_left", "rotation_left_max",
@@ -151,10 +157,6 @@ class UpdateGeometry:
 
 
 # ----- measuring -----------------------------------------------------------------------------------
-
-def _stored_dtypes(folder) -> str:
-    return ",".join(sorted({dtype for _, _, dtype in tensor_index(folder).values()}))
-
 
 def measure(base: Path, variants: dict[str, Path], config: Config, progress=None) -> dict:
     """Every measure for every (layer, matrix) of ``base`` against each of ``variants``."""

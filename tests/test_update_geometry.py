@@ -366,9 +366,8 @@ def _study(tmp_path, results: dict, variants: dict, runs: dict):
 
 
 def test_report_lines_give_a_t_interval_over_seeds(tmp_path):
-    from probes.update_geometry import summary_lines
-
     from mechinterp.results import Result
+    from probes.update_geometry import summary_lines
 
     def geo(share, zero):
         return {"on_principal_share": {"q": [share, share]}, "exact_zero_fraction": {"q": [zero]}}
@@ -425,11 +424,10 @@ def test_compare_runs_update_geometry_and_reports_it(tmp_path, data_source):
     """compare's default plan runs the probe (spectral measures on); the report carries its key
     numbers, equal to the probe's own means; dense random updates sit about where a random
     update would (share / random share near 1) and are dense at every precision."""
-    from probes.update_geometry import final_means
-
     from mechinterp.compare import compare
     from mechinterp.models import load
     from mechinterp.models.edit import plant_change
+    from probes.update_geometry import final_means
 
     variants = {}
     for name, rel in (("sft", 0.2), ("grpo", 0.01)):
