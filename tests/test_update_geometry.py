@@ -449,3 +449,20 @@ def test_compare_runs_update_geometry_and_reports_it(tmp_path, data_source):
         n_all = sum(d["histograms"]["total"][name].values())
         n_planted = d["histograms"]["total"][name]["q"] + d["histograms"]["total"][name]["gate"]
         assert -1e-12 <= means["exact_zero_fraction"] - (1 - n_planted / n_all) < 1e-4
+
+
+def test_checkpoint_x_by_step_fraction_and_kl():
+    from mechinterp.plotting.trajectories import checkpoint_x, x_label
+
+    names = ["sft@step-10", "sft@step-40"]
+    steps = {"sft@step-10": 10, "sft@step-40": 40}
+    assert checkpoint_x(names, steps) == ([10.0, 40.0], True)
+    assert checkpoint_x(names, steps, "fraction") == ([0.25, 1.0], True)
+    assert checkpoint_x(names, steps, "kl", {"sft@step-10": 0.2, "sft@step-40": 0.5}) == \
+        ([0.2, 0.5], True)
+    # a checkpoint without KL (or a label without a step): the checkpoint index, said so
+    xs, ok = checkpoint_x(names, steps, "kl", {"sft@step-10": 0.2})
+    assert (xs, ok, x_label("kl", ok)) == ([1.0, 2.0], False, "checkpoint")
+    assert checkpoint_x(["a", "b"], {}, "fraction") == ([1.0, 2.0], False)
+    with pytest.raises(ValueError, match="x_axis"):
+        checkpoint_x(names, steps, "epoch")
