@@ -387,7 +387,7 @@ def precision_figure(data: dict, finals: list[str]):
         ax.set_xlim(zero_x / 3, edges[-1])
         ax.set_xlabel(r"$|\Delta W| / |W_{base}|$ (square at left: exactly 0)")
         ax.grid(True, alpha=0.3)
-    axes.ravel()[0].legend(fontsize=7, loc="upper left")
+    axes.ravel()[0].legend(fontsize=7, loc="upper center", ncols=2)  # zeros sit at the left
     for ax in axes[:, 0]:
         ax.set_ylabel("fraction of entries")
     for ax in axes.ravel()[len(finals):]:
