@@ -24,9 +24,9 @@ Taken": RLVR off-principal with little spectral drift, SFT rotating it):
 * ``spectral_drift`` (mean relative change of the top-``k`` singular values),
   ``top_singular_change`` (signed, the largest);
 * ``rotation_left`` / ``rotation_right``: mean principal angle (degrees) between the top-``k``
-  left / right singular subspaces of base and variant; ``*_max``: the largest angle (left = the
-  row space of the matrix as stored: the output side of a Linear, the input side of GPT-2's
-  Conv1D);
+  left / right singular subspaces of base and variant; ``*_max``: the largest angle (left:
+  vectors of length m, the number of rows as stored - a Linear's output side, GPT-2's Conv1D's
+  input side);
 * ``on_principal_share``: ``||U_k^T dW V_k||^2 / ||dW||^2`` (two-sided), against
   ``random_share[<matrix>] = k^2 / (m n)``, what a random update of the same shape puts there in
   expectation; ``left_share`` / ``right_share`` one-sided (random: ``k/m``, ``k/n``);
