@@ -37,10 +37,12 @@ def _plan(n_mmlu: int, n_task: int | None, n_facts: int, samples: int, n_patch: 
           patch_sites: tuple[str, ...] = ("mlp", "attn", "resid"),
           damage_sites: tuple[str, ...] = ("mlp_out", "attn_out"), task: str = "arithmetic",
           answer_tokens: int | None = None, diffing: list[Step] = (),
+          geometry: Step = Step("update-geometry", {"k_fraction": 0.05}, checkpoints=True),
           ) -> list[Step]:
     """The steps of a preset; ``diffing``: the model-diffing probes' steps (:func:`_diffing`)."""
     return [
         Step("weight-change", {"sparsity": sparsity}, checkpoints=True),
+        geometry,
         Step("kl-drift", {"items": task, "limit": n_task}, checkpoints=True),
         # before/after is what the claims and the training table read; greedy generation on
         # every checkpoint cost more than any other step of the default demo
@@ -84,6 +86,8 @@ PLANS: dict[str, list[Step]] = {
     "smoke": _plan(n_mmlu=8, n_task=8, n_facts=1, samples=2, n_patch=2, n_damage=8,
                    max_failures=2, n_attn=2, sparsity=False, patch_sites=("mlp",),
                    damage_sites=("mlp_out",),
+                   # the precision measures only (no SVD), final models only
+                   geometry=Step("update-geometry", {"spectral": False}),
                    diffing=_diffing(n_texts=4, n_heldout=2, max_length=16, stride=15, n_lens=3,
                                     n_kl=2, n_mmlu=2, n_task=2, answer_tokens=16, n_boot=100,
                                     stitch_kinds=("sft",))),

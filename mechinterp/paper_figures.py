@@ -3,11 +3,12 @@
 Numbered PNG + PDF files in ``DIR/paper/``, one house style: the weight-change heatmap of the final
 models, the heatmaps per checkpoint (one colour scale per run), the mean-over-layers trajectory per
 matrix (log axis, line style by run kind), per-layer trajectories, update-sparsity histograms, KL
-against step, a benchmark table (MMLU cloze, in-domain accuracy and KL per final model, with
-intervals) and a freezing table (SFT against SFT with the mid-layer MLPs frozen, paired); then ours:
-causal-trace panels, attention shift, damage attribution, and the diffing probes' summaries
-(activation-difference norm, logit-lens KL, the stitching grid). Every figure comes from stored
-results; no model is loaded.
+against step, forgetting and the update geometry against KL reached (every checkpoint), a benchmark
+table (MMLU cloze, in-domain accuracy and KL per final model, with intervals) and a freezing table
+(SFT against SFT with the mid-layer MLPs frozen, paired); then ours: causal-trace panels,
+attention shift, damage attribution, the diffing probes' summaries (activation-difference norm,
+logit-lens KL, the stitching grid), and the update's geometry per matrix kind and its precision
+histograms. Every figure comes from stored results; no model is loaded.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ PAPER_SET: list[tuple[str, str]] = [
     ("weight-change", "weight_change_layers_*"),
     ("weight-change", "sparsity_histograms"),
     ("kl-drift", "kl_drift"),
+    ("*by-kl*", "forgetting_vs_kl"),
+    ("*by-kl*", "geometry_vs_kl"),
     ("*tables*", "benchmark_table"),
     ("*tables*", "freezing_table"),
     ("causal-trace", "aie_*"),
@@ -34,6 +37,8 @@ PAPER_SET: list[tuple[str, str]] = [
     ("activation-diff", "diff_norm"),
     ("logit-lens", "lens_kl"),
     ("stitch", "stitch_grid"),
+    ("update-geometry", "geometry_by_matrix"),
+    ("update-geometry", "precision_histograms"),
 ]
 
 
@@ -114,6 +119,59 @@ def freezing_table(study):
                          ["measure", "frozen - SFT", "95% interval", "n items"], rows, note)
 
 
+def forgetting_vs_kl(study):
+    """MMLU change from the base (paired 95% interval) against KL(base || model) reached, every
+    checkpoint of every run and seed: does forgetting follow the KL spent (RL's Razor, arXiv
+    2509.04259) whatever the algorithm? Colour by run kind, one line per run in step order."""
+    from .plotting.style import PALETTE, new_axes
+
+    mm, kl = study.results.get("mmlu"), study.results.get("kl-drift")
+    if mm is None or kl is None:
+        return None
+    fmt = mm.data["formats"][0]
+    base_acc = mm.data["accuracy"]["base"][fmt]
+    kinds = sorted({v.kind or "unknown" for v in study.variants.values()})
+    fig, ax = new_axes(6.5, 4.5)
+    ax.errorbar([0.0], [0.0], fmt="k*", markersize=9, label="base")
+    for run, info in study.variants.items():
+        names = [n for n in study.runs.get(run) or [run]
+                 if n in mm.data["accuracy"] and kl.data["kl"].get(n) is not None]
+        if not names:
+            continue
+        xs = [kl.data["kl"][n] for n in names]
+        ys = [mm.data["accuracy"][n][fmt] - base_acc for n in names]
+        cis = [(mm.data.get("paired", {}).get(n, {}).get(fmt) or {}).get("difference_ci95")
+               for n in names]
+        err = [[y - c[0] if c else 0.0 for y, c in zip(ys, cis)],
+               [c[1] - y if c else 0.0 for y, c in zip(ys, cis)]]
+        colour = PALETTE[(kinds.index(info.kind or "unknown") + 1) % len(PALETTE)]
+        ax.errorbar(xs, ys, yerr=err, marker="o", markersize=4, linewidth=0.8, capsize=2,
+                    color=colour, alpha=0.85,
+                    label=f"{run} ({info.kind or 'kind unknown'}, seed {info.seed})")
+    ax.axhline(0.0, color="0.5", linewidth=0.8)
+    ax.set_xlabel(r"KL(base $\|$ model) reached, nats per in-domain answer token")
+    ax.set_ylabel(f"MMLU {fmt} accuracy - base's (n={mm.data.get('n_items')})")
+    ax.set_title("Forgetting against the KL spent, every checkpoint (paired 95% intervals)",
+                 fontsize=10)
+    ax.legend(fontsize=7, loc="best")
+    ax.grid(True, alpha=0.3)
+    return fig
+
+
+def kl_figures(study) -> dict:
+    """The figures placed by KL reached: forgetting, and the update geometry's trajectories."""
+    figs = {"forgetting_vs_kl": forgetting_vs_kl(study)}
+    geo, kl = study.results.get("update-geometry"), study.results.get("kl-drift")
+    runs = (geo.data.get("runs") or {}) if geo is not None else {}
+    if kl is not None and any(len(n) > 1 for n in runs.values()):
+        from probes.update_geometry import trajectory_figure
+
+        figs["geometry_vs_kl"] = trajectory_figure(geo.data, runs,
+                                                   geo.provenance.get("run_kinds") or {},
+                                                   x_axis="kl", kl=kl.data["kl"])
+    return {k: f for k, f in figs.items() if f is not None}
+
+
 def paper_figures(folder: Path | str) -> list[Path]:
     """Write the set into ``folder/paper/``; returns the files written."""
     from .claims import decide_all
@@ -140,6 +198,8 @@ def paper_figures(folder: Path | str) -> list[Path]:
             if probe == "*tables*":
                 figs = {"benchmark_table": benchmark_table(study),
                         "freezing_table": freezing_table(study)}
+            elif probe == "*by-kl*":
+                figs = kl_figures(study)
             elif probe in study.results:
                 figs = study.results[probe].figures()
             else:

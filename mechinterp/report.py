@@ -55,6 +55,12 @@ PLAIN: dict[str, str] = {
               "MLP, early/mid/late third of the layers) from the fine-tune and the rest from the "
               "base, or the reverse; KL from each parent, MMLU cloze and in-domain accuracy on "
               "the same items - which modules carry the new skill, which carry the damage.",
+    "update-geometry": "The update's precision and geometry per layer and matrix: the share of "
+                       "entries exactly unchanged, unchanged once stored in bf16, or within a "
+                       "tolerance (what 'RL updates are sparse' depends on); how far the top-k "
+                       "singular subspaces rotated, how much the top-k singular values moved, how "
+                       "much of ||dW||^2 lies in the base's top-k subspace against a random "
+                       "update's share, and the effective / stable rank of dW.",
 }
 
 
@@ -253,12 +259,18 @@ def _stitch(study, d) -> list[str]:
             for r in d["rows"]]
 
 
+def _update_geometry(study, d) -> list[str]:
+    from probes.update_geometry import summary_lines
+
+    return summary_lines(study, d)
+
+
 SUMMARY: dict[str, Callable] = {"weight-change": _weight_change, "kl-drift": _kl,
                                 "task-accuracy": _task, "mmlu": _mmlu,
                                 "attention-shift": _attention, "mlp-patching": _patching,
                                 "causal-trace": _trace, "damage-attribution": _damage,
                                 "activation-diff": _activation_diff, "logit-lens": _logit_lens,
-                                "stitch": _stitch}
+                                "stitch": _stitch, "update-geometry": _update_geometry}
 
 
 def key_numbers(study, probe: str) -> list[str]:

@@ -12,9 +12,10 @@ from .mmlu import PROBE as _mmlu
 from .stitch import PROBE as _stitch
 from .task_accuracy import PROBE as _task_accuracy
 from .training_drift import PROBE as _training_drift
+from .update_geometry import PROBE as _update_geometry
 from .weight_change import PROBE as _weight_change
 
 BUILTIN = {p.name: p for p in [_weight_change, _kl_drift, _attention_shift, _causal_trace,
                                _mlp_patching, _mmlu, _gsm8k, _damage_attribution,
                                _training_drift, _task_accuracy, _activation_diff,
-                               _logit_lens, _stitch]}
+                               _logit_lens, _stitch, _update_geometry]}

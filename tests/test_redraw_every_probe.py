@@ -31,6 +31,7 @@ OPTIONS: dict[str, dict] = {
     "activation-diff": {"n_texts": 4, "n_heldout": 3, "max_length": 16, "n_bootstrap": 20},
     "logit-lens": {"prompt_sets": ["knowns"], "limit": 3, "n_bootstrap": 20},
     "stitch": {"limit": 2, "max_new_tokens": 4, "n_bootstrap": 20},
+    "update-geometry": {"k_fraction": 0.1, "tolerances": [1e-5, 1e-3]},
 }
 
 
