@@ -186,10 +186,10 @@ def compare_cmd(
     variant: Variant = None,
     out: Out = Path("results"),
     preset: Annotated[str, typer.Option(help="What to measure: smoke (seconds per probe), default "
-                                        "(the CPU study: the probes the claims read, MMLU cloze "
-                                        "on 64 stratified items, 32 held-out task items), full "
-                                        "(default plus the single-model and model-diffing "
-                                        "probes on each kind's first seed), paper (GPU scale; without "
+                                        "(the CPU study: MMLU cloze on 64 stratified items, 32 "
+                                        "held-out task items; single-model probes on each "
+                                        "kind's first seed), full (default plus the "
+                                        "model-diffing probes), paper (GPU scale; without "
                                         "--variant: the paper's released OLMo-2-7B SFT and GRPO "
                                         "checkpoints, see docs/gpu.md).")] = "default",
     revisions: Annotated[list[str] | None, typer.Option(
@@ -233,9 +233,8 @@ def compare_cmd(
 def demo(
     out: Out = Path("results"),
     preset: Annotated[str, typer.Option(help="smoke (a few minutes, one seed; what CI runs), "
-                                        "default (the CPU study: three seeds, the claims' "
-                                        "probes; about 30 minutes on 2 cores), full (default "
-                                        "plus the single-model and model-diffing probes on the "
+                                        "default (the CPU study: three seeds per run kind), "
+                                        "full (default plus the model-diffing probes on the "
                                         "first seed), paper (the paper's training settings; a "
                                         "GPU node).")] = "default",
     data_dir: DataDir = None,

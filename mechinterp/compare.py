@@ -85,9 +85,10 @@ def _diffing(n_texts: int, n_heldout: int, max_length: int, stride: int, n_lens:
 
 
 #: What each preset measures. ``smoke`` proves the pipeline end to end in CI (every probe);
-#: ``default`` is the CPU study: the probes the claims read, on every seed (MMLU cloze on a fixed
-#: stratified sample, the task on a fixed sample of held-out problems); ``full`` adds the
-#: single-model and model-diffing probes on the first seed; ``paper`` is sized for a GPU.
+#: ``default`` is the CPU study: the probes the claims read on every seed (MMLU cloze on a fixed
+#: stratified sample, the task on a fixed sample of held-out problems), attention shift, MLP
+#: patching and causal tracing (what the study notebooks show) on each kind's first seed; ``full``
+#: adds the model-diffing probes on the first seed; ``paper`` is sized for a GPU.
 _DEFAULT_SIZES = dict(n_mmlu=64, n_task=32, n_facts=3, samples=2, n_patch=8, n_damage=32,
                       max_failures=8, n_attn=8, patch_sites=("mlp",), damage_sites=("mlp_out",))
 PLANS: dict[str, list[Step]] = {
@@ -97,7 +98,7 @@ PLANS: dict[str, list[Step]] = {
                    diffing=_diffing(n_texts=4, n_heldout=2, max_length=16, stride=15, n_lens=3,
                                     n_kl=2, n_mmlu=2, n_task=2, answer_tokens=16, n_boot=100,
                                     stitch_kinds=("sft",))),
-    "default": _plan(**_DEFAULT_SIZES, single=False),
+    "default": _plan(**_DEFAULT_SIZES),
     "full": _plan(**_DEFAULT_SIZES,
                   diffing=_diffing(n_texts=32, n_heldout=8, max_length=32, stride=5, n_lens=24,
                                    n_kl=8, n_mmlu=16, n_task=8)),

@@ -15,6 +15,24 @@ from mechinterp.training.prompts import load_items, render_target
 from mechinterp.training.rewards import correctness, format_reward
 
 
+def test_default_task_has_two_digit_operands_and_disjoint_held_out_problems():
+    """The demo's task (``arithmetic``): every problem has two two-digit operands (so that neither
+    SFT nor GRPO saturates it within the demo's steps), the held-out problems are disjoint from
+    the training ones, and both splits are large enough that KL, accuracy and training draw
+    different items."""
+    t = parse_task("arithmetic")
+    assert (t.min, t.max) == (10, 99)
+    train, test = t.split("train"), t.split("test")
+    for a, op, b in train + test:
+        assert 10 <= a <= 99 and 10 <= b <= 99 and op in t.ops
+    assert not set(train) & set(test) and len(set(train)) == len(train)
+    n = len(t.ops) * 90 * 90
+    assert len(train) + len(test) == n and len(test) == round(t.heldout * n)
+    held_q = {it.question for it in load_items("arithmetic", DataSource(None), "test")}
+    assert held_q.isdisjoint(it.question for it in load_items("arithmetic", DataSource(None), "train"))
+    assert all(re.fullmatch(r"What is \d\d [+x-] \d\d\?", q) for q in held_q)
+
+
 def test_spec_parsing():
     assert parse_task("arithmetic") == ArithmeticTask()
     t = parse_task("arithmetic:ops=+-,min=2,max=5,heldout=0.5,seed=3")
@@ -44,7 +62,7 @@ def test_splits_are_disjoint_cover_the_universe_and_depend_on_the_seed():
 
 
 def test_answers_and_rendered_targets_are_right():
-    items = task_items(ArithmeticTask(ops="+x-"), "train")
+    items = task_items(ArithmeticTask(ops="+x-", min=0, max=9), "train")
     for it in items:
         a, op, b = re.fullmatch(r"What is (\d+) ([+x-]) (\d+)\?", it.question).groups()
         want = {"+": int(a) + int(b), "x": int(a) * int(b), "-": int(a) - int(b)}[op]
@@ -57,8 +75,8 @@ def test_answers_and_rendered_targets_are_right():
 
 
 def test_load_items_reads_the_held_out_split():
-    held = load_items("arithmetic:max=5", DataSource(None), "test")
-    train = load_items("arithmetic:max=5", DataSource(None), "train")
+    held = load_items("arithmetic:min=0,max=5", DataSource(None), "test")
+    train = load_items("arithmetic:min=0,max=5", DataSource(None), "train")
     assert {i.question for i in held}.isdisjoint({i.question for i in train})
     assert len(held) + len(train) == 2 * 36
 
@@ -72,7 +90,7 @@ def test_task_accuracy_probe_on_tiny_models(tmp_path, one_thread):
     probe = get_probe("task-accuracy")
     ms = ModelSet("tiny-random-llama", {"same": "tiny-random-llama"}, device="cpu")
     res = run_probe(probe, ms, DataSource(None),
-                    make_config(probe, {"items": "arithmetic:max=4", "max_new_tokens": "6"},
+                    make_config(probe, {"items": "arithmetic:min=0,max=4", "max_new_tokens": "6"},
                                 limit=5), out=tmp_path)
     d = res.data
     assert d["n_items"] == 5 and d["models"] == ["base", "same"]

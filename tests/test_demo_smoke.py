@@ -184,9 +184,9 @@ def test_claims_probes_run_on_every_seed_single_model_probes_on_the_first():
                   "logit-lens"):
         assert runs[probe] == ["sft", "grpo", "sft-frozen", "other"], probe
     assert runs["stitch"] == ["sft", "grpo"]
-    # the default preset is the claims' path: none of the single-model probes
-    assert {s.probe for s in PLANS["default"]} == {
-        "weight-change", "kl-drift", "task-accuracy", "mmlu", "damage-attribution"}
+    # the default preset leaves the model-diffing probes to `full`
+    assert {s.probe for s in PLANS["full"]} - {s.probe for s in PLANS["default"]} == {
+        "activation-diff", "logit-lens", "stitch"}
     assert {s.probe for s in PLANS["smoke"]} == set(runs)  # CI still runs every probe
 
 
