@@ -15,22 +15,28 @@ from mechinterp.training.prompts import load_items, render_target
 from mechinterp.training.rewards import correctness, format_reward
 
 
-def test_default_task_has_two_digit_operands_and_disjoint_held_out_problems():
-    """The demo's task (``arithmetic``): every problem has two two-digit operands (so that neither
-    SFT nor GRPO saturates it within the demo's steps), the held-out problems are disjoint from
-    the training ones, and both splits are large enough that KL, accuracy and training draw
-    different items."""
+def test_default_task_operand_ranges_and_disjoint_held_out_problems():
+    """The demo's task (``arithmetic``, which the cpu-demo training preset spells out): operands
+    0-19 (three problems in four have a two-digit operand, so SFT cannot fit a table of facts
+    within the demo's steps), held-out problems disjoint from the training ones, and more
+    training problems than the demo's SFT run sees (24 steps x 2)."""
+    from mechinterp.training.settings import CPU_DEMO_TASK, PRESETS, resolve_settings
+
     t = parse_task("arithmetic")
-    assert (t.min, t.max) == (10, 99)
+    assert (t.ops, t.min, t.max) == ("+x", 0, 19)
+    assert parse_task(CPU_DEMO_TASK) == t
+    assert {PRESETS["cpu-demo"][a]["data"] for a in ("sft", "grpo")} == {CPU_DEMO_TASK}
     train, test = t.split("train"), t.split("test")
-    for a, op, b in train + test:
-        assert 10 <= a <= 99 and 10 <= b <= 99 and op in t.ops
-    assert not set(train) & set(test) and len(set(train)) == len(train)
-    n = len(t.ops) * 90 * 90
-    assert len(train) + len(test) == n and len(test) == round(t.heldout * n)
+    every = {(a, op, b) for op in "+x" for a in range(20) for b in range(20)}
+    assert set(train) | set(test) == every and not set(train) & set(test)
+    assert len(train) == len(set(train)) == 600 and len(test) == 200
+    assert sum(a >= 10 or b >= 10 for a, _, b in every) == 2 * (400 - 100)
+    sft = resolve_settings("sft", "cpu-demo", {})
+    assert len(train) > sft.max_steps * sft.per_device_train_batch_size
     held_q = {it.question for it in load_items("arithmetic", DataSource(None), "test")}
-    assert held_q.isdisjoint(it.question for it in load_items("arithmetic", DataSource(None), "train"))
-    assert all(re.fullmatch(r"What is \d\d [+x-] \d\d\?", q) for q in held_q)
+    train_q = {it.question for it in load_items(CPU_DEMO_TASK, DataSource(None), "train")}
+    assert len(held_q) == 200 and held_q.isdisjoint(train_q)
+    assert all(re.fullmatch(r"What is 1?\d [+x] 1?\d\?", q) for q in held_q | train_q)
 
 
 def test_spec_parsing():
