@@ -91,6 +91,7 @@ def _train_one(run: DemoRun, preset: DemoPreset, out: Path, data_dir, device: st
     keep = keep_checkpoints or run.trajectory
     if (folder / SUMMARY_FILE).is_file():
         saved = json.loads((folder / CONFIG_FILE).read_text())
+        # the saved file adds facts of the run (precision, processes) to the settings
         if {k: v for k, v in saved.items() if k in settings.to_json()} \
                 == json.loads(json.dumps(settings.to_json())):
             echo(f"  {name}: finished run in {folder}, reused")
@@ -104,8 +105,9 @@ def _train_one(run: DemoRun, preset: DemoPreset, out: Path, data_dir, device: st
     outcome = train(settings, folder, resume=resume, data_dir=data_dir,
                     echo=lambda m: echo(f"    {m}"))
     gone = prune_finished(folder, keep_checkpoints=keep, keep_trainer_state=keep_checkpoints)
+    what = "optimizer state" + ("" if keep else " and earlier checkpoints")
     echo(f"  {name}: {outcome.steps} steps in {outcome.wall_time_s:.0f} s"
-         + (f"; kept the final model, freed {gone / 1e9:.2f} GB" if gone else ""))
+         + (f"; freed {gone / 1e9:.2f} GB ({what})" if gone else ""))
     return folder
 
 
