@@ -30,16 +30,20 @@ class Step:
     options: dict[str, Any]
     checkpoints: bool = False  # True: every checkpoint of every run; False: final models only
     kinds: tuple[str, ...] | None = None  # only variants of these kinds (None: all variants)
+    first_seed: bool = False  # True: only the first seed of each kind (Study.replicates)
 
 
 def _plan(n_mmlu: int, n_task: int | None, n_facts: int, samples: int, n_patch: int,
           n_damage: int, max_failures: int, n_attn: int, sparsity: bool = True,
           patch_sites: tuple[str, ...] = ("mlp", "attn", "resid"),
           damage_sites: tuple[str, ...] = ("mlp_out", "attn_out"), task: str = "arithmetic",
-          answer_tokens: int | None = None, diffing: list[Step] = (),
+          answer_tokens: int | None = None, diffing: list[Step] = (), single: bool = True,
           geometry: Step = Step("update-geometry", {"k_fraction": 0.05}, checkpoints=True),
           ) -> list[Step]:
-    """The steps of a preset; ``diffing``: the model-diffing probes' steps (:func:`_diffing`)."""
+    """The steps of a preset; ``diffing``: the model-diffing probes' steps (:func:`_diffing`).
+    The claims read weight-change, kl-drift, task-accuracy, mmlu and damage-attribution: those run
+    on every seed. ``single`` adds attention-shift, mlp-patching and causal-trace, on the first
+    seed of each kind only (no claim reads them; they describe one model)."""
     return [
         Step("weight-change", {"sparsity": sparsity}, checkpoints=True),
         geometry,
@@ -48,10 +52,12 @@ def _plan(n_mmlu: int, n_task: int | None, n_facts: int, samples: int, n_patch: 
         # every checkpoint cost more than any other step of the default demo
         Step("task-accuracy", {"items": task, "limit": n_task, "max_new_tokens": answer_tokens}),
         Step("mmlu", {"formats": ["cloze"], "limit": n_mmlu}, checkpoints=True),
-        Step("attention-shift", {"n_mmlu": n_attn, "n_knowns": n_attn, "max_tokens": 128}),
-        Step("mlp-patching", {"prompt_sets": ["knowns"], "limit": n_patch,
-                              "sites": list(patch_sites)}),
-        Step("causal-trace", {"limit": n_facts, "samples": samples, "max_fact_figures": 2}),
+        *([Step("attention-shift", {"n_mmlu": n_attn, "n_knowns": n_attn, "max_tokens": 128},
+                first_seed=True),
+           Step("mlp-patching", {"prompt_sets": ["knowns"], "limit": n_patch,
+                                 "sites": list(patch_sites)}, first_seed=True),
+           Step("causal-trace", {"limit": n_facts, "samples": samples, "max_fact_figures": 2},
+                first_seed=True)] if single else []),
         # the costliest probe, and C8 asks it of SFT only
         Step("damage-attribution", {"format": "cloze", "limit": n_damage,
                                     "max_failures": max_failures, "n_control": 4,
@@ -65,23 +71,28 @@ def _diffing(n_texts: int, n_heldout: int, max_length: int, stride: int, n_lens:
              n_mmlu: int, n_task: int, task: str = "arithmetic", answer_tokens: int = 48,
              lens_sets: tuple[str, ...] = ("knowns", "mmlu", "task"), n_boot: int = 1000,
              stitch_kinds: tuple[str, ...] = ("sft", "grpo")) -> list[Step]:
-    """activation-diff and logit-lens on every final model; stitch's grid (12 recipes and the two
-    parents per variant, about a CPU-minute each at the default preset's sizes) on the SFT and
-    GRPO runs."""
+    """activation-diff and logit-lens on every final model of the first seed; stitch's grid (12
+    recipes and the two parents per variant, about a CPU-minute each at the default preset's
+    sizes) on the first seed's SFT and GRPO runs."""
     return [
         Step("activation-diff", {"n_texts": n_texts, "n_heldout": n_heldout,
                                  "max_length": max_length, "steer_stride": stride,
-                                 "n_bootstrap": n_boot}),
+                                 "n_bootstrap": n_boot}, first_seed=True),
         Step("logit-lens", {"limit": n_lens, "prompt_sets": list(lens_sets),
-                            "task": "arithmetic", "n_bootstrap": n_boot}),
+                            "task": "arithmetic", "n_bootstrap": n_boot}, first_seed=True),
         Step("stitch", {"recipes": "grid", "n_kl": n_kl, "n_mmlu": n_mmlu, "n_task": n_task,
                         "kl_items": task, "task_items": task, "max_new_tokens": answer_tokens,
-                        "n_bootstrap": n_boot}, kinds=stitch_kinds),
+                        "n_bootstrap": n_boot}, kinds=stitch_kinds, first_seed=True),
     ]
 
 
-#: What each preset measures. ``smoke`` proves the pipeline end to end in CI; ``default`` is the
-#: CPU study (MMLU cloze on a fixed stratified sample); ``paper`` is sized for a GPU.
+#: What each preset measures. ``smoke`` proves the pipeline end to end in CI (every probe);
+#: ``default`` is the CPU study: the probes the claims read on every seed (MMLU cloze on a fixed
+#: stratified sample, the task on a fixed sample of held-out problems), attention shift, MLP
+#: patching and causal tracing (what the study notebooks show) on each kind's first seed; ``full``
+#: adds the model-diffing probes on the first seed; ``paper`` is sized for a GPU.
+_DEFAULT_SIZES = dict(n_mmlu=64, n_task=32, n_facts=3, samples=2, n_patch=8, n_damage=32,
+                      max_failures=8, n_attn=8, patch_sites=("mlp",), damage_sites=("mlp_out",))
 PLANS: dict[str, list[Step]] = {
     "smoke": _plan(n_mmlu=8, n_task=8, n_facts=1, samples=2, n_patch=2, n_damage=8,
                    max_failures=2, n_attn=2, sparsity=False, patch_sites=("mlp",),
@@ -91,11 +102,13 @@ PLANS: dict[str, list[Step]] = {
                    diffing=_diffing(n_texts=4, n_heldout=2, max_length=16, stride=15, n_lens=3,
                                     n_kl=2, n_mmlu=2, n_task=2, answer_tokens=16, n_boot=100,
                                     stitch_kinds=("sft",))),
-    "default": _plan(n_mmlu=100, n_task=None, n_facts=3, samples=2, n_patch=8, n_damage=32,
-                     max_failures=8, n_attn=8, patch_sites=("mlp",),
-                     damage_sites=("mlp_out",),
-                     diffing=_diffing(n_texts=32, n_heldout=8, max_length=32, stride=5, n_lens=24,
-                                      n_kl=8, n_mmlu=16, n_task=8)),
+    # the update's geometry on the SFT and GRPO final models of every seed (its trajectories over
+    # checkpoints cost about a CPU-minute per checkpoint: the full preset has them)
+    "default": _plan(**_DEFAULT_SIZES, geometry=Step("update-geometry", {"k_fraction": 0.05},
+                                                     kinds=("sft", "grpo"))),
+    "full": _plan(**_DEFAULT_SIZES,
+                  diffing=_diffing(n_texts=32, n_heldout=8, max_length=32, stride=5, n_lens=24,
+                                   n_kl=8, n_mmlu=16, n_task=8)),
     "paper": _plan(n_mmlu=2000, n_task=None, n_facts=100, samples=10, n_patch=64, n_damage=1000,
                    max_failures=64, n_attn=64,
                    diffing=_diffing(n_texts=1000, n_heldout=200, max_length=128, stride=1,
@@ -342,11 +355,12 @@ def compare(base: str | None, variants: dict[str, str], out: Path, data_dir=None
     for i, step in enumerate(plan, 1):
         probe = get_probe(step.probe)
         models = runs if step.checkpoints else finals
-        if step.kinds is not None:
-            keep = {n: v.final for n, v in info.items() if v.kind in step.kinds}
+        if step.kinds is not None or step.first_seed:
+            keep = {n: (v.checkpoints if step.checkpoints else v.final)
+                    for n, v in info.items() if n in step_variants(study, step)}
             if not keep:
                 echo(f"[compare {i}/{len(plan)}] {step.probe}: skipped (no "
-                     f"{'/'.join(step.kinds)} variant)")
+                     f"{'/'.join(step.kinds or ())} variant)")
                 continue
             models = ModelSet(base, keep, check=False, **kw)
         config = make_config(probe, {k: v for k, v in step.options.items() if v is not None})
@@ -364,6 +378,17 @@ def compare(base: str | None, variants: dict[str, str], out: Path, data_dir=None
     write_claims(study.claims, out)
     write_report(study, study.claims)
     return study
+
+
+def step_variants(study: Study, step: Step) -> list[str]:
+    """The variants a step runs on: those of ``step.kinds`` (all when None) and, for a
+    ``first_seed`` step, only the first replicate of each kind (variants of unknown kind all)."""
+    names = [n for n, v in study.variants.items()
+             if step.kinds is None or v.kind in step.kinds]
+    if step.first_seed:
+        firsts = {study.replicates(v.kind)[0] for v in study.variants.values() if v.kind}
+        names = [n for n in names if study.variants[n].kind is None or n in firsts]
+    return names
 
 
 def write_claims(claims: list[dict], out: Path) -> Path:

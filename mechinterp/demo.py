@@ -2,14 +2,26 @@
 
 1. train ``OUT/models/sft``, ``OUT/models/grpo`` and ``OUT/models/sft-frozen`` (SFT with the
    paper's mid-layer MLPs frozen) from the same base, on the same synthetic arithmetic prompts,
-   with the same steps and learning rate;
-2. ``compare`` them with the base: every probe, MMLU cloze, the in-domain task, paired statistics;
+   with the same steps and learning rate; with several seeds, again as ``sft-s1``, ``grpo-s1``,
+   ``sft-frozen-s1``, ``sft-s2``, ... (training seed 1, 2, ...: :func:`demo_runs`);
+2. ``compare`` them with the base: the claims' probes on every seed, the single-model probes
+   (attention shift, MLP patching, causal tracing; with ``full`` also the model-diffing probes) on
+   each kind's first seed, paired statistics;
 3. write ``OUT/report.md``, ``OUT/report.html``, ``OUT/claims.json`` and print the verdict.
 
-Presets: ``smoke`` (minutes; CI runs it), ``default`` (the CPU study, about 20 minutes on two
-cores), ``paper`` (the paper's training settings; for a GPU node). A run folder whose training
-finished is reused; one that stopped part-way is resumed; ``compare`` reuses every result whose
-configuration and weights are unchanged, so an interrupted demo continues where it stopped.
+Presets: ``smoke`` (minutes, one seed, every probe; CI runs it), ``default`` (the CPU study: three
+seeds), ``full`` (``default`` plus the model-diffing probes: activation-difference lens, logit lens,
+stitching), ``paper`` (the paper's training settings; for a GPU
+node). A run folder whose training finished is reused; one that stopped part-way is resumed;
+``compare`` reuses every result whose configuration and weights are unchanged, so an interrupted
+demo continues where it stopped.
+
+What a finished run keeps (:func:`mechinterp.training.callbacks.prune_finished`): the final model
+(exact float32, also ``checkpoints/step-FINAL``) and the drift log of every checkpoint
+(``training-drift/``: weight change and KL at each, computed in memory while training) always;
+every checkpoint's weights only for the first seed's SFT and GRPO runs (the trajectory that the
+checkpoint probes and C7 read); the optimizer state (``trainer-state/``, only needed to resume)
+never. ``--keep-checkpoints`` keeps every checkpoint of every run and the optimizer state.
 """
 
 from __future__ import annotations
@@ -23,7 +35,29 @@ from typing import Any
 from .errors import UserError
 from .models.zoo import DEFAULT_MODEL, fetch
 
+#: The run kinds of the study: (name of the first seed's run, algorithm, freeze preset)
 RUNS = (("sft", "sft", None), ("grpo", "grpo", None), ("sft-frozen", "sft", "paper-mid-mlp"))
+#: Kinds whose first seed keeps every checkpoint (the trajectory: checkpoint probes, C7)
+TRAJECTORY_KINDS = ("sft", "grpo")
+
+
+@dataclass(frozen=True)
+class DemoRun:
+    name: str  # "sft", "grpo", "sft-frozen" for seed 0; "sft-s1", ... for further seeds
+    algorithm: str
+    freeze: str | None
+    seed: int
+    trajectory: bool  # keeps every checkpoint's weights (else the final one only)
+
+
+def demo_runs(seeds: int) -> list[DemoRun]:
+    """The runs of a demo with ``seeds`` seeds, seed by seed (an interrupted demo has whole
+    seeds): seed 0 is named by its kind, seed i > 0 ``KIND-si``."""
+    if seeds < 1:
+        raise UserError(f"a demo needs at least one seed (got {seeds})", "use seeds >= 1")
+    return [DemoRun(name + (f"-s{i}" if i else ""), algo, freeze, i,
+                    i == 0 and name in TRAJECTORY_KINDS)
+            for i in range(seeds) for name, algo, freeze in RUNS]
 
 
 @dataclass(frozen=True)
@@ -32,43 +66,53 @@ class DemoPreset:
     compare_preset: str
     train: dict[str, Any] = field(default_factory=dict)  # overrides for both algorithms
     grpo: dict[str, Any] = field(default_factory=dict)  # overrides for GRPO only
+    seeds: int = 1  # training seeds per run kind (0, 1, ...)
 
 
 DEMO_PRESETS: dict[str, DemoPreset] = {
     "smoke": DemoPreset("cpu-demo", "smoke", dict(max_steps=2, checkpoints=1, n_heldout=4)),
-    "default": DemoPreset("cpu-demo", "default"),
+    "default": DemoPreset("cpu-demo", "default", seeds=3),
+    "full": DemoPreset("cpu-demo", "full", seeds=3),
     "paper": DemoPreset(None, "paper", dict(data="arithmetic:max=99")),
 }
 
 
-def _train_one(name: str, algorithm: str, freeze: str | None, preset: DemoPreset, out: Path,
-               data_dir, device: str, dtype: str, echo) -> Path:
+def _train_one(run: DemoRun, preset: DemoPreset, out: Path, data_dir, device: str, dtype: str,
+               echo, keep_checkpoints: bool = False) -> Path:
+    from .training.callbacks import prune_finished
     from .training.runner import CONFIG_FILE, SUMMARY_FILE, train
     from .training.settings import resolve_settings
 
+    name, algorithm, freeze = run.name, run.algorithm, run.freeze
     folder = out / "models" / name
     overrides = dict(preset.train) | (preset.grpo if algorithm == "grpo" else {})
-    overrides |= {"freeze_preset": freeze, "device": device, "dtype": dtype}
+    overrides |= {"freeze_preset": freeze, "device": device, "dtype": dtype, "seed": run.seed}
     settings = resolve_settings(algorithm, preset.train_preset, overrides)
+    keep = keep_checkpoints or run.trajectory
     if (folder / SUMMARY_FILE).is_file():
         saved = json.loads((folder / CONFIG_FILE).read_text())
-        if saved == json.loads(json.dumps(settings.to_json())):
+        # the saved file adds facts of the run (precision, processes) to the settings
+        if {k: v for k, v in saved.items() if k in settings.to_json()} \
+                == json.loads(json.dumps(settings.to_json())):
             echo(f"  {name}: finished run in {folder}, reused")
             return folder
         raise UserError(f"{folder} holds a finished run with other settings",
                         "use another --out, or delete that folder to retrain")
     resume = (folder / CONFIG_FILE).is_file()
-    echo(f"  {name}: {algorithm}{' with ' + freeze + ' frozen' if freeze else ''}, "
-         f"{settings.max_steps} steps, lr {settings.learning_rate:g}, "
+    echo(f"  {name}: {algorithm}{' with ' + freeze + ' frozen' if freeze else ''}, seed "
+         f"{run.seed}, {settings.max_steps} steps, lr {settings.learning_rate:g}, "
          f"{settings.checkpoints} checkpoints{' (resuming)' if resume else ''}")
     outcome = train(settings, folder, resume=resume, data_dir=data_dir,
                     echo=lambda m: echo(f"    {m}"))
-    echo(f"  {name}: {outcome.steps} steps in {outcome.wall_time_s:.0f} s")
+    gone = prune_finished(folder, keep_checkpoints=keep, keep_trainer_state=keep_checkpoints)
+    what = "optimizer state" + ("" if keep else " and earlier checkpoints")
+    echo(f"  {name}: {outcome.steps} steps in {outcome.wall_time_s:.0f} s"
+         + (f"; freed {gone / 1e9:.2f} GB ({what})" if gone else ""))
     return folder
 
 
 def run_demo(out: Path, preset: str = "default", data_dir=None, device: str = "auto",
-             dtype: str = "auto", echo=print):
+             dtype: str = "auto", echo=print, keep_checkpoints: bool = False):
     from .claims import verdict_line
     from .compare import compare
 
@@ -78,9 +122,11 @@ def run_demo(out: Path, preset: str = "default", data_dir=None, device: str = "a
     out = Path(out)
     t0 = time.perf_counter()
     echo(f"[1/3] base model {DEFAULT_MODEL}: {fetch(DEFAULT_MODEL)}")
-    echo(f"[2/3] training three fine-tunes into {out / 'models'} (preset {preset})")
-    variants = {name: str(_train_one(name, algo, freeze, p, out, data_dir, device, dtype, echo))
-                for name, algo, freeze in RUNS}
+    runs = demo_runs(p.seeds)
+    echo(f"[2/3] training {len(runs)} fine-tunes ({len(RUNS)} kinds x {p.seeds} seed(s)) into "
+         f"{out / 'models'} (preset {preset})")
+    variants = {r.name: str(_train_one(r, p, out, data_dir, device, dtype, echo,
+                                       keep_checkpoints)) for r in runs}
     t_train = time.perf_counter() - t0
     echo(f"[3/3] comparing them with the base (compare preset {p.compare_preset})")
     study = compare(DEFAULT_MODEL, variants, out, data_dir=data_dir, preset=p.compare_preset,

@@ -15,6 +15,30 @@ from mechinterp.training.prompts import load_items, render_target
 from mechinterp.training.rewards import correctness, format_reward
 
 
+def test_default_task_operand_ranges_and_disjoint_held_out_problems():
+    """The demo's task (``arithmetic``, which the cpu-demo training preset spells out): operands
+    0-19 (three problems in four have a two-digit operand, so SFT cannot fit a table of facts
+    within the demo's steps), held-out problems disjoint from the training ones, and more
+    training problems than the demo's SFT run sees (24 steps x 2)."""
+    from mechinterp.training.settings import CPU_DEMO_TASK, PRESETS, resolve_settings
+
+    t = parse_task("arithmetic")
+    assert (t.ops, t.min, t.max) == ("+x", 0, 19)
+    assert parse_task(CPU_DEMO_TASK) == t
+    assert {PRESETS["cpu-demo"][a]["data"] for a in ("sft", "grpo")} == {CPU_DEMO_TASK}
+    train, test = t.split("train"), t.split("test")
+    every = {(a, op, b) for op in "+x" for a in range(20) for b in range(20)}
+    assert set(train) | set(test) == every and not set(train) & set(test)
+    assert len(train) == len(set(train)) == 600 and len(test) == 200
+    assert sum(a >= 10 or b >= 10 for a, _, b in every) == 2 * (400 - 100)
+    sft = resolve_settings("sft", "cpu-demo", {})
+    assert len(train) > sft.max_steps * sft.per_device_train_batch_size
+    held_q = {it.question for it in load_items("arithmetic", DataSource(None), "test")}
+    train_q = {it.question for it in load_items(CPU_DEMO_TASK, DataSource(None), "train")}
+    assert len(held_q) == 200 and held_q.isdisjoint(train_q)
+    assert all(re.fullmatch(r"What is 1?\d [+x] 1?\d\?", q) for q in held_q | train_q)
+
+
 def test_spec_parsing():
     assert parse_task("arithmetic") == ArithmeticTask()
     t = parse_task("arithmetic:ops=+-,min=2,max=5,heldout=0.5,seed=3")
@@ -44,7 +68,7 @@ def test_splits_are_disjoint_cover_the_universe_and_depend_on_the_seed():
 
 
 def test_answers_and_rendered_targets_are_right():
-    items = task_items(ArithmeticTask(ops="+x-"), "train")
+    items = task_items(ArithmeticTask(ops="+x-", min=0, max=9), "train")
     for it in items:
         a, op, b = re.fullmatch(r"What is (\d+) ([+x-]) (\d+)\?", it.question).groups()
         want = {"+": int(a) + int(b), "x": int(a) * int(b), "-": int(a) - int(b)}[op]
@@ -57,8 +81,8 @@ def test_answers_and_rendered_targets_are_right():
 
 
 def test_load_items_reads_the_held_out_split():
-    held = load_items("arithmetic:max=5", DataSource(None), "test")
-    train = load_items("arithmetic:max=5", DataSource(None), "train")
+    held = load_items("arithmetic:min=0,max=5", DataSource(None), "test")
+    train = load_items("arithmetic:min=0,max=5", DataSource(None), "train")
     assert {i.question for i in held}.isdisjoint({i.question for i in train})
     assert len(held) + len(train) == 2 * 36
 
@@ -72,7 +96,7 @@ def test_task_accuracy_probe_on_tiny_models(tmp_path, one_thread):
     probe = get_probe("task-accuracy")
     ms = ModelSet("tiny-random-llama", {"same": "tiny-random-llama"}, device="cpu")
     res = run_probe(probe, ms, DataSource(None),
-                    make_config(probe, {"items": "arithmetic:max=4", "max_new_tokens": "6"},
+                    make_config(probe, {"items": "arithmetic:min=0,max=4", "max_new_tokens": "6"},
                                 limit=5), out=tmp_path)
     d = res.data
     assert d["n_items"] == 5 and d["models"] == ["base", "same"]

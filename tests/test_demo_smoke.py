@@ -1,6 +1,8 @@
 """The README's main command at the smoke preset, end to end on the real default model: three
 trained runs, every probe, claims, report; the claim tests agree with claims.json; a re-run of
-compare into the same folder reuses every result; the study notebooks run top to bottom on it."""
+compare into the same folder reuses every result; the study notebooks run top to bottom on it.
+Without the real model: the demo's run list (seeds and their names), which steps run on which
+seeds, and what a finished run keeps on disk (a tiny training run)."""
 
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ import pytest
 
 from mechinterp.cli import main
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("smoke-demo")]
+pytestmark = [pytest.mark.xdist_group("smoke-demo")]
+slow = pytest.mark.slow  # the tests on the smoke demo's folder (real model, minutes)
 STUDY_NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("0[1-9]_*.ipynb"))
 
 
@@ -26,6 +29,7 @@ def demo_dir(tmp_path_factory, data_source):
     return out
 
 
+@slow
 def test_demo_trains_three_runs_and_writes_the_report(demo_dir):
     for name, algo in (("sft", "sft"), ("grpo", "grpo"), ("sft-frozen", "sft")):
         run = demo_dir / "models" / name
@@ -58,6 +62,7 @@ def test_demo_trains_three_runs_and_writes_the_report(demo_dir):
         assert f"<h2 id='{probe}'>" in page
 
 
+@slow
 def test_claim_tests_agree_with_claims_json(demo_dir):
     claims = json.loads((demo_dir / "claims.json").read_text())
     env = dict(os.environ, MECHINTERP_PROGRESS="0")
@@ -74,6 +79,7 @@ def test_claim_tests_agree_with_claims_json(demo_dir):
     assert outcome == want, proc.stdout[-3000:]
 
 
+@slow
 def test_compare_again_reuses_every_result(demo_dir, capsys):
     variants = [f"--variant={n}={demo_dir / 'models' / n}" for n in ("sft", "grpo", "sft-frozen")]
     assert main(["compare", *variants, "--preset", "smoke", "--out", str(demo_dir)]) == 0
@@ -82,6 +88,7 @@ def test_compare_again_reuses_every_result(demo_dir, capsys):
     assert steps and out.count("reusing") == int(steps.group(1)), out
 
 
+@slow
 @pytest.mark.parametrize("path", STUDY_NOTEBOOKS, ids=lambda p: p.name)
 def test_study_notebook_runs_on_the_demo(path, demo_dir, monkeypatch):
     import nbformat
@@ -100,6 +107,7 @@ def test_there_are_six_study_notebooks():
     assert [p.name[:2] for p in STUDY_NOTEBOOKS] == ["01", "02", "03", "04", "05", "06"]
 
 
+@slow
 def test_paper_figure_set_is_written_and_its_table_reads_the_results(demo_dir):
     from mechinterp.compare import load_study
     from mechinterp.paper_figures import PAPER_SET, benchmark_table
@@ -124,3 +132,144 @@ def test_paper_figure_set_is_written_and_its_table_reads_the_results(demo_dir):
              for (r, c), cell in fig.axes[0].tables[0].get_celld().items()}
     row = next(r for (r, c), text in cells.items() if c == 0 and text == "sft")
     assert cells[(row, 1)].startswith(f"{want:.3f} [")
+
+
+# ----- without the real model ----------------------------------------------------------------
+def test_demo_runs_name_seeds_and_keep_the_trajectory_of_the_first():
+    from mechinterp.demo import DEMO_PRESETS, demo_runs
+
+    runs = demo_runs(3)
+    assert [(r.name, r.algorithm, r.freeze, r.seed) for r in runs] == [
+        ("sft", "sft", None, 0), ("grpo", "grpo", None, 0), ("sft-frozen", "sft", "paper-mid-mlp", 0),
+        ("sft-s1", "sft", None, 1), ("grpo-s1", "grpo", None, 1),
+        ("sft-frozen-s1", "sft", "paper-mid-mlp", 1),
+        ("sft-s2", "sft", None, 2), ("grpo-s2", "grpo", None, 2),
+        ("sft-frozen-s2", "sft", "paper-mid-mlp", 2)]
+    assert [r.name for r in runs if r.trajectory] == ["sft", "grpo"]
+    assert [r.name for r in demo_runs(1)] == ["sft", "grpo", "sft-frozen"]
+    assert DEMO_PRESETS["smoke"].seeds == 1
+    assert DEMO_PRESETS["default"].seeds >= 3 and DEMO_PRESETS["full"].seeds >= 3
+    with pytest.raises(Exception, match="at least one seed"):
+        demo_runs(0)
+
+
+def test_each_seed_trains_with_its_seed_and_compare_reads_it_back(tmp_path):
+    """The seed a run is trained with is the one in its train-config.json, which compare's
+    describe_variant reads into VariantInfo.seed and Study.replicates orders by."""
+    from mechinterp.compare import Study, describe_variant
+    from mechinterp.demo import DEMO_PRESETS, demo_runs
+    from mechinterp.training.runner import CONFIG_FILE
+    from mechinterp.training.settings import resolve_settings, save_settings
+
+    p = DEMO_PRESETS["default"]
+    info = {}
+    for r in demo_runs(3):
+        s = resolve_settings(r.algorithm, p.train_preset, dict(p.train) | {
+            "freeze_preset": r.freeze, "seed": r.seed})
+        folder = tmp_path / r.name
+        folder.mkdir()
+        save_settings(s, folder / CONFIG_FILE)
+        (folder / "config.json").write_text("{}")
+        info[r.name] = describe_variant(r.name, str(folder))
+    assert {n: v.seed for n, v in info.items()} == {r.name: r.seed for r in demo_runs(3)}
+    study = Study(tmp_path, "base", dict(reversed(info.items())), {})
+    assert study.replicates("sft") == ["sft", "sft-s1", "sft-s2"]
+    assert study.replicates("grpo") == ["grpo", "grpo-s1", "grpo-s2"]
+    assert study.replicates("sft-frozen") == ["sft-frozen", "sft-frozen-s1", "sft-frozen-s2"]
+
+
+def test_claims_probes_run_on_every_seed_single_model_probes_on_the_first():
+    from mechinterp.compare import PLANS, Study, VariantInfo, step_variants
+    from mechinterp.demo import demo_runs
+
+    variants = {r.name: VariantInfo(r.name, r.name, [r.name], r.algorithm,
+                                    "paper-mid-mlp" if r.freeze else "", seed=r.seed)
+                for r in demo_runs(3)}
+    variants["other"] = VariantInfo("other", "some/model", ["some/model"])  # kind unknown
+    study = Study(Path("."), "base", variants, {})
+    runs = {s.probe: step_variants(study, s) for s in PLANS["full"]}
+    every = list(variants)
+    for probe in ("weight-change", "kl-drift", "task-accuracy", "mmlu"):
+        assert runs[probe] == every, probe
+    assert runs["damage-attribution"] == ["sft", "sft-s1", "sft-s2"]
+    for probe in ("attention-shift", "mlp-patching", "causal-trace", "activation-diff",
+                  "logit-lens"):
+        assert runs[probe] == ["sft", "grpo", "sft-frozen", "other"], probe
+    assert runs["stitch"] == ["sft", "grpo"]
+    # the default preset leaves the model-diffing probes to `full`
+    assert {s.probe for s in PLANS["full"]} - {s.probe for s in PLANS["default"]} == {
+        "activation-diff", "logit-lens", "stitch"}
+    assert {s.probe for s in PLANS["smoke"]} == set(runs)  # CI still runs every probe
+
+
+TINY_DEMO = dict(base="tiny-random-llama", data="arithmetic", max_steps=6, checkpoints=3,
+                 per_device_train_batch_size=2, max_length=384, n_heldout=2,
+                 heldout_max_length=384, learning_rate=1e-3, lr_scheduler_type="constant",
+                 warmup_ratio=0.0)
+
+
+def _files(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
+
+
+@slow  # three tiny training runs: about 30 s on a quiet machine
+def test_finished_runs_keep_what_the_docstring_says(tmp_path, one_thread):
+    """A further seed keeps the final model only (also as checkpoints/step-FINAL, the same inode)
+    and the drift log; the first seed keeps every checkpoint; neither keeps the optimizer state;
+    --keep-checkpoints keeps everything. A kept earlier checkpoint still loads and holds the
+    weights the run had at that step (the drift log's weight change, computed in memory while
+    training, equals the one recomputed from the loaded checkpoint)."""
+    from mechinterp.analysis.weights import weight_change
+    from mechinterp.compare import describe_variant
+    from mechinterp.demo import DemoPreset, DemoRun, _train_one
+    from mechinterp.models import load, resolve
+    from mechinterp.results import read_result
+
+    preset = DemoPreset(None, "smoke", TINY_DEMO)
+    out = tmp_path / "demo"
+    echo = [].append
+
+    def train(name, seed, trajectory, keep=False):
+        run = DemoRun(name, "sft", None, seed, trajectory)
+        return _train_one(run, preset, out, None, "cpu", "float32", echo, keep_checkpoints=keep)
+
+    further = train("sft-s1", 1, False)
+    files = _files(further)
+    assert not any(f.startswith("trainer-state") for f in files), files
+    assert {f.split("/")[1] for f in files if f.startswith("checkpoints/")} == {"step-6"}
+    assert {"config.json", "model.safetensors", "train-config.json", "train-summary.json",
+            "training-drift/result.json"} <= files
+    final, snap = further / "model.safetensors", further / "checkpoints/step-6/model.safetensors"
+    assert final.stat().st_ino == snap.stat().st_ino  # one copy on disk
+    info = describe_variant("sft-s1", str(further))
+    assert info.seed == 1 and info.checkpoints == [f"{further}@step-6"]
+    drift = read_result(further / "training-drift").data
+    assert drift["steps"] == [2, 4, 6]  # the trajectory of every checkpoint is still logged
+
+    first = train("sft", 0, True)
+    assert {f.split("/")[1] for f in _files(first) if f.startswith("checkpoints/")} == {
+        "step-2", "step-4", "step-6"}
+    assert not (first / "trainer-state").exists()
+    d = read_result(first / "training-drift").data
+    base = resolve("tiny-random-llama").path
+    _, _, ref = weight_change(base, {"step-2": first / "checkpoints" / "step-2"})
+    for m in d["matrices"]:
+        assert d["relative_change"][m][0] == pytest.approx(ref["step-2"][m], rel=1e-9)
+    assert ref["step-2"]["up"][0] > 0
+    lm = load(f"{first}@step-2", device="cpu", dtype="float32")
+    assert lm.resolved.path == first / "checkpoints" / "step-2"
+    # the seed changes the run: seed 0 and seed 1 end at different weights
+    import torch
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(first / "model.safetensors")), load_file(str(final))
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+    everything = train("sft-s2", 2, False, keep=True)
+    names = _files(everything)
+    assert {f.split("/")[1] for f in names if f.startswith("checkpoints/")} == {
+        "step-2", "step-4", "step-6"}
+    assert any(f.startswith("trainer-state/checkpoint-6/optimizer") for f in names), names
+    # a finished run is reused as it is, not pruned again
+    assert train("sft-s2", 2, False, keep=True) == everything
+    assert _files(everything) == names

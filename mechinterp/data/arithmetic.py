@@ -1,15 +1,21 @@
 """A seeded synthetic arithmetic task that a 135M model can learn on a CPU, by SFT and by GRPO.
 
-Spec grammar: ``arithmetic`` or ``arithmetic:ops=+x,min=0,max=9,heldout=0.25,seed=0``. The universe
+Spec grammar: ``arithmetic`` or ``arithmetic:ops=+x,min=0,max=19,heldout=0.25,seed=0``. The universe
 is every ``a OP b`` with ``a, b`` in ``[min, max]`` and OP in ``ops`` (``+``, ``-``, ``x`` for
 multiplication); a seeded shuffle splits it into disjoint train and held-out problems, so held-out
 accuracy measures the skill, not recall of a seen question. Items carry the worked reference
 solution (``7 x 8 = 56``) for SFT and the numeric answer for the GRPO reward; both are rendered in
 the think/answer format by :mod:`mechinterp.training.prompts`.
 
-Calibration (``benchmarks/calibrate_task.py``): the default (single-digit ``+`` and ``x``) is solved
-by the default model at GRPO's sampling temperature often enough that most groups of 4 completions
-differ in reward, which is what gives GRPO a gradient.
+Calibration (``benchmarks/calibrate_task.py``): the default, ``+`` and ``x`` on operands 0-19 (three
+problems in four have a two-digit operand), is solved by the default model at GRPO's sampling
+temperature 0.6 in 30% of samples (38 of 128, 95% interval 23-38%; ``+`` 30%, ``x`` 29%), and 17 of
+32 groups of 4 differ in reward, which is what gives GRPO a gradient. Two-digit operands on both sides
+(10-99) are out of the base's reach within GRPO's 32 completion tokens: 0 of 128 samples at
+temperature 1.0, 0 of 48 held-out items greedily; operands 0-29 give 20% (14-28%) and 13 of 32 varied
+groups at 0.6. Single-digit problems (0-9, the earlier default) are
+a table SFT fits in a few steps (loss 0.03 by step 8); with 0-19 there are 600 training problems,
+more than the demo's 48 SFT examples, so neither run saturates before its last checkpoint.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ OP_WORDS = {"+": "plus", "-": "minus", "x": "times"}
 class ArithmeticTask:
     ops: str = "+x"
     min: int = 0
-    max: int = 9
+    max: int = 19
     heldout: float = 0.25
     seed: int = 0
 
@@ -61,10 +67,10 @@ def parse_task(spec: str) -> ArithmeticTask:
     line naming them."""
     if not is_task(spec):
         raise DataError(f"{spec!r} is not an arithmetic task spec",
-                        "write arithmetic or arithmetic:ops=+x,min=0,max=9")
+                        "write arithmetic or arithmetic:ops=+x,min=0,max=19")
     values: dict = {}
     body = spec[len(PREFIX) + 1:] if ":" in spec else ""
-    fix = "e.g. arithmetic:ops=+x,min=0,max=9,heldout=0.25,seed=0"
+    fix = "e.g. arithmetic:ops=+x,min=0,max=19,heldout=0.25,seed=0"
     for part in filter(None, (p.strip() for p in body.split(","))):
         if "=" not in part:
             raise DataError(f"arithmetic task option {part!r} is not KEY=VALUE", fix)

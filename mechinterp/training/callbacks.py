@@ -8,6 +8,10 @@ Checkpoint layout under OUT::
     OUT/training-drift/result.json    weight change and KL at every snapshot, and the length of
                                       every optimizer step (result store)
 
+Once a run has finished, :func:`prune_finished` may drop what only resuming or a trajectory needs:
+the optimizer state in ``trainer-state/`` and the snapshots before the last (the demo does so for
+runs whose checkpoints no analysis loads; ``mechinterp demo --keep-checkpoints`` keeps them).
+
 A snapshot is complete when the Trainer has written its checkpoint, the clean folder has been
 renamed into place and the marker ``.mechinterp-complete`` sits in the Trainer checkpoint; a crash
 or a full disk part-way leaves the previous complete pair untouched.
@@ -99,6 +103,46 @@ def clean_incomplete(out: Path) -> list[str]:
         shutil.rmtree(p, ignore_errors=True)
         removed.append(str(p))
     return removed
+
+
+def prune_finished(out: Path, keep_checkpoints: bool = False,
+                   keep_trainer_state: bool = False) -> int:
+    """Free the disk of a finished run (``train-summary.json`` written); return the bytes freed.
+
+    Always kept: the final model in ``OUT`` (its files are hard links to the last snapshot's, so
+    ``OUT@step-FINAL`` stays loadable at no extra disk), ``train-config.json``,
+    ``train-summary.json`` and ``training-drift/`` (weight change and KL at every checkpoint,
+    computed in memory while training). Dropped unless kept: ``trainer-state/`` (model, optimizer
+    moments and RNG state for ``--resume``: three times the model's size; a finished run has
+    nothing to resume) and, unless ``keep_checkpoints``, every snapshot before the last. A run that
+    has not finished is left as it is (its checkpoints are what ``--resume`` needs)."""
+    from .runner import SUMMARY_FILE
+
+    out = Path(out)
+    if not (out / SUMMARY_FILE).is_file():
+        return 0
+    doomed = [] if keep_trainer_state else [out / TRAINER_DIR]
+    if not keep_checkpoints:
+        snaps = [p for p in (out / SNAPSHOT_DIR).glob("step-*")
+                 if p.is_dir() and checkpoint_step(p.name, folder=True) is not None]
+        snaps.sort(key=lambda p: checkpoint_step(p.name, folder=True))
+        doomed += snaps[:-1]
+    freed = 0
+    for folder in doomed:
+        if folder.is_dir():
+            freed += _unshared_bytes(folder)
+            shutil.rmtree(folder)
+    return freed
+
+
+def _unshared_bytes(folder: Path) -> int:
+    """Bytes of the files under ``folder`` that have no other hard link (what deleting frees)."""
+    total = 0
+    for f in folder.rglob("*"):
+        if f.is_file() and not f.is_symlink():
+            st = f.stat()
+            total += st.st_size if st.st_nlink == 1 else 0
+    return total
 
 
 class Snapshots(TrainerCallback):
