@@ -203,6 +203,16 @@ def compare_cmd(
     dtype: Dtype = "auto",
     device_map: DeviceMap = None,
     max_memory: MaxMemory = None,
+    executor: Annotated[str, typer.Option(
+        help="Where the probe jobs run: serial (this process, one after the other), local "
+        "(worker processes on this machine), slurm (one Slurm job per probe and model set, with "
+        "its device needs; OUT on a shared file system). Claims and report come after all "
+        "jobs.")] = "serial",
+    workers: Annotated[int, typer.Option(help="Jobs running at once (local processes; Slurm "
+                                         "array parallelism).")] = 1,
+    executor_option: Annotated[list[str] | None, typer.Option(
+        "--executor-option", help="KEY=VALUE passed to submitit's executor, e.g. "
+        "slurm_partition=gpu, slurm_account=lab, timeout_min=600, mem_gb=64. Repeatable.")] = None,
 ) -> None:
     """Run every probe and evaluation on a base and its fine-tunes; decide the paper's claims;
     write OUT/report.md, OUT/report.html (self-contained) and OUT/claims.json.
@@ -213,8 +223,11 @@ def compare_cmd(
     """
     from .claims import verdict_line
     from .compare import compare
+    from .executor import check_executor, parse_executor_options
     from .models.modelset import parse_variant_args
 
+    check_executor(executor, workers)
+    options = parse_executor_options(executor_option or [])
     runs = parse_variant_args(variant or [])
     if any(len(v) > 1 for v in runs.values()):
         raise UserError("compare takes one spec per variant (a model or a training folder)",
@@ -223,7 +236,8 @@ def compare_cmd(
     study = compare(base, {n: v[0] for n, v in runs.items()}, out, data_dir=data_dir,
                     preset=preset, device=device, dtype=dtype, probes=probes, echo=typer.echo,
                     device_map=device_map, max_memory=max_memory,
-                    revisions=parse_variant_args(revisions or []) or None)
+                    revisions=parse_variant_args(revisions or []) or None, executor=executor,
+                    workers=workers, executor_options=options)
     typer.echo(f"report: {out / 'report.html'} (also report.md, claims.json)")
     for c in study.claims:
         typer.echo("  " + verdict_line(c))

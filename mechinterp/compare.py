@@ -12,7 +12,6 @@ Then the claims are decided (``OUT/claims.json``) and the report written (``OUT/
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -310,17 +309,24 @@ def compare(base: str | None, variants: dict[str, str], out: Path, data_dir=None
             preset: str = "default", device: str = "auto", dtype: str = "auto",
             probes: list[str] | None = None, echo=print, device_map=None,
             max_memory: dict | str | None = None,
-            revisions: dict[str, list[str]] | None = None) -> Study:
+            revisions: dict[str, list[str]] | None = None, executor: str = "serial",
+            workers: int = 1, executor_options: dict[str, Any] | None = None) -> Study:
     """Run the plan of ``preset`` on ``base`` (default: the built-in model) and ``variants``;
     decide claims; write the report. ``preset="paper"`` without variants analyses the paper's
-    released checkpoints (:data:`PAPER_RUNS`, every saved step, or the ``revisions`` named)."""
+    released checkpoints (:data:`PAPER_RUNS`, every saved step, or the ``revisions`` named).
+    ``executor`` (``serial``, ``local``, ``slurm``) and ``workers`` say where and how many of the
+    probe jobs run at once (:mod:`mechinterp.executor`); claims and report come after all of
+    them."""
     from .claims import decide_all
     from .data import DataSource
+    from .executor import Job, check_executor, execute
     from .models.modelset import ModelSet
     from .models.zoo import DEFAULT_MODEL
+    from .probe import get_probe, make_config
     from .report import write_report
-    from .runner import run_probe
+    from .results import read_result
 
+    check_executor(executor, workers)
     if preset not in PLANS:
         raise UserError(f"unknown compare preset {preset!r}", f"use one of {', '.join(PLANS)}")
     release = preset == "paper" and not variants
@@ -344,36 +350,29 @@ def compare(base: str | None, variants: dict[str, str], out: Path, data_dir=None
         raise UserError("compare needs a data root (MMLU, known facts)",
                         "pass --data-dir or set MECHINTERP_DATA (e.g. ../shared/data)")
     kw = dict(device=device, dtype=dtype, device_map=device_map, max_memory=max_memory)
-    finals = ModelSet(base, {n: v.final for n, v in info.items()}, **kw)
+    ModelSet(base, {n: v.final for n, v in info.items()}, **kw)  # comparable: checked before work
     runs = ModelSet(base, {n: v.checkpoints for n, v in info.items()}, **kw)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     study = Study(out, base, info, {}, preset, dict(runs.runs))
     (out / STUDY_FILE).write_text(json.dumps(study.to_json(), indent=1) + "\n")
-    from .probe import get_probe, make_config
-
+    jobs = []
     for i, step in enumerate(plan, 1):
-        probe = get_probe(step.probe)
-        models = runs if step.checkpoints else finals
-        if step.kinds is not None or step.first_seed:
-            keep = {n: (v.checkpoints if step.checkpoints else v.final)
-                    for n, v in info.items() if n in step_variants(study, step)}
-            if not keep:
-                echo(f"[compare {i}/{len(plan)}] {step.probe}: skipped (no "
-                     f"{'/'.join(step.kinds or ())} variant)")
-                continue
-            models = ModelSet(base, keep, check=False, **kw)
-        config = make_config(probe, {k: v for k, v in step.options.items() if v is not None})
-        t0 = time.perf_counter()
-        echo(f"[compare {i}/{len(plan)}] {step.probe} on "
-             f"{len(models.variants)} variant model(s) + base ...")
-        result = run_probe(probe, models, data, config, out=out, reuse=True,
-                           echo=lambda m: echo(f"      {m}"))
-        for name in models.variants:
-            models.release(name)
-        how = "reused" if result.provenance.get("reused") else f"{time.perf_counter() - t0:.0f} s"
-        echo(f"      done ({how})")
-        study.results[step.probe] = result
+        label = f"[compare {i}/{len(plan)}] {step.probe}"
+        names = step_variants(study, step)
+        variants = {n: (v.checkpoints if step.checkpoints else v.final) for n, v in info.items()
+                    if n in names}
+        if not variants:
+            echo(f"{label}: skipped (no {'/'.join(step.kinds or ())} variant)")
+            continue
+        options = {k: v for k, v in step.options.items() if v is not None}
+        make_config(get_probe(step.probe), options)  # a bad option stops before any job runs
+        jobs.append(Job(label, step.probe, options, base, variants,
+                        check=step.kinds is None and not step.first_seed, out=str(out),
+                        data_dir=str(data.root), model_kw=kw))
+    execute(jobs, executor, workers, out / ".jobs", executor_options, echo)
+    for job in jobs:
+        study.results[job.probe] = read_result(out / job.probe)
     study.claims = decide_all(study)
     write_claims(study.claims, out)
     write_report(study, study.claims)

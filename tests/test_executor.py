@@ -1,0 +1,68 @@
+"""The study fanned out: compare's probe jobs in two local worker processes (submitit) give
+exactly the results of the serial run, and a failing worker names its log."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mechinterp.compare import compare
+from mechinterp.errors import UserError
+from mechinterp.executor import Job, execute, parse_executor_options
+from mechinterp.results import find_results, read_result
+
+PROBES = ["weight-change", "kl-drift", "task-accuracy", "mmlu"]
+
+
+@pytest.fixture(scope="module")
+def variants(tmp_path_factory):
+    from mechinterp.models import load
+    from mechinterp.models.edit import plant_change
+
+    root = tmp_path_factory.mktemp("exe")
+    out = {}
+    for name, rel in (("sft", 0.2), ("grpo", 0.01)):
+        model = load("tiny-random-llama", device="cpu", dtype="float32")
+        edits = {(layer, m): rel for layer in range(model.n_layers) for m in ("q", "k", "gate")}
+        out[name] = str(plant_change(model, root / name, edits, seed=1))
+    return out
+
+
+def _stored(folder) -> dict:
+    return {read_result(d).probe: read_result(d).data for d in find_results(folder)}
+
+
+@pytest.mark.slow
+def test_two_local_workers_equal_the_serial_run(variants, tmp_path, data_source, one_thread):
+    serial, local = tmp_path / "serial", tmp_path / "local"
+    said: list[str] = []
+    compare("tiny-random-llama", variants, serial, preset="smoke", probes=PROBES,
+            echo=lambda m: None)
+    compare("tiny-random-llama", variants, local, preset="smoke", probes=PROBES,
+            executor="local", workers=2, echo=said.append)
+    assert sum("submitted (local job" in m for m in said) == len(PROBES)
+    assert _stored(local) == _stored(serial)
+    assert set(_stored(local)) == set(PROBES)
+    assert (json.loads((local / "claims.json").read_text())
+            == json.loads((serial / "claims.json").read_text()))
+    assert not (local / ".jobs").exists()  # the workers' pickles and logs go once all succeeded
+
+
+def test_a_failing_worker_names_its_log(tmp_path, data_source):
+    job = Job("[compare 1/1] weight-change", "weight-change", {}, "tiny-random-llama",
+              {"sft": str(tmp_path / "no-such-model")}, check=True, out=str(tmp_path / "o"),
+              data_dir=str(data_source.root), model_kw={"device": "cpu"})
+    with pytest.raises(UserError, match=r"failed in its worker .*read .*\.err"):
+        execute([job], "local", workers=1, log_folder=tmp_path / "jobs", echo=lambda m: None)
+
+
+def test_executor_options_and_bad_executor():
+    assert parse_executor_options(["slurm_partition=gpu", "mem_gb=64", "x=1.5"]) == {
+        "slurm_partition": "gpu", "mem_gb": 64, "x": 1.5}
+    with pytest.raises(UserError, match="not KEY=VALUE"):
+        parse_executor_options(["slurm_partition"])
+    with pytest.raises(UserError, match="unknown executor"):
+        execute([], "ray")
+    with pytest.raises(UserError, match="below 1"):
+        execute([], "local", workers=0)
