@@ -647,12 +647,12 @@ class DamageAttribution:
         nf = (d.get("n_failures") or {}).get(v)
         nfu = (d.get("n_failures_used") or {}).get(v)
         net = (d.get("net_damage") or {}).get(v)
-        net = (f"; net drop over all {net['n']} items {net['mean']:.3g} (p {net['p']:.2g})"
+        net = (f"net drop over all {net['n']} items {net['mean']:.3g} (sign-flip p {net['p']:.2g}); "
                if net and net.get("mean") is not None and net.get("p") is not None else "")
-        ax.set_title(f"{v} ({d.get('format', 'letter')}): mean margin drop {drop}{net}; "
-                     f"flips: {nfu} used of {nf} failures", fontsize=9)
+        ax.set_title(f"{v} ({d.get('format', 'letter')}): mean margin drop {drop} on the items used"
+                     f"\n{net}flips: {nfu} used of {nf} failures", fontsize=9)
         axw.set_title("windows (bands: bootstrap 95% over items)", fontsize=9)
-        ax.legend(fontsize=8, loc="upper left")
+        ax.legend(fontsize=8, loc="best")
         return fig
 
 
