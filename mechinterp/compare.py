@@ -34,11 +34,14 @@ class Step:
 
 def _plan(n_mmlu: int, n_task: int | None, n_facts: int, samples: int, n_patch: int,
           n_damage: int, max_failures: int, n_attn: int, sparsity: bool = True,
+          n_reverted: int | None = None,
           patch_sites: tuple[str, ...] = ("mlp", "attn", "resid"),
           damage_sites: tuple[str, ...] = ("mlp_out", "attn_out"), task: str = "arithmetic",
           answer_tokens: int | None = None, diffing: list[Step] = (),
           ) -> list[Step]:
-    """The steps of a preset; ``diffing``: the model-diffing probes' steps (:func:`_diffing`)."""
+    """The steps of a preset; ``diffing``: the model-diffing probes' steps (:func:`_diffing`).
+    ``n_reverted``: damaged MMLU items whose MLP weights damage-attribution reverts (C8's origin;
+    None: ``max_failures``, the damaged items it patches)."""
     return [
         Step("weight-change", {"sparsity": sparsity}, checkpoints=True),
         Step("kl-drift", {"items": task, "limit": n_task}, checkpoints=True),
@@ -52,8 +55,8 @@ def _plan(n_mmlu: int, n_task: int | None, n_facts: int, samples: int, n_patch: 
         Step("causal-trace", {"limit": n_facts, "samples": samples, "max_fact_figures": 2}),
         # the costliest probe, and C8 asks it of SFT only
         Step("damage-attribution", {"format": "cloze", "limit": n_damage,
-                                    "max_failures": max_failures, "n_control": 4,
-                                    "sites": list(damage_sites)},
+                                    "max_failures": max_failures, "max_damaged": n_reverted,
+                                    "n_control": 4, "sites": list(damage_sites)},
              kinds=("sft",)),
         *diffing,
     ]
@@ -87,8 +90,10 @@ PLANS: dict[str, list[Step]] = {
                    diffing=_diffing(n_texts=4, n_heldout=2, max_length=16, stride=15, n_lens=3,
                                     n_kl=2, n_mmlu=2, n_task=2, answer_tokens=16, n_boot=100,
                                     stitch_kinds=("sft",))),
-    "default": _plan(n_mmlu=100, n_task=None, n_facts=3, samples=2, n_patch=8, n_damage=32,
-                     max_failures=8, n_attn=8, patch_sites=("mlp",),
+    # damage-attribution scores the mmlu step's 100 items (about 60% damaged) so that C8 reverts
+    # at least 32 damaged items; it patches the first 8 of them
+    "default": _plan(n_mmlu=100, n_task=None, n_facts=3, samples=2, n_patch=8, n_damage=100,
+                     max_failures=8, n_reverted=32, n_attn=8, patch_sites=("mlp",),
                      damage_sites=("mlp_out",),
                      diffing=_diffing(n_texts=32, n_heldout=8, max_length=32, stride=5, n_lens=24,
                                       n_kl=8, n_mmlu=16, n_task=8)),

@@ -93,7 +93,7 @@ def result(planted, data_source, tmp_path_factory):
     models = ModelSet(str(planted / "base"), {v: str(planted / v) for v in ("damaged", "one",
                                                                              "same")},
                       device="cpu", dtype="float32")
-    config = make_config(probe, {"subjects": SUBJECTS, "max_failures": "2", "max_damaged": "20",
+    config = make_config(probe, {"subjects": SUBJECTS, "max_failures": "6", "max_damaged": "20",
                                  "n_control": "0", "sites": "mlp_out", "n_bootstrap": "400"},
                          limit=LIMIT)
     return run_probe(probe, models, data_source, config, out=tmp_path_factory.mktemp("r")).data
@@ -139,8 +139,12 @@ def test_weight_revert_finds_the_origin_where_patching_finds_the_mediator(plante
     # against full forwards of hand-swapped models, on the damaged items the probe used
     items = _items(data_source)
     key = {(it.subject, it.index): it for it in items}
-    used = [key[tuple(x)] for x in d["damaged_items"]["damaged"]]
-    assert d["n_used"]["damaged"] == len(used) == d["n_damaged_used"]["damaged"] >= 10
+    used = [key[tuple(x)] for x in d["reverted_items"]["damaged"]]
+    assert d["n_used"]["damaged"] == len(used) == min(d["n_damaged"]["damaged"], 20) >= 10
+    # patching reads the first max_failures of the same order: a subset of the reverted items
+    patched = [tuple(x) for x in d["damaged_items"]["damaged"]]
+    assert len(patched) == d["n_damaged_used"]["damaged"] == 6
+    assert set(patched) <= {tuple(x) for x in d["reverted_items"]["damaged"]}
     with torch.no_grad():
         m_b = _reverted_margins(planted, "base", [], used)
         m_v = _reverted_margins(planted, "damaged", [], used)
