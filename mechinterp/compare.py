@@ -34,15 +34,19 @@ class Step:
 
 def _plan(n_mmlu: int, n_task: int | None, n_facts: int, samples: int, n_patch: int,
           n_damage: int, max_failures: int, n_attn: int, sparsity: bool = True,
+          n_reverted: int | None = None,
           patch_sites: tuple[str, ...] = ("mlp", "attn", "resid"),
           damage_sites: tuple[str, ...] = ("mlp_out", "attn_out"), task: str = "arithmetic",
           answer_tokens: int | None = None, diffing: list[Step] = (), single: bool = True,
           geometry: Step = Step("update-geometry", {"k_fraction": 0.05}, checkpoints=True),
-          ) -> list[Step]:
+          damage_first_seed: bool = False) -> list[Step]:
     """The steps of a preset; ``diffing``: the model-diffing probes' steps (:func:`_diffing`).
     The claims read weight-change, kl-drift, task-accuracy, mmlu and damage-attribution: those run
-    on every seed. ``single`` adds attention-shift, mlp-patching and causal-trace, on the first
-    seed of each kind only (no claim reads them; they describe one model)."""
+    on every seed (damage-attribution on the first SFT seed only when ``damage_first_seed``).
+    ``single`` adds attention-shift, mlp-patching and causal-trace, on the first seed of each kind
+    only (no claim reads them; they describe one model). ``n_reverted``: damaged MMLU items whose
+    MLP weights damage-attribution reverts (C8's origin; None: ``max_failures``, the damaged items
+    it patches)."""
     return [
         Step("weight-change", {"sparsity": sparsity}, checkpoints=True),
         geometry,
@@ -59,9 +63,9 @@ def _plan(n_mmlu: int, n_task: int | None, n_facts: int, samples: int, n_patch: 
                 first_seed=True)] if single else []),
         # the costliest probe, and C8 asks it of SFT only
         Step("damage-attribution", {"format": "cloze", "limit": n_damage,
-                                    "max_failures": max_failures, "n_control": 4,
-                                    "sites": list(damage_sites)},
-             kinds=("sft",)),
+                                    "max_failures": max_failures, "max_damaged": n_reverted,
+                                    "n_control": 4, "sites": list(damage_sites)},
+             kinds=("sft",), first_seed=damage_first_seed),
         *diffing,
     ]
 
@@ -90,8 +94,12 @@ def _diffing(n_texts: int, n_heldout: int, max_length: int, stride: int, n_lens:
 #: stratified sample, the task on a fixed sample of held-out problems), attention shift, MLP
 #: patching and causal tracing (what the study notebooks show) on each kind's first seed; ``full``
 #: adds the model-diffing probes on the first seed; ``paper`` is sized for a GPU.
-_DEFAULT_SIZES = dict(n_mmlu=64, n_task=32, n_facts=3, samples=2, n_patch=8, n_damage=32,
-                      max_failures=8, n_attn=8, patch_sites=("mlp",), damage_sites=("mlp_out",))
+#: damage-attribution scores the mmlu step's 100 items (about half of them damaged) so that C8
+#: reverts at least 32 damaged items; it patches the first 8 of them. In the default preset it runs
+#: on the first SFT seed (each SFT seed costs about 7 CPU-minutes); the full preset runs every seed.
+_DEFAULT_SIZES = dict(n_mmlu=100, n_task=32, n_facts=3, samples=2, n_patch=8, n_damage=100,
+                      max_failures=8, n_reverted=32, n_attn=8, patch_sites=("mlp",),
+                      damage_sites=("mlp_out",))
 PLANS: dict[str, list[Step]] = {
     "smoke": _plan(n_mmlu=8, n_task=8, n_facts=1, samples=2, n_patch=2, n_damage=8,
                    max_failures=2, n_attn=2, sparsity=False, patch_sites=("mlp",),
@@ -103,8 +111,9 @@ PLANS: dict[str, list[Step]] = {
                                     stitch_kinds=("sft",))),
     # the update's geometry on the SFT and GRPO final models of every seed (its trajectories over
     # checkpoints cost about a CPU-minute per checkpoint: the full preset has them)
-    "default": _plan(**_DEFAULT_SIZES, geometry=Step("update-geometry", {"k_fraction": 0.05},
-                                                     kinds=("sft", "grpo"))),
+    "default": _plan(**_DEFAULT_SIZES, damage_first_seed=True,
+                     geometry=Step("update-geometry", {"k_fraction": 0.05},
+                                   kinds=("sft", "grpo"))),
     "full": _plan(**_DEFAULT_SIZES,
                   diffing=_diffing(n_texts=32, n_heldout=8, max_length=32, stride=5, n_lens=24,
                                    n_kl=8, n_mmlu=16, n_task=8)),

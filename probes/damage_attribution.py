@@ -21,9 +21,21 @@ patched into the variant at all positions. Flip-based (failures): ``recovered_fr
 that flip back to gold) and ``logprob_recovery`` (gold's score normalised over the four choices,
 ``mean(g_patched - g_variant) / mean(g_base - g_variant)``). Margin-based (damaged items):
 ``margin_recovery`` = ``mean(m_patched - m_variant) / mean(m_base - m_variant)`` (a ratio of means),
-with a seeded bootstrap 95% interval over items. A weight-space counterpart reverts only layer L's
-MLP matrices to the base's (``weight_revert_*``). Per-layer recovery is related to the per-layer
-relative change of the MLP weights (mean over the MLP matrices of ``||dW||_F / ||W||_F``).
+with a seeded bootstrap 95% interval over items. Patching an activation measures MEDIATION: a
+last-layer MLP that writes straight into the logits "repairs" damage made anywhere upstream.
+
+ORIGIN is measured in weight space: revert layer L's MLP matrices (gate/up/down) to the base's and
+score the variant again (``revert_recovery``: the share of the margin drop given back, the same
+ratio of means, per layer; ``revert_window_recovery``: all MLPs of one third of the depth at once,
+the thirds of :func:`mechinterp.models.depth.thirds`). Whether there is damage to attribute at all
+is ``net_damage``: the margin drop over every scored item (not the damaged ones: they are selected
+for a positive drop), with a bootstrap interval and a sign-flip p-value. The damaged items used
+(``n_used``) are the first ``max_damaged`` of the random order (default: ``max_failures``); the
+patched ones the first ``max_failures`` of the same order, so patching reads a subset of the items
+the reverts read (all of them when ``max_damaged <= max_failures``). Patching costs about twice a
+revert sweep per item (58 against 33 conditions at 30 layers and windows of 3).
+Per-layer recovery is related to the per-layer relative change of the MLP weights (mean over the
+MLP matrices of ``||dW||_F / ||W||_F``).
 
 Ranking (``top_layers``): MLP recovered fraction, ties broken by log-prob recovery; Spearman and the
 top-third overlap use the log-prob recovery. ``top_layers_margin``: layers by MLP margin recovery.
@@ -42,7 +54,11 @@ items) with ``margin_drop_all_ci95``, ``margin_recovery[<variant>][<site>]`` wit
 with ``weight_revert_margin_recovery_ci95``, ``top_layers_margin``, ``top_windows_margin``,
 ``spearman_margin_vs_weight_change``, ``top_third_overlap_margin``,
 ``unpatched_failure_accuracy``; ``failure_items`` and ``damaged_items`` ([subject, index] of the
-items used). NaN (JSON null) where a set is empty.
+items used); origin keys ``revert_recovery[<variant>]["mlp"]`` (list over layers) with
+``revert_recovery_ci95`` (list of [lo, hi]), ``revert_window_recovery[<variant>][early|mid|late]``
+(``{"mean", "ci95", "layers": [first, last]}``), ``net_damage[<variant>]`` (``{"mean", "ci95", "p",
+"n"}``), ``n_used[<variant>]`` (damaged items reverted; also with ``scan=atp``) and
+``reverted_items`` ([subject, index]). NaN (JSON null) where a set is empty.
 """
 
 from __future__ import annotations
@@ -68,8 +84,9 @@ from mechinterp.analysis.weights import weight_change
 from mechinterp.data.mmlu import LETTERS, load_mmlu
 from mechinterp.errors import UserError
 from mechinterp.evals.mmlu import MMLUFormat, build_request, stratified_sample
-from mechinterp.evals.stats import mean_ci, ratio_of_means, spearman, wilson
+from mechinterp.evals.stats import mean_ci, ratio_of_means, sign_flip_p, spearman, wilson
 from mechinterp.frames import Table
+from mechinterp.models.depth import thirds
 from mechinterp.plotting import new_axes
 from mechinterp.plotting.scan import scan_figure
 from mechinterp.probe import BaseConfig
@@ -85,6 +102,9 @@ class Config(BaseConfig):
     sites: list[str] = field(default_factory=lambda: ["mlp_out", "attn_out"])
     window: int = 3  # layers per window of the window sweep
     max_failures: int = 32  # cap on failures patched, and on damaged items patched
+    # cap on damaged items whose MLP weights are reverted (origin); None: max_failures. The
+    # patched damaged items are the first max_failures of the same order: among them
+    max_damaged: int | None = None
     n_control: int = 16  # items both models get right, patched as a control
     n_bootstrap: int = 1000  # bootstrap resamples of the items for each interval
     token_budget: int = 8192  # tokens per patched forward (conditions x the item's packed tokens)
@@ -95,8 +115,8 @@ class Config(BaseConfig):
     scan_validate: bool = False  # scan=atp: also patch every site exactly (Spearman, speed ratio)
 
     # lower bounds; every other number: at least 0
-    at_least = {"window": 1, "max_failures": 1, "token_budget": 1, "n_bootstrap": 1,
-                "scan_top_k": 1}
+    at_least = {"window": 1, "max_failures": 1, "max_damaged": 1, "token_budget": 1,
+                "n_bootstrap": 1, "scan_top_k": 1}
 
 
 RECOVERY_FLOOR = 1e-3  # log-prob recovery below 0.1% of the gap is float noise, not recovery
@@ -178,7 +198,7 @@ def _pairs(values) -> np.ndarray:
 
 class DamageAttribution:
     name = "damage-attribution"
-    version = "3"  # 3: Wilson intervals of the recovered shares
+    version = "4"  # 4: origin by weight revert (per layer, per third), net damage, max_damaged
     description = ("patch the base's MLP (and attention) outputs into a variant on the MMLU items "
                    "it damaged (margin) or broke (flips); relate recovery per layer to MLP weight "
                    "change")
@@ -190,6 +210,7 @@ class DamageAttribution:
         Table("weight_revert_margin_recovery", ("model", "layer"),
               ci="weight_revert_margin_recovery_ci95"),
         Table("mlp_weight_change", ("model", "layer")),
+        Table("revert_recovery", ("model", "matrices", "layer"), ci="revert_recovery_ci95"),
         Table("margin_drop", ("model",), ci="margin_drop_ci95"),
         Table("scan_estimate", ("model", "site", "layer")),
         Table("scan_exact", ("model", "site", "layer")))
@@ -264,8 +285,12 @@ class DamageAttribution:
         rank = np.argsort(rng.permutation(len(items)))  # one random order of all items
         fail = first_in_order(fail_all, rank, config.max_failures)
         dmg = first_in_order(dmg_all, rank, config.max_failures)
+        # the damaged items reverted: a prefix of the same order, so dmg is among them
+        reverted = first_in_order(dmg_all, rank, damaged_cap(config))
         ctrl = first_in_order(ctrl_all, rank, config.n_control)
         boot = np.random.default_rng([config.seed, k, 1])
+        put_keys(out, vname, net_damage(drop, np.random.default_rng([config.seed, k, 2]),
+                                        config.n_bootstrap))
         out["n_base_correct"][vname] = int((pred_b == gold).sum())
         out["n_variant_correct"][vname] = int((pred_v == gold).sum())
         out["n_failures"][vname] = len(fail_all)
@@ -278,16 +303,19 @@ class DamageAttribution:
         out["margin_drop_all"][vname], out["margin_drop_all_ci95"][vname] = mean_ci(
             drop, boot, config.n_bootstrap)
 
-        # conditions: per site the layers, then the windows; then the weight reverts
+        # conditions: per site the layers, then the windows; then the weight reverts (per layer,
+        # then per third)
         conds: list[Condition] = []
         for s in sites:
             conds += [patch_condition(s, [layer]) for layer in range(L)]
             conds += [patch_condition(s, w) for w in windows]
-        conds += [revert_condition([layer]) for layer in range(L)]
+        reverts, spans = revert_conditions(L)
+        conds += reverts
         per_site = L + len(windows)
         control_only = [i * per_site + j for i in range(len(sites)) for j in range(L)]
+        revert_only = list(range(len(sites) * per_site, len(conds)))
         targets = set(fail) | set(dmg)
-        chosen = sorted(targets | set(ctrl))
+        chosen = sorted(targets | set(ctrl) | set(reverted))
         res = np.full((len(conds), len(chosen), s_base.shape[-1]), np.nan)
         ref_b = np.full((len(chosen), s_base.shape[-1]), np.nan)
         ref_v = np.full_like(ref_b, np.nan)
@@ -297,7 +325,9 @@ class DamageAttribution:
                 br = item_reference(base, packed[i], capture_sites=sites)
                 vr = item_reference(variant, packed[i], record_resid=True)
                 ref_b[j], ref_v[j] = br.scores.numpy(), vr.scores.numpy()
-                which = list(range(len(conds))) if i in targets else control_only
+                which = list(range(len(conds))) if i in targets else sorted(
+                    set(control_only if i in ctrl else []) | set(revert_only if i in reverted
+                                                                 else []))
                 got = condition_sweep(base, variant, packed[i], [conds[c] for c in which], br,
                                       vr, config.token_budget)
                 res[which, j] = got.numpy()
@@ -361,7 +391,13 @@ class DamageAttribution:
             setv("window_margin_recovery", est)
             setv("window_margin_recovery_ci95", ci)
             setv("failure_margin_recovery", m_rec(lay, jf)[0])
-        rev = list(range(len(sites) * per_site, len(conds)))
+        rev = list(range(len(sites) * per_site, len(sites) * per_site + L))
+        jr = [pos[i] for i in reverted]
+        out.setdefault("reverted_items", {})[vname] = [[items[i].subject, items[i].index]
+                                                       for i in reverted]
+        put_keys(out, vname, origin_keys(mp[revert_only][:, jr] - mv[jr], mb[jr] - mv[jr], spans,
+                                         np.random.default_rng([config.seed, k, 3]),
+                                         config.n_bootstrap))
         out["weight_revert_fraction"][vname] = frac(rev)
         out["weight_revert_fraction_ci95"][vname] = frac_ci(rev)
         out["weight_revert_logprob_recovery"][vname] = lp_rec(rev)
@@ -426,6 +462,14 @@ class DamageAttribution:
         rng = np.random.default_rng([config.seed, k])
         rank = np.argsort(rng.permutation(len(items)))  # the same order as scan=exact
         dmg = first_in_order(np.flatnonzero(drop > DAMAGE_FLOOR), rank, config.max_failures)
+        reverted = first_in_order(np.flatnonzero(drop > DAMAGE_FLOOR), rank, damaged_cap(config))
+        put_keys(out, vname, net_damage(drop, np.random.default_rng([config.seed, k, 2]),
+                                        config.n_bootstrap))
+        put_keys(out, vname, self._origin(base, variant, packed, gold, s_base, s_var, to_scores,
+                                          reverted, np.random.default_rng([config.seed, k, 3]),
+                                          config))
+        out.setdefault("reverted_items", {})[vname] = [[items[i].subject, items[i].index]
+                                                       for i in reverted]
         keys = [(s, layer) for s in sites for layer in range(L)]
         heads = range(L) if "attn_out" in sites else ()
         est = np.zeros((len(keys), len(dmg)))
@@ -482,6 +526,24 @@ class DamageAttribution:
         for key, value in put.items():
             out.setdefault(key, {})[vname] = value
 
+    @staticmethod
+    def _origin(base, variant, packed, gold, s_base, s_var, to_scores, dmg, rng, config) -> dict:
+        """:func:`origin_keys` from a sweep of the weight reverts alone on the damaged items
+        ``dmg`` (``scan=atp``, which patches no activation exactly but still decides origin)."""
+        reverts, spans = revert_conditions(base.n_layers)
+        effect = np.zeros((len(reverts), len(dmg)))
+        m_b, m_v = margins(s_base, gold), margins(s_var, gold)
+        with task(f"weight revert: {len(dmg)} damaged items x {len(reverts)} reverts",
+                  len(dmg)) as advance:
+            for j, i in enumerate(dmg):
+                vr = item_reference(variant, packed[i], record_resid=True)
+                got = condition_sweep(base, variant, packed[i], reverts, vr, vr,
+                                      config.token_budget).numpy()
+                effect[:, j] = margins(to_scores(got[:, None], np.array([i])), gold[[i]])[:, 0] \
+                    - m_v[i]
+                advance()
+        return origin_keys(effect, m_b[dmg] - m_v[dmg], spans, rng, config.n_bootstrap)
+
     def plot(self, result: Result) -> dict:
         d = result.data
         figs = {}
@@ -502,14 +564,14 @@ class DamageAttribution:
             fig, ax = new_axes(width=7, height=4)
             for s in d["sites"]:
                 (line,) = ax.plot(layers, _floats(d["recovered_fraction"][v][s]), "o-", ms=3,
-                                  label=f"patch base {s}")
+                                  label=f"patch base {s} (mediation)")
                 ci = (d.get("recovered_fraction_ci95") or {}).get(v, {}).get(s)
                 if ci:
                     band = _pairs(ci)
                     ax.fill_between(layers, band[:, 0], band[:, 1], color=line.get_color(),
                                     alpha=0.15, lw=0)
             ax.plot(layers, _floats(d["weight_revert_fraction"][v]), "s--", ms=3,
-                    label="revert MLP weights")
+                    label="revert MLP weights (origin)")
             ax.set_xlabel("layer")
             n_used = (d.get("n_failures_used") or {}).get(v, d["n_failures"][v])
             ax.set_ylabel(f"share of {n_used} used of {d['n_failures'][v]} failures recovered\n"
@@ -570,14 +632,18 @@ class DamageAttribution:
             for a, x, key in ((ax, layers, "margin_recovery"),
                               (axw, starts, "window_margin_recovery")):
                 y = _floats(d[key][v][s])
-                (line,) = a.plot(x, y, "o-", ms=3, label=f"patch base {s}")
+                (line,) = a.plot(x, y, "o-", ms=3, label=f"patch base {s} (mediation)")
                 ci = d.get(f"{key}_ci95", {}).get(v, {}).get(s)
                 if ci:
                     band = _pairs(ci)
                     a.fill_between(x, band[:, 0], band[:, 1], color=line.get_color(), alpha=0.2,
                                    lw=0)
         y = _floats(d["weight_revert_margin_recovery"][v])
-        (line,) = ax.plot(layers, y, "s--", ms=3, label="revert MLP weights")
+        (line,) = ax.plot(layers, y, "s--", ms=3, label="revert MLP weights (origin)")
+        for j, third in enumerate((d.get("revert_window_recovery") or {}).get(v, {}).values()):
+            a, b = third["layers"]
+            ax.hlines(_floats([third["mean"]]), a - 0.4, b + 0.4, color="black", lw=2,
+                      label="revert all MLPs of a third (origin)" if j == 0 else None)
         ci = d.get("weight_revert_margin_recovery_ci95", {}).get(v)
         if ci:
             band = _pairs(ci)
@@ -594,11 +660,58 @@ class DamageAttribution:
         ax.set_ylabel(f"share of margin drop given back\n({n_used} used of {n_all} damaged items)")
         nf = (d.get("n_failures") or {}).get(v)
         nfu = (d.get("n_failures_used") or {}).get(v)
-        ax.set_title(f"{v} ({d.get('format', 'letter')}): mean margin drop {drop}; "
-                     f"flips: {nfu} used of {nf} failures", fontsize=9)
+        net = (d.get("net_damage") or {}).get(v)
+        net = (f"net drop over all {net['n']} items {net['mean']:.3g} (sign-flip p {net['p']:.2g}); "
+               if net and net.get("mean") is not None and net.get("p") is not None else "")
+        ax.set_title(f"{v} ({d.get('format', 'letter')}): mean margin drop {drop} on the items used"
+                     f"\n{net}flips: {nfu} used of {nf} failures", fontsize=9)
         axw.set_title("windows (bands: bootstrap 95% over items)", fontsize=9)
-        ax.legend(fontsize=8, loc="upper left")
+        ax.legend(fontsize=8, loc="best")
         return fig
+
+
+def damaged_cap(config: Config) -> int:
+    return config.max_damaged if config.max_damaged is not None else config.max_failures
+
+
+def revert_conditions(n_layers: int) -> tuple[list[Condition], dict[str, range]]:
+    """Weight reverts of the MLP matrices: one per layer, then one per (non-empty) third of the
+    depth (:func:`~mechinterp.models.depth.thirds`, all its layers at once); and the thirds."""
+    spans = {name: r for name, r in thirds(n_layers).items() if len(r)}
+    return ([revert_condition([layer]) for layer in range(n_layers)]
+            + [revert_condition(list(r)) for r in spans.values()]), spans
+
+
+def origin_keys(gain: np.ndarray, drop: np.ndarray, spans: dict[str, range],
+                rng: np.random.Generator, n_boot: int) -> dict:
+    """Origin of the damage: the share of the margin drop that reverting MLP weights to the
+    base's gives back, ``mean(m_reverted - m_variant) / mean(m_base - m_variant)`` over the
+    damaged items (a ratio of means, as ``margin_recovery``), with a bootstrap 95% interval over
+    items. ``gain`` [L + thirds, items]: ``m_reverted - m_variant`` per revert condition of
+    :func:`revert_conditions`; ``drop``: ``m_base - m_variant`` per item."""
+    est, ci = ratio_of_means(gain, drop, rng, n_boot)
+    n_layers = len(est) - len(spans)
+    return {"revert_recovery": {"mlp": est[:n_layers].tolist()},
+            "revert_recovery_ci95": {"mlp": ci[:n_layers].tolist()},
+            "revert_window_recovery": {
+                name: {"mean": float(est[n_layers + j]), "ci95": ci[n_layers + j].tolist(),
+                       "layers": [r.start, r.stop - 1]}
+                for j, (name, r) in enumerate(spans.items())},
+            "n_used": int(len(drop))}
+
+
+def net_damage(drop: np.ndarray, rng: np.random.Generator, n_boot: int) -> dict:
+    """The margin drop ``m_base - m_variant`` over every scored item (not only the damaged ones,
+    which are selected for a positive drop and would make any test circular): mean, bootstrap
+    95% interval, two-sided sign-flip p-value, n."""
+    mean, ci = mean_ci(drop, rng, n_boot)
+    return {"net_damage": {"mean": mean, "ci95": ci, "p": sign_flip_p(drop, rng), "n": len(drop)}}
+
+
+def put_keys(out: dict, vname: str, values: dict) -> None:
+    """``out[key][vname] = value`` for each key of ``values``."""
+    for key, value in values.items():
+        out.setdefault(key, {})[vname] = value
 
 
 KEYS = ("recovered_fraction", "recovered_fraction_ci95", "window_recovered_fraction_ci95",

@@ -116,6 +116,8 @@ def test_kl_drift_on_task_items_uses_the_training_format(one_thread):
 
     probe = get_probe("kl-drift")
     ms = ModelSet("tiny-random-llama", {"same": "tiny-random-llama"}, device="cpu")
-    res = run_probe(probe, ms, DataSource(None), make_config(probe, {"items": "arithmetic"}, limit=3))
+    res = run_probe(probe, ms, DataSource(None), make_config(probe, {"items": "arithmetic", "n_text": "0"},
+                                                            limit=3))
     assert res.data["kl"]["same"] == pytest.approx(0.0, abs=1e-7)
+    assert res.data["kl_reference"]["same"] == pytest.approx(0.0, abs=1e-7)
     assert res.data["n_items"] == 3

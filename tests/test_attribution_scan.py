@@ -121,4 +121,11 @@ def test_damage_attribution_scan_finds_and_verifies_the_planted_layer(planted8, 
     assert ref["damaged_items"]["one"] == items["damaged_items"]
     for s in ("mlp_out", "attn_out"):
         np.testing.assert_allclose(exact[s], ref["margin_recovery"]["one"][s], atol=1e-6)
+    # origin by weight revert: the scan's own revert sweep gives what scan=exact gives
+    assert d["n_used"]["one"] == ref["n_used"]["one"] == items["n_damaged_used"]
+    np.testing.assert_allclose(d["revert_recovery"]["one"]["mlp"],
+                               ref["revert_recovery"]["one"]["mlp"], atol=1e-6)
+    for name, w in ref["revert_window_recovery"]["one"].items():
+        assert d["revert_window_recovery"]["one"][name]["mean"] == pytest.approx(w["mean"])
+    assert d["net_damage"]["one"] == ref["net_damage"]["one"]
     assert (tmp_path / "damage-attribution" / "scan_one.png").is_file()

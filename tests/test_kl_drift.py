@@ -115,7 +115,7 @@ def test_probe_counts_nonfinite_items_and_reads_a_jsonl(tmp_path):
     ms = ModelSet("tiny-random-llama", {"nan": str(tmp_path / "nan"),
                                         "same": "tiny-random-llama"}, device="cpu")
     probe = get_probe("kl-drift")
-    res = run_probe(probe, ms, None, make_config(probe, {"items": str(rows)}))
+    res = run_probe(probe, ms, None, make_config(probe, {"items": str(rows), "n_text": "0"}))
     assert res["n_nonfinite"] == {"nan": 1, "same": 0}
     assert res["kl_items"]["nan"][0] == 0.0 and not np.isfinite(res["kl_items"]["nan"][1])
     assert res["kl"]["nan"] == 0.0 and res["kl"]["same"] == 0.0

@@ -3,7 +3,12 @@
 Each item is a prompt and a reference answer. Both models read ``prompt + answer`` (rendered in the
 chat template by default); at every position whose next token is an answer token we take the two
 predictive distributions and compute ``KL(base || variant) = sum_v p_base (log p_base - log
-p_variant)``; an item's value is the mean over its answer positions (the paper's protocol).
+p_variant)`` (``direction="forward"``, the default; ``"reverse"`` is ``KL(variant || base)``); an
+item's value is the mean over its answer positions. The answer span is the answer's own tokens,
+appended to the rendered prompt: the chat template's end-of-turn tokens after it are not part of
+it. :meth:`TokenisedItems.all_positions` widens it to every position of prompt and answer (the
+paper's ``kl_tests.py`` averages over those); :func:`text_items` makes plain texts items whose
+every next-token prediction counts.
 
 Batches are right-padded by hand with an attention mask: padding sits after every real token, so a
 causal model's outputs at real positions do not depend on it (a test compares batched with
@@ -44,6 +49,10 @@ class TokenisedItems:
 
     def __len__(self) -> int:
         return len(self.input_ids)
+
+    def all_positions(self) -> TokenisedItems:
+        """The same items with every next-token prediction counted (prompt and answer)."""
+        return TokenisedItems(self.input_ids, [1] * len(self), self.pad_id, self.n_truncated)
 
     def n_answer_tokens(self) -> list[int]:
         return [len(ids) - s for ids, s in zip(self.input_ids, self.answer_start)]
@@ -111,6 +120,28 @@ def answer_items(tokenizer, pairs: Sequence[tuple[str, str]], chat_template: boo
     return TokenisedItems(ids_all, starts, pad, truncated)
 
 
+def text_items(tokenizer, texts: Sequence[str], max_length: int) -> TokenisedItems:
+    """Plain texts (the tokenizer's own special tokens, e.g. BOS) cut to ``max_length`` tokens, as
+    items whose every position predicting a next token counts; texts of one token are left out."""
+    ids = [tokenizer(t)["input_ids"][:max_length] for t in texts]
+    ids = [x for x in ids if len(x) >= 2]
+    if not ids:
+        raise UserError("no text has two tokens", "give longer texts")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return TokenisedItems(ids, [1] * len(ids), pad)
+
+
+#: ``forward``: KL(base || variant), the paper's; ``reverse``: KL(variant || base).
+DIRECTIONS = ("forward", "reverse")
+
+
+def check_direction(direction: str) -> str:
+    if direction not in DIRECTIONS:
+        raise UserError(f"KL direction {direction!r}",
+                        "use forward (KL(base || variant)) or reverse (KL(variant || base))")
+    return direction
+
+
 def as_hf(model) -> torch.nn.Module:
     """The Hugging Face module of a ``LoadedModel``, or the module itself."""
     return getattr(model, "hf", model)
@@ -141,8 +172,10 @@ def teacher_forced_kl(base, variant, items: TokenisedItems | Sequence[tuple[str,
                       batch_size: int = 8, tokenizer=None,
                       progress: Callable[[int], None] | None = None,
                       base_cache: dict | None = None, variant_cache: dict | None = None,
+                      direction: str = "forward",
                       ) -> Float[torch.Tensor, "n_items"]:  # noqa: F821, UP037
-    """Per-item mean over answer positions of ``KL(p_base || p_variant)`` (nats), float64.
+    """Per-item mean over answer positions of ``KL(p_base || p_variant)`` (nats), float64;
+    ``direction="reverse"``: of ``KL(p_variant || p_base)``.
 
     ``base`` / ``variant``: :class:`~mechinterp.models.loaded.LoadedModel` or Hugging Face causal
     LMs with the same vocabulary. ``items``: pre-tokenised, or (prompt, answer) pairs rendered with
@@ -153,6 +186,7 @@ def teacher_forced_kl(base, variant, items: TokenisedItems | Sequence[tuple[str,
     (:func:`base_cache_fits` says whether it fits in memory). ``variant_cache`` does the same
     for the variant (one model compared with several references, as ``stitch`` does).
     """
+    reverse = check_direction(direction) == "reverse"
     if not isinstance(items, TokenisedItems):
         tok = tokenizer if tokenizer is not None else getattr(base, "tokenizer", None)
         if tok is None:
@@ -176,7 +210,7 @@ def teacher_forced_kl(base, variant, items: TokenisedItems | Sequence[tuple[str,
                 lv = answer_log_probs(hv, ids, attn, pred)
                 if variant_cache is not None:
                     variant_cache[key] = lv
-            per_pos = kl_rows(lb, lv).double()  # (positions,)
+            per_pos = (kl_rows(lv, lb) if reverse else kl_rows(lb, lv)).double()  # (positions,)
             sums = torch.zeros(len(rows), dtype=torch.float64).index_add_(0, item_of_row, per_pos)
             counts = torch.bincount(item_of_row, minlength=len(rows)).double()
             out[rows.start:rows.stop] = sums / counts

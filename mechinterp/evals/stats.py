@@ -158,6 +158,25 @@ def mean_ci(x: np.ndarray, rng: np.random.Generator, n_boot: int) -> tuple[float
     return float(x.mean()), [float(v) for v in np.percentile(boot, [2.5, 97.5])]
 
 
+def sign_flip_p(x: np.ndarray, rng: np.random.Generator, n_perm: int = 10000) -> float:
+    """Two-sided p-value of mean(x) = 0 for paired differences ``x``: the sign-flip randomisation
+    test (each difference's sign flipped at random under the null of symmetry about 0),
+    ``(1 + #{|mean*| >= |mean|}) / (1 + n_perm)``; exact enumeration when ``2^n <= n_perm``.
+    NaN when ``x`` is empty; 1 when every difference is 0."""
+    x = np.asarray(x, float)
+    if x.size == 0:
+        return math.nan
+    obs = abs(x.mean()) * (1 - 1e-12)  # ties with the observed mean count as at least as large
+    if 2 ** x.size <= n_perm:
+        signs = 1 - 2 * ((np.arange(2 ** x.size)[:, None] >> np.arange(x.size)) & 1)
+        return float((np.abs(signs @ x / x.size) >= obs).mean())
+    hits = 0
+    for lo in range(0, n_perm, 1000):
+        signs = rng.choice([-1.0, 1.0], size=(min(1000, n_perm - lo), x.size))
+        hits += int((np.abs(signs @ x / x.size) >= obs).sum())
+    return (1 + hits) / (1 + n_perm)
+
+
 def t_quantile(p: float, df: int) -> float:
     """Quantile of Student's t with ``df`` degrees of freedom (``0.5 < p < 1``), by bisection on
     the CDF, itself a Simpson integral of the density (no SciPy here). Accurate to about 1e-6."""
