@@ -12,6 +12,17 @@ from ..models.safetensors_io import file_sha256
 from ..paths import data_root
 
 
+def read_text(path: Path) -> str:
+    """The file as UTF-8 text; bytes that are not UTF-8 stop with ``path:line`` and the byte."""
+    raw = Path(path).read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset "
+                        f"{exc.start})", "re-save the file as UTF-8 or re-download it") from None
+
+
 def read_jsonl(path: Path, fields: dict[str, tuple[type, ...]]) -> list[tuple[int, dict]]:
     """``(line number, row)`` for each non-blank line of a JSONL file, checked for ``fields``.
 
@@ -19,20 +30,19 @@ def read_jsonl(path: Path, fields: dict[str, tuple[type, ...]]) -> list[tuple[in
     ``path:line`` and what was expected.
     """
     rows = []
-    with Path(path).open(encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{line_no}: invalid JSON ({exc.msg})",
-                                "fix or re-download the file") from None
-            if not isinstance(row, dict) or not all(isinstance(row.get(k), t)
-                                                    for k, t in fields.items()):
-                raise DataError(f"{path}:{line_no}: expected a JSON object with fields "
-                                f"{', '.join(fields)}", "fix the row")
-            rows.append((line_no, row))
+    for line_no, line in enumerate(read_text(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{line_no}: invalid JSON ({exc.msg})",
+                            "fix or re-download the file") from None
+        if not isinstance(row, dict) or not all(isinstance(row.get(k), t)
+                                                for k, t in fields.items()):
+            raise DataError(f"{path}:{line_no}: expected a JSON object with fields "
+                            f"{', '.join(fields)}", "fix the row")
+        rows.append((line_no, row))
     return rows
 
 
