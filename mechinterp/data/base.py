@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from dataclasses import dataclass, field
@@ -30,19 +31,20 @@ def read_jsonl(path: Path, fields: dict[str, tuple[type, ...]]) -> list[tuple[in
     ``path:line`` and what was expected.
     """
     rows = []
-    for line_no, line in enumerate(read_text(path).split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{line_no}: invalid JSON ({exc.msg})",
-                            "fix or re-download the file") from None
-        if not isinstance(row, dict) or not all(isinstance(row.get(k), t)
-                                                for k, t in fields.items()):
-            raise DataError(f"{path}:{line_no}: expected a JSON object with fields "
-                            f"{', '.join(fields)}", "fix the row")
-        rows.append((line_no, row))
+    with io.StringIO(read_text(path)) as fh:
+        for line_no, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{line_no}: invalid JSON ({exc.msg})",
+                                "fix or re-download the file") from None
+            if not isinstance(row, dict) or not all(isinstance(row.get(k), t)
+                                                    for k, t in fields.items()):
+                raise DataError(f"{path}:{line_no}: expected a JSON object with fields "
+                                f"{', '.join(fields)}", "fix the row")
+            rows.append((line_no, row))
     return rows
 
 
