@@ -187,13 +187,14 @@ class VariantInfo:
 
 def describe_variant(name: str, spec: str) -> VariantInfo:
     """A training output folder gives checkpoints and training metadata; anything else is one model."""
+    from .models.lineage import read_run_json
     from .models.specs import expand_checkpoints
     from .training.runner import CONFIG_FILE
 
     folder = Path(spec).expanduser()
     if not (folder / CONFIG_FILE).is_file():
         return VariantInfo(name, spec, [spec], **_kind_from_name(name))
-    cfg = json.loads((folder / CONFIG_FILE).read_text())
+    cfg = read_run_json(folder / CONFIG_FILE)
     try:
         ckpts = expand_checkpoints(f"{spec}@all")
     except UserError:
@@ -205,7 +206,7 @@ def describe_variant(name: str, spec: str) -> VariantInfo:
     train = {}
     summary = folder / "train-summary.json"
     if summary.is_file():
-        train = json.loads(summary.read_text())
+        train = read_run_json(summary)
     return VariantInfo(name, spec, ckpts or [spec], cfg.get("algorithm"), freeze, train,
                        cfg.get("seed"))
 

@@ -197,6 +197,11 @@ def redraw(folder: Path | str) -> list[Path]:
             raise UserError(f"{res_dir} was written by {probe.name} version {stored}, installed is "
                             f"version {probe.version}", "re-run the probe to refresh the result")
         with house_style():
-            figures = probe.plot(result)
+            try:
+                figures = probe.plot(result)
+            except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+                raise UserError(f"{probe.name}'s figures cannot be drawn from {res_dir}/result.json "
+                                f"({type(exc).__name__}: {exc}); the file looks damaged",
+                                "re-run the probe to rewrite it") from exc
         written += save_figures(figures, res_dir)
     return written
