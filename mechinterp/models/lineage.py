@@ -44,7 +44,7 @@ def read_run_json(path: Path | str) -> dict:
     for key, kind in _READ_FIELDS.items():
         v = cfg.get(key)
         if v is not None and (not isinstance(v, kind) or isinstance(v, bool)):
-            raise UserError(f"{path}: {key}={v!r} is not a {kind.__name__}", fix)
+            raise UserError(f"{path}: {key}={v!r} is not of type {kind.__name__}", fix)
     return cfg
 
 

@@ -19,8 +19,8 @@ def study(request, tmp_path_factory):
                 and not opt("--mi-variant"):
             study = load_study(results)
             if study.missing():  # a compare killed part-way: its claims would read as skipped
-                pytest.fail(f"mechinterp: {results} is an unfinished compare folder: no result "
-                            f"for {', '.join(study.missing())}; re-run the compare into it "
+                pytest.fail(f"mechinterp: {results} is an unfinished compare folder (missing: "
+                            f"{', '.join(study.missing())}); re-run the compare into it "
                             "(finished results are reused)", pytrace=False)
             return study
         runs = parse_variant_args(opt("--mi-variant"))
