@@ -14,7 +14,6 @@ configuration and weights are unchanged, so an interrupted demo continues where 
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,19 +42,21 @@ DEMO_PRESETS: dict[str, DemoPreset] = {
 
 def _train_one(name: str, algorithm: str, freeze: str | None, preset: DemoPreset, out: Path,
                data_dir, device: str, dtype: str, echo) -> Path:
+    from .models.lineage import read_run_json
     from .training.runner import CONFIG_FILE, SUMMARY_FILE, train
-    from .training.settings import resolve_settings
+    from .training.settings import resolve_settings, settings_differ
 
     folder = out / "models" / name
     overrides = dict(preset.train) | (preset.grpo if algorithm == "grpo" else {})
     overrides |= {"freeze_preset": freeze, "device": device, "dtype": dtype}
     settings = resolve_settings(algorithm, preset.train_preset, overrides)
     if (folder / SUMMARY_FILE).is_file():
-        saved = json.loads((folder / CONFIG_FILE).read_text())
-        if saved == json.loads(json.dumps(settings.to_json())):
+        differ = settings_differ(read_run_json(folder / CONFIG_FILE), settings)
+        if not differ:
             echo(f"  {name}: finished run in {folder}, reused")
             return folder
-        raise UserError(f"{folder} holds a finished run with other settings",
+        what = ", ".join(f"{k} (run: {a!r}, now: {b!r})" for k, (a, b) in list(differ.items())[:3])
+        raise UserError(f"{folder} holds a finished run with other settings: {what}",
                         "use another --out, or delete that folder to retrain")
     resume = (folder / CONFIG_FILE).is_file()
     echo(f"  {name}: {algorithm}{' with ' + freeze + ' frozen' if freeze else ''}, "
