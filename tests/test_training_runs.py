@@ -204,7 +204,8 @@ def test_nan_loss_stops_with_last_good_checkpoint(tmp_path):
 
 def _fail_at_step_4(monkeypatch, where: str) -> None:
     """Make the step-4 checkpoint write fail as a full disk does in each writer it goes through,
-    with the exception type and text each raises on a full disk (measured on a 64 KiB tmpfs)."""
+    with the exception type and text each raises on a full disk (measured on small tmpfs mounts:
+    safetensors' text, and torch.save's 'unexpected pos' and 'iostream error' while training)."""
     import transformers.modeling_utils as mu
     from safetensors import SafetensorError
 
@@ -232,9 +233,12 @@ def _fail_at_step_4(monkeypatch, where: str) -> None:
         monkeypatch.setattr(mu, "safe_save_file", st_full)
     else:
         real_save = torch.save
-        text = ("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"
-                if "pos" in where else "[enforce fail at inline_container.cc:858] . "
-                "PytorchStreamWriter failed writing file data/0: file write failed")
+        text = {"unexpected pos": "[enforce fail at inline_container.cc:672] . unexpected pos "
+                                  "9408 vs 9300",
+                "iostream": "basic_ios::clear: iostream error",
+                "file write failed": "[enforce fail at inline_container.cc:858] . "
+                "PytorchStreamWriter failed writing file data/0: file write failed"}[
+            where.split(", ")[1].rstrip(")")]
 
         def torch_full(obj, f, *a, **kw):
             if at_step_4(f):
@@ -246,6 +250,7 @@ def _fail_at_step_4(monkeypatch, where: str) -> None:
 
 @pytest.mark.parametrize("where", ["snapshot copy (OSError)", "save_pretrained (SafetensorError)",
                                    "torch.save (RuntimeError, unexpected pos)",
+                                   "torch.save (RuntimeError, iostream)",
                                    "torch.save (RuntimeError, file write failed)"])
 def test_out_of_disk_stops_cleanly(tmp_path, monkeypatch, where):
     """A full disk while saving step 4 stops with one line and the step-2 checkpoint intact,

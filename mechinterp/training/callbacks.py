@@ -104,7 +104,8 @@ def clean_incomplete(out: Path) -> list[str]:
 # SafetensorError ("I/O error: No space left on device (os error 28)"), torch.save's RuntimeError
 # ("unexpected pos N vs M", "PytorchStreamWriter failed writing file ...: file write failed")
 _DISK_FULL_TEXT = ("no space left", "os error 28", "errno 28", "quota exceeded", "os error 122")
-_WRITE_FAILED_TEXT = ("file write failed", "unexpected pos", "pytorchstreamwriter failed")
+_WRITE_FAILED_TEXT = ("file write failed", "unexpected pos", "pytorchstreamwriter failed",
+                      "iostream error")
 
 
 def save_failure(exc: BaseException, out: Path) -> str | None:
