@@ -212,13 +212,14 @@ class VariantInfo:
 
 def describe_variant(name: str, spec: str) -> VariantInfo:
     """A training output folder gives checkpoints and training metadata; anything else is one model."""
+    from .models.lineage import read_run_json
     from .models.specs import expand_checkpoints
     from .training.runner import CONFIG_FILE
 
     folder = Path(spec).expanduser()
     if not (folder / CONFIG_FILE).is_file():
         return VariantInfo(name, spec, [spec], **_kind_from_name(name))
-    cfg = json.loads((folder / CONFIG_FILE).read_text())
+    cfg = read_run_json(folder / CONFIG_FILE)
     try:
         ckpts = expand_checkpoints(f"{spec}@all")
     except UserError:
@@ -230,7 +231,7 @@ def describe_variant(name: str, spec: str) -> VariantInfo:
     train = {}
     summary = folder / "train-summary.json"
     if summary.is_file():
-        train = json.loads(summary.read_text())
+        train = read_run_json(summary)
     return VariantInfo(name, spec, ckpts or [spec], cfg.get("algorithm"), freeze, train,
                        cfg.get("seed"))
 
@@ -256,6 +257,7 @@ class Study:
     preset: str = "default"
     runs: dict[str, list[str]] = field(default_factory=dict)  # variant -> checkpoint model names
     claims: list[dict] = field(default_factory=list)  # decided by compare (claims.decide_all)
+    plan: list[str] | None = None  # the probes compare set out to run (None: an older folder)
 
     def role(self, kind: str) -> str | None:
         """The first variant of a kind (``sft``, ``grpo``, ``sft-frozen``), by training metadata."""
@@ -278,9 +280,18 @@ class Study:
             return names[-1]
         return variant
 
+    def missing(self) -> list[str]:
+        """What a finished compare would hold and this folder lacks: the planned probes without
+        a result (a compare killed part-way); for a folder from before plans were recorded,
+        ``claims.json`` (written last) stands for the whole run."""
+        if self.plan is None:
+            return [] if (Path(self.out) / "claims.json").is_file() else ["claims.json"]
+        return [p for p in self.plan if p not in self.results]
+
     def to_json(self) -> dict:
         return {"base": self.base, "preset": self.preset, "runs": self.runs,
-                "variants": {n: vars(v) for n, v in self.variants.items()}}
+                "variants": {n: vars(v) for n, v in self.variants.items()},
+                **({"plan": self.plan} if self.plan is not None else {})}
 
 
 def _model_names(data: dict) -> list[str]:
@@ -311,7 +322,7 @@ def load_study(out: Path) -> Study:
             res = read_result(folder)
             results[res.probe] = res
     return Study(out, meta["base"], variants, results, meta.get("preset", "default"),
-                 meta.get("runs", {}))
+                 meta.get("runs", {}), plan=meta.get("plan"))
 
 
 def compare(base: str | None, variants: dict[str, str], out: Path, data_dir=None,
@@ -363,7 +374,9 @@ def compare(base: str | None, variants: dict[str, str], out: Path, data_dir=None
     runs = ModelSet(base, {n: v.checkpoints for n, v in info.items()}, **kw)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    study = Study(out, base, info, {}, preset, dict(runs.runs))
+    planned = [s.probe for s in plan
+               if s.kinds is None or any(v.kind in s.kinds for v in info.values())]
+    study = Study(out, base, info, {}, preset, dict(runs.runs), plan=planned)
     (out / STUDY_FILE).write_text(json.dumps(study.to_json(), indent=1) + "\n")
     jobs = []
     for i, step in enumerate(plan, 1):

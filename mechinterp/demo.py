@@ -26,7 +26,6 @@ never. ``--keep-checkpoints`` keeps every checkpoint of every run and the optimi
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,9 +78,10 @@ DEMO_PRESETS: dict[str, DemoPreset] = {
 
 def _train_one(run: DemoRun, preset: DemoPreset, out: Path, data_dir, device: str, dtype: str,
                echo, keep_checkpoints: bool = False) -> Path:
+    from .models.lineage import read_run_json
     from .training.callbacks import prune_finished
     from .training.runner import CONFIG_FILE, SUMMARY_FILE, train
-    from .training.settings import resolve_settings
+    from .training.settings import resolve_settings, settings_differ
 
     name, algorithm, freeze = run.name, run.algorithm, run.freeze
     folder = out / "models" / name
@@ -90,13 +90,12 @@ def _train_one(run: DemoRun, preset: DemoPreset, out: Path, data_dir, device: st
     settings = resolve_settings(algorithm, preset.train_preset, overrides)
     keep = keep_checkpoints or run.trajectory
     if (folder / SUMMARY_FILE).is_file():
-        saved = json.loads((folder / CONFIG_FILE).read_text())
-        # the saved file adds facts of the run (precision, processes) to the settings
-        if {k: v for k, v in saved.items() if k in settings.to_json()} \
-                == json.loads(json.dumps(settings.to_json())):
+        differ = settings_differ(read_run_json(folder / CONFIG_FILE), settings)
+        if not differ:
             echo(f"  {name}: finished run in {folder}, reused")
             return folder
-        raise UserError(f"{folder} holds a finished run with other settings",
+        what = ", ".join(f"{k} (run: {a!r}, now: {b!r})" for k, (a, b) in list(differ.items())[:3])
+        raise UserError(f"{folder} holds a finished run with other settings: {what}",
                         "use another --out, or delete that folder to retrain")
     resume = (folder / CONFIG_FILE).is_file()
     echo(f"  {name}: {algorithm}{' with ' + freeze + ' frozen' if freeze else ''}, seed "

@@ -11,6 +11,7 @@ Built-in probes live in the top-level ``probes`` package; other packages add the
 from __future__ import annotations
 
 import dataclasses
+import math
 import platform
 import sys
 import types
@@ -126,6 +127,9 @@ def check_config(config: Any) -> None:
                 default = "" if f.default is dataclasses.MISSING else f"; default {f.default}"
                 raise UserError(f"option {f.name}={value!r} of {probe} must be at least {low:g}",
                                 f"set {f.name} to {low:g} or more{default}")
+            if isinstance(v, float) and not math.isfinite(v):
+                raise UserError(f"option {f.name}={value!r} of {probe} must be a finite number",
+                                f"set {f.name} to a finite value")
 
 
 class Probe(Protocol):

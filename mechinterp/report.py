@@ -327,6 +327,12 @@ def _config_text(res) -> str:
     return ", ".join(f"{k}={v}" for k, v in cfg.items() if v not in (None, [], {}))
 
 
+def md_cell(value) -> str:
+    """A value as one Markdown table cell: a ``|`` (as in ``||dW||``) would end the cell and a
+    line break the row, so pipes are escaped and line breaks become spaces."""
+    return " ".join(str(value).split()).replace("|", "\\|")
+
+
 def build_markdown(study, claims: list[dict]) -> str:
     lines = [f"# SFT vs GRPO: {study.base}", "",
              f"Compare folder `{study.out}`, preset `{study.preset}`. Variants: "
@@ -336,8 +342,8 @@ def build_markdown(study, claims: list[dict]) -> str:
              "|---|---|---|---|---|"]
     for c in claims:
         effect, test = claim_cells(c)
-        lines.append(f"| **{c['id']}** {c['title']} | {verdict_word(c)} | {effect} | {test} | "
-                     f"{c['statement']} |")
+        lines.append(f"| **{c['id']}** {md_cell(c['title'])} | {verdict_word(c)} | "
+                     f"{md_cell(effect)} | {md_cell(test)} | {md_cell(c['statement'])} |")
     lines += ["", decision_text(claims), "", "## Caveats", ""]
     lines += [f"- {x}" for x in study_caveats(study, claims)] or ["- none generated from the data"]
     lines += ["", mid_layer_line(study), "",
@@ -345,7 +351,8 @@ def build_markdown(study, claims: list[dict]) -> str:
               "| variant | algorithm | frozen | steps | wall time (s) | in-domain before | after | "
               "gain [95% CI] | n |", "|---|---|---|---|---|---|---|---|---|"]
     for r in training_rows(study):
-        lines.append(f"| {r['variant']} | {r['algorithm']} | {r['freeze']} | {_fmt(r['steps'])} | "
+        lines.append(f"| {md_cell(r['variant'])} | {md_cell(r['algorithm'])} | "
+                     f"{md_cell(r['freeze'])} | {_fmt(r['steps'])} | "
                      f"{_seconds(r['wall_time_s'])} | {_fmt(r.get('before'))} | {_fmt(r.get('after'))} | "
                      f"{_fmt(r.get('gain'))} {_ci(r.get('gain_ci95'))} | {_fmt(r.get('n'))} |")
     for cap, path in _training_figures(study):

@@ -77,6 +77,7 @@ def run_probe(probe: Probe | str, models, data, config=None, out: Path | str | N
     import torch
 
     from .data import DataSource
+    from .data.subset import collect_notes
 
     probe = get_probe(probe) if isinstance(probe, str) else probe
     config = make_config(probe) if config is None else config
@@ -103,7 +104,8 @@ def run_probe(probe: Probe | str, models, data, config=None, out: Path | str | N
     torch.manual_seed(config.seed)
     start = time.perf_counter()
     scope = models.run_scope() if hasattr(models, "run_scope") else contextlib.nullcontext()
-    with scope:
+    # notices such as a --limit larger than the set: said at once, recorded in the provenance
+    with scope, collect_notes(lambda note: say(f"{probe.name}: {note}")) as notes:
         result = probe.run(models, data, config)
     wall = time.perf_counter() - start
     result._probe = probe  # figures() and to_frame() of a probe that is not installed
@@ -124,6 +126,7 @@ def run_probe(probe: Probe | str, models, data, config=None, out: Path | str | N
         "packages": package_versions(),
         "wall_time_s": round(wall, 3),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **({"notes": notes} if notes else {}),
         **result.provenance,
     }
     if folder is not None:
@@ -197,6 +200,11 @@ def redraw(folder: Path | str) -> list[Path]:
             raise UserError(f"{res_dir} was written by {probe.name} version {stored}, installed is "
                             f"version {probe.version}", "re-run the probe to refresh the result")
         with house_style():
-            figures = probe.plot(result)
+            try:
+                figures = probe.plot(result)
+            except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+                raise UserError(f"{probe.name}'s figures cannot be drawn from {res_dir}/result.json "
+                                f"({type(exc).__name__}: {exc}); the file looks damaged",
+                                "re-run the probe to rewrite it") from exc
         written += save_figures(figures, res_dir)
     return written

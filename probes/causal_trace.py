@@ -51,7 +51,7 @@ from mechinterp.data.knowns import load_knowns
 from mechinterp.data.subset import screened_subset, seeded_subset
 from mechinterp.errors import UserError
 from mechinterp.frames import Table
-from mechinterp.plotting.style import PALETTE, model_colours, new_axes, token_text
+from mechinterp.plotting.style import PALETTE, model_colours, new_axes, plain_text, token_text
 from mechinterp.probe import BaseConfig
 from mechinterp.progress import task
 from mechinterp.results import Result
@@ -264,8 +264,9 @@ def _fact_figure(model: str, row: dict, grids: dict[str, np.ndarray]):
         ax.set_yticks(range(n_tok), labels if ax is axes[0][0] else [""] * n_tok)
         ax.set_xlabel("layer")
         ax.set_title(f"restore {KIND_TITLE[k]}")
-        fig.colorbar(im, ax=ax, label=f"p({row['answer_token']!r})", shrink=0.85)
-    fig.suptitle(f"{model}: {row['prompt']!r} -> {row['answer_token']!r}  (clean p="
+        fig.colorbar(im, ax=ax, label=f"p({token_text(row['answer_token'])})", shrink=0.85)
+    fig.suptitle(f"{plain_text(model)}: {token_text(row['prompt'])} -> "
+                 f"{token_text(row['answer_token'])}  (clean p="
                  f"{row['clean_prob']:.3f}, corrupted p={row['corrupted_prob']:.3f}; * = subject)")
     return fig
 

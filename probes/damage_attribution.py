@@ -89,6 +89,7 @@ from mechinterp.frames import Table
 from mechinterp.models.depth import thirds
 from mechinterp.plotting import new_axes
 from mechinterp.plotting.scan import scan_figure
+from mechinterp.plotting.style import plain_text
 from mechinterp.probe import BaseConfig
 from mechinterp.progress import task
 from mechinterp.results import Result
@@ -612,7 +613,7 @@ class DamageAttribution:
                     "recovered_top_layer", "recovered_best_window"]
             fig, ax = new_axes(width=12, height=0.35 * len(ex) + 1.0)
             ax.axis("off")
-            cells = [[str(e[c])[:60] for c in cols] for e in ex]
+            cells = [[plain_text(str(e[c])[:60]) for c in cols] for e in ex]
             table = ax.table(cellText=cells, colLabels=[c.replace("_", " ") for c in cols],
                              loc="center", cellLoc="left")
             table.auto_set_font_size(False)

@@ -117,7 +117,9 @@ class WeightChange:
                 "above": {v: {m: s.n_above for m, s in k.items()} for v, k in by_kind.items()},
                 "total": {v: {m: s.n_total for m, s in k.items()} for v, k in by_kind.items()},
             }
-        return Result(self.name, data_out)
+        # computed on the CPU from the stored tensors, whatever --device says (runner's default)
+        return Result(self.name, data_out, provenance={
+            "device": "cpu", "dtype": "/".join(sorted(set(data_out["compared_in"].values())))})
 
     # ----- figures -----------------------------------------------------------------------------
     def plot(self, result: Result) -> dict:

@@ -89,6 +89,27 @@ def test_compare_again_reuses_every_result(demo_dir, capsys):
 
 
 @slow
+def test_demo_again_in_a_new_process_reuses_every_run_and_result(demo_dir):
+    """The README's main command, run a second time: every training run and every result is
+    reused, nothing is recomputed or rewritten (it exited 2: train-config.json's run facts,
+    precision and processes, were compared as settings)."""
+    before = {p: p.read_bytes() for p in demo_dir.rglob("result.json")}
+    weights = {p: p.stat().st_mtime_ns for p in (demo_dir / "models").rglob("*.safetensors")}
+    env = dict(os.environ, MECHINTERP_PROGRESS="0")
+    proc = subprocess.run([sys.executable, "-m", "mechinterp", "demo", "--preset", "smoke",
+                           "--out", str(demo_dir)], capture_output=True, text=True, env=env,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    for name in ("sft", "grpo", "sft-frozen"):
+        assert f"{name}: finished run in {demo_dir / 'models' / name}, reused" in out, out
+    steps = re.search(r"\[compare 1/(\d+)\]", out)
+    assert steps and out.count("reusing") == int(steps.group(1)), out
+    assert {p: p.read_bytes() for p in demo_dir.rglob("result.json")} == before
+    assert {p: p.stat().st_mtime_ns for p in (demo_dir / "models").rglob("*.safetensors")} == weights
+
+
+@slow
 @pytest.mark.parametrize("path", STUDY_NOTEBOOKS, ids=lambda p: p.name)
 def test_study_notebook_runs_on_the_demo(path, demo_dir, monkeypatch):
     import nbformat

@@ -205,22 +205,79 @@ def test_nan_loss_stops_with_last_good_checkpoint(tmp_path):
     assert [p.name for p in (out / "trainer-state").glob("checkpoint-*")] == ["checkpoint-2"]
 
 
-def test_out_of_disk_stops_cleanly(tmp_path, monkeypatch):
+def _fail_at_step_4(monkeypatch, where: str) -> None:
+    """Make the step-4 checkpoint write fail as a full disk does in each writer it goes through,
+    with the exception type and text each raises on a full disk (measured on small tmpfs mounts:
+    safetensors' text, and torch.save's 'unexpected pos' and 'iostream error' while training)."""
+    import transformers.modeling_utils as mu
+    from safetensors import SafetensorError
+
+    def at_step_4(path) -> bool:
+        return "checkpoint-4" in str(path) or ".tmp-step-4" in str(path)
+
+    if where == "snapshot copy (OSError)":
+        real = cb_mod.link_or_copy
+
+        def full_disk(src, dst):
+            if at_step_4(dst):
+                raise OSError(errno.ENOSPC, "No space left on device")
+            real(src, dst)
+
+        monkeypatch.setattr(cb_mod, "link_or_copy", full_disk)
+    elif where == "save_pretrained (SafetensorError)":
+        real_st = mu.safe_save_file
+
+        def st_full(tensors, filename, *a, **kw):
+            if at_step_4(filename):
+                raise SafetensorError("Error while serializing: I/O error: No space left on "
+                                      "device (os error 28)")
+            return real_st(tensors, filename, *a, **kw)
+
+        monkeypatch.setattr(mu, "safe_save_file", st_full)
+    else:
+        real_save = torch.save
+        text = {"unexpected pos": "[enforce fail at inline_container.cc:672] . unexpected pos "
+                                  "9408 vs 9300",
+                "iostream": "basic_ios::clear: iostream error",
+                "file write failed": "[enforce fail at inline_container.cc:858] . "
+                "PytorchStreamWriter failed writing file data/0: file write failed"}[
+            where.split(", ")[1].rstrip(")")]
+
+        def torch_full(obj, f, *a, **kw):
+            if at_step_4(f):
+                raise RuntimeError(text)
+            return real_save(obj, f, *a, **kw)
+
+        monkeypatch.setattr(torch, "save", torch_full)
+
+
+@pytest.mark.parametrize("where", ["snapshot copy (OSError)", "save_pretrained (SafetensorError)",
+                                   "torch.save (RuntimeError, unexpected pos)",
+                                   "torch.save (RuntimeError, iostream)",
+                                   "torch.save (RuntimeError, file write failed)"])
+def test_out_of_disk_stops_cleanly(tmp_path, monkeypatch, where):
+    """A full disk while saving step 4 stops with one line and the step-2 checkpoint intact,
+    whichever writer hit it; the old handler caught OSError only and let the others through."""
     out = tmp_path / "run"
-    real = cb_mod.link_or_copy
-
-    def full_disk(src, dst):
-        if dst.parent.name == ".tmp-step-4":
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real(src, dst)
-
-    monkeypatch.setattr(cb_mod, "link_or_copy", full_disk)
+    _fail_at_step_4(monkeypatch, where)
     s = resolve_settings("sft", None, {**TINY_SFT, "n_heldout": 0})
-    with pytest.raises(UserError, match=r"out of disk space.*last good checkpoint: .*@step-2"):
+    with pytest.raises(UserError, match=r"training stopped: (out of disk space|a file write "
+                                        r"failed \(.* GB free .*\)) while saving; last good "
+                                        r"checkpoint: .*@step-2 .*free space, then rerun with "
+                                        r"--resume"):
         train(s, out, echo=lambda *_: None)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2"]
     assert [p.name for p in (out / "trainer-state").glob("checkpoint-*")] == ["checkpoint-2"]
     assert _weights(out / "checkpoints" / "step-2")
+
+
+def test_a_runtime_error_that_is_no_failed_write_keeps_its_traceback(tmp_path):
+    from mechinterp.training.callbacks import save_failure
+
+    assert save_failure(RuntimeError("CUDA out of memory"), tmp_path) is None
+    assert save_failure(ValueError("No space left on device"), tmp_path) is None
+    assert save_failure(RuntimeError("... file write failed"), tmp_path).startswith(
+        "a file write failed (")
 
 
 def test_grpo_freezes_exactly(tmp_path):

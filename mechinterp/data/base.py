@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from dataclasses import dataclass, field
@@ -12,6 +13,17 @@ from ..models.safetensors_io import file_sha256
 from ..paths import data_root
 
 
+def read_text(path: Path) -> str:
+    """The file as UTF-8 text; bytes that are not UTF-8 stop with ``path:line`` and the byte."""
+    raw = Path(path).read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset "
+                        f"{exc.start})", "re-save the file as UTF-8 or re-download it") from None
+
+
 def read_jsonl(path: Path, fields: dict[str, tuple[type, ...]]) -> list[tuple[int, dict]]:
     """``(line number, row)`` for each non-blank line of a JSONL file, checked for ``fields``.
 
@@ -19,7 +31,7 @@ def read_jsonl(path: Path, fields: dict[str, tuple[type, ...]]) -> list[tuple[in
     ``path:line`` and what was expected.
     """
     rows = []
-    with Path(path).open(encoding="utf-8") as fh:
+    with io.StringIO(read_text(path)) as fh:
         for line_no, line in enumerate(fh, 1):
             if not line.strip():
                 continue

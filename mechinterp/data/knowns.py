@@ -6,9 +6,10 @@ import json
 from dataclasses import dataclass
 
 from ..errors import DataError
-from .base import DataSource
+from .base import DataSource, read_text
 
 _FIELDS = ("known_id", "subject", "attribute", "template", "prediction", "prompt", "relation_id")
+_TYPES = {f: (int if f == "known_id" else str) for f in _FIELDS}
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,7 @@ def load_knowns(source: DataSource) -> list[KnownFact]:
     if not path.is_file():
         raise DataError(f"{path} is missing", "the data root must hold knowns/known_1000.json")
     try:
-        rows = json.loads(path.read_text(encoding="utf-8"))
+        rows = json.loads(read_text(path))
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})",
                         "fix or re-download the file") from None
@@ -44,5 +45,10 @@ def load_knowns(source: DataSource) -> list[KnownFact]:
         if missing:
             raise DataError(f"{path}: fact #{i} lacks field {missing[0]!r}",
                             f"each fact needs {', '.join(_FIELDS)}")
+        wrong = [f for f in _FIELDS if not isinstance(row[f], _TYPES[f]) or isinstance(row[f], bool)]
+        if wrong:
+            f = wrong[0]
+            raise DataError(f"{path}: fact #{i} has {f}={row[f]!r}, not a {_TYPES[f].__name__}",
+                            "fix or re-download the file")
         facts.append(KnownFact(**{f: row[f] for f in _FIELDS}))
     return facts

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import csv
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import DataError
-from .base import DataSource
+from .base import DataSource, read_text
 
 LETTERS = ("A", "B", "C", "D")
 
@@ -56,9 +57,10 @@ def _check_subjects(subjects: list[str] | None) -> list[str]:
 
 
 def read_mmlu_csv(path: Path, subject: str, split: str) -> list[MMLUItem]:
-    """Parse one subject file; a malformed row stops with its file and line number."""
+    """Parse one subject file; a malformed row stops with its file and line number, a file with
+    no questions stops too (an accuracy over zero items is no result)."""
     items = []
-    with path.open(newline="", encoding="utf-8") as fh:
+    with io.StringIO(read_text(path), newline="") as fh:
         reader = csv.reader(fh)
         while True:
             line = reader.line_num + 1
@@ -80,6 +82,9 @@ def read_mmlu_csv(path: Path, subject: str, split: str) -> list[MMLUItem]:
                                 "fix or re-download the file")
             items.append(MMLUItem(subject, row[0], tuple(row[1:5]), LETTERS.index(answer),
                                   split, len(items)))
+    if not items:
+        raise DataError(f"MMLU file {path} holds no questions",
+                        "re-download it, or leave its subject out of --subjects")
     return items
 
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..data.mmlu import LETTERS, MMLUItem
+from ..data.subset import note_limit
 from ..errors import UserError
 from ..models.loaded import LoadedModel
 from .loglik import Request, score
@@ -102,6 +103,7 @@ def stratified_sample(items: Sequence[MMLUItem], limit: int | None, seed: int = 
     (largest remainder, at least one per subject when ``limit`` allows), seeded within subjects;
     returned in the original order."""
     if limit is None or limit >= len(items):
+        note_limit(limit, len(items))
         return list(items)
     if limit <= 0:
         raise UserError(f"limit {limit} must be positive", "omit it to use every item")

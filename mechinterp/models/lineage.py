@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..errors import UserError
+
 TRAIN_CONFIG = "train-config.json"  # mechinterp.training.runner.CONFIG_FILE (no import cycle)
 
 
@@ -20,6 +22,30 @@ def find_train_config(folder: Path | str) -> Path | None:
         if (up / TRAIN_CONFIG).is_file():
             return up / TRAIN_CONFIG
     return None
+
+
+# the fields of a run's train-config.json that other modules read, and their JSON types
+_READ_FIELDS = {"algorithm": str, "base": str, "freeze": str, "freeze_preset": str, "seed": int,
+                "processes": int}
+
+
+def read_run_json(path: Path | str) -> dict:
+    """A run's ``train-config.json`` (or ``train-summary.json``) as a dict; a file that is not a
+    JSON object, or whose fields read here have the wrong type, is a one-line
+    :class:`~mechinterp.errors.UserError` naming it."""
+    path = Path(path)
+    fix = "restore it from the training run, or train again into a new --out"
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise UserError(f"cannot read {path} ({type(exc).__name__}: {exc})", fix) from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"{path} is a JSON {type(cfg).__name__}, not an object", fix)
+    for key, kind in _READ_FIELDS.items():
+        v = cfg.get(key)
+        if v is not None and (not isinstance(v, kind) or isinstance(v, bool)):
+            raise UserError(f"{path}: {key}={v!r} is not of type {kind.__name__}", fix)
+    return cfg
 
 
 def kind_of(cfg: dict) -> str | None:
@@ -37,6 +63,6 @@ def training_kind(folder: Path | str) -> str | None:
     if path is None:
         return None
     try:
-        return kind_of(json.loads(path.read_text()))
-    except (OSError, ValueError):
+        return kind_of(read_run_json(path))
+    except UserError:  # only styles a figure: compare refuses such a run before it gets here
         return None

@@ -66,8 +66,10 @@ class ModelSet:
                  device: str | None = None, dtype=None, check: bool = True,
                  device_map=None, max_memory: dict | str | None = None,
                  offload_folder: str | None = None):
-        from .device import check_device_map, parse_max_memory
+        from .device import check_device_map, parse_max_memory, pick_device
 
+        if device not in (None, "", "auto"):
+            pick_device(device)  # --device cuda without CUDA: refused before any probe runs
         self.device, self.dtype = device, dtype
         # accelerate's big-model placement for every model of the set (see loaded.load): a
         # model larger than one device spreads over the GPUs (then CPU, then disk); probes hold

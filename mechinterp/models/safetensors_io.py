@@ -39,6 +39,10 @@ def read_header(path: Path) -> dict:
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise CorruptCheckpoint(f"{path} has an unreadable safetensors header: {exc}",
                                     "re-download or re-save the checkpoint") from None
+    bad = _header_problem(header)
+    if bad:
+        raise CorruptCheckpoint(f"{path} has a malformed safetensors header: {bad}",
+                                "re-download or re-save the checkpoint")
     end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     if 8 + n + end != size:
         raise CorruptCheckpoint(
@@ -46,6 +50,30 @@ def read_header(path: Path) -> dict:
             "re-download or re-save the checkpoint",
         )
     return header
+
+
+def _header_problem(header) -> str | None:
+    """What is wrong with a parsed safetensors header (the format's own rules), or None."""
+    if not isinstance(header, dict):
+        return f"a JSON {type(header).__name__}, not an object"
+    for name, meta in header.items():
+        if name == "__metadata__":
+            if not isinstance(meta, dict):
+                return "__metadata__ is not an object"
+            continue
+        if not isinstance(meta, dict):
+            return f"entry {name!r} is {json.dumps(meta)[:40]}, not an object"
+        shape, offsets = meta.get("shape"), meta.get("data_offsets")
+        if not isinstance(meta.get("dtype"), str):
+            return f"tensor {name!r} has no dtype"
+        if not (isinstance(shape, list)
+                and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+            return f"tensor {name!r} has no valid shape"
+        if not (isinstance(offsets, list) and len(offsets) == 2
+                and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+                and 0 <= offsets[0] <= offsets[1]):
+            return f"tensor {name!r} has no valid data_offsets"
+    return None
 
 
 def tensor_index(folder: Path) -> dict[str, tuple[Path, tuple[int, ...], str]]:

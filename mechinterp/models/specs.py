@@ -89,7 +89,14 @@ def _gguf_folder(gguf: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=".gguf-", dir=folder.parent))
     try:
         zoo.gguf_to_folder(gguf, tmp)
-        tmp.rename(folder)
+        if folder.exists() and not (folder / "config.json").exists():  # a half-written old one
+            shutil.rmtree(folder, ignore_errors=True)
+        try:
+            tmp.rename(folder)  # atomic: the folder is whole or absent
+        except OSError:
+            if not (folder / "config.json").exists():
+                raise
+            # another process converted the same file first: its folder is as good as ours
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder

@@ -31,8 +31,16 @@ def model_colours(models: Sequence[str], base: str = "base") -> dict[str, str]:
 
 def token_text(token: str) -> str:
     """A token as a figure label: quoted like ``repr``, with every character the house font has no
-    glyph for written as its ``\\uXXXX`` escape (a CJK token would otherwise draw as empty boxes)."""
-    return "".join(c if _has_glyph(c) else f"\\u{ord(c):04x}" for c in repr(token))
+    glyph for written as its ``\\uXXXX`` escape (a CJK token would otherwise draw as empty boxes),
+    and ``$`` escaped (:func:`plain_text`)."""
+    return plain_text("".join(c if _has_glyph(c) else f"\\u{ord(c):04x}" for c in repr(token)))
+
+
+def plain_text(text: str) -> str:
+    """Text from data (a token, a prompt, an MMLU question) drawn as it is: matplotlib reads the
+    span between two ``$`` as mathtext, so a ``$$`` token fails to draw and ``$5 and $10`` comes
+    out in maths italics. Escaped ``\\$`` draws a plain dollar sign."""
+    return text.replace("$", r"\$")
 
 
 @functools.lru_cache(maxsize=4096)

@@ -145,6 +145,40 @@ def _unshared_bytes(folder: Path) -> int:
     return total
 
 
+# how a full disk reads in the errors of the writers a checkpoint goes through: safetensors'
+# SafetensorError ("I/O error: No space left on device (os error 28)"), torch.save's RuntimeError
+# ("unexpected pos N vs M", "PytorchStreamWriter failed writing file ...: file write failed")
+_DISK_FULL_TEXT = ("no space left", "os error 28", "errno 28", "quota exceeded", "os error 122")
+_WRITE_FAILED_TEXT = ("file write failed", "unexpected pos", "pytorchstreamwriter failed",
+                      "iostream error")
+
+
+def save_failure(exc: BaseException, out: Path) -> str | None:
+    """What a failed checkpoint write means, for the one-line stop message, or None when ``exc``
+    is no failed write (then it is a bug and keeps its traceback). Read before anything is
+    cleaned up: the free space then is what the writer saw."""
+    import errno
+
+    from safetensors import SafetensorError
+
+    if isinstance(exc, OSError):
+        return "out of disk space" if exc.errno in (errno.ENOSPC, errno.EDQUOT) \
+            else f"I/O error ({exc})"
+    if not isinstance(exc, (RuntimeError, SafetensorError)):
+        return None
+    text = str(exc).lower()
+    if any(k in text for k in _DISK_FULL_TEXT):
+        return "out of disk space"
+    if not any(k in text for k in _WRITE_FAILED_TEXT):
+        return None
+    try:
+        free = shutil.disk_usage(out).free
+    except OSError:
+        return "a file write failed"
+    return "out of disk space" if free < (64 << 20) else \
+        f"a file write failed ({free / 1e9:.1f} GB free on the disk of {out})"
+
+
 class Snapshots(TrainerCallback):
     """Saves checkpoints at ``steps`` and logs drift (weight change, KL) at each of them."""
 

@@ -16,7 +16,6 @@ checks and writes the folder (:mod:`.distributed`); items are rationed for the g
 
 from __future__ import annotations
 
-import errno
 import importlib.util
 import json
 import math
@@ -41,6 +40,7 @@ from .callbacks import (
     clean_incomplete,
     complete_checkpoints,
     link_or_copy,
+    save_failure,
 )
 from .distributed import Procs
 from .precision import Precision
@@ -285,14 +285,15 @@ def train(s: TrainSettings, out: Path, resume: bool = False, data_dir=None, echo
         t0 = time.perf_counter()
         try:
             trainer.train(resume_from_checkpoint=str(last) if last else None)
-        except OSError as exc:
+        except Exception as exc:  # a full disk is an OSError, SafetensorError or RuntimeError
+            what = save_failure(exc, out)
+            if what is None:
+                raise
             if procs.main:
                 clean_incomplete(out)
             good = complete_checkpoints(out)
             where = f"last good checkpoint: {out}@step-{checkpoint_step(good[-1].name, folder=True)}" if good \
                 else "no checkpoint was completed"
-            what = "out of disk space" if exc.errno in (errno.ENOSPC, errno.EDQUOT) \
-                else f"I/O error ({exc})"
             raise UserError(f"training stopped: {what} while saving; {where}",
                             "free space, then rerun with --resume") from None
         finally:

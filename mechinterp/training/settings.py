@@ -184,9 +184,25 @@ def checkpoint_steps(max_steps: int, k: int) -> list[int]:
     return sorted({max(1, round(i * max_steps / k)) for i in range(1, k + 1)})
 
 
+# How a run was executed, written beside its settings in train-config.json: facts of the machine
+# and launch (the precision scheme chosen for the device, the number of processes), not settings.
+# Loading ignores them and a finished run is recognised by its settings alone.
+RUN_FACTS = ("precision", "processes")
+
+
 def save_settings(s: TrainSettings, path: Path, extra: dict[str, Any] | None = None) -> None:
-    """The settings, plus ``extra`` facts of the run (precision, processes), which loading ignores."""
+    """The settings, plus ``extra`` facts of the run (:data:`RUN_FACTS`), which loading ignores."""
+    unknown = set(extra or {}) - set(RUN_FACTS)
+    assert not unknown, f"name {unknown} in RUN_FACTS"  # one list of what is not a setting
     path.write_text(json.dumps(s.to_json() | (extra or {}), indent=1) + "\n")
+
+
+def settings_differ(saved: dict[str, Any], s: TrainSettings) -> dict[str, tuple[Any, Any]]:
+    """``{field: (saved, given)}`` for every setting of a stored ``train-config.json`` that differs
+    from ``s`` (as JSON, so a tuple equals its list); the :data:`RUN_FACTS` are no settings."""
+    given = json.loads(json.dumps(s.to_json()))
+    keys = (set(saved) | set(given)) - set(RUN_FACTS)
+    return {k: (saved.get(k), given.get(k)) for k in sorted(keys) if saved.get(k) != given.get(k)}
 
 
 def load_settings(path: Path) -> TrainSettings:

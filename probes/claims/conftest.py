@@ -17,7 +17,12 @@ def study(request, tmp_path_factory):
     try:
         if results and (__import__("pathlib").Path(results) / STUDY_FILE).is_file() \
                 and not opt("--mi-variant"):
-            return load_study(results)
+            study = load_study(results)
+            if study.missing():  # a compare killed part-way: its claims would read as skipped
+                pytest.fail(f"mechinterp: {results} is an unfinished compare folder (missing: "
+                            f"{', '.join(study.missing())}); re-run the compare into it "
+                            "(finished results are reused)", pytrace=False)
+            return study
         runs = parse_variant_args(opt("--mi-variant"))
         if not runs:
             pytest.fail("mechinterp claims need --mi-results DIR (a compare folder) or "
