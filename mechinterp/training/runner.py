@@ -353,12 +353,11 @@ def _trainer(s: TrainSettings, model, cfg, train_ds, tok, cbs: list, reward_func
         trainer = SFTTrainer(model=model, args=cfg, train_dataset=train_ds, processing_class=tok,
                              callbacks=cbs)
     else:
-        from trl import GRPOTrainer
-
+        from .grpo_shared import SharedPromptGRPOTrainer  # TRL's, each group's prompt run once
         from .rewards import correctness, format_reward
 
         rewards = reward_funcs or [correctness, format_reward]
-        trainer = GRPOTrainer(model=model, reward_funcs=rewards, args=cfg,
+        trainer = SharedPromptGRPOTrainer(model=model, reward_funcs=rewards, args=cfg,
                               train_dataset=train_ds, processing_class=tok, callbacks=cbs)
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
