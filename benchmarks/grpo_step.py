@@ -148,6 +148,7 @@ def main() -> None:
     ap.add_argument("--base", default="smollm2-135m-instruct")
     ap.add_argument("--preset", default="cpu-demo")
     ap.add_argument("--use-vllm", action="store_true", help="vLLM colocate generation (a GPU)")
+    ap.add_argument("--log", type=Path, help="append each run's JSON here as it finishes")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
@@ -160,6 +161,9 @@ def main() -> None:
         for name, tree in trees.items():
             t0 = time.perf_counter()
             runs[name].append(_run_child(tree, a))
+            if a.log:
+                with open(a.log, "a") as f:
+                    f.write(json.dumps({"tree": name, "rev": _rev(tree), **runs[name][-1]}) + "\n")
             print(f"round {i + 1}/{a.repeats} {name}: step {runs[name][-1]['parts']['step']:.2f} s "
                   f"(run {time.perf_counter() - t0:.0f} s; load {os.getloadavg()[0]:.1f})",
                   file=sys.stderr, flush=True)

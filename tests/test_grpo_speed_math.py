@@ -129,3 +129,41 @@ def test_dr_grpo_loss_and_gradients_equal_trl_full_rows(trainer, monkeypatch):
     for name, g in g_trl.items():
         torch.testing.assert_close(g_new[name], g, atol=1e-5 * float(scale), rtol=1e-4,
                                    msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_generation_from_the_shared_cache_samples_what_trl_samples(trainer, monkeypatch):
+    from trl import GRPOTrainer
+
+    from mechinterp.training import grpo_shared
+
+    tr, lm = trainer
+    g = torch.Generator().manual_seed(5)
+    vocab = lm.hf.config.vocab_size
+    prompts = [torch.randint(3, vocab, (n,), generator=g).tolist() for n in (7, 4)]
+    prompt_ids = [prompts[i % 2] for i in range(8)]  # two prompts of different lengths, 4 each
+    calls = []
+    real = grpo_shared.shared_prompt_cache
+    monkeypatch.setattr(grpo_shared, "shared_prompt_cache",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    torch.manual_seed(0)
+    ours, _ = tr._generate_single_turn(prompt_ids, None, {}, 4)
+    torch.manual_seed(0)
+    theirs, _ = GRPOTrainer._generate_single_turn(tr, prompt_ids, None, {}, 4)
+    assert calls == [1]
+    assert len(ours) == 8 and any(len(c) > 1 for c in ours)
+    assert ours == theirs  # same sampling distribution and random stream: the same tokens
+    # and the cache it starts from is the cache of all eight rows run in full
+    from trl.trainer.utils import pad
+
+    rows = [torch.tensor(p) for p in prompt_ids]
+    ids = pad(rows, padding_value=0, padding_side="left")
+    mask = pad([torch.ones_like(r) for r in rows], padding_value=0, padding_side="left")
+    pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    with torch.no_grad():
+        shared = real(lm.hf, ids, mask)
+        full = lm.hf(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=pos[:, :-1],
+                     use_cache=True).cache
+    for a, b in zip(shared.layers, full.layers, strict=True):
+        keep = mask[:, :-1].bool()  # padded positions are never attended to
+        torch.testing.assert_close(a.keys.transpose(1, 2)[keep], b.keys.transpose(1, 2)[keep])
+        torch.testing.assert_close(a.values.transpose(1, 2)[keep], b.values.transpose(1, 2)[keep])

@@ -18,7 +18,13 @@ same function of the weights as TRL's full-row pass; only the order of floating-
 differs (``tests/test_grpo_speed_math.py`` checks loss and gradients against TRL's path). With
 ``num_generations`` 4 and prompts of ~106 tokens followed by 32 (the ``cpu-demo`` preset), the
 backbone runs 234 instead of 552 tokens per group and the LM head 32 instead of 137 positions per
-row. Generation is not touched (TRL's ``generate`` with its KV cache; vLLM when asked).
+row.
+
+Generation does the same: transformers' ``generate`` (TRL's sampling settings, its KV cache) starts
+from a cache of the distinct prompts' tokens, all but the last, computed once and indexed out to
+the ``num_generations`` rows of each, at the positions ``generate`` itself gives them; it then
+samples as it would have. vLLM (``--use-vllm``), transformers' continuous batching and multimodal
+prompts take TRL's own path.
 
 Anything this does not cover falls back to TRL's pass: a model wrapped for distributed training
 (DDP, DeepSpeed, FSDP: their hooks live on the wrapper's forward), gradient checkpointing,
@@ -68,6 +74,56 @@ class SharedPromptGRPOTrainer(GRPOTrainer):
                 model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size,
                 compute_entropy=compute_entropy, compute_aux_loss=compute_aux_loss, **extra)
         return out
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations,
+                              has_tool_images=False):
+        plain = not (self.use_vllm or self.use_transformers_continuous_batching or images
+                     or multimodal_fields or has_tool_images or self._is_vlm
+                     or self.args.cache_implementation not in (None, "dynamic"))
+        if not plain or len({tuple(p) for p in prompt_ids}) == len(prompt_ids) or min(
+                len(p) for p in prompt_ids) < 2:
+            return super()._generate_single_turn(prompt_ids, images, multimodal_fields,
+                                                 num_generations, has_tool_images)
+        from trl.models import unwrap_model_for_generation
+        from trl.trainer.utils import pad
+
+        device = self.accelerator.device
+        rows = [torch.tensor(ids) for ids in prompt_ids]  # left-padded as TRL pads them
+        ids = pad(rows, padding_value=self._tokenizer.pad_token_id, padding_side="left",
+                  pad_to_multiple_of=self.pad_to_multiple_of).to(device)
+        mask = pad([torch.ones_like(t) for t in rows], padding_value=0, padding_side="left",
+                   pad_to_multiple_of=self.pad_to_multiple_of).to(device)
+        with unwrap_model_for_generation(
+                self.model_wrapped, self.accelerator,
+                gather_deepspeed3_params=self.args.ds3_gather_for_generation,
+                generation_kwargs=self.generation_kwargs,
+                gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
+        ) as unwrapped, torch.no_grad(), self._dist.summon_full_params(self.model_wrapped,
+                                                                        recurse=False):
+            cache = shared_prompt_cache(unwrapped, ids, mask)
+            out = unwrapped.generate(input_ids=ids, attention_mask=mask, cache=cache,
+                                     generation_config=self.generation_config)
+        completion = out[:, ids.size(1):]
+        # as TRL: keep each completion up to and including its first EOS
+        is_eos = torch.isin(completion, torch.tensor(self.eos_token_ids, device=device))
+        ends = torch.where(is_eos.any(1), is_eos.int().argmax(1), completion.size(1))
+        keep = torch.arange(completion.size(1), device=device)[None] <= ends[:, None]
+        return [c[k].tolist() for c, k in zip(completion.cpu(), keep.cpu(), strict=True)], None
+
+
+def shared_prompt_cache(model, ids: torch.Tensor, mask: torch.Tensor):
+    """The KV cache of every row's tokens but the last, for ``generate`` to start from: each
+    distinct (row, mask) run once at ``generate``'s positions (the mask's cumulative sum), then
+    indexed out to its rows."""
+    key = torch.cat([ids, mask.to(ids.dtype)], 1)
+    uniq, inverse = torch.unique(key, dim=0, return_inverse=True)
+    u_ids, u_mask = uniq[:, :ids.size(1)], uniq[:, ids.size(1):]
+    pos = (u_mask.long().cumsum(-1) - 1).masked_fill(u_mask == 0, 0)
+    out = model(input_ids=u_ids[:, :-1], attention_mask=u_mask[:, :-1], position_ids=pos[:, :-1],
+                use_cache=True, logits_to_keep=1)
+    cache = out.cache if hasattr(out, "cache") else out.past_key_values
+    cache.reorder_cache(inverse)
+    return cache
 
 
 def shared_prompt_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
