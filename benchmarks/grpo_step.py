@@ -23,6 +23,7 @@ noisy, shared machine slows both alike; the table gives medians over rounds and 
     git worktree add /tmp/grpo-base 8a0e49f
     MECHINTERP_DATA=/work/shared/data python benchmarks/grpo_step.py --baseline /tmp/grpo-base
     python benchmarks/grpo_step.py --child --steps 4          # one child: this tree only, JSON
+    python benchmarks/grpo_step.py --baseline /tmp/grpo-base --side-by-side --repeats 1
     python benchmarks/grpo_step.py --baseline /tmp/grpo-base --use-vllm   # on a GPU (colocate)
 """
 
@@ -120,15 +121,20 @@ def _child(a: argparse.Namespace) -> dict:
 
 
 # ----- parent: alternate the trees, medians and the ratio --------------------------------------------
-def _run_child(tree: Path, a: argparse.Namespace) -> dict:
+def _start_child(tree: Path, a: argparse.Namespace) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(tree))
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--steps", str(a.steps),
            "--seed", str(a.seed), "--base", a.base, "--preset", a.preset,
            *(["--use-vllm"] if a.use_vllm else [])]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=str(tree))
-    if res.returncode:
-        sys.exit(f"child for {tree} failed:\n{res.stderr[-3000:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=str(tree))
+
+
+def _result(proc: subprocess.Popen, tree: Path) -> dict:
+    out, err = proc.communicate()
+    if proc.returncode:
+        sys.exit(f"child for {tree} failed:\n{err[-3000:]}")
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def _rev(tree: Path) -> str:
@@ -149,6 +155,11 @@ def main() -> None:
     ap.add_argument("--preset", default="cpu-demo")
     ap.add_argument("--use-vllm", action="store_true", help="vLLM colocate generation (a GPU)")
     ap.add_argument("--log", type=Path, help="append each run's JSON here as it finishes")
+    ap.add_argument("--side-by-side", action="store_true",
+                    help="run the two trees at the same time in each round (on a machine whose "
+                    "load swings within minutes; each then has part of the cores)")
+    ap.add_argument("--table", type=Path, nargs=2, metavar=("BASELINE_JSON", "THIS_JSON"),
+                    help="print the table of two child outputs (--child ... > FILE) and stop")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
@@ -157,20 +168,29 @@ def main() -> None:
     trees = {"this": HERE} if a.baseline is None else {"baseline": a.baseline.resolve(),
                                                         "this": HERE}
     runs: dict[str, list[dict]] = {k: [] for k in trees}
-    for i in range(a.repeats):
-        for name, tree in trees.items():
+    if a.table:
+        runs = {k: [json.loads(f.read_text().strip().splitlines()[-1])]
+                for k, f in zip(("baseline", "this"), a.table, strict=True)}
+        trees = {"baseline": a.baseline.resolve() if a.baseline else Path("?"), "this": HERE}
+    for i in range(0 if a.table else a.repeats):
+        groups = [list(trees.items())] if a.side_by_side else [[kv] for kv in trees.items()]
+        for group in groups:
             t0 = time.perf_counter()
-            runs[name].append(_run_child(tree, a))
-            if a.log:
-                with open(a.log, "a") as f:
-                    f.write(json.dumps({"tree": name, "rev": _rev(tree), **runs[name][-1]}) + "\n")
-            print(f"round {i + 1}/{a.repeats} {name}: step {runs[name][-1]['parts']['step']:.2f} s "
-                  f"(run {time.perf_counter() - t0:.0f} s; load {os.getloadavg()[0]:.1f})",
-                  file=sys.stderr, flush=True)
+            procs = [(name, tree, _start_child(tree, a)) for name, tree in group]
+            for name, tree, proc in procs:
+                runs[name].append(_result(proc, tree))
+                if a.log:
+                    with open(a.log, "a") as f:
+                        f.write(json.dumps({"tree": name, "rev": _rev(tree), **runs[name][-1]})
+                                + "\n")
+                print(f"round {i + 1}/{a.repeats} {name}: step "
+                      f"{runs[name][-1]['parts']['step']:.2f} s (run {time.perf_counter() - t0:.0f}"
+                      f" s; load {os.getloadavg()[0]:.1f})", file=sys.stderr, flush=True)
     med = {k: {p: statistics.median(r["parts"][p] for r in v) for p in PARTS}
            for k, v in runs.items()}
+    how = "side by side" if a.side_by_side else "alternating"
     print(f"GRPO step, preset {a.preset}, {a.base}, {a.steps} steps per run (first left out), "
-          f"{a.repeats} alternating rounds, torch threads {runs['this'][0]['threads']}"
+          f"{len(runs['this'])} {how} rounds, torch threads {runs['this'][0]['threads']}"
           + (", vLLM colocate" if a.use_vllm else ""))
     heads = [f"{k} ({_rev(t)})" for k, t in trees.items()]
     print(f"  {'part (median s)':<14}" + "".join(f"{h:>22}" for h in heads)
