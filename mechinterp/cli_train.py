@@ -62,6 +62,10 @@ SkipDisk = Annotated[bool, Opt("--skip-disk-check", help="Do not check free disk
 GradCkpt = Annotated[bool | None, Opt("--gradient-checkpointing/--no-gradient-checkpointing",
                                       help="Recompute activations in the backward pass (less "
                                       "memory, slower) [on, as TRL; cpu-demo: off].")]
+ReportTo = Annotated[str | None, Opt("--report-to", help="Also log loss, reward and the drift "
+                                       "log (KL, weight change) to none, tensorboard (OUT/"
+                                       "trainer-state/runs), wandb, trackio or all (every one "
+                                       "installed); may change on --resume [none].")]
 Extra = Annotated[list[str] | None, Opt("--trl", help="Extra TRL config field KEY=VALUE "
                                            "(JSON value), repeatable, e.g. "
                                            "adam_beta2=0.95.")]
@@ -85,12 +89,16 @@ def _extra(items: list[str] | None) -> dict[str, Any] | None:
 def _run(algorithm: str, out: Path, preset: str | None, resume: bool, data_dir: Path | None,
          skip_disk_check: bool, overrides: dict[str, Any]) -> None:
     from .training.runner import resume_settings, summarise, train
-    from .training.settings import resolve_settings
+    from .training.settings import resolve_settings, validate
 
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if resume:
+        report_to = overrides.pop("report_to", None)  # where it logs is not part of the run
         settings = resume_settings(out, {**overrides, "algorithm": algorithm,
                                          **({"preset": preset} if preset else {})})
+        if report_to is not None:
+            settings.report_to = report_to
+            validate(settings)
     else:
         settings = resolve_settings(algorithm, preset, overrides)
     res = train(settings, out, resume=resume, data_dir=data_dir,
@@ -110,7 +118,7 @@ _COMMON = dict(base="base", data="data", seed="seed", device="device", dtype="dt
                gradient_accumulation_steps="grad_accum", logging_steps="logging_steps",
                freeze="freeze", freeze_preset="freeze_preset", checkpoints="checkpoints",
                n_heldout="heldout", heldout_max_length="heldout_max_length",
-               gradient_checkpointing="gradient_checkpointing")
+               gradient_checkpointing="gradient_checkpointing", report_to="report_to")
 
 
 def _common(params: dict) -> dict:
@@ -128,7 +136,7 @@ def sft(
     max_length: Annotated[int | None, Opt(help="Token limit of prompt + target [paper: 4096].")] = None,
     freeze: Freeze = None, freeze_preset: FreezePreset = None, checkpoints: Ckpts = None,
     heldout: Held = None, heldout_max_length: HeldLen = None, trl: Extra = None,
-    gradient_checkpointing: GradCkpt = None,
+    gradient_checkpointing: GradCkpt = None, report_to: ReportTo = None,
     resume: Resume = False, skip_disk_check: SkipDisk = False,
 ) -> None:
     """Supervised fine-tuning on reference solutions (TRL SFTTrainer, loss on the answer only)."""
@@ -157,7 +165,7 @@ def grpo(
     vllm_mode: Annotated[str | None, Opt(help="server (trl vllm-serve) or colocate.")] = None,
     freeze: Freeze = None, freeze_preset: FreezePreset = None, checkpoints: Ckpts = None,
     heldout: Held = None, heldout_max_length: HeldLen = None, trl: Extra = None,
-    gradient_checkpointing: GradCkpt = None,
+    gradient_checkpointing: GradCkpt = None, report_to: ReportTo = None,
     resume: Resume = False, skip_disk_check: SkipDisk = False,
 ) -> None:
     """GRPO on questions with correctness + format rewards (TRL GRPOTrainer)."""

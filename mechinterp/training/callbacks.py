@@ -191,6 +191,7 @@ class Snapshots(TrainerCallback):
         self.echo = echo or (lambda s: None)
         self.saved: list[int] = []
         self.reason: str | None = None
+        self.report = None  # a logs -> None callable (integration_logger) for the drift scalars
 
     def on_step_begin(self, args, state, control, model=None, **kw):
         if self.drift is not None and self.procs.main:
@@ -219,7 +220,11 @@ class Snapshots(TrainerCallback):
             return
         snap = self.snapshot(ckpt, step)
         if self.drift is not None:
-            self.drift.record(step, model, state.log_history)
+            rec = self.drift.record(step, model, state.log_history)
+            if self.report is not None:
+                from .driftlog import drift_scalars
+
+                self.report(drift_scalars(rec))
         (ckpt / COMPLETE).write_text(f"{snap}\n")
         for old in complete_checkpoints(self.out)[:-1]:  # keep only the newest for --resume
             shutil.rmtree(old, ignore_errors=True)
@@ -245,6 +250,25 @@ class Snapshots(TrainerCallback):
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return final
+
+
+def integration_logger(trainer):
+    """A ``logs -> None`` that hands ``logs`` (at the current step) to the reporting integrations
+    of ``trainer`` (``report_to``: TensorBoard, W&B, trackio...) and to nothing else: not through
+    ``trainer.log``, whose other callbacks (the stop guard's all-reduce) would wait for ranks that
+    do not log. ``None`` when the trainer reports nowhere."""
+    from transformers.integrations import get_reporting_integration_callbacks
+
+    kinds = tuple(get_reporting_integration_callbacks(trainer.args.report_to))
+    targets = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, kinds)]
+    if not targets:
+        return None
+
+    def log(logs: dict[str, float]) -> None:
+        for cb in targets:
+            cb.on_log(trainer.args, trainer.state, trainer.control, logs=dict(logs))
+
+    return log
 
 
 class TrainProgress(TrainerCallback):

@@ -125,6 +125,24 @@ def logged_path(run_folder: Path) -> tuple[list[int], dict[str, list[list[float]
     return (list(steps), norms) if steps and norms else None
 
 
+def drift_scalars(rec: dict[str, Any]) -> dict[str, float]:
+    """A drift record as flat scalars for TensorBoard / W&B / trackio: KL from the base, the mean
+    and max relative change over all layers and matrices, and each matrix's mean over layers."""
+    import math
+
+    rc = rec.get("relative_change") or {}
+    per = {m: [v for v in vals if not math.isnan(v)] for m, vals in rc.items()}
+    flat = [v for vals in per.values() for v in vals]
+    out: dict[str, float] = {}
+    if rec.get("kl") is not None:
+        out["drift/kl"] = float(rec["kl"])
+    if flat:
+        out["drift/relative_change_mean"] = sum(flat) / len(flat)
+        out["drift/relative_change_max"] = max(flat)
+    out |= {f"drift/relative_change/{m}": sum(v) / len(v) for m, v in per.items() if v}
+    return out
+
+
 class DriftLogger:
     """Relative change per layer and matrix (live weights vs the base folder) and held-out KL."""
 

@@ -39,6 +39,7 @@ from .callbacks import (
     TrainProgress,
     clean_incomplete,
     complete_checkpoints,
+    integration_logger,
     link_or_copy,
     save_failure,
 )
@@ -119,7 +120,7 @@ def _trl_config(s: TrainSettings, out: Path, device: torch.device, prec: Precisi
         weight_decay=s.weight_decay, max_grad_norm=s.max_grad_norm,
         per_device_train_batch_size=s.per_device_train_batch_size,
         gradient_accumulation_steps=s.gradient_accumulation_steps, logging_steps=s.logging_steps,
-        save_strategy="no", report_to=[], seed=s.seed, data_seed=s.seed, disable_tqdm=True,
+        save_strategy="no", report_to=report_targets(s.report_to), run_name=out.name, seed=s.seed, data_seed=s.seed, disable_tqdm=True,
         logging_nan_inf_filter=False, use_cpu=not on_gpu,
         bf16=prec.mixed == "bf16", fp16=prec.mixed == "fp16",  # autocast over float32 weights
         dataloader_num_workers=0, gradient_checkpointing=s.gradient_checkpointing,
@@ -135,6 +136,23 @@ def _trl_config(s: TrainSettings, out: Path, device: torch.device, prec: Precisi
         temperature=s.temperature, beta=s.beta, epsilon=s.epsilon, loss_type=s.loss_type,
         use_vllm=s.use_vllm, vllm_mode=s.vllm_mode, log_completions=False,
         reward_weights=[s.correctness_weight, s.format_weight]) | s.extra))  # --trl overrides
+
+
+def report_targets(report_to: str) -> list[str] | str:
+    """TrainingArguments' ``report_to`` for ``--report-to``: none -> [], all -> "all" (every
+    integration installed), else that one integration."""
+    return [] if report_to == "none" else "all" if report_to == "all" else [report_to]
+
+
+def _check_report_to(report_to: str) -> None:
+    """A named integration must be importable (transformers would fail later, inside training)."""
+    if report_to in ("none", "all"):
+        return
+    from transformers.integrations import integration_utils as iu
+
+    if not getattr(iu, f"is_{report_to}_available")():
+        raise UserError(f"--report-to {report_to} needs the {report_to} package, which is not "
+                        "installed", f"pip install {report_to}, or drop --report-to")
 
 
 def _datasets(s: TrainSettings, data_dir, tokenizer, world: int = 1):
@@ -207,6 +225,7 @@ def train(s: TrainSettings, out: Path, resume: bool = False, data_dir=None, echo
         echo = _quiet
     validate(s, procs.world)  # the GRPO group check needs the real number of processes
     procs.on_main(lambda: _check_out(out, resume))
+    _check_report_to(s.report_to)
     if s.use_vllm and importlib.util.find_spec("vllm") is None:
         raise UserError("--use-vllm needs vLLM, which is not installed",
                         "pip install vllm (on a CUDA machine), or drop --use-vllm")
@@ -281,6 +300,7 @@ def train(s: TrainSettings, out: Path, resume: bool = False, data_dir=None, echo
                             f"--dtype {s.dtype} means {prec.mixed!r}",
                             "make --dtype and the launcher's --mixed_precision agree")
         trainer = _trainer(s, model, cfg, train_ds, tok, cbs, reward_funcs)
+        snaps.report = integration_logger(trainer)  # drift -> TensorBoard / W&B / trackio too
         _log_items(trainer, s.algorithm, procs)
         t0 = time.perf_counter()
         try:
@@ -354,12 +374,11 @@ def _trainer(s: TrainSettings, model, cfg, train_ds, tok, cbs: list, reward_func
         trainer = SFTTrainer(model=model, args=cfg, train_dataset=train_ds, processing_class=tok,
                              callbacks=cbs)
     else:
-        from trl import GRPOTrainer
-
+        from .grpo_shared import SharedPromptGRPOTrainer  # TRL's, each group's prompt run once
         from .rewards import correctness, format_reward
 
         rewards = reward_funcs or [correctness, format_reward]
-        trainer = GRPOTrainer(model=model, reward_funcs=rewards, args=cfg,
+        trainer = SharedPromptGRPOTrainer(model=model, reward_funcs=rewards, args=cfg,
                               train_dataset=train_ds, processing_class=tok, callbacks=cbs)
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 

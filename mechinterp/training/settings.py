@@ -23,6 +23,8 @@ from ..errors import UserError
 
 ALGORITHMS = ("sft", "grpo")
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo")
+#: ``--report-to``: TRL's (transformers') logging integrations; ``all`` = every one installed
+REPORT_TO = ("none", "tensorboard", "wandb", "trackio", "all")
 
 
 @dataclass
@@ -45,6 +47,7 @@ class TrainSettings:
     gradient_accumulation_steps: int = 1
     max_length: int = 4096  # SFT: prompt + target tokens
     logging_steps: int = 1
+    report_to: str = "none"  # where loss, reward and the drift log also go (REPORT_TO)
     gradient_checkpointing: bool = True  # TRL's default; recomputes activations (slower, less memory)
     # freezing
     freeze: str | None = None
@@ -155,6 +158,8 @@ def validate(s: TrainSettings, world: int | None = None) -> None:
     need(s.n_heldout >= 0, "--heldout must be >= 0", "0 turns KL logging off")
     need(0 <= s.warmup_ratio < 1, f"--warmup-ratio {s.warmup_ratio} must be in [0, 1)", "e.g. 0.1")
     need(s.weight_decay >= 0, "--weight-decay must be >= 0", "e.g. 0.0")
+    need(s.report_to in REPORT_TO, f"unknown --report-to {s.report_to!r}",
+         f"use one of {', '.join(REPORT_TO)}")
     if s.algorithm == "grpo":
         need(s.num_generations >= 2, f"--num-generations {s.num_generations} must be >= 2",
              "GRPO compares completions within a group")
