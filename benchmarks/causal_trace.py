@@ -70,8 +70,8 @@ def main() -> None:
         windows,
     )
     from mechinterp.data import DataSource, load_knowns
-    from mechinterp.models import DEFAULT_MODEL, load
     from mechinterp.data.subset import seeded_subset as select
+    from mechinterp.models import DEFAULT_MODEL, load
 
     model = load(DEFAULT_MODEL, device="cpu", dtype="float32")
     n, N = model.n_layers, args.samples
