@@ -293,7 +293,24 @@ def compare(base: str | None, variants: dict[str, str], out: Path, data_dir=None
             preset: str = "default", device: str = "auto", dtype: str = "auto",
             probes: list[str] | None = None, echo=print, device_map=None,
             max_memory: dict | str | None = None,
-            revisions: dict[str, list[str]] | None = None) -> Study:
+            revisions: dict[str, list[str]] | None = None, overwrite: bool = False) -> Study:
+    """:func:`_compare` with ``out`` checked before any work and held with its writer lock for the
+    whole run (a second writer waits, then stops with a line naming this one); ``overwrite``
+    replaces stored results of other models (see :func:`mechinterp.runner.run_probe`)."""
+    from .locking import writer_lock
+    from .results import check_out
+
+    check_out(out)
+    with writer_lock(out):
+        return _compare(base, variants, out, data_dir, preset, device, dtype, probes, echo,
+                        device_map, max_memory, revisions, overwrite)
+
+
+def _compare(base: str | None, variants: dict[str, str], out: Path, data_dir=None,
+             preset: str = "default", device: str = "auto", dtype: str = "auto",
+             probes: list[str] | None = None, echo=print, device_map=None,
+             max_memory: dict | str | None = None,
+             revisions: dict[str, list[str]] | None = None, overwrite: bool = False) -> Study:
     """Run the plan of ``preset`` on ``base`` (default: the built-in model) and ``variants``;
     decide claims; write the report. ``preset="paper"`` without variants analyses the paper's
     released checkpoints (:data:`PAPER_RUNS`, every saved step, or the ``revisions`` named)."""
@@ -349,7 +366,7 @@ def compare(base: str | None, variants: dict[str, str], out: Path, data_dir=None
         t0 = time.perf_counter()
         echo(f"[compare {i}/{len(plan)}] {step.probe} on "
              f"{len(models.variants)} variant model(s) + base ...")
-        result = run_probe(probe, models, data, config, out=out, reuse=True,
+        result = run_probe(probe, models, data, config, out=out, reuse=True, overwrite=overwrite,
                            echo=lambda m: echo(f"      {m}"))
         for name in models.variants:
             models.release(name)
