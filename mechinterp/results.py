@@ -160,7 +160,7 @@ def temp_siblings(folder: Path) -> list[Path]:
     if not folder.parent.is_dir():
         return []
     return [p for p in folder.parent.iterdir()
-            if p.name.startswith(f".{folder.name}-") and p.is_dir()]
+            if p.name.startswith(f".{folder.name}.tmp-") and p.is_dir()]
 
 
 def remove_temp_siblings(folder: Path) -> None:
@@ -176,12 +176,20 @@ def write_result(result: Result, folder: Path, figures: dict[str, Any] | None = 
 
     A figure that fails to save is recorded in ``result.provenance["figure_errors"]`` (reuse
     draws it again); a full disk raises :class:`~mechinterp.errors.UserError` and leaves the
-    previous result as it was. The folder gets the permissions of the umask."""
-    from .errors import UserError
+    previous result as it was. The folder gets the permissions of the umask. One writer at a
+    time: the write holds the parent folder's writer lock (:mod:`mechinterp.locking`)."""
+    from .locking import writer_lock
 
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    with writer_lock(folder.parent):
+        return _write_result(result, folder, figures)
+
+
+def _write_result(result: Result, folder: Path, figures: dict[str, Any] | None) -> Path:
+    from .errors import UserError
+
+    remove_temp_siblings(folder)  # what a killed writer left (we hold the lock)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     try:
         os.chmod(tmp, 0o777 & ~_umask())
         names: dict[str, str] = {}
@@ -211,7 +219,7 @@ def write_result(result: Result, folder: Path, figures: dict[str, Any] | None = 
         (tmp / RESULT_FILE).write_text(json.dumps(payload, indent=1, allow_nan=False) + "\n")
         if not (folder.exists() and _exchange(tmp, folder)):
             if folder.exists():
-                old = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+                old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
                 folder.rename(old / "old")
             tmp.rename(folder)
         # after an exchange ``tmp`` holds the previous result; removed in the finally below
@@ -359,22 +367,24 @@ MIN_FREE_BYTES = 16 << 20
 
 
 def check_out(out: Path | str) -> Path:
-    """Check (and create) a results folder before any work: not a file, writable, with room on
-    its disk; else one :class:`~mechinterp.errors.UserError` naming the problem."""
+    """Check a results folder before any work (creating nothing): not a file, writable (or
+    creatable), with room on its disk; else one :class:`~mechinterp.errors.UserError`."""
     from .errors import UserError
 
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a folder",
                         "pass a folder (it is created if missing)")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"cannot create --out {out} ({exc.strerror or exc})",
-                        "pass a folder you can write to") from None
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise UserError(f"--out {out} is not writable", "pass a folder you can write to")
-    free = shutil.disk_usage(out).free
+    probe = out.absolute()
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UserError(f"--out {out} cannot be created: {probe} is a file",
+                        "pass a folder (it is created if missing)")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"--out {out} is not writable ({probe} does not allow writing)",
+                        "pass a folder you can write to")
+    free = shutil.disk_usage(probe).free
     if free < MIN_FREE_BYTES:
         raise UserError(f"the disk of --out {out} is full ({free // 1024} KiB free)",
                         "free some space or pass another --out")
