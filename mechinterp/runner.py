@@ -61,7 +61,7 @@ def run_kinds(models) -> dict[str, str | None]:
 def other_models(stored: dict, identity: dict) -> str | None:
     """None when a stored result's model set has the same names and specs as ``identity``; else
     how they differ (the stored result then belongs to another study)."""
-    spec = {n: m.get("spec") if isinstance(m, dict) else m for n, m in stored.items()}
+    spec = {n: m.get("spec") for n, m in stored.items()}
     want = {n: m["spec"] for n, m in identity.items()}
     if spec == want:
         return None
@@ -69,6 +69,14 @@ def other_models(stored: dict, identity: dict) -> str | None:
     diffs += [f"no {n}" for n in want if n not in spec]
     diffs += [f"also {n}={spec[n]}" for n in spec if n not in want]
     return "stored " + "; ".join(diffs)
+
+
+def _other_set(stored, identity: dict) -> str | None:
+    """:func:`other_models` for a stored identity that names a spec for each model; None for a
+    missing or malformed one (that result is recomputed, not protected)."""
+    known = isinstance(stored, dict) and all(
+        isinstance(m, dict) and isinstance(m.get("spec"), str) for m in stored.values())
+    return other_models(stored, identity) if known else None
 
 
 def _content_change(stored: dict, identity: dict) -> str | None:
@@ -124,7 +132,8 @@ def why_stale(stored: Result, probe: Probe, chash: str, identity: dict, data=Non
     if prov.get("config_hash") != chash:
         return "configuration changed"
     stored_models = prov.get("model_identity")
-    if not isinstance(stored_models, dict):
+    if not isinstance(stored_models, dict) or not all(isinstance(m, dict)
+                                                      for m in stored_models.values()):
         return "no model identity stored"
     if other := other_models(stored_models, identity):
         return f"other models ({other})"
@@ -145,12 +154,14 @@ def _assess(folder: Path, probe: Probe, chash: str, identity: dict, data, overwr
         stored = read_result(folder)
     except UserError as exc:
         return None, f"the stored result is unreadable: {exc.message}", False
-    ident = stored.provenance.get("model_identity")
-    other = other_models(ident, identity) if isinstance(ident, dict) else None
+    other = _other_set(stored.provenance.get("model_identity"), identity)
     if other is not None and not overwrite:
         raise UserError(f"{folder} holds a result of other models ({other})",
                         "pass --overwrite (overwrite=True) to replace it, or use another --out")
-    stale = why_stale(stored, probe, chash, identity, data)
+    try:
+        stale = why_stale(stored, probe, chash, identity, data)
+    except (TypeError, ValueError, AttributeError, KeyError) as exc:
+        stale = f"its provenance is malformed ({type(exc).__name__})"
     if stale is None and bad and not all(b.endswith((".png", ".pdf")) for b in bad):
         stale = f"its files {', '.join(bad[:3])} are missing or incomplete"
     redraw = bool(bad) or bool(stored.provenance.get("figure_errors"))
@@ -259,7 +270,7 @@ def run_probe(probe: Probe | str, models, data, config=None, out: Path | str | N
                 now = read_result(folder).provenance.get("model_identity")
             except UserError:
                 now = None
-            if isinstance(now, dict) and other_models(now, identity) and not overwrite:
+            if _other_set(now, identity) and not overwrite:
                 raise UserError(f"{folder} was written by another run of other models while "
                                 "this one ran", "pass --overwrite, or use another --out")
             write_result(result, folder, figures)
