@@ -24,7 +24,7 @@ from mechinterp.cli import main
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run(capsys, args):
+def _cli(capsys, args):
     code = main(args)
     return code, capsys.readouterr().err.strip()
 
@@ -50,11 +50,11 @@ def test_out_that_is_a_file_stops_before_any_work(tmp_path, capsys, cmd, no_mode
     """Repro 4: --out that is a file lost the computed probe with a traceback."""
     out = tmp_path / "out"
     out.write_text("not a folder")
-    code, err = _run(capsys, [*cmd, "--out", str(out), "--device", "cpu"])
+    code, err = _cli(capsys, [*cmd, "--out", str(out), "--device", "cpu"])
     assert code == 2 and "is a file" in err and len(err.splitlines()) == 1, err
     inner = tmp_path / "f"
     inner.write_text("x")
-    code, err = _run(capsys, [*cmd, "--out", str(inner / "sub"), "--device", "cpu"])
+    code, err = _cli(capsys, [*cmd, "--out", str(inner / "sub"), "--device", "cpu"])
     assert code == 2 and "is a file" in err, err
     assert out.read_text() == "not a folder"
 
@@ -64,7 +64,7 @@ def test_full_disk_stops_before_any_work(tmp_path, capsys, monkeypatch, no_model
     real = shutil.disk_usage
     Usage = namedtuple("Usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda p: Usage(real(p).total, real(p).total, 4096))
-    code, err = _run(capsys, ["run", "weight-change", "--base", "tiny-random-llama", "--variant",
+    code, err = _cli(capsys, ["run", "weight-change", "--base", "tiny-random-llama", "--variant",
                               "v=tiny-random-llama", "--out", str(tmp_path / "o"),
                               "--device", "cpu"])
     assert code == 2 and "is full" in err and len(err.splitlines()) == 1, err
@@ -75,7 +75,7 @@ def test_full_disk_stops_before_any_work(tmp_path, capsys, monkeypatch, no_model
 def test_unwritable_out_stops_before_any_work(tmp_path, capsys, no_model_load):
     ro = tmp_path / "ro"
     ro.mkdir(mode=0o500)
-    code, err = _run(capsys, ["run", "weight-change", "--base", "tiny-random-llama", "--variant",
+    code, err = _cli(capsys, ["run", "weight-change", "--base", "tiny-random-llama", "--variant",
                               "v=tiny-random-llama", "--out", str(ro / "o"), "--device", "cpu"])
     assert code == 2 and "not writable" in err, err
 
@@ -93,10 +93,30 @@ compare("tiny-random-llama", {"sft": sys.argv[2]}, sys.argv[1], preset="smoke",
 """
 
 
-def _start(out: Path, sft: Path):
+def _start(out: Path, sft: Path, log: Path):
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", MECHINTERP_PROGRESS="0")
-    return subprocess.Popen([sys.executable, "-c", CHILD, str(out), str(sft), PROBES], env=env,
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with log.open("w") as fh:  # a file, not a pipe: a child never blocks on a full pipe
+        return subprocess.Popen([sys.executable, "-c", CHILD, str(out), str(sft), PROBES],
+                                env=env, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT)
+
+
+def _run(out: Path, sft: Path, log: Path, at: float | None = None, write_of: str | None = None,
+         delay: float = 0.0) -> int:
+    """Run the compare; kill -9 it ``at`` seconds after its start, or ``delay`` seconds after the
+    temporary folder of ``write_of``'s result appears (inside that result's write)."""
+    p = _start(out, sft, log)
+    t0 = time.monotonic()
+    while p.poll() is None:
+        if at is not None and time.monotonic() - t0 >= at:
+            p.send_signal(signal.SIGKILL)
+            break
+        if write_of is not None and out.is_dir() and any(
+                n.startswith(f".{write_of}.tmp-") for n in os.listdir(out)):
+            time.sleep(delay)
+            p.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.002)
+    return p.wait(timeout=600)
 
 
 def _temps(out: Path) -> list[str]:
@@ -119,57 +139,62 @@ def _snapshot(out: Path) -> dict:
 
 @pytest.mark.slow
 def test_compare_killed_at_seeded_points_recovers_exactly(tmp_path, data_source):
+    """kill -9 at 10 seeded times spread over the run (each next run is the re-run of the killed
+    one) and inside the result write of 3 seeded probes (kill when its temporary folder appears,
+    after a seeded delay); every completed run must equal the uninterrupted one."""
     from mechinterp.models import load
     from mechinterp.models.edit import plant_change
 
     model = load("tiny-random-llama", device="cpu", dtype="float32")
     sft = plant_change(model, tmp_path / "sft", {(l, m): 0.2 for l in range(model.n_layers)
                                                   for m in ("q", "gate")}, seed=1)
+    log = tmp_path / "child.log"
     ref = tmp_path / "ref"
     t0 = time.monotonic()
-    p = _start(ref, sft)
-    stdout, stderr = p.communicate(timeout=600)
+    assert _run(ref, sft, log) == 0, log.read_text()[-3000:]
     total = time.monotonic() - t0
-    assert p.returncode == 0, stderr[-3000:]
     expected = _snapshot(ref)
     assert all(expected[probe]["on_disk"] for probe in PROBES.split(","))
-    # kill points: stratified over the whole run, plus one just before each probe's "done"
-    # (its result and figures are being written then)
     rng = random.Random(22)
-    done = [float(line.split()[0]) for line in stdout.splitlines() if line.endswith(")")
-            and " done (" in line]
-    n_uniform = 10
-    points = [total * (i + rng.random()) / n_uniform for i in range(n_uniform)]
-    points += [max(0.0, d - rng.uniform(0.0, 0.6)) for d in done]
-    rng.shuffle(points)
+    n_times = 10
+    events = [("time", total * (i + rng.random()) / n_times) for i in range(n_times)]
+    events += [("write", probe, rng.uniform(0.0, 0.05)) for probe in PROBES.split(",")]
+    rng.shuffle(events)
     out = tmp_path / "out"
-    kills = in_write = recoveries = completed = 0
-    after_kill = False
-    for when in points:
-        before = set(_temps(out)) if out.exists() else set()
-        p = _start(out, sft)
-        try:
-            p.wait(timeout=when)
-        except subprocess.TimeoutExpired:
-            p.send_signal(signal.SIGKILL)
-        stdout, stderr = p.communicate(timeout=600)
-        if p.returncode == -signal.SIGKILL:
-            kills += 1
-            in_write += bool(set(_temps(out)) - before) if out.exists() else 0
-            after_kill = True
-            continue
-        assert p.returncode == 0, stderr[-3000:]
-        completed += 1
-        recoveries += after_kill
+    kills = in_write = left_temp = recoveries = completed = 0
+    dirty = False  # the folder holds what a killed run left
+
+    def finish():  # run to the end and compare with the uninterrupted run
+        nonlocal completed, recoveries, dirty
+        assert _run(out, sft, log) == 0, log.read_text()[-3000:]
         assert _snapshot(out) == expected and _temps(out) == []
-        after_kill = False
+        completed += 1
+        recoveries += dirty
+        dirty = False
+
+    for event in events:
+        if event[0] == "write":  # a fresh run, so that this probe's result is written
+            if dirty:
+                finish()
+            shutil.rmtree(out, ignore_errors=True)
+        before = set(_temps(out)) if out.exists() else set()
+        code = (_run(out, sft, log, at=event[1]) if event[0] == "time"
+                else _run(out, sft, log, write_of=event[1], delay=event[2]))
+        if code == -signal.SIGKILL:
+            kills += 1
+            in_write += event[0] == "write"  # killed after its temporary folder appeared
+            left_temp += bool(out.exists() and set(_temps(out)) - before)
+            dirty = True
+            continue
+        assert code == 0, log.read_text()[-3000:]
+        assert _snapshot(out) == expected and _temps(out) == []
+        completed += 1
+        recoveries += dirty
+        dirty = False
         shutil.rmtree(out)  # the next point starts a fresh run
-    p = _start(out, sft)  # the last re-run, to the end
-    stdout, stderr = p.communicate(timeout=600)
-    assert p.returncode == 0, stderr[-3000:]
-    recoveries += after_kill
-    assert _snapshot(out) == expected and _temps(out) == []
-    print(f"\nfault injection: {len(points)} points over a {total:.1f} s run, {kills} kills "
-          f"({in_write} left a result write half-done), {recoveries} recoveries, "
-          f"{completed + 1} completed runs equal to the uninterrupted one")
-    assert kills >= 10 and in_write >= 1
+    if dirty or not out.exists():
+        finish()
+    print(f"\nfault injection: {len(events)} kill points over a {total:.1f} s run: {kills} kills "
+          f"({in_write} inside a result write; {left_temp} left a temporary folder), {recoveries} recoveries, {completed} completed "
+          f"runs, all equal to the uninterrupted one")
+    assert kills >= 10 and in_write >= 3
