@@ -31,6 +31,7 @@ print(done)
 """
 
 
+@pytest.mark.slow
 def test_two_processes_writing_one_out_lose_nothing(tmp_path):
     """Repro 5: 200 writes each; one process lost 132 to ENOTEMPTY and left `.p-old-<pid>`."""
     out = tmp_path / "out"
