@@ -104,11 +104,14 @@ _RESERVED = (RESULT_FILE, ARRAYS_FILE)
 def safe_name(name: str) -> str:
     """``name`` as one plain file name: itself when it is one, else its unsafe characters
     (``/``, spaces, ...) replaced and a short hash of the whole name appended (``sft@sub/step-2``
-    -> ``sft@sub_step-2-1a2b3c4d``), so that model names and hub revisions never become paths."""
+    -> ``sft@sub_step-2-1a2b3c4d``, an extension kept at the end), so that model names and hub revisions never become paths."""
     if _SAFE.fullmatch(name) and name not in _RESERVED:
         return name
-    stem = re.sub(r"[^A-Za-z0-9._+@=,-]", "_", name)[:120].lstrip(".") or "file"
-    return f"{stem}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+    base, dot, ext = name.rpartition(".")
+    if not (dot and base and re.fullmatch(r"[A-Za-z0-9]{1,8}", ext)):
+        base, ext = name, ""
+    stem = re.sub(r"[^A-Za-z0-9._+@=,-]", "_", base)[:120].lstrip(".") or "file"
+    return f"{stem}-{hashlib.sha256(name.encode()).hexdigest()[:8]}{'.' + ext if ext else ''}"
 
 
 def _umask() -> int:
