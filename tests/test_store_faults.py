@@ -146,7 +146,7 @@ def test_compare_killed_at_seeded_points_recovers_exactly(tmp_path, data_source)
     from mechinterp.models.edit import plant_change
 
     model = load("tiny-random-llama", device="cpu", dtype="float32")
-    sft = plant_change(model, tmp_path / "sft", {(l, m): 0.2 for l in range(model.n_layers)
+    sft = plant_change(model, tmp_path / "sft", {(i, m): 0.2 for i in range(model.n_layers)
                                                   for m in ("q", "gate")}, seed=1)
     log = tmp_path / "child.log"
     ref = tmp_path / "ref"
