@@ -21,6 +21,7 @@ from .cli_options import (
     Limit,
     MaxMemory,
     Out,
+    Overwrite,
     Seed,
     Variant,
 )
@@ -137,21 +138,25 @@ def run(
     set_: Annotated[list[str] | None, typer.Option(
         "--set", help="Probe option KEY=VALUE (repeatable); see the probe's Config.")] = None,
     no_figures: Annotated[bool, typer.Option("--no-figures", help="Skip drawing.")] = False,
+    overwrite: Overwrite = False,
 ) -> None:
     """Run one probe on a base model and its variants; write OUT/<probe>/result.json + figures."""
     from .data import DataSource
     from .models.modelset import ModelSet
     from .probe import get_probe, make_config
+    from .results import check_out
     from .runner import run_probe
 
     p = get_probe(probe)
     config = make_config(p, _parse_sets(set_), seed=seed, limit=limit)
     if limit is not None and limit <= 0:
         raise UserError(f"--limit {limit} must be positive", "omit it to use all items")
+    check_out(out)
     data = DataSource.from_option(data_dir)
     models = ModelSet.from_args(base, variant or [], device=device, dtype=dtype,
                                 device_map=device_map, max_memory=max_memory)
-    result = run_probe(p, models, data, config, out=out, draw=not no_figures, echo=_err)
+    result = run_probe(p, models, data, config, out=out, draw=not no_figures, echo=_err,
+                       overwrite=overwrite)
     typer.echo(f"{p.name}: wrote {out / p.name / 'result.json'} "
                f"({result.provenance['wall_time_s']:.1f} s)")
 
@@ -213,6 +218,7 @@ def compare_cmd(
     executor_option: Annotated[list[str] | None, typer.Option(
         "--executor-option", help="KEY=VALUE passed to submitit's executor, e.g. "
         "slurm_partition=gpu, slurm_account=lab, timeout_min=600, mem_gb=64. Repeatable.")] = None,
+    overwrite: Overwrite = False,
 ) -> None:
     """Run every probe and evaluation on a base and its fine-tunes; decide the paper's claims;
     write OUT/report.md, OUT/report.html (self-contained) and OUT/claims.json.
@@ -237,7 +243,8 @@ def compare_cmd(
                     preset=preset, device=device, dtype=dtype, probes=probes, echo=typer.echo,
                     device_map=device_map, max_memory=max_memory,
                     revisions=parse_variant_args(revisions or []) or None, executor=executor,
-                    workers=workers, executor_options=options)
+                    workers=workers, executor_options=options,
+                    overwrite=overwrite)
     typer.echo(f"report: {out / 'report.html'} (also report.md, claims.json)")
     for c in study.claims:
         typer.echo("  " + verdict_line(c))
@@ -258,6 +265,7 @@ def demo(
         "--keep-checkpoints", help="keep every checkpoint of every run and the optimizer state "
         "(default: every checkpoint of the first seed's SFT and GRPO runs, the final model of "
         "the others: 39 GB instead of 10 GB at the default preset).")] = False,
+    overwrite: Overwrite = False,
 ) -> None:
     """The study end to end on the built-in default model: train SFT, GRPO and SFT with the
     mid-layer MLPs frozen on the same arithmetic task, compare them with the base, write the report
@@ -265,7 +273,7 @@ def demo(
     from .demo import run_demo
 
     run_demo(out, preset=preset, data_dir=data_dir, device=device, dtype=dtype, echo=typer.echo,
-             keep_checkpoints=keep_checkpoints)
+             keep_checkpoints=keep_checkpoints, overwrite=overwrite)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from .cli_options import DataDir, Device, Dtype, Limit, Out, Seed, Variant
+from .cli_options import DataDir, Device, Dtype, Limit, Out, Overwrite, Seed, Variant
 from .errors import UserError
 
 eval_app = typer.Typer(rich_markup_mode=None,
@@ -25,19 +25,21 @@ Model = Annotated[str, typer.Option("--model", "-m", help="Model spec: zoo name,
 
 
 def _run(probe_name: str, model: str, variant, data_dir, out, device, dtype, limit, seed,
-         options: dict) -> None:
+         options: dict, overwrite: bool = False) -> None:
     from .data import DataSource
     from .models.modelset import ModelSet
     from .probe import get_probe, make_config
+    from .results import check_out
     from .runner import run_probe
 
     if limit is not None and limit <= 0:
         raise UserError(f"--limit {limit} must be positive", "omit it to use all items")
     probe = get_probe(probe_name)
     config = make_config(probe, options, seed=seed, limit=limit)
+    check_out(out)
     data = DataSource.from_option(data_dir)
     models = ModelSet.from_args(model, variant or [], device=device, dtype=dtype)
-    result = run_probe(probe, models, data, config, out=out,
+    result = run_probe(probe, models, data, config, out=out, overwrite=overwrite,
                        echo=lambda m: typer.echo(m, err=True))
     d = result.data
     for name in d["models"]:
@@ -67,6 +69,7 @@ def mmlu(
     out: Out = Path("results"),
     device: Device = "auto",
     dtype: Dtype = "auto",
+    overwrite: Overwrite = False,
 ) -> None:
     """MMLU accuracy per format, subject and model, with Wilson intervals and item rows."""
     fmts = [f.strip() for arg in (format_ or ["letter-0shot"]) for f in arg.split(",") if f.strip()]
@@ -75,7 +78,7 @@ def mmlu(
     options: dict = {"formats": fmts}
     if subjects:
         options["subjects"] = [s.strip() for s in subjects.split(",") if s.strip()]
-    _run("mmlu", model, variant, data_dir, out, device, dtype, limit, seed, options)
+    _run("mmlu", model, variant, data_dir, out, device, dtype, limit, seed, options, overwrite)
 
 
 @eval_app.command("gsm8k")
@@ -92,6 +95,7 @@ def gsm8k(
     out: Out = Path("results"),
     device: Device = "auto",
     dtype: Dtype = "auto",
+    overwrite: Overwrite = False,
 ) -> None:
     """GSM8K accuracy by greedy generation, with a Wilson interval and item rows."""
     if shots < 0 or max_new_tokens <= 0 or batch_size <= 0:
@@ -99,7 +103,7 @@ def gsm8k(
                         "check the options")
     _run("gsm8k", model, variant, data_dir, out, device, dtype, limit, seed,
          {"shots": shots, "chat": chat, "max_new_tokens": max_new_tokens,
-          "batch_size": batch_size})
+          "batch_size": batch_size}, overwrite)
 
 
 @eval_app.command("task")
@@ -116,8 +120,9 @@ def task(
     out: Out = Path("results"),
     device: Device = "auto",
     dtype: Dtype = "auto",
+    overwrite: Overwrite = False,
 ) -> None:
     """In-domain accuracy: greedy answers to held-out task items in the training prompt format,
     scored like the GRPO reward; with --variant, paired against the base on the same items."""
     _run("task-accuracy", model, variant, data_dir, out, device, dtype, limit, seed,
-         {"items": items, "max_new_tokens": max_new_tokens, "batch_size": batch_size})
+         {"items": items, "max_new_tokens": max_new_tokens, "batch_size": batch_size}, overwrite)

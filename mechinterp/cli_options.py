@@ -36,3 +36,7 @@ DeviceMap = Annotated[str | None, typer.Option(
 MaxMemory = Annotated[str | None, typer.Option(
     "--max-memory", help="With --device-map: memory per device for the weights, e.g. "
     "0=70GiB,1=70GiB,cpu=200GiB (leave room for activations).")]
+Overwrite = Annotated[bool, typer.Option(
+    "--overwrite", help="Replace a stored result of other models (other names or specs) in OUT; "
+    "without it such a result is never replaced. Results of the same models are recomputed "
+    "whenever their inputs changed, with or without it.")]

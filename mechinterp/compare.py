@@ -329,8 +329,30 @@ def compare(base: str | None, variants: dict[str, str], out: Path, data_dir=None
             preset: str = "default", device: str = "auto", dtype: str = "auto",
             probes: list[str] | None = None, echo=print, device_map=None,
             max_memory: dict | str | None = None,
-            revisions: dict[str, list[str]] | None = None, executor: str = "serial",
-            workers: int = 1, executor_options: dict[str, Any] | None = None) -> Study:
+            revisions: dict[str, list[str]] | None = None, overwrite: bool = False,
+            executor: str = "serial", workers: int = 1,
+            executor_options: dict[str, Any] | None = None) -> Study:
+    """:func:`_compare` with ``out`` checked before any work and held with its writer lock for the
+    whole run (a second writer waits, then stops with a line naming this one; worker processes of
+    this run write under it); ``overwrite`` replaces stored results of other models (see
+    :func:`mechinterp.runner.run_probe`)."""
+    from .locking import writer_lock
+    from .results import check_out
+
+    check_out(out)
+    with writer_lock(out):
+        return _compare(base, variants, out, data_dir, preset, device, dtype, probes, echo,
+                        device_map, max_memory, revisions, overwrite, executor, workers,
+                        executor_options)
+
+
+def _compare(base: str | None, variants: dict[str, str], out: Path, data_dir=None,
+             preset: str = "default", device: str = "auto", dtype: str = "auto",
+             probes: list[str] | None = None, echo=print, device_map=None,
+             max_memory: dict | str | None = None,
+             revisions: dict[str, list[str]] | None = None, overwrite: bool = False,
+             executor: str = "serial", workers: int = 1,
+             executor_options: dict[str, Any] | None = None) -> Study:
     """Run the plan of ``preset`` on ``base`` (default: the built-in model) and ``variants``;
     decide claims; write the report. ``preset="paper"`` without variants analyses the paper's
     released checkpoints (:data:`PAPER_RUNS`, every saved step, or the ``revisions`` named).
@@ -391,7 +413,8 @@ def compare(base: str | None, variants: dict[str, str], out: Path, data_dir=None
         make_config(get_probe(step.probe), options)  # a bad option stops before any job runs
         jobs.append(Job(label, step.probe, options, base, variants,
                         check=step.kinds is None and not step.first_seed, out=str(out),
-                        data_dir=str(data.root), model_kw=kw))
+                        data_dir=str(data.root), model_kw=kw,
+                        overwrite=overwrite))
     execute(jobs, executor, workers, out / ".jobs", executor_options, echo)
     for job in jobs:
         study.results[job.probe] = read_result(out / job.probe)

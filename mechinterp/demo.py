@@ -111,12 +111,15 @@ def _train_one(run: DemoRun, preset: DemoPreset, out: Path, data_dir, device: st
 
 
 def run_demo(out: Path, preset: str = "default", data_dir=None, device: str = "auto",
-             dtype: str = "auto", echo=print, keep_checkpoints: bool = False):
+             dtype: str = "auto", echo=print, keep_checkpoints: bool = False,
+             overwrite: bool = False):
     from .claims import verdict_line
     from .compare import compare
+    from .results import check_out
 
     if preset not in DEMO_PRESETS:
         raise UserError(f"unknown demo preset {preset!r}", f"use one of {', '.join(DEMO_PRESETS)}")
+    check_out(out)
     p = DEMO_PRESETS[preset]
     out = Path(out)
     t0 = time.perf_counter()
@@ -129,7 +132,7 @@ def run_demo(out: Path, preset: str = "default", data_dir=None, device: str = "a
     t_train = time.perf_counter() - t0
     echo(f"[3/3] comparing them with the base (compare preset {p.compare_preset})")
     study = compare(DEFAULT_MODEL, variants, out, data_dir=data_dir, preset=p.compare_preset,
-                    device=device, dtype=dtype, echo=echo)
+                    device=device, dtype=dtype, echo=echo, overwrite=overwrite)
     claims = study.claims
     wall = time.perf_counter() - t0
     echo("")

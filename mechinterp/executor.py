@@ -24,6 +24,8 @@ the job function here is executor-neutral, so a Ray executor is a few lines wher
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
 import shutil
 import time
@@ -55,6 +57,9 @@ class Job:
         out: the study folder (results go to ``out/<probe>/``).
         data_dir: the data root (None: ``$MECHINTERP_DATA``).
         model_kw: ``device``, ``dtype``, ``device_map``, ``max_memory`` for the model set.
+        overwrite: replace a stored result of other models (see :func:`~mechinterp.runner.run_probe`).
+        lock_holder: the text of the study folder's writer lock, held by the process that
+            submitted the job; a worker process writes under it (:func:`mechinterp.locking.adopt`).
     """
 
     label: str
@@ -66,6 +71,8 @@ class Job:
     out: str
     data_dir: str | None
     model_kw: dict[str, Any] = field(default_factory=dict)
+    overwrite: bool = False
+    lock_holder: str | None = None
 
     @property
     def needs_gpu(self) -> bool:
@@ -106,7 +113,8 @@ def run_job(job: Job, echo: Callable[[str], None] = print, cache: dict | None = 
     data = DataSource.from_option(job.data_dir)
     config = make_config(probe, job.options)
     try:
-        result = run_probe(probe, models, data, config, out=job.out, reuse=True, echo=echo)
+        result = run_probe(probe, models, data, config, out=job.out, reuse=True, echo=echo,
+                           overwrite=job.overwrite)
     finally:
         for name in models.variants:
             models.release(name)
@@ -117,11 +125,15 @@ def run_job(job: Job, echo: Callable[[str], None] = print, cache: dict | None = 
 def _worker(job: Job, threads: int | None = None) -> dict:
     """Entry point of a worker process (local or Slurm): progress goes to the job's log.
     ``threads``: torch threads of this worker (local workers share the machine's cores)."""
+    from .locking import adopt
+
     if threads:
         import torch
 
         torch.set_num_threads(threads)
-    return run_job(job, echo=lambda m: print(f"{job.label}: {m}", flush=True))
+    scope = adopt(job.out, job.lock_holder) if job.lock_holder else contextlib.nullcontext()
+    with scope:
+        return run_job(job, echo=lambda m: print(f"{job.label}: {m}", flush=True))
 
 
 def check_executor(name: str, workers: int) -> None:
@@ -201,6 +213,8 @@ def _execute_submitit(jobs: list[Job], kind: str, workers: int, folder: Path, op
         import submitit  # noqa: F401 - fail early, with the fix, when it is missing
     except ImportError:
         raise UserError(f"--executor {kind} needs submitit", "pip install submitit") from None
+    from .locking import holder_text
+
     ex = _submitit_executor(kind, folder, workers, dict(options))
     threads = max(1, (os.cpu_count() or 1) // workers) if kind == "local" else None
     pending = list(enumerate(jobs))
@@ -210,6 +224,7 @@ def _execute_submitit(jobs: list[Job], kind: str, workers: int, folder: Path, op
         while pending and (kind == "slurm" or len(running) < workers):
             i, job = pending.pop(0)
             ex.update_parameters(**_resources(kind, job))
+            job = dataclasses.replace(job, lock_holder=holder_text(job.out))
             running[i] = ex.submit(_worker, job, threads)
             echo(f"{job.label}: submitted ({kind} job {running[i].job_id})")
         done = [i for i, j in running.items() if j.done()]

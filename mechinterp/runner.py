@@ -4,11 +4,15 @@
 It seeds, times, attaches provenance and, with ``out``, writes ``out/<probe>/`` through the result
 store. Two guarantees a long study needs:
 
-* **reuse** (``reuse=True``): a stored result whose probe version, configuration and model weights
-  (spec and weight hash of every model) equal the requested ones is returned without running; any
-  difference recomputes, and the reason is reported;
-* **nothing finished is lost**: ``result.json`` is written before figures are drawn; a figure that
-  fails to draw is reported (``provenance["figure_errors"]``), never a lost run.
+* **reuse** (``reuse=True``): a stored result whose probe version, configuration and the content
+  of every input it read (each model's weights, config and tokenizer files, each data file) equal
+  the requested ones is returned without running; any difference recomputes, and the reason is
+  reported ("weights of sft changed", "data file mmlu/test/x.csv changed");
+* **nothing else's result is lost**: a stored result of another model set (other names or specs)
+  is never replaced unless ``overwrite=True`` (``--overwrite``);
+* **commit whole or not at all**: result, arrays, tables and figures go into a temporary sibling
+  and are swapped in with one rename, under the out folder's writer lock; a figure that fails to
+  draw is recorded (``provenance["figure_errors"]``) and drawn again on reuse.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from typing import Any
 
 from .errors import UserError
 from .probe import Probe, get_probe, make_config, package_versions
-from .results import RESULT_FILE, Result, read_result, save_figures, write_result
+from .results import RESULT_FILE, Result, read_result, write_result
 
 
 def config_hash(config: Any) -> str:
@@ -33,11 +37,13 @@ def config_hash(config: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def model_identity(models) -> dict[str, dict[str, str]]:
-    """``{name: {"spec", "weights_id"}}`` for every model of the set (no weights are read)."""
+def model_identity(models) -> dict[str, dict]:
+    """``{name: {"spec", "weights_id", "files"}}`` for every model of the set: the spec as
+    written and the content hash of every file the model reads (weights, config, tokenizer;
+    :func:`mechinterp.models.safetensors_io.model_files`), from the hash cache when unchanged."""
     if models is None:
         return {}
-    return {name: {"spec": p["spec"], "weights_id": p["weights_id"]}
+    return {name: {"spec": p["spec"], "weights_id": p["weights_id"], "files": p.get("files", {})}
             for name, p in models.provenance().items()}
 
 
@@ -52,61 +58,191 @@ def run_kinds(models) -> dict[str, str | None]:
             for run, names in models.runs.items()}
 
 
-def why_stale(stored: Result, probe: Probe, chash: str, identity: dict) -> str | None:
-    """None when ``stored`` answers the same question on the same weights; else the reason."""
+def other_models(stored: dict, identity: dict) -> str | None:
+    """None when a stored result's model set has the same names and specs as ``identity``; else
+    how they differ (the stored result then belongs to another study)."""
+    spec = {n: m.get("spec") for n, m in stored.items()}
+    want = {n: m["spec"] for n, m in identity.items()}
+    if spec == want:
+        return None
+    diffs = [f"{n}: {spec[n]} -> {want[n]}" for n in want if n in spec and spec[n] != want[n]]
+    diffs += [f"no {n}" for n in want if n not in spec]
+    diffs += [f"also {n}={spec[n]}" for n in spec if n not in want]
+    return "stored " + "; ".join(diffs)
+
+
+def _other_set(stored, identity: dict) -> str | None:
+    """:func:`other_models` for a stored identity that names a spec for each model; None for a
+    missing or malformed one (that result is recomputed, not protected)."""
+    known = isinstance(stored, dict) and all(
+        isinstance(m, dict) and isinstance(m.get("spec"), str) for m in stored.values())
+    return other_models(stored, identity) if known else None
+
+
+def _content_change(stored: dict, identity: dict) -> str | None:
+    """Which input of which model changed since the stored result (same specs assumed)."""
+    from .models.safetensors_io import input_kind
+
+    for name, now in identity.items():
+        old = stored[name].get("files") if isinstance(stored.get(name), dict) else None
+        if not isinstance(old, dict):
+            return f"no content hashes stored for {name}"
+        for f in sorted(set(old) | set(now["files"])):
+            if old.get(f) != now["files"].get(f):
+                kind = input_kind(f)
+                what = {"weights": "weights", "config": f"{f}"}.get(kind, f"tokenizer file {f}")
+                return f"{what} of {name} changed"
+    return None
+
+
+def _data_change(stored: dict, data) -> str | None:
+    """Which data file the stored result read is missing or changed under the current root."""
+    from .hashing import content_hash
+
+    if not isinstance(stored, dict) or not isinstance(stored.get("files", {}), dict):
+        return "no data hashes stored"
+    root = getattr(data, "root", None)
+    if stored.get("hub") and root is not None:
+        return "data source changed (the hub then, a data root now)"
+    old_root = stored.get("root")
+    for path, digest in stored.get("files", {}).items():
+        rel = Path(path)
+        if old_root is not None:
+            try:
+                rel = Path(path).relative_to(old_root)
+            except ValueError:
+                pass
+        now = (Path(root) / rel) if root is not None and not rel.is_absolute() else rel
+        try:
+            same = content_hash(now) == digest
+        except OSError:
+            return f"data file {rel} is missing"
+        if not same:
+            return f"data file {rel} changed"
+    return None
+
+
+def why_stale(stored: Result, probe: Probe, chash: str, identity: dict, data=None) -> str | None:
+    """None when ``stored`` answers the same question on the same inputs; else the reason:
+    probe version, configuration, the content of a model's weights, config or tokenizer files,
+    or of a data file it read."""
     prov = stored.provenance
     if prov.get("probe_version") != probe.version:
         return f"probe version {prov.get('probe_version')} -> {probe.version}"
     if prov.get("config_hash") != chash:
         return "configuration changed"
-    if prov.get("model_identity") != identity:
-        return "models or their weights changed"
-    if prov.get("figure_errors"):
-        return "its figures failed to draw"
-    return None
+    stored_models = prov.get("model_identity")
+    if not isinstance(stored_models, dict) or not all(isinstance(m, dict)
+                                                      for m in stored_models.values()):
+        return "no model identity stored"
+    if other := other_models(stored_models, identity):
+        return f"other models ({other})"
+    return _content_change(stored_models, identity) or _data_change(prov.get("data"), data)
+
+
+def _assess(folder: Path, probe: Probe, chash: str, identity: dict, data, overwrite: bool):
+    """``(stored, stale, redraw)`` for the result in ``folder``: the stored Result (None when
+    there is none or it is unreadable), why it cannot be reused (None: it can), and whether only
+    its figures need drawing again. Refuses to go on over another model set's result."""
+    from .results import incomplete, read_payload
+
+    if not (folder / RESULT_FILE).exists():
+        return None, None, False
+    try:
+        payload = read_payload(folder)
+        bad = incomplete(folder, payload)
+        stored = read_result(folder)
+    except UserError as exc:
+        return None, f"the stored result is unreadable: {exc.message}", False
+    other = _other_set(stored.provenance.get("model_identity"), identity)
+    if other is not None and not overwrite:
+        raise UserError(f"{folder} holds a result of other models ({other})",
+                        "pass --overwrite (overwrite=True) to replace it, or use another --out")
+    try:
+        stale = why_stale(stored, probe, chash, identity, data)
+    except (TypeError, ValueError, AttributeError, KeyError) as exc:
+        stale = f"its provenance is malformed ({type(exc).__name__})"
+    if stale is None and bad and not all(b.endswith((".png", ".pdf")) for b in bad):
+        stale = f"its files {', '.join(bad[:3])} are missing or incomplete"
+    redraw = bool(bad) or bool(stored.provenance.get("figure_errors"))
+    return stored, stale, redraw
+
+
+def _plot(probe: Probe, result: Result, say) -> dict | None:
+    """The probe's figures of ``result``; a failure is reported and recorded in its provenance."""
+    from .plotting.style import house_style
+
+    result.provenance.pop("figure_errors", None)
+    try:
+        with house_style():
+            return probe.plot(result)
+    except Exception as exc:  # noqa: BLE001 - a plotting bug must not cost a finished run
+        msg = f"{type(exc).__name__}: {exc}"
+        say(f"{probe.name}: figures failed ({msg}); the result is saved without them")
+        result.provenance["figure_errors"] = [msg]
+        return None
 
 
 def run_probe(probe: Probe | str, models, data, config=None, out: Path | str | None = None,
-              draw: bool = True, reuse: bool = False, echo=None) -> Result:
+              draw: bool = True, reuse: bool = False, echo=None, overwrite: bool = False) -> Result:
     """Run ``probe`` on ``models`` (a ModelSet) with ``data`` (a DataSource) and ``config``.
 
-    With ``out`` the result goes to ``out/<probe>/``; with ``reuse`` an equal stored result is
-    returned instead of recomputed. ``echo`` (a print-like function) hears about reuse and about
-    replacing a stored result of another configuration or other models; default: a warning.
+    With ``out`` the result goes to ``out/<probe>/`` (the folder is checked before any work and
+    written whole, figures included, under ``out``'s writer lock); with ``reuse`` a stored result
+    of the same probe version, configuration and input contents is returned instead of
+    recomputed. A stored result of *other models* is never replaced unless ``overwrite``.
+    ``echo`` (a print-like function) hears about reuse and replacement; default: a warning.
     """
     import torch
 
     from .data import DataSource
+    from .data.base import DataLog
     from .data.subset import collect_notes
+    from .locking import writer_lock
+    from .results import check_out, remove_temp_siblings
 
     probe = get_probe(probe) if isinstance(probe, str) else probe
     config = make_config(probe) if config is None else config
     if data is None:  # as the CLI does: $MECHINTERP_DATA, else the hub (a clear error offline)
         data = DataSource.from_option(None)
     say = echo or (lambda msg: warnings.warn(msg, stacklevel=3))
-    chash, identity = config_hash(config), model_identity(models)
     folder = Path(out) / probe.name if out is not None else None
-    if folder is not None and (folder / RESULT_FILE).exists():
-        try:
-            stored = read_result(folder)
-            stale = why_stale(stored, probe, chash, identity)
-        except UserError:
-            stored, stale = None, "the stored result is unreadable"
-        if stale is None and reuse:
-            stored.provenance["reused"] = True
-            stored._probe = probe
-            if echo:
-                echo(f"{probe.name}: reusing {folder / RESULT_FILE} (same configuration and weights)")
-            return stored
-        if stale is not None:
-            say(f"{probe.name}: replacing the result in {folder} ({stale})")
+    if out is not None:
+        check_out(out)
+    chash, identity = config_hash(config), model_identity(models)
+    if folder is not None:
+        with writer_lock(out):
+            remove_temp_siblings(folder)
+            stored, stale, redraw = _assess(folder, probe, chash, identity, data, overwrite)
+            if stored is not None and stale is None and reuse:
+                stored._probe = probe
+                if draw and (redraw or stored.provenance.get("drawn") is False):
+                    say(f"{probe.name}: drawing the figures of {folder} again")
+                    stored.provenance["drawn"] = True
+                    write_result(stored, folder, _plot(probe, stored, say))
+                stored.provenance["reused"] = True
+                if echo:
+                    echo(f"{probe.name}: reusing {folder / RESULT_FILE} (same configuration, "
+                         "model files and data)")
+                return stored
+            if stale is not None:
+                say(f"{probe.name}: replacing the result in {folder} ({stale})")
 
     torch.manual_seed(config.seed)
     start = time.perf_counter()
     scope = models.run_scope() if hasattr(models, "run_scope") else contextlib.nullcontext()
-    # notices such as a --limit larger than the set: said at once, recorded in the provenance
-    with scope, collect_notes(lambda note: say(f"{probe.name}: {note}")) as notes:
-        result = probe.run(models, data, config)
+    shared_log = getattr(data, "log", None)
+    if shared_log is not None:  # this probe's own reads, not those of earlier probes
+        data.log = DataLog(root=getattr(data, "root", None))
+    try:
+        # notices such as a --limit larger than the set: said at once, recorded in the provenance
+        with scope, collect_notes(lambda note: say(f"{probe.name}: {note}")) as notes:
+            result = probe.run(models, data, config)
+    finally:
+        if shared_log is not None:
+            mine, data.log = data.log, shared_log
+            shared_log.files.update(mine.files)
+            shared_log.hub += [h for h in mine.hub if h not in shared_log.hub]
     wall = time.perf_counter() - start
     result._probe = probe  # figures() and to_frame() of a probe that is not installed
     result.provenance = {
@@ -121,7 +257,7 @@ def run_probe(probe: Probe | str, models, data, config=None, out: Path | str | N
         "dtype": str(getattr(models, "dtype", None) or "auto"),
         "placement": {k: v for k, v in getattr(models, "placement", {}).items()
                       if k != "offload_folder"},
-        "data": data.log.to_json() if data is not None else {},
+        "data": mine.to_json() if shared_log is not None else {},
         "seed": config.seed,
         "packages": package_versions(),
         "wall_time_s": round(wall, 3),
@@ -130,32 +266,36 @@ def run_probe(probe: Probe | str, models, data, config=None, out: Path | str | N
         **result.provenance,
     }
     if folder is not None:
-        write_result(result, folder)
-        if draw:
-            draw_figures(probe, result, folder, say)
+        result.provenance["drawn"] = draw
+        figures = _plot(probe, result, say) if draw else None
+        with writer_lock(out):
+            try:  # another writer may have stored a result of other models meanwhile
+                now = read_result(folder).provenance.get("model_identity")
+            except UserError:
+                now = None
+            if _other_set(now, identity) and not overwrite:
+                raise UserError(f"{folder} was written by another run of other models while "
+                                "this one ran", "pass --overwrite, or use another --out")
+            write_result(result, folder, figures)
+        if result.provenance.get("figure_errors"):
+            say(f"{probe.name}: {len(result.provenance['figure_errors'])} figure(s) failed; "
+                f"the result is saved in {folder} and a re-run with reuse draws them again")
     return result
 
 
 def draw_figures(probe: Probe, result: Result, folder: Path, say=print) -> list[Path]:
-    """Best-effort figures for a result already on disk; a failure is reported and recorded."""
-    from .plotting.style import house_style
+    """Draw ``result``'s figures and commit them with it into ``folder`` (one atomic write); a
+    failure is reported and recorded in the result."""
+    write_result(result, folder, _plot(probe, result, say))
+    from .results import read_payload
 
-    try:
-        with house_style():
-            figures = probe.plot(result)
-        return save_figures(figures, folder)
-    except Exception as exc:  # noqa: BLE001 - a plotting bug must not cost a finished run
-        msg = f"{type(exc).__name__}: {exc}"
-        say(f"{probe.name}: figures failed ({msg}); the result is saved in {folder}")
-        result.provenance["figure_errors"] = [msg]
-        write_result(result, folder)
-        return []
+    return [folder / f for files in read_payload(folder).get("figures", {}).values() for f in files]
 
 
 def run(probe: str | Probe, base=None, variants: dict[str, Any] | None = None, *,
         data=None, out: Path | str | None = None, device: str = "auto", dtype: str = "auto",
         device_map=None, max_memory: dict | str | None = None, reuse: bool = False,
-        draw: bool = True, echo=None, **options) -> Result:
+        draw: bool = True, echo=None, overwrite: bool = False, **options) -> Result:
     """Run one probe from Python: ``mi.run("weight-change", base="smollm2-135m-instruct",
     variants={"sft": "runs/sft@all"}, out="results")``.
 
@@ -173,6 +313,10 @@ def run(probe: str | Probe, base=None, variants: dict[str, Any] | None = None, *
     quiet_library_bars()  # one bar per model load from transformers floods a notebook
     probe = get_probe(probe) if isinstance(probe, str) else probe
     config = make_config(probe, options)
+    if out is not None:
+        from .results import check_out
+
+        check_out(out)  # before any model is resolved or loaded
     if isinstance(base, ModelSet):
         if variants is not None:
             raise UserError("pass either a ModelSet or base/variants specs, not both",
@@ -182,29 +326,30 @@ def run(probe: str | Probe, base=None, variants: dict[str, Any] | None = None, *
         models = ModelSet(base or DEFAULT_MODEL, variants or {}, device=device, dtype=dtype,
                           device_map=device_map, max_memory=max_memory)
     source = data if isinstance(data, DataSource) else DataSource.from_option(data)
-    return run_probe(probe, models, source, config, out=out, draw=draw, reuse=reuse, echo=echo)
+    return run_probe(probe, models, source, config, out=out, draw=draw, reuse=reuse, echo=echo,
+                     overwrite=overwrite)
 
 
 def redraw(folder: Path | str) -> list[Path]:
-    """Re-draw the figures of every stored result under ``folder`` (no model needed); a stored
+    """Re-draw the figures of every stored result under ``folder`` (no model needed), each
+    committed with its result in one atomic write under the folder's writer lock; a stored
     result whose probe version differs from the installed probe is refused, not mis-drawn."""
-    from .plotting.style import house_style
+    from .locking import writer_lock
     from .results import find_results
 
     written: list[Path] = []
     for res_dir in find_results(Path(folder)):
-        result = read_result(res_dir)
-        probe = get_probe(result.probe)
-        stored = result.provenance.get("probe_version")
-        if stored is not None and stored != probe.version:
-            raise UserError(f"{res_dir} was written by {probe.name} version {stored}, installed is "
-                            f"version {probe.version}", "re-run the probe to refresh the result")
-        with house_style():
-            try:
-                figures = probe.plot(result)
-            except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+        with writer_lock(res_dir.parent):
+            result = read_result(res_dir)
+            probe = get_probe(result.probe)
+            stored = result.provenance.get("probe_version")
+            if stored is not None and stored != probe.version:
+                raise UserError(f"{res_dir} was written by {probe.name} version {stored}, "
+                                f"installed is version {probe.version}",
+                                "re-run the probe to refresh the result")
+            written += draw_figures(probe, result, res_dir, say=lambda m: None)
+            if errors := result.provenance.get("figure_errors"):
                 raise UserError(f"{probe.name}'s figures cannot be drawn from {res_dir}/result.json "
-                                f"({type(exc).__name__}: {exc}); the file looks damaged",
-                                "re-run the probe to rewrite it") from exc
-        written += save_figures(figures, res_dir)
+                                f"({errors[0]}); the file looks damaged",
+                                "re-run the probe to rewrite it")
     return written

@@ -1,4 +1,4 @@
-"""The one runner: reuse only on equal version/config/weights, result written before figures,
+"""The one runner: reuse only on equal version/config/inputs, failed figures drawn again on reuse,
 broken plugins skipped, mi.run checks options."""
 
 from __future__ import annotations
@@ -68,12 +68,17 @@ def test_reuse_only_when_config_and_weights_are_equal(pair, tmp_path):
                       echo=said.append)
     assert probe.calls == 2 and other.data["value"] == 6.0
     assert any("configuration changed" in m for m in said)
-    # other weights under the same name: the variant's hash differs -> recomputed
+    # another model under the same name is another study's result: refused, replaced only
+    # with overwrite (issue 22; same specs with other content are recomputed: test_store_identity)
     from mechinterp.models import ModelSet
 
     swapped = ModelSet("tiny-random-llama", {"v": "tiny-random-llama"}, device="cpu")
-    run_probe(probe, swapped, None, Config(scale=3.0), out=tmp_path, reuse=True, echo=said.append)
-    assert probe.calls == 3 and any("weights changed" in m for m in said)
+    with pytest.raises(UserError, match="other models.*--overwrite"):
+        run_probe(probe, swapped, None, Config(scale=3.0), out=tmp_path, reuse=True)
+    assert probe.calls == 2
+    run_probe(probe, swapped, None, Config(scale=3.0), out=tmp_path, reuse=True, echo=said.append,
+              overwrite=True)
+    assert probe.calls == 3 and any("other models" in m for m in said)
 
 
 def test_without_reuse_a_replaced_result_is_said(pair, tmp_path):
@@ -92,10 +97,12 @@ def test_a_failing_figure_keeps_the_result(pair, tmp_path):
     assert stored["data"]["value"] == 2.0
     assert stored["provenance"]["figure_errors"] == ["RuntimeError: plot bug"]
     assert res.provenance["figure_errors"] and "figures failed" in said[0]
-    # a result whose figures failed is not reused: the next run draws again
+    # reuse draws the failed figures again (the numbers are not recomputed)
     probe = Counting()
     run_probe(probe, pair, None, Config(), out=tmp_path, reuse=True, echo=said.append)
-    assert probe.calls == 1 and (tmp_path / "counting" / "counting.png").exists()
+    assert probe.calls == 0 and (tmp_path / "counting" / "counting.png").exists()
+    stored = json.loads((tmp_path / "counting" / "result.json").read_text())
+    assert "figure_errors" not in stored["provenance"] and "counting.png" in stored["owned"]
 
 
 def test_mi_run_checks_option_names(pair):

@@ -203,13 +203,15 @@ def test_quantisation_origin_is_inherited_and_a_mismatch_warns(tmp_path):
     assert ms.provenance()["sft"]["quantisation_origin"]["file_type"] == "MOSTLY_Q4_1"
 
 
-def test_weights_identity_reads_no_tensor_bytes_and_follows_content(tmp_path, monkeypatch):
-    """Provenance hashed every byte of every checkpoint (about 300 GB for a 20-checkpoint 7B run).
-    Now: hub blobs by their content address, local files by name/size/mtime/header, the full
-    SHA-256 on request."""
+def test_weights_identity_follows_content_and_reads_each_content_once(tmp_path, monkeypatch):
+    """Provenance hashed every byte of every checkpoint on every run (about 300 GB for a
+    20-checkpoint 7B run); a stat-based id then let rewritten weights with an old mtime pass (issue
+    22). Now: the SHA-256 of each file's content, computed once and cached by
+    inode/size/mtime/ctime in our cache; hub blobs by their content address, read for free."""
     import os
     import shutil
 
+    from mechinterp import hashing
     from mechinterp.models.safetensors_io import folder_hash, weights_identity
     from mechinterp.models.zoo import fetch
 
@@ -217,13 +219,14 @@ def test_weights_identity_reads_no_tensor_bytes_and_follows_content(tmp_path, mo
     a = tmp_path / "a"
     shutil.copytree(src, a)
     ident = weights_identity(a)
-    assert ident.startswith("stat:") and weights_identity(a) == ident
-    # a re-save with other bytes changes it
+    assert ident.startswith("sha256:") and weights_identity(a) == ident == weights_identity(src)
+    # a re-save with other bytes changes it, even with the old mtime put back
     f = next(a.glob("*.safetensors"))
+    mtime = f.stat().st_mtime_ns
     data = bytearray(f.read_bytes())
     data[-1] ^= 1
     f.write_bytes(bytes(data))
-    os.utime(f, ns=(1, 1))
+    os.utime(f, ns=(mtime, mtime))
     assert weights_identity(a) != ident
 
     # a hub-cache layout: snapshot files are symlinks to blobs named by their sha256
@@ -233,15 +236,14 @@ def test_weights_identity_reads_no_tensor_bytes_and_follows_content(tmp_path, mo
     blob = hub / "blobs" / ("c" * 64)
     shutil.copy(next(src.glob("*.safetensors")), blob)
     (hub / "snap" / "model.safetensors").symlink_to(blob)
+    reads = []
+    monkeypatch.setattr(hashing, "sha256_file", lambda p: reads.append(p) or "0" * 64)
     hub_id = weights_identity(hub / "snap")
-    assert hub_id.startswith("hub:")
+    assert reads == [] and hub_id == "sha256:" + folder_hash(hub / "snap")
     blob.rename(hub / "blobs" / ("d" * 64))
     (hub / "snap" / "model.safetensors").unlink()
     (hub / "snap" / "model.safetensors").symlink_to(hub / "blobs" / ("d" * 64))
     assert weights_identity(hub / "snap") != hub_id  # another content address: other weights
-
-    monkeypatch.setenv("MECHINTERP_FULL_HASH", "1")
-    assert weights_identity(a) == "sha256:" + folder_hash(a)
 
 
 def test_cli_strings_coerce_to_each_field_type():

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import DataError
-from ..models.safetensors_io import file_sha256
+from ..hashing import content_hash
 from ..paths import data_root
 
 
@@ -50,22 +50,25 @@ def read_jsonl(path: Path, fields: dict[str, tuple[type, ...]]) -> list[tuple[in
 
 @dataclass
 class DataLog:
-    """Files (with sha256) and hub datasets a run read."""
+    """Files (with the sha256 of their content) and hub datasets a run read, and the data root
+    they were read from: the result store re-checks these files before it reuses a result."""
 
     files: dict[str, str] = field(default_factory=dict)
     hub: list[str] = field(default_factory=list)
+    root: Path | None = None
 
     def record_file(self, path: Path) -> None:
         key = str(path)
         if key not in self.files:
-            self.files[key] = file_sha256(path)
+            self.files[key] = content_hash(path)
 
     def record_hub(self, name: str) -> None:
         if name not in self.hub:
             self.hub.append(name)
 
     def to_json(self) -> dict:
-        return {"files": dict(sorted(self.files.items())), "hub": list(self.hub)}
+        return {"files": dict(sorted(self.files.items())), "hub": list(self.hub),
+                "root": None if self.root is None else str(self.root)}
 
 
 @dataclass
@@ -74,6 +77,9 @@ class DataSource:
 
     root: Path | None = None
     log: DataLog = field(default_factory=DataLog)
+
+    def __post_init__(self):
+        self.log.root = self.root
 
     @classmethod
     def from_option(cls, data_dir: str | os.PathLike | None = None) -> DataSource:

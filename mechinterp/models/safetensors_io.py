@@ -108,69 +108,52 @@ def iter_tensors(folder: Path, names: list[str] | None = None) -> Iterator[tuple
                 yield name, fh.get_tensor(name)
 
 
+# the files of a checkpoint folder that decide what a model computes, besides its weights
+_CONFIG_FILES = ("config.json", "generation_config.json")
+_TOKENIZER_FILES = re.compile(r"^(tokenizer.*|special_tokens_map\.json|added_tokens\.json|"
+                              r"vocab\.(json|txt)|merges\.txt|chat_template\..*|.*\.model)$")
+
+
+def input_kind(name: str) -> str:
+    """``weights``, ``config`` or ``tokenizer``: what a file of :func:`model_files` is."""
+    if name.endswith(".safetensors"):
+        return "weights"
+    return "config" if name in _CONFIG_FILES else "tokenizer"
+
+
+def model_files(folder: Path) -> dict[str, str]:
+    """``{file name: sha256 of its content}`` for every file of a checkpoint folder a model reads:
+    weights, ``config.json`` / ``generation_config.json`` and the tokenizer files. Each content is
+    hashed once (:func:`mechinterp.hashing.content_hash`); a re-check of an unchanged file is a
+    ``stat``."""
+    from ..hashing import content_hash
+
+    folder = Path(folder)
+    names = [f.name for f in weight_files(folder)]
+    names += sorted(p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
+                    and (p.name in _CONFIG_FILES or _TOKENIZER_FILES.match(p.name)))
+    return {n: content_hash(folder / n) for n in names}
+
+
 def folder_hash(folder: Path) -> str:
-    """SHA-256 over the folder's weight files (name and bytes), cached beside them by size+mtime."""
-    files = weight_files(folder)
-    stamp = ";".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
-    cache = Path(folder) / ".mechinterp-weight-hash.json"
-    try:
-        cached = json.loads(cache.read_text())
-        if cached.get("stamp") == stamp:
-            return cached["sha256"]
-    except (OSError, ValueError, KeyError):
-        pass
+    """SHA-256 over the folder's weight files (each file's name and content hash)."""
+    from ..hashing import content_hash
+
     h = hashlib.sha256()
-    for f in files:
-        h.update(f.name.encode())
-        with f.open("rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 22), b""):
-                h.update(chunk)
-    digest = h.hexdigest()
-    try:
-        cache.write_text(json.dumps({"stamp": stamp, "sha256": digest}))
-    except OSError:
-        pass  # read-only folder (e.g. a shared hub cache): just do not cache
-    return digest
-
-
-FULL_HASH_ENV = "MECHINTERP_FULL_HASH"
-_SHA256_NAME = re.compile(r"^[0-9a-f]{64}$")
+    for f in weight_files(folder):
+        h.update(f"{f.name}={content_hash(f)};".encode())
+    return h.hexdigest()
 
 
 def weights_identity(folder: Path) -> str:
-    """An identity of a checkpoint's weights that costs no read of the tensors.
-
-    * Files in a Hugging Face hub cache are symlinks to ``blobs/<sha256 of the content>``: the
-      identity hashes those content addresses (``hub:``), exact and free.
-    * Local files: name, size, modification time and the safetensors header (``stat:``): any
-      re-save changes it. A 20-checkpoint 7B run is about 300 GB, which a full hash would read.
-    * With ``MECHINTERP_FULL_HASH=1``: the SHA-256 of every byte (``sha256:``, cached by
-      :func:`folder_hash`).
-    """
-    import os
-
-    files = weight_files(folder)
-    if os.environ.get(FULL_HASH_ENV) == "1":
-        return "sha256:" + folder_hash(folder)
-    h = hashlib.sha256()
-    blobs = [Path(os.readlink(f)).name if f.is_symlink() else "" for f in files]
-    if files and all(_SHA256_NAME.match(b) for b in blobs):
-        for f, b in zip(files, blobs):
-            h.update(f"{f.name}={b};".encode())
-        return "hub:" + h.hexdigest()
-    for f in files:
-        st = f.stat()
-        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns};".encode())
-        with f.open("rb") as fh:
-            head = fh.read(8)
-            n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
-            h.update(head + fh.read(min(n, 1 << 26)))
-    return "stat:" + h.hexdigest()
+    """The identity of a checkpoint's weights: ``sha256:`` + :func:`folder_hash`, from content
+    hashes computed once per file content (hub blobs by their content address, free) and then
+    re-checked with a ``stat``; two copies of the same bytes have the same identity, and no
+    size/mtime coincidence can pass other bytes off as these."""
+    return "sha256:" + folder_hash(folder)
 
 
 def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    from ..hashing import sha256_file
+
+    return sha256_file(path)

@@ -24,7 +24,7 @@ from pathlib import Path
 from ..errors import SpecError
 from ..paths import cache_dir
 from . import zoo
-from .safetensors_io import file_sha256, folder_hash, weight_files, weights_identity
+from .safetensors_io import file_sha256, folder_hash, model_files, weight_files, weights_identity
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -52,6 +52,7 @@ class ResolvedSpec:
 
         return {"spec": self.spec, "source": self.source, "revision": self.revision,
                 "path": str(self.path), "weights_id": self.weight_id(),
+                "files": model_files(self.path),
                 "quantisation_origin": quantisation_origin(self.path)}
 
 
