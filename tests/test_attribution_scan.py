@@ -109,8 +109,8 @@ def test_damage_attribution_scan_finds_and_verifies_the_planted_layer(planted8, 
         assert d["scan_ranking"]["one"][0] == ["mlp_out", 5]
         assert d["scan_verified"]["one"][0] == ["mlp_out", 5]
     # (cloze-norm: AtP gives the planted layer ~0.04 where the exact recovery is 1 - a false
-    # negative of the linear approximation at this large a change, ranked 5th; reported in
-    # docs/issue-notes/issue-16-i16atp.md, not asserted either way)
+    # negative of the linear approximation at this large a change, ranked 5th; not asserted
+    # either way)
     assert exact["mlp_out"][5] == pytest.approx(1.0, abs=1e-4)
     assert all(est["mlp_out"][la] == 0.0 and est["attn_out"][la] == 0.0 for la in range(5))
     ag = d["scan_agreement"]["one"]

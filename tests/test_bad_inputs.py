@@ -1,5 +1,5 @@
 """Bad input gives one line on stderr, exit 2 and nothing half-written, or it works and says what it
-did (issue 22, items 7 and 8). Each case raised a bare exception, wrote a silent result or drew a
+did. Each case raised a bare exception, wrote a silent result or drew a
 broken figure before its fix."""
 
 from __future__ import annotations

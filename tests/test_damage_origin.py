@@ -1,4 +1,4 @@
-"""Origin vs mediation (issue 21, C8): damage planted in the mid-layer MLP weights of a tiny 8-layer
+"""Origin vs mediation: damage planted in the mid-layer MLP weights of a tiny 8-layer
 Llama whose last MLP writes straight into the logits (its down projection scaled up, in base and
 variant alike), plus an unrelated small change of the last layer's MLP weights.
 

@@ -1,5 +1,5 @@
-"""A second ``mechinterp demo`` into the same folder reuses its finished training runs (issue 22,
-item 10): ``train-config.json`` holds run facts (precision, processes) beside the settings, and
+"""A second ``mechinterp demo`` into the same folder reuses its finished training runs:
+``train-config.json`` holds run facts (precision, processes) beside the settings, and
 only the settings decide whether a finished run is the one asked for. The end-to-end check, a
 second demo in a new process on the smoke preset, is in ``test_demo_smoke.py``."""
 

@@ -1,4 +1,4 @@
-"""Results as one long table and figures in the house style (issue 14).
+"""Results as one long table and figures in the house style.
 
 ``to_frame`` walks the tables each probe declares; checked here on hand-built results against
 the numbers put in, intervals included, and on real tiny-model results (every declared table of

@@ -1,4 +1,4 @@
-"""One of each building block (issue 14, item 6): ``limit`` is the total number of items in every
+"""One of each building block: ``limit`` is the total number of items in every
 probe (shared between prompt sets), causal tracing's known-fact screen is the seeded-order
 screen of ``data.subset``, the MMLU prompts of the activation probes are ``evals.mmlu``'s, and one
 parser reads checkpoint steps."""

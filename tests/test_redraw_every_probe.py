@@ -1,4 +1,4 @@
-"""Draw == redraw for every built-in probe (issue 13): the figures drawn from the result a probe
+"""Draw == redraw for every built-in probe: the figures drawn from the result a probe
 returns and those drawn from the stored ``result.json`` (``mechinterp figures``) are the same
 pixels. Runs each probe on a tiny random Llama and a planted two-checkpoint run, where many
 numbers are NaN (no fact is known, no MMLU item is failed, Spearman over constants): before the

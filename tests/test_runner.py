@@ -69,7 +69,7 @@ def test_reuse_only_when_config_and_weights_are_equal(pair, tmp_path):
     assert probe.calls == 2 and other.data["value"] == 6.0
     assert any("configuration changed" in m for m in said)
     # another model under the same name is another study's result: refused, replaced only
-    # with overwrite (issue 22; same specs with other content are recomputed: test_store_identity)
+    # with overwrite (same specs with other content are recomputed: test_store_identity)
     from mechinterp.models import ModelSet
 
     swapped = ModelSet("tiny-random-llama", {"v": "tiny-random-llama"}, device="cpu")

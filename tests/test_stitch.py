@@ -1,4 +1,4 @@
-"""Module stitching (issue 16): a recipe's model is exactly its parents' tensors, nothing else.
+"""Module stitching: a recipe's model is exactly its parents' tensors, nothing else.
 
 Everything from one parent is that parent bit for bit (parameters and logits) and shares its
 storage; hand-checked recipes take exactly the named tensors (and slices) from the donor; the

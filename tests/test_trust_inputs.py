@@ -1,4 +1,4 @@
-"""Bad input and the result store (issue 13): every probe option is checked when the config is
+"""Bad input and the result store: every probe option is checked when the config is
 built (type and lower bound, one line, exit 2), variant names are checked in the Python API as on
 the CLI, NaN and infinity survive a write and read of a result, and a result folder missing its
 array file is a clear error. Each case failed (or raised a bare exception) before its fix."""
