@@ -340,6 +340,8 @@ def compare(base: str | None, variants: dict[str, str], out: Path, data_dir=None
     from .results import check_out
 
     check_out(out)
+    for name, spec in variants.items():  # a damaged run folder stops before OUT is made
+        describe_variant(name, spec)
     with writer_lock(out):
         return _compare(base, variants, out, data_dir, preset, device, dtype, probes, echo,
                         device_map, max_memory, revisions, overwrite, executor, workers,

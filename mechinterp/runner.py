@@ -210,7 +210,7 @@ def run_probe(probe: Probe | str, models, data, config=None, out: Path | str | N
     if out is not None:
         check_out(out)
     chash, identity = config_hash(config), model_identity(models)
-    if folder is not None:
+    if folder is not None and Path(out).is_dir():  # nothing stored (and nothing made) otherwise
         with writer_lock(out):
             remove_temp_siblings(folder)
             stored, stale, redraw = _assess(folder, probe, chash, identity, data, overwrite)

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from mechinterp.demo import DEMO_PRESETS, _train_one
+from mechinterp.demo import DEMO_PRESETS, DemoRun, _train_one
 from mechinterp.errors import UserError
 from mechinterp.training.runner import CONFIG_FILE, SUMMARY_FILE
 from mechinterp.training.settings import (
@@ -25,7 +25,7 @@ def _finished_run(out, name: str, algorithm: str, freeze, **change):
     (with ``change``), the run facts train() adds, and a summary."""
     p = DEMO_PRESETS["smoke"]
     overrides = dict(p.train) | (p.grpo if algorithm == "grpo" else {})
-    overrides |= {"freeze_preset": freeze, "device": "auto", "dtype": "auto"} | change
+    overrides |= {"freeze_preset": freeze, "device": "auto", "dtype": "auto", "seed": 0} | change
     s = resolve_settings(algorithm, p.train_preset, overrides)
     folder = out / "models" / name
     folder.mkdir(parents=True)
@@ -48,8 +48,8 @@ def test_a_finished_run_with_the_same_settings_is_reused(tmp_path, monkeypatch, 
     monkeypatch.setattr(runner, "train", _no_training)
     folder = _finished_run(tmp_path, name, algorithm, freeze)
     said = []
-    got = _train_one(name, algorithm, freeze, DEMO_PRESETS["smoke"], tmp_path, None, "auto",
-                     "auto", said.append)
+    got = _train_one(DemoRun(name, algorithm, freeze, 0, True), DEMO_PRESETS["smoke"], tmp_path,
+                     None, "auto", "auto", said.append)
     assert got == folder and said == [f"  {name}: finished run in {folder}, reused"]
 
 
@@ -60,8 +60,8 @@ def test_a_finished_run_with_other_settings_is_refused_naming_them(tmp_path, mon
     _finished_run(tmp_path, "sft", "sft", None, learning_rate=3e-4)
     with pytest.raises(UserError, match=r"finished run with other settings: learning_rate "
                                         r"\(run: 0.0003, now: "):
-        _train_one("sft", "sft", None, DEMO_PRESETS["smoke"], tmp_path, None, "auto", "auto",
-                   lambda _: None)
+        _train_one(DemoRun("sft", "sft", None, 0, True), DEMO_PRESETS["smoke"], tmp_path, None,
+                   "auto", "auto", lambda _: None)
 
 
 def test_run_facts_are_no_settings():
