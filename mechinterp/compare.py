@@ -12,6 +12,7 @@ Then the claims are decided (``OUT/claims.json``) and the report written (``OUT/
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -336,16 +337,22 @@ def compare(base: str | None, variants: dict[str, str], out: Path, data_dir=None
     whole run (a second writer waits, then stops with a line naming this one; worker processes of
     this run write under it); ``overwrite`` replaces stored results of other models (see
     :func:`mechinterp.runner.run_probe`)."""
-    from .locking import writer_lock
+    from .locking import LOCK_FILE, writer_lock
     from .results import check_out
 
     check_out(out)
     for name, spec in variants.items():  # a damaged run folder stops before OUT is made
         describe_variant(name, spec)
-    with writer_lock(out):
-        return _compare(base, variants, out, data_dir, preset, device, dtype, probes, echo,
-                        device_map, max_memory, revisions, overwrite, executor, workers,
-                        executor_options)
+    made = not Path(out).exists()
+    try:
+        with writer_lock(out):
+            return _compare(base, variants, out, data_dir, preset, device, dtype, probes, echo,
+                            device_map, max_memory, revisions, overwrite, executor, workers,
+                            executor_options)
+    except BaseException:
+        if made and {p.name for p in Path(out).iterdir()} <= {LOCK_FILE}:
+            shutil.rmtree(out, ignore_errors=True)  # a run that failed before any work leaves no OUT
+        raise
 
 
 def _compare(base: str | None, variants: dict[str, str], out: Path, data_dir=None,

@@ -162,7 +162,7 @@ def test_pytest_claims_map_verdicts_to_outcomes(study, tmp_path):
     import subprocess
     import sys
 
-    from mechinterp.compare import STUDY_FILE
+    from mechinterp.compare import STUDY_FILE, write_claims
     from mechinterp.results import write_result
 
     out = tmp_path / "stored"
@@ -170,6 +170,7 @@ def test_pytest_claims_map_verdicts_to_outcomes(study, tmp_path):
     (out / STUDY_FILE).write_text(json.dumps(study.to_json()))
     for probe, res in study.results.items():
         write_result(res, out / probe)
+    write_claims(decide_all(study), out)  # written last: the folder is a finished compare
     claims = {c["id"]: c for c in decide_all(study)}
     env = dict(os.environ, MECHINTERP_PROGRESS="0")
     proc = subprocess.run([sys.executable, "-m", "pytest", "--pyargs", "probes.claims", "-v", "-rx",
