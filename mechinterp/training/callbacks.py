@@ -219,6 +219,7 @@ class Snapshots(TrainerCallback):
         if not self.procs.main or not ckpt.is_dir():
             return
         snap = self.snapshot(ckpt, step)
+        note_write(self.procs, f"snapshot step-{step}")  # before COMPLETE: a kill can follow it
         if self.drift is not None:
             rec = self.drift.record(step, model, state.log_history)
             if self.report is not None:
@@ -229,7 +230,6 @@ class Snapshots(TrainerCallback):
         for old in complete_checkpoints(self.out)[:-1]:  # keep only the newest for --resume
             shutil.rmtree(old, ignore_errors=True)
         self.saved.append(step)
-        note_write(self.procs, f"snapshot step-{step}")
         self.echo(f"checkpoint step-{step}: {snap}")
 
     def snapshot(self, ckpt: Path, step: int) -> Path:
