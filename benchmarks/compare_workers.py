@@ -19,7 +19,7 @@ from pathlib import Path
 
 
 def _run(demo: Path, out: Path, workers: int) -> float:
-    from mechinterp.compare import compare
+    from mechinterp.study.compare import compare
 
     variants = {n: str(demo / "models" / n) for n in ("sft", "grpo", "sft-frozen")
                 if (demo / "models" / n).is_dir()}
@@ -30,7 +30,7 @@ def _run(demo: Path, out: Path, workers: int) -> float:
 
 
 def _data(folder: Path) -> dict:
-    from mechinterp.results import find_results, read_result
+    from mechinterp.store.results import find_results, read_result
 
     return {read_result(d).probe: read_result(d).data for d in find_results(folder)}
 

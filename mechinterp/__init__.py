@@ -11,15 +11,15 @@ Quick start::
     mi.load_results("results")                          # every result of a folder, one table
 """
 
-from . import probe  # callable: mi.probe(NAME) is get_probe(NAME)
+from .core import probe  # callable: mi.probe(NAME) is get_probe(NAME)
 from .data import DataSource
-from .demo import ensure_demo
+from .study.demo import ensure_demo
 from .errors import UserError
-from .frames import load_results
+from .store.frames import load_results
 from .models import DEFAULT_MODEL, LoadedModel, ModelSet, load, resolve
-from .probe import describe, get_probe, make_config, registry
-from .results import Result, read_result
-from .runner import run, run_probe
+from .core.probe import describe, get_probe, make_config, registry
+from .store.results import Result, read_result
+from .core.runner import run, run_probe
 
 __version__ = "0.1.0"
 

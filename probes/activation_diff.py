@@ -51,11 +51,11 @@ from mechinterp.data.base import read_jsonl
 from mechinterp.data.subset import seeded_subset
 from mechinterp.errors import DataError, UserError
 from mechinterp.evals.stats import ratio_of_means
-from mechinterp.frames import Table
+from mechinterp.store.frames import Table
 from mechinterp.plotting.style import heatmap_grid, model_colours, new_axes, token_text
-from mechinterp.probe import BaseConfig
+from mechinterp.core.probe import BaseConfig
 from mechinterp.progress import task
-from mechinterp.results import Result
+from mechinterp.store.results import Result
 
 
 @dataclass

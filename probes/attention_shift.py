@@ -28,12 +28,12 @@ from mechinterp.data.subset import seeded_subset, split_limit
 from mechinterp.errors import UserError
 from mechinterp.evals.mmlu import MMLUFormat, build_request
 from mechinterp.evals.stats import t_interval
-from mechinterp.frames import Table
+from mechinterp.store.frames import Table
 from mechinterp.plotting import heatmap_grid, new_axes
 from mechinterp.plotting.trajectories import run_steps
-from mechinterp.probe import BaseConfig
+from mechinterp.core.probe import BaseConfig
 from mechinterp.progress import task
-from mechinterp.results import Result
+from mechinterp.store.results import Result
 
 LABELS = {
     "js": "JS divergence (nats)",

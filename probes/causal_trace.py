@@ -50,11 +50,11 @@ from mechinterp.analysis.tracing import (
 from mechinterp.data.knowns import load_knowns
 from mechinterp.data.subset import screened_subset, seeded_subset
 from mechinterp.errors import UserError
-from mechinterp.frames import Table
+from mechinterp.store.frames import Table
 from mechinterp.plotting.style import PALETTE, model_colours, new_axes, plain_text, token_text
-from mechinterp.probe import BaseConfig
+from mechinterp.core.probe import BaseConfig
 from mechinterp.progress import task
-from mechinterp.results import Result
+from mechinterp.store.results import Result
 
 KIND_CMAP = {"hidden": "Purples", "mlp": "Greens", "attn": "Reds"}
 KIND_TITLE = {"hidden": "hidden state", "mlp": "MLP output (window)",

@@ -85,14 +85,14 @@ from mechinterp.data.mmlu import LETTERS, load_mmlu
 from mechinterp.errors import UserError
 from mechinterp.evals.mmlu import MMLUFormat, build_request, stratified_sample
 from mechinterp.evals.stats import mean_ci, ratio_of_means, sign_flip_p, spearman, wilson
-from mechinterp.frames import Table
+from mechinterp.store.frames import Table
 from mechinterp.models.depth import thirds
 from mechinterp.plotting import new_axes
 from mechinterp.plotting.scan import scan_figure
 from mechinterp.plotting.style import plain_text
-from mechinterp.probe import BaseConfig
+from mechinterp.core.probe import BaseConfig
 from mechinterp.progress import task
-from mechinterp.results import Result
+from mechinterp.store.results import Result
 
 
 @dataclass

@@ -17,10 +17,10 @@ from mechinterp.evals.gsm8k import sample_shots, score_gsm8k
 from mechinterp.evals.mmlu import rows_to_jsonl
 from mechinterp.evals.paired import paired_rows
 from mechinterp.evals.stats import accuracy_summary
-from mechinterp.frames import Table
+from mechinterp.store.frames import Table
 from mechinterp.plotting import new_axes
-from mechinterp.probe import BaseConfig
-from mechinterp.results import Result
+from mechinterp.core.probe import BaseConfig
+from mechinterp.store.results import Result
 
 
 @dataclass

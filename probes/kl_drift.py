@@ -51,12 +51,12 @@ from mechinterp.data.arithmetic import is_task
 from mechinterp.data.base import read_jsonl
 from mechinterp.data.subset import seeded_subset
 from mechinterp.errors import DataError, UserError
-from mechinterp.frames import Table
+from mechinterp.store.frames import Table
 from mechinterp.plotting import new_axes
 from mechinterp.plotting.trajectories import plot_run_lines, run_steps
-from mechinterp.probe import BaseConfig
+from mechinterp.core.probe import BaseConfig
 from mechinterp.progress import task
-from mechinterp.results import Result
+from mechinterp.store.results import Result
 from mechinterp.training.prompts import SYSTEM_PROMPT, QAItem, load_items, render_target
 from probes.activation_diff import Config as TextConfig
 from probes.activation_diff import neutral_texts

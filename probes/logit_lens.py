@@ -51,11 +51,11 @@ from mechinterp.data.subset import seeded_subset, split_limit
 from mechinterp.errors import UserError
 from mechinterp.evals.stats import mean_ci
 from mechinterp.evals.task import task_prompt
-from mechinterp.frames import Table
+from mechinterp.store.frames import Table
 from mechinterp.plotting.style import model_colours, new_axes
-from mechinterp.probe import BaseConfig
+from mechinterp.core.probe import BaseConfig
 from mechinterp.progress import task
-from mechinterp.results import Result
+from mechinterp.store.results import Result
 
 from .mlp_patching import prompts_for
 

@@ -59,12 +59,12 @@ from mechinterp.data.subset import seeded_subset, split_limit
 from mechinterp.errors import UserError
 from mechinterp.evals.mmlu import MMLUFormat, answer_texts, build_request, question_text
 from mechinterp.evals.stats import ratio_of_means
-from mechinterp.frames import Table
+from mechinterp.store.frames import Table
 from mechinterp.plotting.scan import scan_figure
 from mechinterp.plotting.style import model_colours, new_axes
-from mechinterp.probe import BaseConfig
+from mechinterp.core.probe import BaseConfig
 from mechinterp.progress import task
-from mechinterp.results import Result
+from mechinterp.store.results import Result
 
 SITE = {"mlp": "mlp_out", "attn": "attn_out", "resid": "resid_post"}
 DIRECTIONS = ("denoise", "noise")

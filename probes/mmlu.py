@@ -22,10 +22,10 @@ from mechinterp.evals.mmlu import (
     summarise,
 )
 from mechinterp.evals.paired import paired_rows
-from mechinterp.frames import Table
+from mechinterp.store.frames import Table
 from mechinterp.plotting import new_axes
-from mechinterp.probe import BaseConfig
-from mechinterp.results import Result
+from mechinterp.core.probe import BaseConfig
+from mechinterp.store.results import Result
 
 
 @dataclass

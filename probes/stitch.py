@@ -53,7 +53,7 @@ from mechinterp.errors import UserError
 from mechinterp.evals.mmlu import MMLUFormat, score_mmlu, stratified_sample
 from mechinterp.evals.stats import accuracy_summary, bootstrap_diff
 from mechinterp.evals.task import score_task
-from mechinterp.frames import Table
+from mechinterp.store.frames import Table
 from mechinterp.models.stitch import (
     THIRDS,
     Recipe,
@@ -64,9 +64,9 @@ from mechinterp.models.stitch import (
     thirds,
 )
 from mechinterp.plotting.style import PALETTE, new_axes
-from mechinterp.probe import BaseConfig
+from mechinterp.core.probe import BaseConfig
 from mechinterp.progress import task
-from mechinterp.results import Result
+from mechinterp.store.results import Result
 from mechinterp.training.prompts import SYSTEM_PROMPT, load_items
 
 from .kl_drift import load_pairs

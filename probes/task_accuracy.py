@@ -22,10 +22,10 @@ from mechinterp.errors import UserError
 from mechinterp.evals.paired import paired_comparison
 from mechinterp.evals.stats import accuracy_summary
 from mechinterp.evals.task import score_task
-from mechinterp.frames import Table
+from mechinterp.store.frames import Table
 from mechinterp.plotting import new_axes
-from mechinterp.probe import BaseConfig
-from mechinterp.results import Result
+from mechinterp.core.probe import BaseConfig
+from mechinterp.store.results import Result
 
 
 @dataclass

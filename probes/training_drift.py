@@ -16,11 +16,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mechinterp.frames import Table
+from mechinterp.store.frames import Table
 from mechinterp.models.specs import checkpoint_step
 from mechinterp.plotting import heatmap_grid, new_axes
-from mechinterp.probe import BaseConfig
-from mechinterp.results import Result
+from mechinterp.core.probe import BaseConfig
+from mechinterp.store.results import Result
 
 
 @dataclass
@@ -46,7 +46,7 @@ class TrainingDrift:
 
     @staticmethod
     def frame_data(data: dict) -> dict:
-        """The tables keyed by model, for :func:`~mechinterp.frames.to_frame`: a checkpoint of a
+        """The tables keyed by model, for :func:`~mechinterp.store.frames.to_frame`: a checkpoint of a
         training run's own log is the model ``<run>@step-N``; a probe run's checkpoints keep
         their variant names (``sft@step-4``)."""
         rel, kl, runs = {}, {}, {}

@@ -59,13 +59,13 @@ from mechinterp.analysis.weights import (
     matrix_refs,
 )
 from mechinterp.errors import CorruptCheckpoint, UserError
-from mechinterp.frames import Table
+from mechinterp.store.frames import Table
 from mechinterp.models.naming import family_for, n_layers
 from mechinterp.plotting import heatmap_grid, new_axes
 from mechinterp.plotting.trajectories import X_AXES, checkpoint_x, run_steps, run_styles, x_label
-from mechinterp.probe import BaseConfig
+from mechinterp.core.probe import BaseConfig
 from mechinterp.progress import task
-from mechinterp.results import Result
+from mechinterp.store.results import Result
 
 from .weight_change import _stored_dtypes
 

@@ -38,14 +38,14 @@ import numpy as np
 
 from mechinterp.analysis.update_measures import measures
 from mechinterp.analysis.weights import SPARSITY_EDGES, load_config, weight_diff
-from mechinterp.frames import Table
+from mechinterp.store.frames import Table
 from mechinterp.models.naming import family_for, n_layers
 from mechinterp.models.safetensors_io import tensor_index
 from mechinterp.plotting import heatmap_grid, new_axes
 from mechinterp.plotting.trajectories import run_steps, run_styles, run_x
-from mechinterp.probe import BaseConfig
+from mechinterp.core.probe import BaseConfig
 from mechinterp.progress import task
-from mechinterp.results import Result
+from mechinterp.store.results import Result
 
 REL_LABEL = r"$\|W_v - W_{base}\|_F / \|W_{base}\|_F$"
 

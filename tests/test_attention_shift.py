@@ -118,8 +118,8 @@ def test_probe_on_tiny_model_with_data(tmp_path, data_source):
     from mechinterp.models import load
     from mechinterp.models.edit import plant_change
     from mechinterp.models.modelset import ModelSet
-    from mechinterp.probe import get_probe, make_config
-    from mechinterp.runner import run_probe
+    from mechinterp.core.probe import get_probe, make_config
+    from mechinterp.core.runner import run_probe
 
     variant = load("tiny-random-llama", device="cpu", dtype="float32")
     plant_change(variant, tmp_path / "v", {(2, "q"): 0.3})

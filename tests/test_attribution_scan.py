@@ -12,8 +12,8 @@ import pytest
 from mechinterp.models import load
 from mechinterp.models.edit import plant_change
 from mechinterp.models.modelset import ModelSet
-from mechinterp.probe import get_probe, make_config
-from mechinterp.runner import redraw, run_probe
+from mechinterp.core.probe import get_probe, make_config
+from mechinterp.core.runner import redraw, run_probe
 
 PLANTED_LAYER = 2
 

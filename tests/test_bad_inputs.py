@@ -123,7 +123,7 @@ def test_safetensors_header_that_is_not_a_table_of_tensors(tmp_path, capsys, hea
 # ----- stored results and runs ----------------------------------------------------------------
 
 def test_figures_on_a_result_json_whose_data_is_not_the_probes(tmp_path, capsys):
-    from mechinterp.results import Result, write_result
+    from mechinterp.store.results import Result, write_result
 
     write_result(Result("weight-change", {"x": 1}), tmp_path / "weight-change")
     assert main(["figures", str(tmp_path)]) == 2  # was: KeyError 'matrices'
@@ -161,7 +161,7 @@ def test_non_finite_float_options_are_refused(tmp_path, capsys, value):
 
 
 def test_non_finite_floats_from_python_are_refused():
-    from mechinterp.probe import registry
+    from mechinterp.core.probe import registry
 
     with pytest.raises(UserError, match="noise_mult=inf of causal-trace must be a finite number"):
         registry()["causal-trace"].Config(noise_mult=math.inf)
@@ -204,7 +204,7 @@ def test_tokens_with_dollar_signs_draw_as_themselves(tmp_path, tokens):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     from mechinterp.plotting.style import token_text
-    from mechinterp.results import save_figures
+    from mechinterp.store.results import save_figures
     from probes.activation_diff import _lens_figure
 
     top = [{"token": t, "id": i, "logit": 1.0} for i, t in enumerate(tokens)]
@@ -224,7 +224,7 @@ def test_tokens_with_dollar_signs_draw_as_themselves(tmp_path, tokens):
 def test_causal_trace_fact_figure_with_dollar_tokens(tmp_path):
     import numpy as np
 
-    from mechinterp.results import save_figures
+    from mechinterp.store.results import save_figures
     from probes.causal_trace import _fact_figure
 
     row = {"tokens": ["$$", " costs", " $", "5"], "subject_range": [0, 1], "prompt": "$$ costs $5",
@@ -238,9 +238,9 @@ def test_report_md_table_cells_are_escaped(tmp_path):
     """A | in a cell (the ||dW|| of a claim statement) ended the cell and broke the verdict table."""
     import re
 
-    from mechinterp.claims import decide_all
-    from mechinterp.compare import Study
-    from mechinterp.report import build_markdown, md_cell
+    from mechinterp.study.claims import decide_all
+    from mechinterp.study.compare import Study
+    from mechinterp.study.report import build_markdown, md_cell
 
     claims = decide_all(Study(tmp_path, "b", {}, {}))
     claims[0] = {**claims[0], "statement": "mean ||dW||/||W|| = 0.1\nover layers", "title": "a|b"}
@@ -279,8 +279,8 @@ def test_weight_change_records_where_it_computed(tmp_path):
 def test_claim_tests_fail_on_a_killed_compare_folder(tmp_path):
     """study.json written, some planned results missing: the claim tests fail naming them (they
     reported '8 skipped' and exit 0)."""
-    from mechinterp.compare import STUDY_FILE, Study, VariantInfo
-    from mechinterp.results import Result, write_result
+    from mechinterp.study.compare import STUDY_FILE, Study, VariantInfo
+    from mechinterp.store.results import Result, write_result
 
     variants = {n: VariantInfo(n, "tiny-random-llama", ["tiny-random-llama"], n, "")
                 for n in ("sft", "grpo")}

@@ -20,10 +20,10 @@ from test_claims_planted import (
     weight_results,
 )
 
-from mechinterp.claims import CLAIMS, decide_all, verdict_line
-from mechinterp.claims.caveats import saturation
-from mechinterp.compare import Study, VariantInfo, write_claims
-from mechinterp.results import Result
+from mechinterp.study.claims import CLAIMS, decide_all, verdict_line
+from mechinterp.study.claims.caveats import saturation
+from mechinterp.study.compare import Study, VariantInfo, write_claims
+from mechinterp.store.results import Result
 
 
 def test_decide_all_on_an_empty_study_measures_nothing(tmp_path):
@@ -108,7 +108,7 @@ def test_report_states_verdict_caveats_holm_and_mid_layers(study, tmp_path):
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    from mechinterp.report import build_html, write_report
+    from mechinterp.study.report import build_html, write_report
 
     folder = tmp_path / "weight-change"
     folder.mkdir(exist_ok=True)
@@ -162,8 +162,8 @@ def test_pytest_claims_map_verdicts_to_outcomes(study, tmp_path):
     import subprocess
     import sys
 
-    from mechinterp.compare import STUDY_FILE, write_claims
-    from mechinterp.results import write_result
+    from mechinterp.study.compare import STUDY_FILE, write_claims
+    from mechinterp.store.results import write_result
 
     out = tmp_path / "stored"
     out.mkdir()
@@ -187,7 +187,7 @@ def test_pytest_claims_map_verdicts_to_outcomes(study, tmp_path):
 
 
 def _primary(effect, lo, hi, p, mde, needed=0.1):
-    from mechinterp.claims.core import primary
+    from mechinterp.study.claims.core import primary
 
     p_ = primary("t", "m", effect, np.array([lo, hi]), needed, 10, 1, p=p)
     return p_ | {"ci95": [lo, hi], "mde": mde}
@@ -202,13 +202,13 @@ def _primary(effect, lo, hi, p, mde, needed=0.1):
     ((0.3, 0.1, 0.5, 0.125, 0.05), "inconclusive"),  # interval excludes 0, the test does not
 ])
 def test_the_decision_rule(args, verdict):
-    from mechinterp.claims.core import decide
+    from mechinterp.study.claims.core import decide
 
     assert decide(_primary(*args), [])[0] == verdict
 
 
 def test_a_failed_gate_blocks_held_or_everything():
-    from mechinterp.claims.core import decide, gate
+    from mechinterp.study.claims.core import decide, gate
 
     p = _primary(0.5, 0.2, 0.8, 0.001, 0.05)
     assert decide(p, [gate(False, "noise")]) == ("inconclusive", "noise")
@@ -220,8 +220,8 @@ def test_a_failed_gate_blocks_held_or_everything():
 def test_holm_turns_three_borderline_claims_inconclusive(tmp_path, monkeypatch):
     """Three claims each at p = 0.02 with intervals excluding 0: held alone, not after Holm
     (0.06 each)."""
-    import mechinterp.claims as claims_mod
-    from mechinterp.claims.core import claim
+    import mechinterp.study.claims as claims_mod
+    from mechinterp.study.claims.core import claim
 
     def make(cid):
         def fn(study):

@@ -17,7 +17,7 @@ import math
 import numpy as np
 import pytest
 
-from mechinterp.claims import (
+from mechinterp.study.claims import (
     c1_weight_change,
     c2_kl,
     c3_qk_most_changed,
@@ -28,10 +28,10 @@ from mechinterp.claims import (
     c8_damage_mid_mlp,
     decide_all,
 )
-from mechinterp.claims.stats import hier_bootstrap, holm, sign_flip_p
-from mechinterp.compare import Study, VariantInfo
+from mechinterp.study.claims.stats import hier_bootstrap, holm, sign_flip_p
+from mechinterp.study.compare import Study, VariantInfo
 from mechinterp.evals.stats import mcnemar, mean_ci, spearman
-from mechinterp.results import Result
+from mechinterp.store.results import Result
 
 N_LAYERS = 9  # mid layers 3-5
 MATS = ("q", "k", "v", "o", "gate", "up", "down")

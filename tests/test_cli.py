@@ -62,7 +62,7 @@ class _FailsMidway:
     def __init__(self):
         from dataclasses import make_dataclass
 
-        from mechinterp.probe import BaseConfig
+        from mechinterp.core.probe import BaseConfig
 
         self.Config = make_dataclass("Config", [], bases=(BaseConfig,))
         self.reached: list[int] = []

@@ -22,7 +22,7 @@ def test_cli_runs_weight_change_kl_drift_attention_shift_then_redraws(tmp_path, 
         PLANTED_QK_REL,
         planted_variant,
     )
-    from mechinterp.results import read_result
+    from mechinterp.store.results import read_result
 
     variant = planted_variant()
     out = tmp_path / "res"

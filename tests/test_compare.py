@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from mechinterp.compare import compare, load_study
+from mechinterp.study.compare import compare, load_study
 from mechinterp.errors import UserError
 
 PROBES = ["weight-change", "kl-drift", "task-accuracy", "mmlu"]

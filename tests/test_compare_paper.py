@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 from huggingface_hub import GitRefInfo, GitRefs
 
-from mechinterp.compare import (
+from mechinterp.study.compare import (
     PAPER_BASE,
     PAPER_RELEASE_PLAN,
     PAPER_RUNS,
@@ -88,7 +88,7 @@ def test_unreachable_hub_is_a_user_error_naming_the_fix():
 
 
 def test_release_plan_is_the_paper_plan_on_gsm8k_and_every_option_is_valid():
-    from mechinterp.probe import get_probe, make_config
+    from mechinterp.core.probe import get_probe, make_config
 
     assert [s.probe for s in PAPER_RELEASE_PLAN] == [s.probe for s in PLANS["paper"]]
     by = {s.probe: s for s in PAPER_RELEASE_PLAN}

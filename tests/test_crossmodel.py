@@ -100,8 +100,8 @@ def test_normalised_recovery_by_hand():
 
 def test_probe_finds_the_planted_layers_and_redraws(pair, tmp_path, data_source):
     from mechinterp.models.modelset import ModelSet
-    from mechinterp.probe import get_probe, make_config
-    from mechinterp.runner import redraw, run_probe
+    from mechinterp.core.probe import get_probe, make_config
+    from mechinterp.core.runner import redraw, run_probe
 
     _, _, folder = pair
     models = ModelSet("tiny-random-llama", {"planted": str(folder)}, device="cpu",
@@ -144,8 +144,8 @@ def test_probe_finds_the_planted_layers_and_redraws(pair, tmp_path, data_source)
 def test_probe_leaves_the_shared_tokenizer_padding_side_alone(pair, data_source):
     """mlp-patching pads right for itself; the tokenizer the models share keeps its setting."""
     from mechinterp.models.modelset import ModelSet
-    from mechinterp.probe import get_probe, make_config
-    from mechinterp.runner import run_probe
+    from mechinterp.core.probe import get_probe, make_config
+    from mechinterp.core.runner import run_probe
 
     _, _, folder = pair
     probe = get_probe("mlp-patching")

@@ -13,9 +13,9 @@ import torch
 from mechinterp.models import load
 from mechinterp.models.edit import plant_change
 from mechinterp.models.modelset import ModelSet
-from mechinterp.probe import get_probe, make_config
-from mechinterp.results import read_result
-from mechinterp.runner import run_probe
+from mechinterp.core.probe import get_probe, make_config
+from mechinterp.store.results import read_result
+from mechinterp.core.runner import run_probe
 
 SUBJECTS = "world_religions,conceptual_physics"  # the shortest MMLU prompts: cheap on bytes
 

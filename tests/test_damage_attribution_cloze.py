@@ -19,9 +19,9 @@ from test_damage_attribution import SUBJECTS, _config  # the same tiny 8-layer L
 from mechinterp.models import load
 from mechinterp.models.edit import plant_change
 from mechinterp.models.modelset import ModelSet
-from mechinterp.probe import get_probe, make_config
-from mechinterp.results import read_result
-from mechinterp.runner import run_probe
+from mechinterp.core.probe import get_probe, make_config
+from mechinterp.store.results import read_result
+from mechinterp.core.runner import run_probe
 
 PLANTED = 5
 
@@ -171,7 +171,7 @@ def test_ratio_of_means_and_margins_by_hand():
 
 def test_plot_from_stored_result_with_nulls(tmp_path):
     """Figures from a stored result where NaN became null (no failures, some undefined layers)."""
-    from mechinterp.results import Result, write_result
+    from mechinterp.store.results import Result, write_result
     from probes.damage_attribution import KEYS, PROBE
 
     L, W = 4, [[0, 1, 2], [1, 2, 3]]

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from mechinterp.demo import DEMO_PRESETS, DemoRun, _train_one
+from mechinterp.study.demo import DEMO_PRESETS, DemoRun, _train_one
 from mechinterp.errors import UserError
 from mechinterp.training.runner import CONFIG_FILE, SUMMARY_FILE
 from mechinterp.training.settings import (

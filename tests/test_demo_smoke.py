@@ -37,7 +37,7 @@ def test_demo_trains_three_runs_and_writes_the_report(demo_dir):
         assert summary["algorithm"] == algo and summary["steps"] == 2
         assert (run / "config.json").exists() and (run / "training-drift" / "result.json").exists()
     # every run of ours logged its path: coherence from the per-step log, over its noise floor
-    from mechinterp.results import read_result
+    from mechinterp.store.results import read_result
 
     wc = read_result(demo_dir / "weight-change").data
     for names in wc["runs"].values():
@@ -130,8 +130,8 @@ def test_there_are_six_study_notebooks():
 
 @slow
 def test_paper_figure_set_is_written_and_its_table_reads_the_results(demo_dir):
-    from mechinterp.compare import load_study
-    from mechinterp.paper_figures import PAPER_SET, benchmark_table
+    from mechinterp.study.compare import load_study
+    from mechinterp.study.paper_figures import PAPER_SET, benchmark_table
 
     assert main(["figures", str(demo_dir), "--paper"]) == 0
     files = sorted(p.name for p in (demo_dir / "paper").iterdir())
@@ -157,7 +157,7 @@ def test_paper_figure_set_is_written_and_its_table_reads_the_results(demo_dir):
 
 # ----- without the real model ----------------------------------------------------------------
 def test_demo_runs_name_seeds_and_keep_the_trajectory_of_the_first():
-    from mechinterp.demo import DEMO_PRESETS, demo_runs
+    from mechinterp.study.demo import DEMO_PRESETS, demo_runs
 
     runs = demo_runs(3)
     assert [(r.name, r.algorithm, r.freeze, r.seed) for r in runs] == [
@@ -177,8 +177,8 @@ def test_demo_runs_name_seeds_and_keep_the_trajectory_of_the_first():
 def test_each_seed_trains_with_its_seed_and_compare_reads_it_back(tmp_path):
     """The seed a run is trained with is the one in its train-config.json, which compare's
     describe_variant reads into VariantInfo.seed and Study.replicates orders by."""
-    from mechinterp.compare import Study, describe_variant
-    from mechinterp.demo import DEMO_PRESETS, demo_runs
+    from mechinterp.study.compare import Study, describe_variant
+    from mechinterp.study.demo import DEMO_PRESETS, demo_runs
     from mechinterp.training.runner import CONFIG_FILE
     from mechinterp.training.settings import resolve_settings, save_settings
 
@@ -200,8 +200,8 @@ def test_each_seed_trains_with_its_seed_and_compare_reads_it_back(tmp_path):
 
 
 def test_claims_probes_run_on_every_seed_single_model_probes_on_the_first():
-    from mechinterp.compare import PLANS, Study, VariantInfo, step_variants
-    from mechinterp.demo import demo_runs
+    from mechinterp.study.compare import PLANS, Study, VariantInfo, step_variants
+    from mechinterp.study.demo import demo_runs
 
     variants = {r.name: VariantInfo(r.name, r.name, [r.name], r.algorithm,
                                     "paper-mid-mlp" if r.freeze else "", seed=r.seed)
@@ -241,10 +241,10 @@ def test_finished_runs_keep_what_the_docstring_says(tmp_path, one_thread):
     weights the run had at that step (the drift log's weight change, computed in memory while
     training, equals the one recomputed from the loaded checkpoint)."""
     from mechinterp.analysis.weights import weight_change
-    from mechinterp.compare import describe_variant
-    from mechinterp.demo import DemoPreset, DemoRun, _train_one
+    from mechinterp.study.compare import describe_variant
+    from mechinterp.study.demo import DemoPreset, DemoRun, _train_one
     from mechinterp.models import load, resolve
-    from mechinterp.results import read_result
+    from mechinterp.store.results import read_result
 
     preset = DemoPreset(None, "smoke", TINY_DEMO)
     out = tmp_path / "demo"

@@ -7,10 +7,10 @@ import json
 
 import pytest
 
-from mechinterp.compare import compare
+from mechinterp.study.compare import compare
 from mechinterp.errors import UserError
-from mechinterp.executor import Job, execute, parse_executor_options
-from mechinterp.results import find_results, read_result
+from mechinterp.study.executor import Job, execute, parse_executor_options
+from mechinterp.store.results import find_results, read_result
 
 PROBES = ["weight-change", "kl-drift", "task-accuracy", "mmlu"]
 

@@ -15,8 +15,8 @@ import sys
 import pandas as pd
 import pytest
 
-from mechinterp.frames import COLUMNS, load_results, to_frame
-from mechinterp.results import Result, read_result, write_result
+from mechinterp.store.frames import COLUMNS, load_results, to_frame
+from mechinterp.store.results import Result, read_result, write_result
 
 
 def test_nested_values_and_intervals_land_in_their_columns(tmp_path):
@@ -98,8 +98,8 @@ def test_parquet_beside_result_json_and_load_results_concatenates(tmp_path):
 def test_every_declared_table_of_a_stored_result_gives_rows(tmp_path, data_source, one_thread):
     from mechinterp.models import ModelSet, load
     from mechinterp.models.edit import plant_change
-    from mechinterp.probe import get_probe, make_config
-    from mechinterp.runner import run_probe
+    from mechinterp.core.probe import get_probe, make_config
+    from mechinterp.core.runner import run_probe
 
     base = load("tiny-random-llama", device="cpu", dtype="float32")
     folder = plant_change(base, tmp_path / "v", {(1, "down"): 0.3}, seed=0)
@@ -124,7 +124,7 @@ def test_every_declared_table_of_a_stored_result_gives_rows(tmp_path, data_sourc
 
 
 def test_pdf_text_is_truetype_and_legends_have_no_frame(tmp_path):
-    from mechinterp.results import save_figures
+    from mechinterp.store.results import save_figures
 
     res = Result("gsm8k", {"models": ["base", "v"], "n": 3, "accuracy": {"base": 0.2, "v": 0.4},
                            "ci95": {"base": [0.1, 0.3], "v": [0.3, 0.5]}, "paired": {}})
@@ -150,7 +150,7 @@ def test_probe_legends_are_frameless():
 
 def test_importing_the_package_and_probes_switches_no_backend():
     code = ("import matplotlib; matplotlib.use('svg'); import mechinterp, probes; "
-            "import mechinterp.plotting, mechinterp.results; probes.BUILTIN; "
+            "import mechinterp.plotting, mechinterp.store.results; probes.BUILTIN; "
             "print(matplotlib.get_backend())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "svg"
@@ -165,7 +165,7 @@ def test_line_style_follows_the_run_kind_not_its_name(tmp_path):
     from mechinterp.models import ModelSet
     from mechinterp.models.zoo import fetch
     from mechinterp.plotting.trajectories import KIND_LINESTYLE, run_styles
-    from mechinterp.runner import run_kinds
+    from mechinterp.core.runner import run_kinds
 
     src = fetch("tiny-random-llama")
     for name, cfg in (("baseline", {"algorithm": "grpo"}),
@@ -186,8 +186,8 @@ def test_line_style_follows_the_run_kind_not_its_name(tmp_path):
     two_unknown = run_styles(["a", "b"], {})
     assert two_unknown["a"] != two_unknown["b"]  # unknown runs still tell apart
 
-    from mechinterp.probe import get_probe, make_config
-    from mechinterp.runner import run_probe
+    from mechinterp.core.probe import get_probe, make_config
+    from mechinterp.core.runner import run_probe
 
     probe = get_probe("weight-change")
     res = run_probe(probe, models, None, make_config(probe, {"sparsity": False}))
@@ -203,7 +203,7 @@ def test_tokens_the_font_cannot_draw_are_written_as_escapes(tmp_path):
     import warnings
 
     from mechinterp.plotting.style import token_text
-    from mechinterp.results import save_figures
+    from mechinterp.store.results import save_figures
     from probes.activation_diff import _lens_figure
 
     assert token_text("\u7801x") == "'\\u7801x'" and token_text(" caf\u00e9") == "' caf\u00e9'"

@@ -33,7 +33,7 @@ def test_prompt_and_stop():
 
 def test_cli_eval_gsm8k(tmp_path, monkeypatch):
     from mechinterp.cli import main
-    from mechinterp.results import read_result
+    from mechinterp.store.results import read_result
 
     monkeypatch.setenv("MECHINTERP_PROGRESS", "0")
     rc = main(["eval", "gsm8k", "--model", "tiny-random-llama", "--limit", "2",

@@ -129,7 +129,7 @@ def test_summarise_wilson():
 
 def test_cli_eval_mmlu_writes_rows_and_figures(tmp_path, monkeypatch):
     from mechinterp.cli import main
-    from mechinterp.results import read_result
+    from mechinterp.store.results import read_result
 
     monkeypatch.setenv("MECHINTERP_PROGRESS", "0")
     out = tmp_path / "res"

@@ -11,9 +11,9 @@ import math
 import numpy as np
 import pytest
 
-from mechinterp.probe import make_config, registry
-from mechinterp.results import read_result
-from mechinterp.runner import run_probe
+from mechinterp.core.probe import make_config, registry
+from mechinterp.store.results import read_result
+from mechinterp.core.runner import run_probe
 
 #: small options per probe; a new built-in probe must be added here
 OPTIONS: dict[str, dict] = {

@@ -36,7 +36,7 @@ def _scalars(out):
 
 
 def test_tensorboard_gets_loss_and_drift(tmp_path):
-    from mechinterp.results import read_result
+    from mechinterp.store.results import read_result
 
     out = tmp_path / "run"
     train(resolve_settings("sft", None, {**TINY, "report_to": "tensorboard"}), out,

@@ -48,7 +48,7 @@ def _killed_run(variant, out, where: str) -> int:
     code = f"""
 import os, signal
 import mechinterp as mi
-from mechinterp.probe import get_probe
+from mechinterp.core.probe import get_probe
 import matplotlib.figure
 p = get_probe("weight-change")
 calls = []
@@ -161,7 +161,7 @@ def test_malformed_result_json_is_recomputed_not_a_keyerror(variant, tmp_path, p
 @pytest.mark.parametrize("umask", [0o022, 0o027, 0o077])
 def test_result_folders_follow_the_umask(tmp_path, umask):
     """Item 8: result folders were created 0700 whatever the umask (tempfile.mkdtemp)."""
-    from mechinterp.results import Result, write_result
+    from mechinterp.store.results import Result, write_result
 
     old = os.umask(umask)
     try:

@@ -86,7 +86,7 @@ PROBES = "weight-change,kl-drift,mmlu"
 CHILD = """
 import sys, time
 t0 = time.monotonic()
-from mechinterp.compare import compare
+from mechinterp.study.compare import compare
 compare("tiny-random-llama", {"sft": sys.argv[2]}, sys.argv[1], preset="smoke",
         probes=sys.argv[3].split(","), device="cpu",
         echo=lambda m: print(f"{time.monotonic() - t0:.3f} {m}", flush=True))

@@ -143,7 +143,7 @@ def test_weights_overwritten_with_restored_mtime_are_recomputed(variant, tmp_pat
 def test_content_hash_cache_lives_in_our_cache_and_never_goes_stale(tmp_path, monkeypatch):
     """Hash once per content; a re-check is a stat; cp -p / touch -r / rewrite re-hash; nothing is
     written beside the user's files (MECHINTERP_FULL_HASH used to write into the model folder)."""
-    from mechinterp import hashing
+    from mechinterp.store import hashing
 
     cache = tmp_path / "cache"
     monkeypatch.setattr(hashing, "cache_dir", lambda: cache)

@@ -21,7 +21,7 @@ ENV = dict(os.environ, PYTHONPATH=str(ROOT))
 WRITER = """
 import sys
 from pathlib import Path
-from mechinterp.results import Result, read_result, write_result
+from mechinterp.store.results import Result, read_result, write_result
 out, tag, n = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 done = 0
 for i in range(n):
@@ -41,7 +41,7 @@ def test_two_processes_writing_one_out_lose_nothing(tmp_path):
     results = [p.communicate(timeout=300) for p in procs]
     for p, (stdout, stderr) in zip(procs, results):
         assert p.returncode == 0 and stdout.strip() == "200", stderr[-2000:]
-    from mechinterp.results import incomplete, read_payload, read_result
+    from mechinterp.store.results import incomplete, read_payload, read_result
 
     res = read_result(out / "p")
     assert res.data["i"] == 199 and res.files["rows.jsonl"] == f"{res.data['tag']} 199\n"
@@ -51,7 +51,7 @@ def test_two_processes_writing_one_out_lose_nothing(tmp_path):
 
 HOLDER = """
 import sys, time
-from mechinterp.locking import writer_lock
+from mechinterp.store.locking import writer_lock
 with writer_lock(sys.argv[1]):
     print("held", flush=True)
     time.sleep(float(sys.argv[2]))
@@ -67,7 +67,7 @@ def _hold(out: Path, seconds: float) -> subprocess.Popen:
 
 def test_second_writer_waits_then_names_the_holder(tmp_path):
     from mechinterp.errors import UserError
-    from mechinterp.locking import writer_lock
+    from mechinterp.store.locking import writer_lock
 
     out = tmp_path / "out"
     holder = _hold(out, 60)
@@ -91,7 +91,7 @@ def test_second_writer_waits_then_names_the_holder(tmp_path):
 
 
 def test_a_writer_that_finishes_within_the_wait_lets_the_next_in(tmp_path):
-    from mechinterp.locking import writer_lock
+    from mechinterp.store.locking import writer_lock
 
     out = tmp_path / "out"
     holder = _hold(out, 1.0)
@@ -104,7 +104,7 @@ def test_a_writer_that_finishes_within_the_wait_lets_the_next_in(tmp_path):
 
 FORKER = """
 import os, sys, time
-from mechinterp.locking import writer_lock
+from mechinterp.store.locking import writer_lock
 with writer_lock(sys.argv[1]):
     pid = os.fork()
     if pid == 0:  # the child inherits the flock and outlives its parent
@@ -121,7 +121,7 @@ with writer_lock(sys.argv[1]):
 def test_stale_lock_of_a_dead_holder_is_taken_over(tmp_path):
     """A flock still held by a child that outlived the holder named in the lock file (dead pid on
     this host) is taken over rather than waited for."""
-    from mechinterp.locking import writer_lock
+    from mechinterp.store.locking import writer_lock
 
     out = tmp_path / "out"
     p = subprocess.run([sys.executable, "-c", FORKER, str(out)], env=ENV, capture_output=True,
@@ -143,8 +143,8 @@ def test_stale_lock_of_a_dead_holder_is_taken_over(tmp_path):
 
 
 def test_lock_is_reentrant_within_a_process(tmp_path):
-    from mechinterp.locking import writer_lock
-    from mechinterp.results import Result, write_result
+    from mechinterp.store.locking import writer_lock
+    from mechinterp.store.results import Result, write_result
 
     with writer_lock(tmp_path, wait_s=0):
         write_result(Result("x", {"a": 1}), tmp_path / "x")  # takes the same lock again

@@ -13,9 +13,9 @@ from mechinterp.errors import UserError
 from mechinterp.models import load
 from mechinterp.models.edit import plant_change
 from mechinterp.models.modelset import ModelSet
-from mechinterp.probe import get_probe, make_config
-from mechinterp.results import read_result
-from mechinterp.runner import redraw, run_probe
+from mechinterp.core.probe import get_probe, make_config
+from mechinterp.store.results import read_result
+from mechinterp.core.runner import redraw, run_probe
 
 
 @pytest.fixture(scope="module")

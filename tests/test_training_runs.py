@@ -99,8 +99,8 @@ def test_sft_freezes_exactly_and_snapshots_load(sft_run):
 def test_drift_log_matches_independent_computation(sft_run):
     from mechinterp.analysis.weights import weight_change
     from mechinterp.models import load, resolve
-    from mechinterp.results import read_result
-    from mechinterp.runner import redraw
+    from mechinterp.store.results import read_result
+    from mechinterp.core.runner import redraw
     from mechinterp.training.drift import answer_logprobs, build_heldout, kl_per_item
     from mechinterp.training.prompts import load_items, pick, prompt_messages, render_target
 
@@ -151,7 +151,7 @@ class KillAt(TrainerCallback):
 
 
 def test_resume_after_interruption_reproduces_the_run(sft_run, tmp_path, neuron_file):
-    from mechinterp.results import read_result
+    from mechinterp.store.results import read_result
     from mechinterp.training.runner import resume_settings
 
     ref_out, spec, _ = sft_run

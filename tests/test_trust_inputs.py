@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from mechinterp.errors import SpecError, UserError
-from mechinterp.probe import make_config, registry
-from mechinterp.results import Result, read_result, write_result
+from mechinterp.core.probe import make_config, registry
+from mechinterp.store.results import Result, read_result, write_result
 
 PROBES = sorted(registry())
 
@@ -32,7 +32,7 @@ def _numeric_fields(config_cls) -> list[str]:
 
 @pytest.mark.parametrize("name", PROBES)
 def test_every_numeric_option_rejects_negative_and_wrong_types(name):
-    from mechinterp.probe import _bounds
+    from mechinterp.core.probe import _bounds
 
     probe = registry()[name]
     fields = _numeric_fields(probe.Config)
@@ -130,7 +130,7 @@ def test_missing_array_file_is_a_user_error(tmp_path):
 def test_run_probe_without_data_uses_the_data_root(monkeypatch, data_source, tmp_path):
     """``data=None`` from Python means what it means on the CLI: $MECHINTERP_DATA."""
     from mechinterp.models import ModelSet
-    from mechinterp.runner import run_probe
+    from mechinterp.core.runner import run_probe
 
     monkeypatch.setenv("MECHINTERP_DATA", str(data_source.root))
     probe = registry()["mmlu"]
@@ -212,7 +212,7 @@ def test_weights_identity_follows_content_and_reads_each_content_once(tmp_path, 
     import os
     import shutil
 
-    from mechinterp import hashing
+    from mechinterp.store import hashing
     from mechinterp.models.safetensors_io import folder_hash, weights_identity
     from mechinterp.models.zoo import fetch
 
@@ -270,7 +270,7 @@ def test_every_option_is_documented_with_type_default_and_meaning(name, capsys):
 
     import mechinterp as mi
     from mechinterp.cli import main
-    from mechinterp.probe import options
+    from mechinterp.core.probe import options
 
     probe = mi.probe(name)
     opts = options(probe)

@@ -144,8 +144,8 @@ def test_probe_trajectory_over_a_run_folder(tmp_path):
     from mechinterp.models import load
     from mechinterp.models.edit import plant_change
     from mechinterp.models.modelset import ModelSet
-    from mechinterp.probe import get_probe, make_config
-    from mechinterp.runner import run_probe
+    from mechinterp.core.probe import get_probe, make_config
+    from mechinterp.core.runner import run_probe
 
     model = load("tiny-random-llama", device="cpu", dtype="float32")
     for step, rel in ((20, 0.01), (10, 0.003)):  # written out of order on purpose

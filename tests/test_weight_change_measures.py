@@ -49,8 +49,8 @@ def _save_walk(tmp_path, deltas, name="run"):
 
 def _run_probe(base, variants):
     from mechinterp.models.modelset import ModelSet
-    from mechinterp.probe import get_probe, make_config
-    from mechinterp.runner import run_probe
+    from mechinterp.core.probe import get_probe, make_config
+    from mechinterp.core.runner import run_probe
 
     probe = get_probe("weight-change")
     ms = ModelSet(base, variants, device="cpu")
@@ -273,7 +273,7 @@ class Snapshot(TrainerCallback):
 def test_logged_path_lengths_equal_norms_of_step_differences(tmp_path):
     from mechinterp.analysis.weights import matrix_refs
     from mechinterp.models import load
-    from mechinterp.results import read_result
+    from mechinterp.store.results import read_result
     from mechinterp.training.runner import train
     from mechinterp.training.settings import resolve_settings
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import DataError
-from ..hashing import content_hash
+from ..store.hashing import content_hash
 from ..paths import data_root
 
 

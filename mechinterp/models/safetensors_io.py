@@ -124,9 +124,9 @@ def input_kind(name: str) -> str:
 def model_files(folder: Path) -> dict[str, str]:
     """``{file name: sha256 of its content}`` for every file of a checkpoint folder a model reads:
     weights, ``config.json`` / ``generation_config.json`` and the tokenizer files. Each content is
-    hashed once (:func:`mechinterp.hashing.content_hash`); a re-check of an unchanged file is a
+    hashed once (:func:`mechinterp.store.hashing.content_hash`); a re-check of an unchanged file is a
     ``stat``."""
-    from ..hashing import content_hash
+    from ..store.hashing import content_hash
 
     folder = Path(folder)
     names = [f.name for f in weight_files(folder)]
@@ -137,7 +137,7 @@ def model_files(folder: Path) -> dict[str, str]:
 
 def folder_hash(folder: Path) -> str:
     """SHA-256 over the folder's weight files (each file's name and content hash)."""
-    from ..hashing import content_hash
+    from ..store.hashing import content_hash
 
     h = hashlib.sha256()
     for f in weight_files(folder):
@@ -154,6 +154,6 @@ def weights_identity(folder: Path) -> str:
 
 
 def file_sha256(path: Path) -> str:
-    from ..hashing import sha256_file
+    from ..store.hashing import sha256_file
 
     return sha256_file(path)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..analysis.weights import live_weight_change, matrix_refs, tensor_stats
-from ..results import Result, read_result, write_result
+from ..store.results import Result, read_result, write_result
 from .drift import HeldOut, answer_logprobs, kl_from_base, kl_per_item, without_autocast
 
 PROBE_NAME = "training-drift"

@@ -209,7 +209,7 @@ def train(s: TrainSettings, out: Path, resume: bool = False, data_dir=None, echo
     """
     from ..models import load
     from ..models.device import pick_device
-    from ..probe import package_versions
+    from ..core.probe import package_versions
     from . import distributed
     from .callbacks import debug_hooks, note_write
     from .drift import answer_logprobs
@@ -405,7 +405,7 @@ def _log_items(trainer, algorithm: str, procs: Procs) -> None:
 
 
 def _draw(out: Path) -> None:
-    from ..results import read_result, save_figures
+    from ..store.results import read_result, save_figures
     from .driftlog import PROBE_NAME
 
     folder = out / PROBE_NAME

@@ -9,5 +9,5 @@ otherwise ``compare`` runs first (into DIR when given, else a temporary folder; 
 chooses its size). Each claim is one test: ``held`` passes, ``not held`` fails, ``inconclusive``
 is an expected failure (XFAIL, never a pass) and ``not measured`` (no frozen run, say) is skipped;
 each message states the effect, its interval, the test, p (and Holm's p), the minimum detectable
-effect and n. The verdicts are the same functions the report uses (:mod:`mechinterp.claims`).
+effect and n. The verdicts are the same functions the report uses (:mod:`mechinterp.study.claims`).
 """

@@ -7,7 +7,7 @@ import pytest
 
 @pytest.fixture(scope="session")
 def study(request, tmp_path_factory):
-    from mechinterp.compare import STUDY_FILE, compare, load_study
+    from mechinterp.study.compare import STUDY_FILE, compare, load_study
     from mechinterp.errors import UserError
     from mechinterp.models.modelset import parse_variant_args
     from mechinterp.models.zoo import DEFAULT_MODEL
@@ -38,6 +38,6 @@ def study(request, tmp_path_factory):
 @pytest.fixture(scope="session")
 def decided(study):
     """``{claim id: claim}``: every claim decided once, Holm-corrected, as the report has them."""
-    from mechinterp.claims import decide_all
+    from mechinterp.study.claims import decide_all
 
     return {c["id"]: c for c in decide_all(study)}

@@ -1,5 +1,5 @@
-"""One test per claim of the paper (C1-C8 of ``mechinterp.claims``), decided as the report does
-(:func:`mechinterp.claims.decide_all`, Holm-corrected): ``held`` passes; ``not held`` fails;
+"""One test per claim of the paper (C1-C8 of ``mechinterp.study.claims``), decided as the report does
+(:func:`mechinterp.study.claims.decide_all`, Holm-corrected): ``held`` passes; ``not held`` fails;
 ``inconclusive`` is reported as an expected failure (XFAIL) with its numbers, never as a pass;
 ``not measured`` is skipped with what is missing."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from mechinterp.claims import CLAIMS
+from mechinterp.study.claims import CLAIMS
 
 
 def _numbers(c: dict) -> str:

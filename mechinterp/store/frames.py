@@ -84,7 +84,7 @@ def _ci_at(ci: Any, where: dict, axes: Sequence[str]) -> tuple[float, float, Any
 
 
 def _run_step(model: str, runs: dict) -> tuple[str, Any]:
-    from .models.specs import checkpoint_step
+    from ..models.specs import checkpoint_step
 
     for run, names in (runs or {}).items():
         if model in names:

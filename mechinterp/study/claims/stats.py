@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..evals.stats import Z95
+from ...evals.stats import Z95
 
 Z80 = 0.8416212335729143  # one-sided normal quantile of 80% power
 N_BOOT = 2000

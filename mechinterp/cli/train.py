@@ -3,7 +3,7 @@
 Thin: options become :class:`~mechinterp.training.settings.TrainSettings` (paper defaults <
 ``--preset`` < explicit options) and :func:`~mechinterp.training.runner.train` does the work.
 Under ``accelerate launch`` run this module or the package: ``accelerate launch --config_file
-configs/accelerate/zero2.yaml -m mechinterp.cli_train grpo ...`` or ``accelerate launch
+configs/accelerate/zero2.yaml -m mechinterp.cli.train grpo ...`` or ``accelerate launch
 --num_processes 2 -m mechinterp train sft ...`` (see docs/training.md).
 """
 
@@ -16,8 +16,8 @@ from typing import Annotated, Any
 
 import typer
 
-from .cli_options import Base, DataDir, Device, Dtype
-from .errors import UserError
+from .options import Base, DataDir, Device, Dtype
+from ..errors import UserError
 
 train_app = typer.Typer(
     rich_markup_mode=None,  # plain help: rich markup would eat "[paper: 571]" and "[@REV]"
@@ -88,8 +88,8 @@ def _extra(items: list[str] | None) -> dict[str, Any] | None:
 
 def _run(algorithm: str, out: Path, preset: str | None, resume: bool, data_dir: Path | None,
          skip_disk_check: bool, overrides: dict[str, Any]) -> None:
-    from .training.runner import resume_settings, summarise, train
-    from .training.settings import resolve_settings, validate
+    from ..training.runner import resume_settings, summarise, train
+    from ..training.settings import resolve_settings, validate
 
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if resume:
@@ -177,8 +177,8 @@ def grpo(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point for ``python -m mechinterp.cli_train`` (e.g. under ``accelerate launch``)."""
-    from .cli import main as cli_main
+    """Entry point for ``python -m mechinterp.cli.train`` (e.g. under ``accelerate launch``)."""
+    from . import main as cli_main
 
     return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
 

@@ -20,7 +20,7 @@ import re
 import time
 from pathlib import Path
 
-from .paths import cache_dir
+from ..paths import cache_dir
 
 BLOCK = 8 << 20
 RACY_S = 2.0

@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
-from .models.zoo import DEFAULT_MODEL, fetch
+from ..errors import UserError
+from ..models.zoo import DEFAULT_MODEL, fetch
 
 #: The run kinds of the study: (name of the first seed's run, algorithm, freeze preset)
 RUNS = (("sft", "sft", None), ("grpo", "grpo", None), ("sft-frozen", "sft", "paper-mid-mlp"))
@@ -78,10 +78,10 @@ DEMO_PRESETS: dict[str, DemoPreset] = {
 
 def _train_one(run: DemoRun, preset: DemoPreset, out: Path, data_dir, device: str, dtype: str,
                echo, keep_checkpoints: bool = False) -> Path:
-    from .models.lineage import read_run_json
-    from .training.callbacks import prune_finished
-    from .training.runner import CONFIG_FILE, SUMMARY_FILE, train
-    from .training.settings import resolve_settings, settings_differ
+    from ..models.lineage import read_run_json
+    from ..training.callbacks import prune_finished
+    from ..training.runner import CONFIG_FILE, SUMMARY_FILE, train
+    from ..training.settings import resolve_settings, settings_differ
 
     name, algorithm, freeze = run.name, run.algorithm, run.freeze
     folder = out / "models" / name
@@ -115,7 +115,7 @@ def run_demo(out: Path, preset: str = "default", data_dir=None, device: str = "a
              overwrite: bool = False):
     from .claims import verdict_line
     from .compare import compare
-    from .results import check_out
+    from ..store.results import check_out
 
     if preset not in DEMO_PRESETS:
         raise UserError(f"unknown demo preset {preset!r}", f"use one of {', '.join(DEMO_PRESETS)}")

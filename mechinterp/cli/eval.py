@@ -12,8 +12,8 @@ from typing import Annotated
 
 import typer
 
-from .cli_options import DataDir, Device, Dtype, Limit, Out, Overwrite, Seed, Variant
-from .errors import UserError
+from .options import DataDir, Device, Dtype, Limit, Out, Overwrite, Seed, Variant
+from ..errors import UserError
 
 eval_app = typer.Typer(rich_markup_mode=None,
                       help="Benchmarks: MMLU (lm-eval letter format, cloze), GSM8K, and the "
@@ -26,11 +26,11 @@ Model = Annotated[str, typer.Option("--model", "-m", help="Model spec: zoo name,
 
 def _run(probe_name: str, model: str, variant, data_dir, out, device, dtype, limit, seed,
          options: dict, overwrite: bool = False) -> None:
-    from .data import DataSource
-    from .models.modelset import ModelSet
-    from .probe import get_probe, make_config
-    from .results import check_out
-    from .runner import run_probe
+    from ..data import DataSource
+    from ..models.modelset import ModelSet
+    from ..core.probe import get_probe, make_config
+    from ..store.results import check_out
+    from ..core.runner import run_probe
 
     if limit is not None and limit <= 0:
         raise UserError(f"--limit {limit} must be positive", "omit it to use all items")

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from ..errors import UserError
 
 STUDY_FILE = "study.json"
 
@@ -148,7 +148,7 @@ def step_revisions(repo: str, list_refs=None) -> list[str]:
     """The revisions (branches and tags) of hub repository ``repo`` that name a training step,
     in step order, read with ``huggingface_hub.list_repo_refs`` (or ``list_refs``, same
     signature). A hub that cannot be reached is a :class:`UserError` that names the fix."""
-    from .plotting.trajectories import checkpoint_step
+    from ..plotting.trajectories import checkpoint_step
 
     if list_refs is None:
         from huggingface_hub import list_repo_refs as list_refs
@@ -174,7 +174,7 @@ def paper_variants(revisions: dict[str, list[str]] | None = None,
     branch) and one checkpoint spec ``REPO@REV`` per saved step. ``revisions`` (``{run: [rev,
     ...]}``) names the steps of some runs explicitly (a subset saves disk: each 7B revision is
     about 15 GB); the other runs' steps are listed from the hub (:func:`step_revisions`)."""
-    from .plotting.trajectories import checkpoint_step
+    from ..plotting.trajectories import checkpoint_step
 
     revisions = dict(revisions or {})
     if unknown := set(revisions) - set(PAPER_RUNS):
@@ -213,9 +213,9 @@ class VariantInfo:
 
 def describe_variant(name: str, spec: str) -> VariantInfo:
     """A training output folder gives checkpoints and training metadata; anything else is one model."""
-    from .models.lineage import read_run_json
-    from .models.specs import expand_checkpoints
-    from .training.runner import CONFIG_FILE
+    from ..models.lineage import read_run_json
+    from ..models.specs import expand_checkpoints
+    from ..training.runner import CONFIG_FILE
 
     folder = Path(spec).expanduser()
     if not (folder / CONFIG_FILE).is_file():
@@ -308,7 +308,7 @@ def _model_names(data: dict) -> list[str]:
 
 def load_study(out: Path) -> Study:
     """A compare folder as written by :func:`compare` (no model is loaded)."""
-    from .results import find_results, read_result
+    from ..store.results import find_results, read_result
 
     out = Path(out)
     path = out / STUDY_FILE
@@ -336,9 +336,9 @@ def compare(base: str | None, variants: dict[str, str], out: Path, data_dir=None
     """:func:`_compare` with ``out`` checked before any work and held with its writer lock for the
     whole run (a second writer waits, then stops with a line naming this one; worker processes of
     this run write under it); ``overwrite`` replaces stored results of other models (see
-    :func:`mechinterp.runner.run_probe`)."""
-    from .locking import LOCK_FILE, writer_lock
-    from .results import check_out
+    :func:`mechinterp.core.runner.run_probe`)."""
+    from ..store.locking import LOCK_FILE, writer_lock
+    from ..store.results import check_out
 
     check_out(out)
     for name, spec in variants.items():  # a damaged run folder stops before OUT is made
@@ -366,16 +366,16 @@ def _compare(base: str | None, variants: dict[str, str], out: Path, data_dir=Non
     decide claims; write the report. ``preset="paper"`` without variants analyses the paper's
     released checkpoints (:data:`PAPER_RUNS`, every saved step, or the ``revisions`` named).
     ``executor`` (``serial``, ``local``, ``slurm``) and ``workers`` say where and how many of the
-    probe jobs run at once (:mod:`mechinterp.executor`); claims and report come after all of
+    probe jobs run at once (:mod:`mechinterp.study.executor`); claims and report come after all of
     them."""
     from .claims import decide_all
-    from .data import DataSource
+    from ..data import DataSource
     from .executor import Job, check_executor, execute
-    from .models.modelset import ModelSet
-    from .models.zoo import DEFAULT_MODEL
-    from .probe import get_probe, make_config
+    from ..models.modelset import ModelSet
+    from ..models.zoo import DEFAULT_MODEL
+    from ..core.probe import get_probe, make_config
     from .report import write_report
-    from .results import read_result
+    from ..store.results import read_result
 
     check_executor(executor, workers)
     if preset not in PLANS:
@@ -446,7 +446,7 @@ def step_variants(study: Study, step: Step) -> list[str]:
 
 def write_claims(claims: list[dict], out: Path) -> Path:
     """``OUT/claims.json``: ``{claim id: {held, numbers, statement, title}}`` (NaN as null)."""
-    from .results import _jsonable
+    from ..store.results import _jsonable
 
     path = Path(out) / "claims.json"
     body = {c["id"]: {k: v for k, v in c.items() if k != "id"} for c in claims}

@@ -13,8 +13,8 @@ import math
 
 import numpy as np
 
-from ..evals.stats import Z95
-from ..models.depth import MID_LAYERS_RULE, mid_layers
+from ...evals.stats import Z95
+from ...models.depth import MID_LAYERS_RULE, mid_layers
 from . import stats
 from .core import claim, floats, gate, get, missing, primary, replicates, result, single_seed
 

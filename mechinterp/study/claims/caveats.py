@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..models.depth import MID_LAYERS_RULE, mid_layers
+from ...models.depth import MID_LAYERS_RULE, mid_layers
 
 SFT_LOSS_SATURATED = 0.05  # nats/token: SFT's loss below this has little left to learn
 GRPO_STD_SATURATED = 0.05  # GRPO's within-group reward std below this: no advantage, no gradient

@@ -11,8 +11,8 @@ from typing import Annotated
 
 import typer
 
-from .cli_eval import eval_app
-from .cli_options import (
+from .eval import eval_app
+from .options import (
     Base,
     DataDir,
     Device,
@@ -25,8 +25,8 @@ from .cli_options import (
     Seed,
     Variant,
 )
-from .cli_train import train_app
-from .errors import UserError
+from .train import train_app
+from ..errors import UserError
 
 app = typer.Typer(
     rich_markup_mode=None,  # plain help: rich markup would eat "[paper: 571]" and "[@REV]"
@@ -60,7 +60,7 @@ def models_list() -> None:
     """List zoo models: name, family, size, cached or not."""
     from rich.table import Table
 
-    from .models.zoo import ZOO
+    from ..models.zoo import ZOO
 
     table = Table("name", "family", "size", "cached", "description")
     for e in ZOO.values():
@@ -71,7 +71,7 @@ def models_list() -> None:
 @models_app.command("fetch")
 def models_fetch(name: Annotated[str, typer.Argument(help="Zoo name (see `models list`).")]) -> None:
     """Build a zoo model into the cache (once) and print its folder as the last line."""
-    from .models.zoo import fetch
+    from ..models.zoo import fetch
 
     typer.echo(str(fetch(name)))
 
@@ -81,7 +81,7 @@ def probes_list() -> None:
     """List available probes (built-in and installed plugins)."""
     from rich.table import Table
 
-    from .probe import BROKEN, registry
+    from ..core.probe import BROKEN, registry
 
     table = Table("probe", "version", "what it measures")
     for p in registry().values():
@@ -97,7 +97,7 @@ def probes_show(name: str = typer.Argument(..., help="Probe name (see `mechinter
     """What a probe measures and each of its options: type, default, lower bound, meaning."""
     from rich.table import Table
 
-    from .probe import get_probe, options
+    from ..core.probe import get_probe, options
 
     probe = get_probe(name)
     import inspect
@@ -141,11 +141,11 @@ def run(
     overwrite: Overwrite = False,
 ) -> None:
     """Run one probe on a base model and its variants; write OUT/<probe>/result.json + figures."""
-    from .data import DataSource
-    from .models.modelset import ModelSet
-    from .probe import get_probe, make_config
-    from .results import check_out
-    from .runner import run_probe
+    from ..data import DataSource
+    from ..models.modelset import ModelSet
+    from ..core.probe import get_probe, make_config
+    from ..store.results import check_out
+    from ..core.runner import run_probe
 
     p = get_probe(probe)
     config = make_config(p, _parse_sets(set_), seed=seed, limit=limit)
@@ -167,8 +167,8 @@ def figures(folder: Annotated[Path, typer.Argument(help="A results folder (from 
                 "--paper", help="Also write the paper's figure set (and ours) to FOLDER/paper/: "
                                 "needs a compare or demo folder.")] = False) -> None:
     """Re-draw every figure from the stored results under FOLDER (no model is loaded)."""
-    from .results import find_results
-    from .runner import redraw
+    from ..store.results import find_results
+    from ..core.runner import redraw
 
     if not folder.is_dir():
         raise UserError(f"{folder} is not a folder", "pass the --out folder of an earlier run")
@@ -177,7 +177,7 @@ def figures(folder: Annotated[Path, typer.Argument(help="A results folder (from 
     written = redraw(folder)
     typer.echo(f"re-drew {len(written)} figure files under {folder}")
     if paper:
-        from .paper_figures import paper_figures
+        from ..study.paper_figures import paper_figures
 
         files = paper_figures(folder)
         typer.echo(f"paper figure set: {len(files) // 2} figures (PNG + PDF) in {folder / 'paper'}")
@@ -227,10 +227,10 @@ def compare_cmd(
     run on every checkpoint, the others on the final model. Re-running into the same OUT reuses
     every result whose configuration and model weights are unchanged.
     """
-    from .claims import verdict_line
-    from .compare import compare
-    from .executor import check_executor, parse_executor_options
-    from .models.modelset import parse_variant_args
+    from ..study.claims import verdict_line
+    from ..study.compare import compare
+    from ..study.executor import check_executor, parse_executor_options
+    from ..models.modelset import parse_variant_args
 
     check_executor(executor, workers)
     options = parse_executor_options(executor_option or [])
@@ -270,7 +270,7 @@ def demo(
     """The study end to end on the built-in default model: train SFT, GRPO and SFT with the
     mid-layer MLPs frozen on the same arithmetic task, compare them with the base, write the report
     and print one verdict line per claim."""
-    from .demo import run_demo
+    from ..study.demo import run_demo
 
     run_demo(out, preset=preset, data_dir=data_dir, device=device, dtype=dtype, echo=typer.echo,
              keep_checkpoints=keep_checkpoints, overwrite=overwrite)
@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     exit_types = (click.exceptions.Exit, typer.Exit)
     abort_types = (click.exceptions.Abort, typer.Abort)
     usage_types = (click.ClickException, getattr(typer, "TyperException", click.ClickException))
-    from .progress import quiet_library_bars
+    from ..progress import quiet_library_bars
 
     quiet_library_bars()
     try:

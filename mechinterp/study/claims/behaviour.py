@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from ..evals.stats import bootstrap_diff, mcnemar, spearman
-from ..models.depth import MID_LAYERS_RULE, mid_layers
+from ...evals.stats import bootstrap_diff, mcnemar, spearman
+from ...models.depth import MID_LAYERS_RULE, mid_layers
 from . import stats
 from .core import claim, floats, get, missing, pairs, primary, replicates, result, single_seed
 from .weights import MLP, mean_change
@@ -34,7 +34,7 @@ def gold_logprob(row: dict) -> float:
 
 
 def mmlu_rows(study, name: str) -> list[dict] | None:
-    from ..evals.mmlu import rows_from_jsonl
+    from ...evals.mmlu import rows_from_jsonl
 
     res = result(study, "mmlu")
     key = f"items_{name}_cloze.jsonl"

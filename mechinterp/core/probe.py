@@ -2,7 +2,7 @@
 
 A probe is an object with ``name``, ``version``, a ``Config`` dataclass, ``run(models, data,
 config) -> Result`` and ``plot(result) -> {name: Figure}``. Probes never print or save: the runner
-(:func:`mechinterp.runner.run_probe`) times them, attaches provenance and writes the result store.
+(:func:`mechinterp.core.runner.run_probe`) times them, attaches provenance and writes the result store.
 
 Built-in probes live in the top-level ``probes`` package; other packages add theirs through the
 ``mechinterp.probes`` entry-point group (the entry point loads the probe object).
@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from importlib import metadata
 from typing import Any, ClassVar, Protocol
 
-from .errors import UserError
-from .results import Result
+from ..errors import UserError
+from ..store.results import Result
 
 ENTRY_POINT_GROUP = "mechinterp.probes"
 _TRACKED_PACKAGES = ("mechinterp", "torch", "transformers", "transformer-lens", "nnsight", "trl",
@@ -314,15 +314,15 @@ def package_versions() -> dict[str, str]:
 
 
 def run_probe(*args, **kwargs):
-    """Kept for scripts written against earlier versions: see :func:`mechinterp.runner.run_probe`."""
+    """Kept for scripts written against earlier versions: see :func:`mechinterp.core.runner.run_probe`."""
     from .runner import run_probe as _run_probe
 
     return _run_probe(*args, **kwargs)
 
 
 class _CallableModule(types.ModuleType):
-    """``mi.probe("causal-trace")`` is :func:`get_probe` while ``mechinterp.probe`` stays the
-    module (``mi.probe.registry``, ``from mechinterp.probe import BaseConfig``)."""
+    """``mi.probe("causal-trace")`` is :func:`get_probe` while ``mechinterp.core.probe`` stays the
+    module (``mi.probe.registry``, ``from mechinterp.core.probe import BaseConfig``)."""
 
     def __call__(self, name: str) -> Probe:
         return get_probe(name)

@@ -4,7 +4,7 @@ share (roles, replicate pairs, stored arrays).
 A claim has ONE primary test. Its verdict:
 
 - ``held``: the 95% interval excludes 0 on the claimed side, the primary test's p-value (Holm-
-  adjusted across the claims in :func:`~mechinterp.claims.decide_all`) is below 0.05, and every
+  adjusted across the claims in :func:`~mechinterp.study.claims.decide_all`) is below 0.05, and every
   gate the claim sets (e.g. "SFT's update is above the optimizer's noise floor") passes;
 - ``not held``: the interval excludes 0 on the other side with p below 0.05, or the test had at
   least 80% power for the effect the claim needs (minimum detectable effect <= needed) and the

@@ -46,7 +46,7 @@ class Result:
 
     def to_frame(self):
         """The numbers as a pandas DataFrame in the long schema every probe shares
-        (:mod:`mechinterp.frames`: model, run, step, layer, component, ..., metric, value, lo,
+        (:mod:`mechinterp.store.frames`: model, run, step, layer, component, ..., metric, value, lo,
         hi)."""
         from .frames import to_frame
 
@@ -55,14 +55,14 @@ class Result:
     def probe_object(self):
         """The probe that made this result: the object the runner ran (a notebook's own probe
         too), else the installed probe of that name."""
-        from .probe import get_probe
+        from ..core.probe import get_probe
 
         return getattr(self, "_probe", None) or get_probe(self.probe)
 
     def figures(self) -> dict[str, Any]:
         """The probe's figures of this result, drawn in the house style (they display inline
         in Jupyter; nothing is saved)."""
-        from .plotting.style import house_style
+        from ..plotting.style import house_style
 
         with house_style():
             return self.probe_object().plot(self)
@@ -180,7 +180,7 @@ def write_result(result: Result, folder: Path, figures: dict[str, Any] | None = 
     A figure that fails to save is recorded in ``result.provenance["figure_errors"]`` (reuse
     draws it again); a full disk raises :class:`~mechinterp.errors.UserError` and leaves the
     previous result as it was. The folder gets the permissions of the umask. One writer at a
-    time: the write holds the parent folder's writer lock (:mod:`mechinterp.locking`)."""
+    time: the write holds the parent folder's writer lock (:mod:`mechinterp.store.locking`)."""
     from .locking import writer_lock
 
     folder = Path(folder)
@@ -189,7 +189,7 @@ def write_result(result: Result, folder: Path, figures: dict[str, Any] | None = 
 
 
 def _write_result(result: Result, folder: Path, figures: dict[str, Any] | None) -> Path:
-    from .errors import UserError
+    from ..errors import UserError
 
     remove_temp_siblings(folder)  # what a killed writer left (we hold the lock)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
@@ -238,14 +238,14 @@ def _write_result(result: Result, folder: Path, figures: dict[str, Any] | None) 
 
 
 def _malformed(path: Path, what: str):
-    from .errors import UserError
+    from ..errors import UserError
 
     return UserError(f"{path} is malformed ({what})", "re-run the probe to rewrite it")
 
 
 def read_payload(folder: Path) -> dict:
     """The parsed ``result.json`` of ``folder``, checked for the keys a result needs."""
-    from .errors import UserError
+    from ..errors import UserError
 
     path = Path(folder) / RESULT_FILE
     try:
@@ -290,7 +290,7 @@ def incomplete(folder: Path, payload: dict) -> list[str]:
 
 
 def read_result(folder: Path) -> Result:
-    from .errors import UserError
+    from ..errors import UserError
 
     folder = Path(folder)
     path = folder / RESULT_FILE
@@ -337,7 +337,7 @@ def _save_figures(figures: dict[str, Any], folder: Path,
     files removed; a full disk always raises."""
     import matplotlib.pyplot as plt
 
-    from .plotting.style import house_style
+    from ..plotting.style import house_style
 
     written: dict[str, list[str]] = {}
     with house_style():
@@ -372,7 +372,7 @@ MIN_FREE_BYTES = 16 << 20
 def check_out(out: Path | str) -> Path:
     """Check a results folder before any work (creating nothing): not a file, writable (or
     creatable), with room on its disk; else one :class:`~mechinterp.errors.UserError`."""
-    from .errors import UserError
+    from ..errors import UserError
 
     out = Path(out)
     if out.exists() and not out.is_dir():

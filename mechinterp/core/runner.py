@@ -26,9 +26,9 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from ..errors import UserError
 from .probe import Probe, get_probe, make_config, package_versions
-from .results import RESULT_FILE, Result, read_result, write_result
+from ..store.results import RESULT_FILE, Result, read_result, write_result
 
 
 def config_hash(config: Any) -> str:
@@ -50,7 +50,7 @@ def model_identity(models) -> dict[str, dict]:
 def run_kinds(models) -> dict[str, str | None]:
     """``{run: kind}`` from each run's training metadata (``sft``, ``grpo``, ``sft-frozen``; None
     for a model no training run of ours made): figures style runs by it."""
-    from .models.lineage import training_kind
+    from ..models.lineage import training_kind
 
     if models is None or not hasattr(models, "runs"):
         return {}
@@ -81,7 +81,7 @@ def _other_set(stored, identity: dict) -> str | None:
 
 def _content_change(stored: dict, identity: dict) -> str | None:
     """Which input of which model changed since the stored result (same specs assumed)."""
-    from .models.safetensors_io import input_kind
+    from ..models.safetensors_io import input_kind
 
     for name, now in identity.items():
         old = stored[name].get("files") if isinstance(stored.get(name), dict) else None
@@ -97,7 +97,7 @@ def _content_change(stored: dict, identity: dict) -> str | None:
 
 def _data_change(stored: dict, data) -> str | None:
     """Which data file the stored result read is missing or changed under the current root."""
-    from .hashing import content_hash
+    from ..store.hashing import content_hash
 
     if not isinstance(stored, dict) or not isinstance(stored.get("files", {}), dict):
         return "no data hashes stored"
@@ -144,7 +144,7 @@ def _assess(folder: Path, probe: Probe, chash: str, identity: dict, data, overwr
     """``(stored, stale, redraw)`` for the result in ``folder``: the stored Result (None when
     there is none or it is unreadable), why it cannot be reused (None: it can), and whether only
     its figures need drawing again. Refuses to go on over another model set's result."""
-    from .results import incomplete, read_payload
+    from ..store.results import incomplete, read_payload
 
     if not (folder / RESULT_FILE).exists():
         return None, None, False
@@ -170,7 +170,7 @@ def _assess(folder: Path, probe: Probe, chash: str, identity: dict, data, overwr
 
 def _plot(probe: Probe, result: Result, say) -> dict | None:
     """The probe's figures of ``result``; a failure is reported and recorded in its provenance."""
-    from .plotting.style import house_style
+    from ..plotting.style import house_style
 
     result.provenance.pop("figure_errors", None)
     try:
@@ -195,11 +195,11 @@ def run_probe(probe: Probe | str, models, data, config=None, out: Path | str | N
     """
     import torch
 
-    from .data import DataSource
-    from .data.base import DataLog
-    from .data.subset import collect_notes
-    from .locking import writer_lock
-    from .results import check_out, remove_temp_siblings
+    from ..data import DataSource
+    from ..data.base import DataLog
+    from ..data.subset import collect_notes
+    from ..store.locking import writer_lock
+    from ..store.results import check_out, remove_temp_siblings
 
     probe = get_probe(probe) if isinstance(probe, str) else probe
     config = make_config(probe) if config is None else config
@@ -287,7 +287,7 @@ def draw_figures(probe: Probe, result: Result, folder: Path, say=print) -> list[
     """Draw ``result``'s figures and commit them with it into ``folder`` (one atomic write); a
     failure is reported and recorded in the result."""
     write_result(result, folder, _plot(probe, result, say))
-    from .results import read_payload
+    from ..store.results import read_payload
 
     return [folder / f for files in read_payload(folder).get("figures", {}).values() for f in files]
 
@@ -305,16 +305,16 @@ def run(probe: str | Probe, base=None, variants: dict[str, Any] | None = None, *
     name and type. ``device_map="auto"`` (with ``max_memory``, e.g. ``{0: "70GiB", 1: "70GiB"}``)
     spreads models larger than one device over the GPUs (accelerate's big-model placement).
     """
-    from .data import DataSource
-    from .models.modelset import ModelSet
-    from .models.zoo import DEFAULT_MODEL
-    from .progress import quiet_library_bars
+    from ..data import DataSource
+    from ..models.modelset import ModelSet
+    from ..models.zoo import DEFAULT_MODEL
+    from ..progress import quiet_library_bars
 
     quiet_library_bars()  # one bar per model load from transformers floods a notebook
     probe = get_probe(probe) if isinstance(probe, str) else probe
     config = make_config(probe, options)
     if out is not None:
-        from .results import check_out
+        from ..store.results import check_out
 
         check_out(out)  # before any model is resolved or loaded
     if isinstance(base, ModelSet):
@@ -334,8 +334,8 @@ def redraw(folder: Path | str) -> list[Path]:
     """Re-draw the figures of every stored result under ``folder`` (no model needed), each
     committed with its result in one atomic write under the folder's writer lock; a stored
     result whose probe version differs from the installed probe is refused, not mis-drawn."""
-    from .locking import writer_lock
-    from .results import find_results
+    from ..store.locking import writer_lock
+    from ..store.results import find_results
 
     written: list[Path] = []
     for res_dir in find_results(Path(folder)):

@@ -435,7 +435,7 @@ def write_report(study, claims: list[dict]) -> tuple[Path, Path]:
     page = study.out / "report.html"
     md.write_text(build_markdown(study, claims))
     page.write_text(build_html(study, claims))
-    from .results import _jsonable
+    from ..store.results import _jsonable
 
     (study.out / "training.json").write_text(json.dumps(
         _jsonable(training_rows(study)), indent=1, allow_nan=False) + "\n")

@@ -1,12 +1,12 @@
 """The paper's claims as small functions of stored results: numbers in, a verdict out.
 
-Each claim takes a :class:`~mechinterp.compare.Study` (the results of one ``compare`` folder, the
+Each claim takes a :class:`~mechinterp.study.compare.Study` (the results of one ``compare`` folder, the
 kinds and seeds of its variants) and returns a dict: ``id``, ``title``, ``verdict`` (``held``,
 ``not held``, ``inconclusive``, ``not measured``), ``held`` (True only when held, False when not
 held, else None), ``test`` (its one primary test), ``primary`` (effect size, 95% interval, p-value,
 Holm-adjusted p, minimum detectable effect at 80% power, the effect the claim needs, n and seeds),
 ``numbers``, ``statement``, ``caveats`` and ``why`` (the reason for the verdict). The decision rule
-is :func:`mechinterp.claims.core.decide`. Intervals resample seeds, then items, so they reflect
+is :func:`mechinterp.study.claims.core.decide`. Intervals resample seeds, then items, so they reflect
 seed-to-seed variation; with one seed a claim says so.
 
 :func:`decide_all` decides every claim and applies Holm's correction across the claims' primary

@@ -19,7 +19,7 @@ import socket
 import time
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
 
 LOCK_FILE = ".mechinterp.lock"
 WAIT_S = 60.0

@@ -1,7 +1,7 @@
 """Where a study's probe runs execute: in this process, in local worker processes, or on Slurm.
 
 A ``compare`` plan is a list of independent jobs, one per (probe, model set): each job loads its
-models, runs its probe through the one runner (:func:`mechinterp.runner.run_probe`, with reuse) and
+models, runs its probe through the one runner (:func:`mechinterp.core.runner.run_probe`, with reuse) and
 commits its result into the study's result store (``OUT/<probe>/``); claims and the report are
 computed afterwards from what the store holds. The jobs are scheduled by submitit
 (https://github.com/facebookincubator/submitit):
@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from ..errors import UserError
 
 EXECUTORS = ("serial", "local", "slurm")
 
@@ -57,9 +57,9 @@ class Job:
         out: the study folder (results go to ``out/<probe>/``).
         data_dir: the data root (None: ``$MECHINTERP_DATA``).
         model_kw: ``device``, ``dtype``, ``device_map``, ``max_memory`` for the model set.
-        overwrite: replace a stored result of other models (see :func:`~mechinterp.runner.run_probe`).
+        overwrite: replace a stored result of other models (see :func:`~mechinterp.core.runner.run_probe`).
         lock_holder: the text of the study folder's writer lock, held by the process that
-            submitted the job; a worker process writes under it (:func:`mechinterp.locking.adopt`).
+            submitted the job; a worker process writes under it (:func:`mechinterp.store.locking.adopt`).
     """
 
     label: str
@@ -81,7 +81,7 @@ class Job:
 
 
 def _model_set(job: Job, cache: dict | None):
-    from .models.modelset import ModelSet
+    from ..models.modelset import ModelSet
 
     key = (job.base, repr(sorted(job.variants.items())), job.check, repr(sorted(job.model_kw.items())))
     if cache is not None and key in cache:
@@ -103,9 +103,9 @@ def run_job(job: Job, echo: Callable[[str], None] = print, cache: dict | None = 
     Returns:
         ``{"probe", "reused", "wall_s"}``.
     """
-    from .data import DataSource
-    from .probe import get_probe, make_config
-    from .runner import run_probe
+    from ..data import DataSource
+    from ..core.probe import get_probe, make_config
+    from ..core.runner import run_probe
 
     start = time.perf_counter()
     probe = get_probe(job.probe)
@@ -125,7 +125,7 @@ def run_job(job: Job, echo: Callable[[str], None] = print, cache: dict | None = 
 def _worker(job: Job, threads: int | None = None) -> dict:
     """Entry point of a worker process (local or Slurm): progress goes to the job's log.
     ``threads``: torch threads of this worker (local workers share the machine's cores)."""
-    from .locking import adopt
+    from ..store.locking import adopt
 
     if threads:
         import torch
@@ -213,7 +213,7 @@ def _execute_submitit(jobs: list[Job], kind: str, workers: int, folder: Path, op
         import submitit  # noqa: F401 - fail early, with the fix, when it is missing
     except ImportError:
         raise UserError(f"--executor {kind} needs submitit", "pip install submitit") from None
-    from .locking import holder_text
+    from ..store.locking import holder_text
 
     ex = _submitit_executor(kind, folder, workers, dict(options))
     threads = max(1, (os.cpu_count() or 1) // workers) if kind == "local" else None

@@ -15,7 +15,7 @@ import math
 
 import numpy as np
 
-from ..models.depth import MID_LAYERS_RULE, mid_layers
+from ...models.depth import MID_LAYERS_RULE, mid_layers
 from . import stats
 from .core import (
     claim,

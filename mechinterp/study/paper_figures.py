@@ -54,7 +54,7 @@ def _ci(ci) -> str:
 
 
 def _table_figure(title: str, header: list[str], rows: list[list[str]], note: str):
-    from .plotting.style import new_axes
+    from ..plotting.style import new_axes
 
     fig, ax = new_axes(width=max(6.0, 1.6 * len(header)), height=0.45 * len(rows) + 1.3)
     ax.axis("off")
@@ -123,7 +123,7 @@ def forgetting_vs_kl(study):
     """MMLU change from the base (paired 95% interval) against KL(base || model) reached, every
     checkpoint of every run and seed: does forgetting follow the KL spent (RL's Razor, arXiv
     2509.04259) whatever the algorithm? Colour by run kind, one line per run in step order."""
-    from .plotting.style import PALETTE, new_axes
+    from ..plotting.style import PALETTE, new_axes
 
     mm, kl = study.results.get("mmlu"), study.results.get("kl-drift")
     if mm is None or kl is None:
@@ -176,8 +176,8 @@ def paper_figures(folder: Path | str) -> list[Path]:
     """Write the set into ``folder/paper/``; returns the files written."""
     from .claims import decide_all
     from .compare import load_study
-    from .plotting.style import house_style
-    from .results import save_figures
+    from ..plotting.style import house_style
+    from ..store.results import save_figures
 
     study = load_study(Path(folder))
     study.claims = decide_all(study)  # from the stored results, as compare decided them
