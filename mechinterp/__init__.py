@@ -12,14 +12,13 @@ Quick start::
 """
 
 from .core import probe  # callable: mi.probe(NAME) is get_probe(NAME)
-from .data import DataSource
-from .study.demo import ensure_demo
-from .errors import UserError
-from .store.frames import load_results
-from .models import DEFAULT_MODEL, LoadedModel, ModelSet, load, resolve
 from .core.probe import describe, get_probe, make_config, registry
-from .store.results import Result, read_result
 from .core.runner import run, run_probe
+from .data import DataSource
+from .errors import UserError
+from .models import DEFAULT_MODEL, LoadedModel, ModelSet, load, resolve
+from .store.results import Result, load_results, read_result
+from .study.demo import ensure_demo
 
 __version__ = "0.1.0"
 

@@ -1,8 +1,10 @@
-"""Where things live on disk: the model cache and the data root."""
+"""Where things live on disk: the model cache, the data root, and the step a checkpoint's name
+carries."""
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 
@@ -31,3 +33,22 @@ def data_root(explicit: str | os.PathLike | None = None) -> Path | None:
             "point it at a folder holding mmlu/, knowns/ and gsm8k/, e.g. ../shared/data",
         )
     return root
+
+
+_STEP = re.compile(r"(?:step|checkpoint)[-_]?0*(\d+)", re.IGNORECASE)
+
+
+def checkpoint_step(name: str, folder: bool = False) -> int | None:
+    """The training step a checkpoint's name carries, or None when it names none: the one step
+    parser (``@all`` listings, trajectories, frames, training's resume).
+
+    A spec or label: the last step-like part after the first ``@`` (``sft@step-40`` -> 40, hub
+    revision ``v01.14-step-000000029`` -> 29, ``checkpoint-500`` -> 500). ``folder=True``: the
+    whole name must be a checkpoint folder's, ``step-N`` or ``checkpoint-N`` (or ``_N``, ``N``).
+    """
+    if folder:
+        m = _STEP.fullmatch(name)
+        return int(m.group(1)) if m else None
+    label = name.split("@", 1)[1] if "@" in name else name
+    found = _STEP.findall(label)
+    return int(found[-1]) if found else None

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mechinterp.store.frames import Table
-from mechinterp.models.specs import checkpoint_step
+from mechinterp.paths import checkpoint_step
 from mechinterp.plotting import heatmap_grid, new_axes
 from mechinterp.core.probe import BaseConfig
 from mechinterp.store.results import Result

@@ -82,10 +82,11 @@ class _FailsMidway:
 
 
 def test_a_probe_failing_inside_run_leaves_no_result(tmp_path, capsys, monkeypatch):
-    import probes
+    from mechinterp.core import probe as registry_module
 
     probe = _FailsMidway()
-    monkeypatch.setitem(probes.BUILTIN, probe.name, probe)
+    installed = registry_module.registry
+    monkeypatch.setattr(registry_module, "registry", lambda: {**installed(), probe.name: probe})
     out = tmp_path / "out"
     cases = [(["run", probe.name, "--base", "tiny-random-llama", "--out", str(out)],
               "item 1 is malformed"),

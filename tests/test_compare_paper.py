@@ -52,7 +52,7 @@ def test_step_revisions_are_the_step_branches_and_tags_in_step_order():
 
 def test_paper_variants_list_every_step_as_a_checkpoint_spec():
     from mechinterp.models.modelset import _checkpoint_label
-    from mechinterp.plotting.trajectories import checkpoint_step
+    from mechinterp.paths import checkpoint_step
 
     info = paper_variants(list_refs=fake_list_refs)
     assert list(info) == ["sft", "grpo"] and set(asked) >= set(PAPER_RUNS.values())

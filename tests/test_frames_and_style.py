@@ -15,8 +15,8 @@ import sys
 import pandas as pd
 import pytest
 
-from mechinterp.store.frames import COLUMNS, load_results, to_frame
-from mechinterp.store.results import Result, read_result, write_result
+from mechinterp.store.frames import COLUMNS, to_frame
+from mechinterp.store.results import Result, load_results, read_result, write_result
 
 
 def test_nested_values_and_intervals_land_in_their_columns(tmp_path):
@@ -96,10 +96,10 @@ def test_parquet_beside_result_json_and_load_results_concatenates(tmp_path):
 
 
 def test_every_declared_table_of_a_stored_result_gives_rows(tmp_path, data_source, one_thread):
-    from mechinterp.models import ModelSet, load
-    from mechinterp.models.edit import plant_change
     from mechinterp.core.probe import get_probe, make_config
     from mechinterp.core.runner import run_probe
+    from mechinterp.models import ModelSet, load
+    from mechinterp.models.edit import plant_change
 
     base = load("tiny-random-llama", device="cpu", dtype="float32")
     folder = plant_change(base, tmp_path / "v", {(1, "down"): 0.3}, seed=0)
@@ -150,7 +150,7 @@ def test_probe_legends_are_frameless():
 
 def test_importing_the_package_and_probes_switches_no_backend():
     code = ("import matplotlib; matplotlib.use('svg'); import mechinterp, probes; "
-            "import mechinterp.plotting, mechinterp.store.results; probes.BUILTIN; "
+            "import mechinterp.plotting, mechinterp.store.results; mechinterp.registry(); "
             "print(matplotlib.get_backend())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "svg"
@@ -162,10 +162,10 @@ def test_line_style_follows_the_run_kind_not_its_name(tmp_path):
     import json
     import shutil
 
+    from mechinterp.core.runner import run_kinds
     from mechinterp.models import ModelSet
     from mechinterp.models.zoo import fetch
     from mechinterp.plotting.trajectories import KIND_LINESTYLE, run_styles
-    from mechinterp.core.runner import run_kinds
 
     src = fetch("tiny-random-llama")
     for name, cfg in (("baseline", {"algorithm": "grpo"}),

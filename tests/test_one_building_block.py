@@ -11,7 +11,7 @@ import pytest
 
 from mechinterp.data.mmlu import MMLUItem
 from mechinterp.data.subset import screened_subset, seeded_subset, split_limit
-from mechinterp.models.specs import checkpoint_step
+from mechinterp.paths import checkpoint_step
 
 
 @pytest.mark.parametrize(("limit", "sizes", "want"), [

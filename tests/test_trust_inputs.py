@@ -89,7 +89,7 @@ def test_variant_named_base_is_refused_in_python():
 
 
 def test_checkpoint_step_reads_suffixed_names():
-    from mechinterp.plotting.trajectories import checkpoint_step
+    from mechinterp.paths import checkpoint_step
 
     assert checkpoint_step("sft@step-40-final") == 40
     assert checkpoint_step("sft@checkpoint-7") == 7

@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from ..evals.stats import spearman
-from ..models.specs import checkpoint_step
+from ..paths import checkpoint_step
+from ..store.drift_log import logged_path
 from .noisefloor import OptimizerSettings, floor_record, run_metadata, simulate
 from .weights import DiffStats, WeightDiff, weight_diff
 
@@ -114,8 +115,6 @@ def model_step(name: str, folder: Path, meta: dict | None) -> int | None:
 def measures(runs: dict[str, list[str]], folders: dict[str, Path], base_folder: Path,
              diff: WeightDiff, progress: Callable[[], None] | None = None) -> dict[str, Any]:
     """The new weight-change keys for every model of ``runs`` (see the module docstring)."""
-    from ..training.driftlog import logged_path
-
     rms = base_rms(diff)
     sq = sum(s.sq_base for per in next(iter(diff.stats.values())).values() for s in per)
     n = sum(s.n_total for per in next(iter(diff.stats.values())).values() for s in per)

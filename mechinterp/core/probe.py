@@ -11,10 +11,11 @@ Built-in probes live in the top-level ``probes`` package; other packages add the
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import importlib.util
 import math
+import pkgutil
 import platform
-import sys
-import types
 import typing
 import warnings
 from dataclasses import dataclass
@@ -22,9 +23,10 @@ from importlib import metadata
 from typing import Any, ClassVar, Protocol
 
 from ..errors import UserError
-from ..store.results import Result
+from ..store.results import Result, set_probe_finder
 
 ENTRY_POINT_GROUP = "mechinterp.probes"
+BUILTIN_PACKAGE = "probes"  # the built-in probes: one module each, its probe object ``PROBE``
 _TRACKED_PACKAGES = ("mechinterp", "torch", "transformers", "transformer-lens", "nnsight", "trl",
                      "numpy", "safetensors")
 
@@ -147,28 +149,57 @@ class Probe(Protocol):
 BROKEN: dict[str, str] = {}
 
 
+def _load(ep) -> Probe | None:
+    """The probe object of an entry point; None (with a warning, listed in :data:`BROKEN`) when
+    it fails to load."""
+    try:
+        probe = ep.load()
+        probe.name  # noqa: B018 - an object without a name is as broken as an import error
+    except Exception as exc:  # noqa: BLE001 - a broken plugin must not break the suite
+        if ep.name not in BROKEN:
+            warnings.warn(f"probe plugin {ep.name!r} ({ep.value}) failed to load: {exc}; "
+                          "fix or uninstall that package", stacklevel=3)
+        BROKEN[ep.name] = f"{ep.value}: {type(exc).__name__}: {exc}"
+        return None
+    return probe
+
+
+def _builtin_modules() -> list[str]:
+    """The modules of the built-in ``probes`` package, found by name on the import path."""
+    spec = importlib.util.find_spec(BUILTIN_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    return [f"{BUILTIN_PACKAGE}.{m.name}"
+            for m in pkgutil.iter_modules(spec.submodule_search_locations) if not m.ispkg]
+
+
 def registry() -> dict[str, Probe]:
-    """Built-in probes plus those installed through entry points (built-ins win on a clash).
+    """Every probe: those of the ``mechinterp.probes`` entry-point group (the built-in ones are
+    listed there too), and the modules of the built-in ``probes`` package that the installed
+    metadata does not list (a source tree newer than its install). Built-ins win on a clash.
 
     A plugin that fails to load is skipped with a warning and listed in :data:`BROKEN`: one broken
     third-party package must not stop every command.
-    """
-    import probes as builtin
 
-    found: dict[str, Probe] = {}
+    Returns:
+        ``{name: probe object}``, sorted by name.
+    """
+    plugins: dict[str, Probe] = {}
+    builtin: dict[str, Probe] = {}
+    loaded: set[str] = set()
     for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
-        try:
-            probe = ep.load()
-            probe.name  # noqa: B018 - an object without a name is as broken as an import error
-        except Exception as exc:  # noqa: BLE001 - a broken plugin must not break the suite
-            if ep.name not in BROKEN:
-                warnings.warn(f"probe plugin {ep.name!r} ({ep.value}) failed to load: {exc}; "
-                              "fix or uninstall that package", stacklevel=2)
-            BROKEN[ep.name] = f"{ep.value}: {type(exc).__name__}: {exc}"
-            continue
-        found[probe.name] = probe
-    found.update(builtin.BUILTIN)
-    return dict(sorted(found.items()))
+        module = ep.value.partition(":")[0].strip()
+        probe = _load(ep)
+        if probe is not None:
+            is_builtin = module.split(".")[0] == BUILTIN_PACKAGE
+            (builtin if is_builtin else plugins)[probe.name] = probe
+            loaded.add(module)
+    for module in _builtin_modules():
+        if module not in loaded:
+            probe = getattr(importlib.import_module(module), "PROBE", None)
+            if probe is not None:
+                builtin[probe.name] = probe
+    return dict(sorted({**plugins, **builtin}.items()))
 
 
 def get_probe(name: str) -> Probe:
@@ -313,19 +344,4 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def run_probe(*args, **kwargs):
-    """Kept for scripts written against earlier versions: see :func:`mechinterp.core.runner.run_probe`."""
-    from .runner import run_probe as _run_probe
-
-    return _run_probe(*args, **kwargs)
-
-
-class _CallableModule(types.ModuleType):
-    """``mi.probe("causal-trace")`` is :func:`get_probe` while ``mechinterp.core.probe`` stays the
-    module (``mi.probe.registry``, ``from mechinterp.core.probe import BaseConfig``)."""
-
-    def __call__(self, name: str) -> Probe:
-        return get_probe(name)
-
-
-sys.modules[__name__].__class__ = _CallableModule
+set_probe_finder(get_probe)

@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
-from .probe import Probe, get_probe, make_config, package_versions
 from ..store.results import RESULT_FILE, Result, read_result, write_result
+from .probe import Probe, get_probe, make_config, package_versions
 
 
 def config_hash(config: Any) -> str:
@@ -215,7 +215,7 @@ def run_probe(probe: Probe | str, models, data, config=None, out: Path | str | N
             remove_temp_siblings(folder)
             stored, stale, redraw = _assess(folder, probe, chash, identity, data, overwrite)
             if stored is not None and stale is None and reuse:
-                stored._probe = probe
+                stored.made_by = probe
                 if draw and (redraw or stored.provenance.get("drawn") is False):
                     say(f"{probe.name}: drawing the figures of {folder} again")
                     stored.provenance["drawn"] = True
@@ -244,7 +244,7 @@ def run_probe(probe: Probe | str, models, data, config=None, out: Path | str | N
             shared_log.files.update(mine.files)
             shared_log.hub += [h for h in mine.hub if h not in shared_log.hub]
     wall = time.perf_counter() - start
-    result._probe = probe  # figures() and to_frame() of a probe that is not installed
+    result.made_by = probe  # figures() and to_frame() of a probe that is not installed
     result.provenance = {
         "probe": probe.name,
         "probe_version": probe.version,

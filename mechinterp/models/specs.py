@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import SpecError
-from ..paths import cache_dir
+from ..paths import cache_dir, checkpoint_step
 from . import zoo
 from .safetensors_io import file_sha256, folder_hash, model_files, weight_files, weights_identity
 
@@ -126,25 +126,6 @@ def _hub_folder(repo: str, revision: str | None, spec: str) -> Path:
 
 
 ALL_CHECKPOINTS = "all"
-_STEP = re.compile(r"(?:step|checkpoint)[-_]?0*(\d+)", re.IGNORECASE)
-
-
-def checkpoint_step(name: str, folder: bool = False) -> int | None:
-    """The training step a checkpoint's name carries, or None when it names none: the one step
-    parser (``@all`` listings, trajectories, frames, training's resume).
-
-    A spec or label: the last step-like part after the first ``@`` (``sft@step-40`` -> 40, hub
-    revision ``v01.14-step-000000029`` -> 29, ``checkpoint-500`` -> 500). ``folder=True``: the
-    whole name must be a checkpoint folder's, ``step-N`` or ``checkpoint-N`` (or ``_N``, ``N``).
-    """
-    if folder:
-        m = _STEP.fullmatch(name)
-        return int(m.group(1)) if m else None
-    label = name.split("@", 1)[1] if "@" in name else name
-    found = _STEP.findall(label)
-    return int(found[-1]) if found else None
-
-
 def expand_checkpoints(spec: str) -> list[str]:
     """``OUT@all`` -> ``["OUT@step-40", "OUT@step-80", ...]``; any other spec -> ``[spec]``.
 

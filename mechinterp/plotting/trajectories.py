@@ -1,7 +1,7 @@
 """Quantities over the checkpoints of training runs: steps, line styles, one trajectory plot.
 
 A *run* is a list of checkpoint variant names in training order (``ModelSet.runs``); the training
-step of a checkpoint is read from its label (:func:`~mechinterp.models.specs.checkpoint_step`:
+step of a checkpoint is read from its label (:func:`~mechinterp.paths.checkpoint_step`:
 ``sft@step-40`` -> 40, hub revision ``v01.14-step-000000029`` -> 29, ``checkpoint-500`` -> 500).
 Runs whose labels carry no step are plotted against the checkpoint index instead.
 
@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from ..models.specs import checkpoint_step
+from ..paths import checkpoint_step
 
 
 def run_steps(runs: Mapping[str, Sequence[str]]) -> dict[str, int | None]:

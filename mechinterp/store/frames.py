@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..paths import checkpoint_step
+
 COLUMNS = ("probe", "model", "run", "step", "layer", "component", "head", "token_group", "site",
            "direction", "format", "metric", "value", "lo", "hi", "n")
 PARQUET_FILE = "result.parquet"
@@ -84,8 +86,6 @@ def _ci_at(ci: Any, where: dict, axes: Sequence[str]) -> tuple[float, float, Any
 
 
 def _run_step(model: str, runs: dict) -> tuple[str, Any]:
-    from ..models.specs import checkpoint_step
-
     for run, names in (runs or {}).items():
         if model in names:
             return run, checkpoint_step(model) if len(names) > 1 or "@" in model else None
@@ -94,53 +94,73 @@ def _run_step(model: str, runs: dict) -> tuple[str, Any]:
     return model, None
 
 
-def rows(result) -> list[dict]:
-    """The rows of one result (see the module doc for the columns)."""
-    try:
-        probe = result.probe_object()
-    except Exception:  # noqa: BLE001 - an uninstalled probe: no declared tables
-        probe = None
-    tables = getattr(probe, "frames", ())
-    data = result.data
-    if hasattr(probe, "frame_data"):  # results nested by position (training-drift's checkpoints)
-        data = probe.frame_data(data)
-    runs = data.get("runs") or {}
-    out = []
-    for t in tables:
-        if t.key not in data:
+def _table_rows(probe_name: str, table: Table, data: dict, runs: dict) -> Iterator[dict]:
+    """The rows of one declared table of a result's ``data``."""
+    ci = data.get(table.ci) if table.ci else None
+    for where, value in _walk(data[table.key], table.axes, {}):
+        if value is None:
+            value = math.nan
+        if not _is_number(value):
             continue
-        ci = data.get(t.ci) if t.ci else None
-        for where, value in _walk(data[t.key], t.axes, {}):
-            if value is None:
-                value = math.nan
-            if not _is_number(value):
-                continue
-            where = dict(where)
-            name = t.metric or t.key
-            if "metric" in where:
-                name = f"{name}.{where.pop('metric')}"
-            row = {"probe": result.probe, **where, "metric": name, "value": float(value)}
-            if ci is not None:
-                lo, hi, n = _ci_at(ci, where, t.axes)
-                row["lo"] = math.nan if lo is None else float(lo)
-                row["hi"] = math.nan if hi is None else float(hi)
-                if n is not None:
-                    row["n"] = n
-            if "model" in row:
-                row["run"], row["step"] = _run_step(row["model"], runs)
-            out.append(row)
-    return out
+        where = dict(where)
+        name = table.metric or table.key
+        if "metric" in where:
+            name = f"{name}.{where.pop('metric')}"
+        row = {"probe": probe_name, **where, "metric": name, "value": float(value)}
+        if ci is not None:
+            lo, hi, n = _ci_at(ci, where, table.axes)
+            row["lo"] = math.nan if lo is None else float(lo)
+            row["hi"] = math.nan if hi is None else float(hi)
+            if n is not None:
+                row["n"] = n
+        if "model" in row:
+            row["run"], row["step"] = _run_step(row["model"], runs)
+        yield row
 
 
-def to_frame(result):
-    """One result as a pandas DataFrame in the long schema (columns absent here are dropped)."""
-    import pandas as pd
+def rows(result, schema=None) -> list[dict]:
+    """The rows of one result (see the module doc for the columns).
 
-    df = pd.DataFrame(rows(result))
-    return _order(df)
+    Args:
+        result: a :class:`~mechinterp.store.results.Result`.
+        schema: what declares its tables: an object with ``frames`` (a sequence of
+            :class:`Table`) and optionally ``frame_data(data) -> dict`` (the probe object).
+            None: the result's own probe (:meth:`~mechinterp.store.results.Result.probe_object`);
+            no rows when that probe is not installed.
+
+    Returns:
+        One dict per number, keyed by the columns of :data:`COLUMNS` that apply.
+    """
+    if schema is None:
+        try:
+            schema = result.probe_object()
+        except Exception:  # noqa: BLE001 - an uninstalled probe: no declared tables
+            schema = None
+    data = result.data
+    if hasattr(schema, "frame_data"):  # results nested by position (training-drift's checkpoints)
+        data = schema.frame_data(data)
+    runs = data.get("runs") or {}
+    return [row for table in getattr(schema, "frames", ()) if table.key in data
+            for row in _table_rows(result.probe, table, data, runs)]
 
 
-def _order(df):
+def to_frame(result, schema=None):
+    """One result as a pandas DataFrame in the long schema (columns absent here are dropped).
+
+    Args:
+        result: a :class:`~mechinterp.store.results.Result`.
+        schema: the object that declares its tables (see :func:`rows`); None: its probe.
+
+    Returns:
+        A DataFrame with the columns of :data:`COLUMNS` that apply, in that order.
+    """
+    import pandas as pd  # pandas
+
+    return order_columns(pd.DataFrame(rows(result, schema)))
+
+
+def order_columns(df):
+    """``df`` with the long schema's columns in order and its integer columns nullable."""
     if df.empty:
         return df
     cols = [c for c in COLUMNS if c in df.columns] + [c for c in df.columns if c not in COLUMNS]
@@ -151,23 +171,10 @@ def _order(df):
     return df.reset_index(drop=True)
 
 
-def load_results(folder: Path | str):
-    """Every stored result under ``folder`` (a ``compare`` or ``demo`` output) as one DataFrame."""
-    import pandas as pd
-
-    from .results import find_results, read_result
-
-    frames = [to_frame(read_result(p)) for p in find_results(Path(folder))]
-    frames = [f for f in frames if not f.empty]
-    if not frames:
-        return pd.DataFrame(columns=list(COLUMNS))
-    return _order(pd.concat(frames, ignore_index=True))
-
-
-def write_parquet(result, folder: Path) -> Path | None:
+def write_parquet(result, folder: Path, schema=None) -> Path | None:
     """``folder/result.parquet`` beside ``result.json`` (None when the probe declares no table
-    or no Parquet engine is installed)."""
-    df = to_frame(result)
+    or no Parquet engine is installed); ``schema`` as in :func:`rows`."""
+    df = to_frame(result, schema)
     if df.empty:
         return None
     try:

@@ -11,6 +11,7 @@ folder that is not whole is seen as such (:func:`incomplete`).
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import hashlib
 import json
@@ -20,49 +21,98 @@ import re
 import shutil
 import tempfile
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ..errors import UserError
+from . import frames
+from .hashing import sha256_file
+from .locking import writer_lock
+
 RESULT_FILE = "result.json"
 ARRAYS_FILE = "arrays.npz"
 
 
+#: How a result finds its probe by name when no runner attached one (a Result read from disk or
+#: built by hand): the probe registry installs its lookup here when it is imported
+#: (:mod:`mechinterp.core.registry`), so the store never imports a probe.
+_probe_finders: list[Callable[[str], Any]] = []
+
+
+def set_probe_finder(find: Callable[[str], Any]) -> None:
+    """Install ``find(name) -> probe object`` as the way results find their probe by name.
+
+    Args:
+        find: a function from a probe's name to the probe object (its ``frames``, ``frame_data``
+            and ``plot``); it raises for an unknown name.
+    """
+    _probe_finders[:] = [find]
+
+
 @dataclass
 class Result:
-    """What a probe returns: JSON-able ``data``, optional large ``arrays``, provenance, and
-    optional text ``files`` written beside ``result.json`` (e.g. item-level rows as JSONL)."""
+    """What a probe returns, and what the store reads back.
+
+    Args:
+        probe: the probe's name (``"weight-change"``).
+        data: the JSON-able numbers, keyed as the probe documents them.
+        arrays: large arrays, stored in ``arrays.npz``.
+        provenance: what made it (the runner fills it: config, model identity, timing, ...).
+        files: text files written beside ``result.json`` (e.g. item-level rows as JSONL).
+        made_by: the probe object that made it (the runner attaches it; a notebook's own probe
+            too); None: the installed probe named ``probe``.
+
+    ``result["key"]`` is ``result.data["key"]``.
+    """
 
     probe: str
     data: dict[str, Any]
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)
+    made_by: Any = field(default=None, repr=False, compare=False)
 
     def __getitem__(self, key: str) -> Any:
         return self.data[key]
 
+    def probe_object(self) -> Any:
+        """The probe that made this result.
+
+        Returns:
+            The object the runner ran (``made_by``), else the installed probe of that name.
+
+        Raises:
+            UserError: no probe of that name is installed.
+        """
+        if self.made_by is not None:
+            return self.made_by
+        if not _probe_finders:
+            raise UserError(f"no probe is known for the result of {self.probe!r}",
+                            "import mechinterp (its registry finds installed probes)")
+        return _probe_finders[0](self.probe)
+
     def to_frame(self):
-        """The numbers as a pandas DataFrame in the long schema every probe shares
-        (:mod:`mechinterp.store.frames`: model, run, step, layer, component, ..., metric, value, lo,
-        hi)."""
-        from .frames import to_frame
+        """The numbers as one long table.
 
-        return to_frame(self)
-
-    def probe_object(self):
-        """The probe that made this result: the object the runner ran (a notebook's own probe
-        too), else the installed probe of that name."""
-        from ..core.probe import get_probe
-
-        return getattr(self, "_probe", None) or get_probe(self.probe)
+        Returns:
+            A pandas DataFrame in the long schema every probe shares (:mod:`mechinterp.store.frames`:
+            model, run, step, layer, component, ..., metric, value, lo, hi); empty when the probe
+            declares no table.
+        """
+        return frames.to_frame(self)
 
     def figures(self) -> dict[str, Any]:
-        """The probe's figures of this result, drawn in the house style (they display inline
-        in Jupyter; nothing is saved)."""
-        from ..plotting.style import house_style
+        """The probe's figures of this result, drawn in the house style (they display inline in
+        Jupyter; nothing is saved).
+
+        Returns:
+            ``{name: matplotlib Figure}``.
+        """
+        from ..plotting.style import house_style  # matplotlib
 
         with house_style():
             return self.probe_object().plot(self)
@@ -132,8 +182,6 @@ def _disk_full(exc: BaseException) -> bool:
 
 def _owned(folder: Path) -> dict[str, dict]:
     """``{file: {"size", "sha256"}}`` for every file of a result folder but ``result.json``."""
-    from .hashing import sha256_file
-
     return {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)}
             for p in sorted(folder.iterdir()) if p.is_file() and p.name != RESULT_FILE}
 
@@ -141,8 +189,6 @@ def _owned(folder: Path) -> dict[str, dict]:
 def _exchange(a: Path, b: Path) -> bool:
     """Swap two existing paths in one step (Linux ``renameat2(RENAME_EXCHANGE)``); False where
     the system has no such call."""
-    import ctypes
-
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         fn = libc.renameat2
@@ -181,16 +227,12 @@ def write_result(result: Result, folder: Path, figures: dict[str, Any] | None = 
     draws it again); a full disk raises :class:`~mechinterp.errors.UserError` and leaves the
     previous result as it was. The folder gets the permissions of the umask. One writer at a
     time: the write holds the parent folder's writer lock (:mod:`mechinterp.store.locking`)."""
-    from .locking import writer_lock
-
     folder = Path(folder)
     with writer_lock(folder.parent):
         return _write_result(result, folder, figures)
 
 
 def _write_result(result: Result, folder: Path, figures: dict[str, Any] | None) -> Path:
-    from ..errors import UserError
-
     remove_temp_siblings(folder)  # what a killed writer left (we hold the lock)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     try:
@@ -204,9 +246,7 @@ def _write_result(result: Result, folder: Path, figures: dict[str, Any] | None) 
         if result.arrays:
             np.savez_compressed(tmp / ARRAYS_FILE, **result.arrays)
         drawn = _save_figures(figures, tmp, result.provenance) if figures else {}
-        from .frames import write_parquet
-
-        write_parquet(result, tmp)  # the long table beside result.json (when the probe has one)
+        frames.write_parquet(result, tmp)  # the long table beside result.json (when the probe has one)
         nonfinite: dict[str, list] = {"data": [], "provenance": []}
         payload = {"probe": result.probe,
                    "data": _jsonable(result.data, (), nonfinite["data"]),
@@ -238,15 +278,11 @@ def _write_result(result: Result, folder: Path, figures: dict[str, Any] | None) 
 
 
 def _malformed(path: Path, what: str):
-    from ..errors import UserError
-
     return UserError(f"{path} is malformed ({what})", "re-run the probe to rewrite it")
 
 
 def read_payload(folder: Path) -> dict:
     """The parsed ``result.json`` of ``folder``, checked for the keys a result needs."""
-    from ..errors import UserError
-
     path = Path(folder) / RESULT_FILE
     try:
         payload = json.loads(path.read_text())
@@ -271,8 +307,6 @@ def incomplete(folder: Path, payload: dict) -> list[str]:
     """The files ``result.json`` lists as its own that are missing or not as written (size and
     SHA-256); [] when the folder is whole. A result without that list (an older store) is
     reported as such."""
-    from .hashing import sha256_file
-
     owned = payload.get("owned")
     if payload.get("store") != STORE_VERSION or not isinstance(owned, dict):
         return ["written by an older result store"]
@@ -290,8 +324,6 @@ def incomplete(folder: Path, payload: dict) -> list[str]:
 
 
 def read_result(folder: Path) -> Result:
-    from ..errors import UserError
-
     folder = Path(folder)
     path = folder / RESULT_FILE
     payload = read_payload(folder)
@@ -335,9 +367,9 @@ def _save_figures(figures: dict[str, Any], folder: Path,
     """:func:`save_figures`, returning ``{figure: [files]}``. With ``errors`` (a provenance
     dict), a figure that fails to save is recorded in ``errors["figure_errors"]`` and its partial
     files removed; a full disk always raises."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # matplotlib
 
-    from ..plotting.style import house_style
+    from ..plotting.style import house_style  # matplotlib
 
     written: dict[str, list[str]] = {}
     with house_style():
@@ -366,14 +398,32 @@ def find_results(root: Path) -> list[Path]:
     return sorted(p.parent for p in root.rglob(RESULT_FILE) if not p.parent.name.startswith("."))
 
 
+def load_results(folder: Path | str):
+    """Every stored result under a folder as one long table.
+
+    Args:
+        folder: a ``compare`` or ``demo`` output (or any folder holding result folders).
+
+    Returns:
+        A pandas DataFrame in the long schema (:mod:`mechinterp.store.frames`), one row per
+        number of every result whose probe declares tables; empty (with the schema's columns)
+        when there is none.
+    """
+    import pandas as pd  # pandas
+
+    tables = [frames.to_frame(read_result(p)) for p in find_results(Path(folder))]
+    tables = [t for t in tables if not t.empty]
+    if not tables:
+        return pd.DataFrame(columns=list(frames.COLUMNS))
+    return frames.order_columns(pd.concat(tables, ignore_index=True))
+
+
 MIN_FREE_BYTES = 16 << 20
 
 
 def check_out(out: Path | str) -> Path:
     """Check a results folder before any work (creating nothing): not a file, writable (or
     creatable), with room on its disk; else one :class:`~mechinterp.errors.UserError`."""
-    from ..errors import UserError
-
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a folder",

@@ -148,7 +148,7 @@ def step_revisions(repo: str, list_refs=None) -> list[str]:
     """The revisions (branches and tags) of hub repository ``repo`` that name a training step,
     in step order, read with ``huggingface_hub.list_repo_refs`` (or ``list_refs``, same
     signature). A hub that cannot be reached is a :class:`UserError` that names the fix."""
-    from ..plotting.trajectories import checkpoint_step
+    from ..paths import checkpoint_step
 
     if list_refs is None:
         from huggingface_hub import list_repo_refs as list_refs
@@ -174,7 +174,7 @@ def paper_variants(revisions: dict[str, list[str]] | None = None,
     branch) and one checkpoint spec ``REPO@REV`` per saved step. ``revisions`` (``{run: [rev,
     ...]}``) names the steps of some runs explicitly (a subset saves disk: each 7B revision is
     about 15 GB); the other runs' steps are listed from the hub (:func:`step_revisions`)."""
-    from ..plotting.trajectories import checkpoint_step
+    from ..paths import checkpoint_step
 
     revisions = dict(revisions or {})
     if unknown := set(revisions) - set(PAPER_RUNS):

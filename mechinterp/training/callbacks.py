@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from ..models.specs import checkpoint_step
+from ..paths import checkpoint_step
 from .distributed import Procs
 from .freeze import FrozenState
 

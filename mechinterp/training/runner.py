@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from ..errors import UserError
-from ..models.specs import checkpoint_step
+from ..paths import checkpoint_step
 from .callbacks import (
     SNAPSHOT_DIR,
     TRAINER_DIR,
