@@ -15,7 +15,6 @@ import importlib
 import importlib.util
 import math
 import pkgutil
-import platform
 import typing
 import warnings
 from dataclasses import dataclass
@@ -27,9 +26,6 @@ from ..store.results import Result, set_probe_finder
 
 ENTRY_POINT_GROUP = "mechinterp.probes"
 BUILTIN_PACKAGE = "probes"  # the built-in probes: one module each, its probe object ``PROBE``
-_TRACKED_PACKAGES = ("mechinterp", "torch", "transformers", "transformer-lens", "nnsight", "trl",
-                     "numpy", "safetensors")
-
 
 @dataclass
 class BaseConfig:
@@ -332,16 +328,6 @@ def describe(probe: Probe) -> str:
         lines.append(f"  {o['name']} ({o['type']}, default {o['default']}{bound}): "
                      f"{o['meaning']}")
     return "\n".join(lines)
-
-
-def package_versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for pkg in _TRACKED_PACKAGES:
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
 
 
 set_probe_finder(get_probe)

@@ -26,9 +26,32 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from ..data import DataSource
+from ..data.base import DataLog
+from ..data.subset import collect_notes
 from ..errors import UserError
-from ..store.results import RESULT_FILE, Result, read_result, write_result
-from .probe import Probe, get_probe, make_config, package_versions
+from ..models.lineage import training_kind
+from ..models.modelset import ModelSet
+from ..models.safetensors_io import input_kind
+from ..models.zoo import DEFAULT_MODEL
+from ..progress import quiet_library_bars
+from ..store.hashing import content_hash
+from ..store.locking import writer_lock
+from ..store.provenance import build_provenance
+from ..store.results import (
+    RESULT_FILE,
+    Result,
+    check_out,
+    find_results,
+    incomplete,
+    read_payload,
+    read_result,
+    remove_temp_siblings,
+    write_result,
+)
+from .probe import Probe, get_probe, make_config
 
 
 def config_hash(config: Any) -> str:
@@ -50,8 +73,6 @@ def model_identity(models) -> dict[str, dict]:
 def run_kinds(models) -> dict[str, str | None]:
     """``{run: kind}`` from each run's training metadata (``sft``, ``grpo``, ``sft-frozen``; None
     for a model no training run of ours made): figures style runs by it."""
-    from ..models.lineage import training_kind
-
     if models is None or not hasattr(models, "runs"):
         return {}
     return {run: training_kind(models.specs[names[0]].path) if names else None
@@ -81,8 +102,6 @@ def _other_set(stored, identity: dict) -> str | None:
 
 def _content_change(stored: dict, identity: dict) -> str | None:
     """Which input of which model changed since the stored result (same specs assumed)."""
-    from ..models.safetensors_io import input_kind
-
     for name, now in identity.items():
         old = stored[name].get("files") if isinstance(stored.get(name), dict) else None
         if not isinstance(old, dict):
@@ -97,8 +116,6 @@ def _content_change(stored: dict, identity: dict) -> str | None:
 
 def _data_change(stored: dict, data) -> str | None:
     """Which data file the stored result read is missing or changed under the current root."""
-    from ..store.hashing import content_hash
-
     if not isinstance(stored, dict) or not isinstance(stored.get("files", {}), dict):
         return "no data hashes stored"
     root = getattr(data, "root", None)
@@ -144,8 +161,6 @@ def _assess(folder: Path, probe: Probe, chash: str, identity: dict, data, overwr
     """``(stored, stale, redraw)`` for the result in ``folder``: the stored Result (None when
     there is none or it is unreadable), why it cannot be reused (None: it can), and whether only
     its figures need drawing again. Refuses to go on over another model set's result."""
-    from ..store.results import incomplete, read_payload
-
     if not (folder / RESULT_FILE).exists():
         return None, None, False
     try:
@@ -170,7 +185,7 @@ def _assess(folder: Path, probe: Probe, chash: str, identity: dict, data, overwr
 
 def _plot(probe: Probe, result: Result, say) -> dict | None:
     """The probe's figures of ``result``; a failure is reported and recorded in its provenance."""
-    from ..plotting.style import house_style
+    from ..plotting.style import house_style  # matplotlib
 
     result.provenance.pop("figure_errors", None)
     try:
@@ -183,56 +198,38 @@ def _plot(probe: Probe, result: Result, say) -> dict | None:
         return None
 
 
-def run_probe(probe: Probe | str, models, data, config=None, out: Path | str | None = None,
-              draw: bool = True, reuse: bool = False, echo=None, overwrite: bool = False) -> Result:
-    """Run ``probe`` on ``models`` (a ModelSet) with ``data`` (a DataSource) and ``config``.
+def _reuse(probe: Probe, folder: Path, out: Path, chash: str, identity: dict, data,
+           options: dict, say, echo) -> Result | None:
+    """The stored result in ``folder`` when ``options["reuse"]`` allows it and it answers the
+    same question on the same inputs (its figures drawn again where they are missing); else
+    None, after saying why a stored result will be replaced."""
+    with writer_lock(out):
+        remove_temp_siblings(folder)
+        stored, stale, redraw = _assess(folder, probe, chash, identity, data, options["overwrite"])
+        if stored is not None and stale is None and options["reuse"]:
+            stored.made_by = probe
+            if options["draw"] and (redraw or stored.provenance.get("drawn") is False):
+                say(f"{probe.name}: drawing the figures of {folder} again")
+                stored.provenance["drawn"] = True
+                write_result(stored, folder, _plot(probe, stored, say))
+            stored.provenance["reused"] = True
+            if echo:
+                echo(f"{probe.name}: reusing {folder / RESULT_FILE} (same configuration, "
+                     "model files and data)")
+            return stored
+        if stale is not None:
+            say(f"{probe.name}: replacing the result in {folder} ({stale})")
+    return None
 
-    With ``out`` the result goes to ``out/<probe>/`` (the folder is checked before any work and
-    written whole, figures included, under ``out``'s writer lock); with ``reuse`` a stored result
-    of the same probe version, configuration and input contents is returned instead of
-    recomputed. A stored result of *other models* is never replaced unless ``overwrite``.
-    ``echo`` (a print-like function) hears about reuse and replacement; default: a warning.
-    """
-    import torch
 
-    from ..data import DataSource
-    from ..data.base import DataLog
-    from ..data.subset import collect_notes
-    from ..store.locking import writer_lock
-    from ..store.results import check_out, remove_temp_siblings
-
-    probe = get_probe(probe) if isinstance(probe, str) else probe
-    config = make_config(probe) if config is None else config
-    if data is None:  # as the CLI does: $MECHINTERP_DATA, else the hub (a clear error offline)
-        data = DataSource.from_option(None)
-    say = echo or (lambda msg: warnings.warn(msg, stacklevel=3))
-    folder = Path(out) / probe.name if out is not None else None
-    if out is not None:
-        check_out(out)
-    chash, identity = config_hash(config), model_identity(models)
-    if folder is not None and Path(out).is_dir():  # nothing stored (and nothing made) otherwise
-        with writer_lock(out):
-            remove_temp_siblings(folder)
-            stored, stale, redraw = _assess(folder, probe, chash, identity, data, overwrite)
-            if stored is not None and stale is None and reuse:
-                stored.made_by = probe
-                if draw and (redraw or stored.provenance.get("drawn") is False):
-                    say(f"{probe.name}: drawing the figures of {folder} again")
-                    stored.provenance["drawn"] = True
-                    write_result(stored, folder, _plot(probe, stored, say))
-                stored.provenance["reused"] = True
-                if echo:
-                    echo(f"{probe.name}: reusing {folder / RESULT_FILE} (same configuration, "
-                         "model files and data)")
-                return stored
-            if stale is not None:
-                say(f"{probe.name}: replacing the result in {folder} ({stale})")
-
+def _execute(probe: Probe, models, data, config, say) -> tuple[Result, dict, list, float]:
+    """Run the probe seeded and timed: ``(result, the data it read, notes, seconds)``. The data
+    log counts this probe's own reads (a shared log gets them added afterwards)."""
     torch.manual_seed(config.seed)
     start = time.perf_counter()
     scope = models.run_scope() if hasattr(models, "run_scope") else contextlib.nullcontext()
     shared_log = getattr(data, "log", None)
-    if shared_log is not None:  # this probe's own reads, not those of earlier probes
+    if shared_log is not None:
         data.log = DataLog(root=getattr(data, "root", None))
     try:
         # notices such as a --limit larger than the set: said at once, recorded in the provenance
@@ -243,43 +240,88 @@ def run_probe(probe: Probe | str, models, data, config=None, out: Path | str | N
             mine, data.log = data.log, shared_log
             shared_log.files.update(mine.files)
             shared_log.hub += [h for h in mine.hub if h not in shared_log.hub]
-    wall = time.perf_counter() - start
-    result.made_by = probe  # figures() and to_frame() of a probe that is not installed
-    result.provenance = {
-        "probe": probe.name,
-        "probe_version": probe.version,
-        "config": dataclasses.asdict(config),
-        "config_hash": chash,
-        "model_identity": identity,
-        "models": models.provenance() if models is not None else {},
-        "run_kinds": run_kinds(models),
-        "device": str(getattr(models, "device", None) or "auto"),
-        "dtype": str(getattr(models, "dtype", None) or "auto"),
-        "placement": {k: v for k, v in getattr(models, "placement", {}).items()
-                      if k != "offload_folder"},
-        "data": mine.to_json() if shared_log is not None else {},
-        "seed": config.seed,
-        "packages": package_versions(),
-        "wall_time_s": round(wall, 3),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    read = mine.to_json() if shared_log is not None else {}
+    return result, read, notes, time.perf_counter() - start
+
+
+def _provenance(probe: Probe, models, config, chash: str, identity: dict, read: dict,
+                notes: list, wall: float) -> dict:
+    """What the runner records of a run (the probe's own provenance keys are added after it)."""
+    placement = {k: v for k, v in getattr(models, "placement", {}).items()
+                 if k != "offload_folder"}
+    return build_provenance(
+        probe.name, probe.version, config=dataclasses.asdict(config), config_hash=chash,
+        model_identity=identity, run_kinds=run_kinds(models), placement=placement,
+        wall_time_s=round(wall, 3), created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **({"notes": notes} if notes else {}),
-        **result.provenance,
-    }
+        models=models.provenance() if models is not None else {}, data=read, seed=config.seed,
+        device=getattr(models, "device", None) or "auto",
+        dtype=getattr(models, "dtype", None) or "auto")
+
+
+def _commit(probe: Probe, result: Result, folder: Path, out: Path, identity: dict, draw: bool,
+            overwrite: bool, say) -> None:
+    """Write ``result`` (and its figures when ``draw``) into ``folder``, refusing to replace a
+    result of other models that another run stored meanwhile."""
+    result.provenance["drawn"] = draw
+    figures = _plot(probe, result, say) if draw else None
+    with writer_lock(out):
+        try:
+            now = read_result(folder).provenance.get("model_identity")
+        except UserError:
+            now = None
+        if _other_set(now, identity) and not overwrite:
+            raise UserError(f"{folder} was written by another run of other models while "
+                            "this one ran", "pass --overwrite, or use another --out")
+        write_result(result, folder, figures)
+    if result.provenance.get("figure_errors"):
+        say(f"{probe.name}: {len(result.provenance['figure_errors'])} figure(s) failed; "
+            f"the result is saved in {folder} and a re-run with reuse draws them again")
+
+
+def run_probe(probe: Probe | str, models, data, config=None, out: Path | str | None = None,
+              draw: bool = True, reuse: bool = False, echo=None, overwrite: bool = False) -> Result:
+    """Run one probe: the one path every command, ``mi.run`` and the claim tests take.
+
+    Args:
+        probe: a probe object or the name of an installed one.
+        models: a :class:`~mechinterp.models.ModelSet` (None for a probe that reads no model).
+        data: a :class:`~mechinterp.data.DataSource`; None: ``$MECHINTERP_DATA``, else the hub.
+        config: the probe's Config (None: its defaults).
+        out: a results folder: the result goes to ``out/<probe>/``, checked before any work and
+            written whole, figures included, under ``out``'s writer lock. None: nothing is saved.
+        draw: draw and save the figures with the result.
+        reuse: return a stored result of the same probe version, configuration and input
+            contents instead of recomputing it.
+        echo: a print-like function told about reuse and replacement (default: a warning).
+        overwrite: replace a stored result of *other models* (never replaced otherwise).
+
+    Returns:
+        The :class:`~mechinterp.store.results.Result`, with provenance and its probe attached.
+
+    Raises:
+        UserError: bad options or input, or ``out`` holds another model set's result.
+    """
+    probe = get_probe(probe) if isinstance(probe, str) else probe
+    config = make_config(probe) if config is None else config
+    if data is None:  # as the CLI does: $MECHINTERP_DATA, else the hub (a clear error offline)
+        data = DataSource.from_option(None)
+    say = echo or (lambda msg: warnings.warn(msg, stacklevel=3))
+    folder = Path(out) / probe.name if out is not None else None
+    if out is not None:
+        check_out(out)
+    chash, identity = config_hash(config), model_identity(models)
+    if folder is not None and Path(out).is_dir():  # nothing stored (and nothing made) otherwise
+        options = {"reuse": reuse, "draw": draw, "overwrite": overwrite}
+        stored = _reuse(probe, folder, Path(out), chash, identity, data, options, say, echo)
+        if stored is not None:
+            return stored
+    result, read, notes, wall = _execute(probe, models, data, config, say)
+    result.made_by = probe  # figures() and to_frame() of a probe that is not installed
+    result.provenance = {**_provenance(probe, models, config, chash, identity, read, notes, wall),
+                         **result.provenance}
     if folder is not None:
-        result.provenance["drawn"] = draw
-        figures = _plot(probe, result, say) if draw else None
-        with writer_lock(out):
-            try:  # another writer may have stored a result of other models meanwhile
-                now = read_result(folder).provenance.get("model_identity")
-            except UserError:
-                now = None
-            if _other_set(now, identity) and not overwrite:
-                raise UserError(f"{folder} was written by another run of other models while "
-                                "this one ran", "pass --overwrite, or use another --out")
-            write_result(result, folder, figures)
-        if result.provenance.get("figure_errors"):
-            say(f"{probe.name}: {len(result.provenance['figure_errors'])} figure(s) failed; "
-                f"the result is saved in {folder} and a re-run with reuse draws them again")
+        _commit(probe, result, folder, Path(out), identity, draw, overwrite, say)
     return result
 
 
@@ -287,8 +329,6 @@ def draw_figures(probe: Probe, result: Result, folder: Path, say=print) -> list[
     """Draw ``result``'s figures and commit them with it into ``folder`` (one atomic write); a
     failure is reported and recorded in the result."""
     write_result(result, folder, _plot(probe, result, say))
-    from ..store.results import read_payload
-
     return [folder / f for files in read_payload(folder).get("figures", {}).values() for f in files]
 
 
@@ -305,17 +345,10 @@ def run(probe: str | Probe, base=None, variants: dict[str, Any] | None = None, *
     name and type. ``device_map="auto"`` (with ``max_memory``, e.g. ``{0: "70GiB", 1: "70GiB"}``)
     spreads models larger than one device over the GPUs (accelerate's big-model placement).
     """
-    from ..data import DataSource
-    from ..models.modelset import ModelSet
-    from ..models.zoo import DEFAULT_MODEL
-    from ..progress import quiet_library_bars
-
     quiet_library_bars()  # one bar per model load from transformers floods a notebook
     probe = get_probe(probe) if isinstance(probe, str) else probe
     config = make_config(probe, options)
     if out is not None:
-        from ..store.results import check_out
-
         check_out(out)  # before any model is resolved or loaded
     if isinstance(base, ModelSet):
         if variants is not None:
@@ -334,9 +367,6 @@ def redraw(folder: Path | str) -> list[Path]:
     """Re-draw the figures of every stored result under ``folder`` (no model needed), each
     committed with its result in one atomic write under the folder's writer lock; a stored
     result whose probe version differs from the installed probe is refused, not mis-drawn."""
-    from ..store.locking import writer_lock
-    from ..store.results import find_results
-
     written: list[Path] = []
     for res_dir in find_results(Path(folder)):
         with writer_lock(res_dir.parent):

@@ -30,6 +30,8 @@ import torch
 
 from ..errors import UserError
 from ..paths import checkpoint_step
+from ..store.drift_log import DRIFT_LOG
+from ..store.provenance import build_provenance
 from .callbacks import (
     SNAPSHOT_DIR,
     TRAINER_DIR,
@@ -209,7 +211,6 @@ def train(s: TrainSettings, out: Path, resume: bool = False, data_dir=None, echo
     """
     from ..models import load
     from ..models.device import pick_device
-    from ..core.probe import package_versions
     from . import distributed
     from .callbacks import debug_hooks, note_write
     from .drift import answer_logprobs
@@ -278,10 +279,9 @@ def train(s: TrainSettings, out: Path, resume: bool = False, data_dir=None, echo
             "n_trainable": fplan.n_trainable, "n_frozen": fplan.n_frozen,
             "max_steps": s.max_steps, "n_heldout": len(heldout.input_ids) if heldout else 0,
             "precision": prec.record(), "processes": procs.world}
-    prov = {"probe": "training-drift", "probe_version": "1", "settings": s.to_json(),
-            "models": {"base": lm.resolved.provenance()}, "data": source.log.to_json(),
-            "seed": s.seed, "packages": package_versions(), "device": str(lm.device),
-            "dtype": str(lm.dtype)}
+    prov = build_provenance(DRIFT_LOG, "1", settings=s.to_json(),
+                            models={"base": lm.resolved.provenance()}, data=source.log.to_json(),
+                            seed=s.seed, device=lm.device, dtype=lm.dtype)
     with lm.fused_attention():  # SDPA while training (eager again afterwards)
         # KL's base log-probs: rank 0 writes the drift log, so only it needs them
         base_lp = answer_logprobs(model, heldout) if (
