@@ -11,8 +11,9 @@ Quick start::
     mi.load_results("results")                          # every result of a folder, one table
 """
 
-from .core import probe  # callable: mi.probe(NAME) is get_probe(NAME)
-from .core.probe import describe, get_probe, make_config, registry
+from .core.options import describe, make_config
+from .core.probe import Probe
+from .core.registry import get_probe, registry
 from .core.runner import run, run_probe
 from .data import DataSource
 from .errors import UserError
@@ -22,6 +23,23 @@ from .study.demo import ensure_demo
 
 __version__ = "0.1.0"
 
-__all__ = ["DEFAULT_MODEL", "DataSource", "LoadedModel", "ModelSet", "Result", "UserError",
+
+def probe(name: str) -> Probe:
+    """An installed probe, by name: ``help(mi.probe("causal-trace"))`` shows what it measures and
+    every option.
+
+    Args:
+        name: the probe's name (``mechinterp probes list``).
+
+    Returns:
+        The probe object (``run``, ``plot``, ``Config``, ``frames``, ``summary``, ...).
+
+    Raises:
+        UserError: no probe of that name is installed.
+    """
+    return get_probe(name)
+
+
+__all__ = ["DEFAULT_MODEL", "DataSource", "LoadedModel", "ModelSet", "Probe", "Result", "UserError",
            "describe", "ensure_demo", "get_probe", "load", "load_results", "make_config", "probe",
            "read_result", "registry", "resolve", "run", "run_probe"]

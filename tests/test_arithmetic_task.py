@@ -89,7 +89,8 @@ def test_load_items_reads_the_held_out_split():
 
 def test_task_accuracy_probe_on_tiny_models(tmp_path, one_thread):
     from mechinterp.models import ModelSet
-    from mechinterp.core.probe import get_probe, make_config
+    from mechinterp.core.options import make_config
+    from mechinterp.core.registry import get_probe
     from mechinterp.core.runner import run_probe
     from mechinterp.training.rewards import final_answer
 
@@ -111,7 +112,8 @@ def test_task_accuracy_probe_on_tiny_models(tmp_path, one_thread):
 
 def test_kl_drift_on_task_items_uses_the_training_format(one_thread):
     from mechinterp.models import ModelSet
-    from mechinterp.core.probe import get_probe, make_config
+    from mechinterp.core.options import make_config
+    from mechinterp.core.registry import get_probe
     from mechinterp.core.runner import run_probe
 
     probe = get_probe("kl-drift")

@@ -118,7 +118,8 @@ def test_probe_on_tiny_model_with_data(tmp_path, data_source):
     from mechinterp.models import load
     from mechinterp.models.edit import plant_change
     from mechinterp.models.modelset import ModelSet
-    from mechinterp.core.probe import get_probe, make_config
+    from mechinterp.core.options import make_config
+    from mechinterp.core.registry import get_probe
     from mechinterp.core.runner import run_probe
 
     variant = load("tiny-random-llama", device="cpu", dtype="float32")

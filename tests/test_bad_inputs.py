@@ -161,7 +161,7 @@ def test_non_finite_float_options_are_refused(tmp_path, capsys, value):
 
 
 def test_non_finite_floats_from_python_are_refused():
-    from mechinterp.core.probe import registry
+    from mechinterp.core.registry import registry
 
     with pytest.raises(UserError, match="noise_mult=inf of causal-trace must be a finite number"):
         registry()["causal-trace"].Config(noise_mult=math.inf)

@@ -82,7 +82,7 @@ class _FailsMidway:
 
 
 def test_a_probe_failing_inside_run_leaves_no_result(tmp_path, capsys, monkeypatch):
-    from mechinterp.core import probe as registry_module
+    from mechinterp.core import registry as registry_module
 
     probe = _FailsMidway()
     installed = registry_module.registry

@@ -88,7 +88,8 @@ def test_unreachable_hub_is_a_user_error_naming_the_fix():
 
 
 def test_release_plan_is_the_paper_plan_on_gsm8k_and_every_option_is_valid():
-    from mechinterp.core.probe import get_probe, make_config
+    from mechinterp.core.options import make_config
+    from mechinterp.core.registry import get_probe
 
     assert [s.probe for s in PAPER_RELEASE_PLAN] == [s.probe for s in PLANS["paper"]]
     by = {s.probe: s for s in PAPER_RELEASE_PLAN}

@@ -100,7 +100,8 @@ def test_normalised_recovery_by_hand():
 
 def test_probe_finds_the_planted_layers_and_redraws(pair, tmp_path, data_source):
     from mechinterp.models.modelset import ModelSet
-    from mechinterp.core.probe import get_probe, make_config
+    from mechinterp.core.options import make_config
+    from mechinterp.core.registry import get_probe
     from mechinterp.core.runner import redraw, run_probe
 
     _, _, folder = pair
@@ -144,7 +145,8 @@ def test_probe_finds_the_planted_layers_and_redraws(pair, tmp_path, data_source)
 def test_probe_leaves_the_shared_tokenizer_padding_side_alone(pair, data_source):
     """mlp-patching pads right for itself; the tokenizer the models share keeps its setting."""
     from mechinterp.models.modelset import ModelSet
-    from mechinterp.core.probe import get_probe, make_config
+    from mechinterp.core.options import make_config
+    from mechinterp.core.registry import get_probe
     from mechinterp.core.runner import run_probe
 
     _, _, folder = pair

@@ -24,7 +24,8 @@ from mechinterp.evals.mmlu import MMLUFormat, build_request, stratified_sample
 from mechinterp.models import load
 from mechinterp.models.depth import thirds
 from mechinterp.models.modelset import ModelSet
-from mechinterp.core.probe import get_probe, make_config
+from mechinterp.core.options import make_config
+from mechinterp.core.registry import get_probe
 from mechinterp.core.runner import run_probe
 
 LIMIT, LAST, MLP = 20, 7, ("gate", "up", "down")

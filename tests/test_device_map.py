@@ -14,7 +14,8 @@ from mechinterp.models import load
 from mechinterp.models.device import input_device, parse_max_memory
 from mechinterp.models.edit import plant_change
 from mechinterp.models.modelset import ModelSet
-from mechinterp.core.probe import get_probe, make_config
+from mechinterp.core.options import make_config
+from mechinterp.core.registry import get_probe
 from mechinterp.core.runner import run_probe
 
 SPECS = ("tiny-random-llama", "tiny-random-gpt2")  # untied head / tied embeddings

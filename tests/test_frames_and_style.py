@@ -96,7 +96,8 @@ def test_parquet_beside_result_json_and_load_results_concatenates(tmp_path):
 
 
 def test_every_declared_table_of_a_stored_result_gives_rows(tmp_path, data_source, one_thread):
-    from mechinterp.core.probe import get_probe, make_config
+    from mechinterp.core.options import make_config
+    from mechinterp.core.registry import get_probe
     from mechinterp.core.runner import run_probe
     from mechinterp.models import ModelSet, load
     from mechinterp.models.edit import plant_change
@@ -186,7 +187,8 @@ def test_line_style_follows_the_run_kind_not_its_name(tmp_path):
     two_unknown = run_styles(["a", "b"], {})
     assert two_unknown["a"] != two_unknown["b"]  # unknown runs still tell apart
 
-    from mechinterp.core.probe import get_probe, make_config
+    from mechinterp.core.options import make_config
+    from mechinterp.core.registry import get_probe
     from mechinterp.core.runner import run_probe
 
     probe = get_probe("weight-change")

@@ -97,7 +97,8 @@ def test_probe_counts_nonfinite_items_and_reads_a_jsonl(tmp_path):
     """A token whose embedding is NaN in the variant poisons exactly the item that uses it."""
     from mechinterp.models import load
     from mechinterp.models.modelset import ModelSet
-    from mechinterp.core.probe import get_probe, make_config
+    from mechinterp.core.options import make_config
+    from mechinterp.core.registry import get_probe
     from mechinterp.core.runner import run_probe
 
     base = load("tiny-random-llama", device="cpu", dtype="float32")

@@ -18,7 +18,8 @@ from mechinterp.errors import UserError
 from mechinterp.models import load
 from mechinterp.models.edit import plant_change
 from mechinterp.models.modelset import ModelSet
-from mechinterp.core.probe import get_probe, make_config
+from mechinterp.core.options import make_config
+from mechinterp.core.registry import get_probe
 from mechinterp.core.runner import run_probe
 
 pytestmark = pytest.mark.usefixtures("one_thread")

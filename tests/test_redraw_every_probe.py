@@ -11,7 +11,8 @@ import math
 import numpy as np
 import pytest
 
-from mechinterp.core.probe import make_config, registry
+from mechinterp.core.options import make_config
+from mechinterp.core.registry import registry
 from mechinterp.core.runner import run_probe
 from mechinterp.store.results import read_result
 

@@ -9,10 +9,10 @@ from dataclasses import dataclass
 import pytest
 
 import mechinterp as mi
-from mechinterp.errors import UserError
 from mechinterp.core.probe import BaseConfig
-from mechinterp.store.results import Result
 from mechinterp.core.runner import run_probe
+from mechinterp.errors import UserError
+from mechinterp.store.results import Result
 
 
 @dataclass
@@ -121,7 +121,7 @@ def test_mi_run_weight_change(pair, tmp_path):
 def test_broken_plugin_is_skipped_and_listed(monkeypatch):
     from importlib import metadata
 
-    from mechinterp.core import probe as probe_mod
+    from mechinterp.core import registry as probe_mod
 
     class EP:
         name, value, group = "broken-one", "nowhere.module:PROBE", probe_mod.ENTRY_POINT_GROUP

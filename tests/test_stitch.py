@@ -225,7 +225,8 @@ def test_probe_kl_and_accuracy_match_an_independent_copy(stitch_set, data_source
     """~10 s: one recipe plus the two parents on 3 items per set."""
     from mechinterp.evals.mmlu import score_mmlu
     from mechinterp.evals.task import score_task
-    from mechinterp.core.probe import get_probe, make_config
+    from mechinterp.core.options import make_config
+    from mechinterp.core.registry import get_probe
     from mechinterp.core.runner import run_probe
     from probes.stitch import CLOZE, Stitch
 

@@ -48,7 +48,7 @@ def _killed_run(variant, out, where: str) -> int:
     code = f"""
 import os, signal
 import mechinterp as mi
-from mechinterp.core.probe import get_probe
+from mechinterp.core.registry import get_probe
 import matplotlib.figure
 p = get_probe("weight-change")
 calls = []

@@ -13,7 +13,8 @@ from mechinterp.errors import UserError
 from mechinterp.models import load
 from mechinterp.models.edit import plant_change
 from mechinterp.models.modelset import ModelSet
-from mechinterp.core.probe import get_probe, make_config
+from mechinterp.core.options import make_config
+from mechinterp.core.registry import get_probe
 from mechinterp.store.results import read_result
 from mechinterp.core.runner import redraw, run_probe
 

@@ -112,7 +112,8 @@ def test_weight_change_across_dtypes_matches_float64(tmp_path):
     from mechinterp.analysis import weights as W
     from mechinterp.models import load
     from mechinterp.models.modelset import ModelSet
-    from mechinterp.core.probe import get_probe, make_config
+    from mechinterp.core.options import make_config
+    from mechinterp.core.registry import get_probe
     from mechinterp.core.runner import run_probe
     from mechinterp.training.driftlog import DriftLogger
 

@@ -13,8 +13,9 @@ import typing
 import numpy as np
 import pytest
 
+from mechinterp.core.options import make_config
+from mechinterp.core.registry import registry
 from mechinterp.errors import SpecError, UserError
-from mechinterp.core.probe import make_config, registry
 from mechinterp.store.results import Result, read_result, write_result
 
 PROBES = sorted(registry())
@@ -32,12 +33,12 @@ def _numeric_fields(config_cls) -> list[str]:
 
 @pytest.mark.parametrize("name", PROBES)
 def test_every_numeric_option_rejects_negative_and_wrong_types(name):
-    from mechinterp.core.probe import _bounds
+    from mechinterp.core.options import bounds
 
     probe = registry()[name]
     fields = _numeric_fields(probe.Config)
     assert "limit" in fields  # every probe has the shared options
-    signed = _bounds(probe.Config)[1]  # declared free of sign (seeds)
+    signed = bounds(probe.Config)[1]  # declared free of sign (seeds)
     for field in (f for f in fields if f not in signed):
         with pytest.raises(UserError, match=rf"option {field}=\[?-1(\.0)?\]? of .* must be at least"):
             make_config(probe, {field: "-1"})
@@ -129,8 +130,8 @@ def test_missing_array_file_is_a_user_error(tmp_path):
 
 def test_run_probe_without_data_uses_the_data_root(monkeypatch, data_source, tmp_path):
     """``data=None`` from Python means what it means on the CLI: $MECHINTERP_DATA."""
-    from mechinterp.models import ModelSet
     from mechinterp.core.runner import run_probe
+    from mechinterp.models import ModelSet
 
     monkeypatch.setenv("MECHINTERP_DATA", str(data_source.root))
     probe = registry()["mmlu"]
@@ -212,9 +213,9 @@ def test_weights_identity_follows_content_and_reads_each_content_once(tmp_path, 
     import os
     import shutil
 
-    from mechinterp.store import hashing
     from mechinterp.models.safetensors_io import folder_hash, weights_identity
     from mechinterp.models.zoo import fetch
+    from mechinterp.store import hashing
 
     src = fetch("tiny-random-llama")
     a = tmp_path / "a"
@@ -270,7 +271,7 @@ def test_every_option_is_documented_with_type_default_and_meaning(name, capsys):
 
     import mechinterp as mi
     from mechinterp.cli import main
-    from mechinterp.core.probe import options
+    from mechinterp.core.options import options
 
     probe = mi.probe(name)
     opts = options(probe)

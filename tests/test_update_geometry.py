@@ -269,7 +269,8 @@ def test_probe_over_a_run_against_direct_computation(tmp_path, monkeypatch):
 
     from mechinterp.models.modelset import ModelSet
     from mechinterp.models.zoo import fetch
-    from mechinterp.core.probe import get_probe, make_config
+    from mechinterp.core.options import make_config
+    from mechinterp.core.registry import get_probe
     from mechinterp.store.results import read_result
     from mechinterp.core.runner import run_probe
 
@@ -346,7 +347,8 @@ def test_probe_over_a_run_against_direct_computation(tmp_path, monkeypatch):
 
 def test_bad_options_are_user_errors():
     from mechinterp.errors import UserError
-    from mechinterp.core.probe import get_probe, make_config
+    from mechinterp.core.options import make_config
+    from mechinterp.core.registry import get_probe
 
     probe = get_probe("update-geometry")
     with pytest.raises(UserError, match="k_fraction"):

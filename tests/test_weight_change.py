@@ -144,7 +144,8 @@ def test_probe_trajectory_over_a_run_folder(tmp_path):
     from mechinterp.models import load
     from mechinterp.models.edit import plant_change
     from mechinterp.models.modelset import ModelSet
-    from mechinterp.core.probe import get_probe, make_config
+    from mechinterp.core.options import make_config
+    from mechinterp.core.registry import get_probe
     from mechinterp.core.runner import run_probe
 
     model = load("tiny-random-llama", device="cpu", dtype="float32")

@@ -49,7 +49,8 @@ def _save_walk(tmp_path, deltas, name="run"):
 
 def _run_probe(base, variants):
     from mechinterp.models.modelset import ModelSet
-    from mechinterp.core.probe import get_probe, make_config
+    from mechinterp.core.options import make_config
+    from mechinterp.core.registry import get_probe
     from mechinterp.core.runner import run_probe
 
     probe = get_probe("weight-change")

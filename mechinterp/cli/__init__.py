@@ -81,7 +81,7 @@ def probes_list() -> None:
     """List available probes (built-in and installed plugins)."""
     from rich.table import Table
 
-    from ..core.probe import BROKEN, registry
+    from ..core.registry import BROKEN, registry
 
     table = Table("probe", "version", "what it measures")
     for p in registry().values():
@@ -97,7 +97,8 @@ def probes_show(name: str = typer.Argument(..., help="Probe name (see `mechinter
     """What a probe measures and each of its options: type, default, lower bound, meaning."""
     from rich.table import Table
 
-    from ..core.probe import get_probe, options
+    from ..core.options import options
+    from ..core.registry import get_probe
 
     probe = get_probe(name)
     import inspect
@@ -143,7 +144,8 @@ def run(
     """Run one probe on a base model and its variants; write OUT/<probe>/result.json + figures."""
     from ..data import DataSource
     from ..models.modelset import ModelSet
-    from ..core.probe import get_probe, make_config
+    from ..core.options import make_config
+    from ..core.registry import get_probe
     from ..store.results import check_out
     from ..core.runner import run_probe
 

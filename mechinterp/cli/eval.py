@@ -28,7 +28,8 @@ def _run(probe_name: str, model: str, variant, data_dir, out, device, dtype, lim
          options: dict, overwrite: bool = False) -> None:
     from ..data import DataSource
     from ..models.modelset import ModelSet
-    from ..core.probe import get_probe, make_config
+    from ..core.options import make_config
+    from ..core.registry import get_probe
     from ..store.results import check_out
     from ..core.runner import run_probe
 

@@ -373,7 +373,8 @@ def _compare(base: str | None, variants: dict[str, str], out: Path, data_dir=Non
     from .executor import Job, check_executor, execute
     from ..models.modelset import ModelSet
     from ..models.zoo import DEFAULT_MODEL
-    from ..core.probe import get_probe, make_config
+    from ..core.options import make_config
+    from ..core.registry import get_probe
     from .report import write_report
     from ..store.results import read_result
 

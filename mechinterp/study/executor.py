@@ -104,7 +104,8 @@ def run_job(job: Job, echo: Callable[[str], None] = print, cache: dict | None = 
         ``{"probe", "reused", "wall_s"}``.
     """
     from ..data import DataSource
-    from ..core.probe import get_probe, make_config
+    from ..core.options import make_config
+    from ..core.registry import get_probe
     from ..core.runner import run_probe
 
     start = time.perf_counter()
