@@ -53,7 +53,8 @@ from mechinterp.errors import DataError, UserError
 from mechinterp.evals.stats import ratio_of_means
 from mechinterp.store.frames import Table
 from mechinterp.plotting.style import heatmap_grid, model_colours, new_axes, token_text
-from mechinterp.core.probe import BaseConfig
+from mechinterp.core.probe import BaseConfig, declare, listed_models
+from mechinterp.core.summary import floats, fmt, interval
 from mechinterp.progress import task
 from mechinterp.store.results import Result
 
@@ -321,4 +322,32 @@ def _num(x) -> float | None:
     return x if np.isfinite(x) else None
 
 
-PROBE = ActivationDiff()
+PLAIN = ("The activation-difference lens: the mean difference of the residual stream (variant "
+         "minus base) over the first tokens of neutral text, per layer; its norm, the tokens it "
+         "promotes when read through the unembedding, and how much of KL(base || variant) on "
+         "held-out text disappears when it is added to the base's residual stream at one layer.")
+
+
+def summary(result: Result, study) -> list[str]:
+    """Per variant: the layer of the largest difference norm, and the most and least KL the
+    steering removes."""
+    data = result.data
+    lines = []
+    for variant in data["variants"]:
+        norm = floats(data["diff_norm"][variant])
+        reduction = floats(data["steering_kl_reduction"][variant])
+        line = (f"{variant}: difference norm largest at layer {int(np.nanargmax(norm))} "
+                f"({fmt(np.nanmax(norm))})")
+        if np.isfinite(reduction).any():
+            best = int(np.nanargmax(reduction))
+            line += (f"; steering removes at most {fmt(float(reduction[best]))} "
+                     f"{interval(data['steering_kl_reduction_ci95'][variant][best])} of KL "
+                     f"{fmt(data['kl_before'][variant])} nats/token (layer {best}), "
+                     f"least {fmt(float(np.nanmin(reduction)))} "
+                     f"(layer {int(np.nanargmin(reduction))})")
+        lines.append(line)
+    return lines
+
+
+PROBE = declare(ActivationDiff(), plain=PLAIN, summary=summary,
+                model_names=listed_models("variants"))

@@ -31,7 +31,8 @@ from mechinterp.evals.stats import t_interval
 from mechinterp.store.frames import Table
 from mechinterp.plotting import heatmap_grid, new_axes
 from mechinterp.plotting.trajectories import run_steps
-from mechinterp.core.probe import BaseConfig
+from mechinterp.core.probe import BaseConfig, declare, listed_models
+from mechinterp.core.summary import fmt, nested_floats
 from mechinterp.progress import task
 from mechinterp.store.results import Result
 
@@ -149,4 +150,22 @@ def _arr(rows) -> np.ndarray:
     return np.array([[np.nan if x is None else x for x in r] for r in rows], float)
 
 
-PROBE = AttentionShiftProbe()
+PLAIN = ("How differently each head attends: Jensen-Shannon divergence between the base's and "
+         "the variant's attention patterns on the same prompts.")
+
+
+def summary(result: Result, study) -> list[str]:
+    """Per variant: the mean divergence and the head where it is largest."""
+    data = result.data
+    lines = []
+    for name, js in data["js"].items():
+        grid = np.asarray(nested_floats(js))
+        layer, head = np.unravel_index(np.nanargmax(grid), grid.shape)
+        lines.append(f"{name}: mean JS {fmt(float(np.nanmean(grid)))}, largest at layer {layer} "
+                     f"head {head} ({fmt(float(grid[layer, head]))}) over "
+                     f"{data.get('n_prompts')} prompts")
+    return lines
+
+
+PROBE = declare(AttentionShiftProbe(), plain=PLAIN, summary=summary,
+                model_names=listed_models("variants"))

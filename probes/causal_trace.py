@@ -52,7 +52,8 @@ from mechinterp.data.subset import screened_subset, seeded_subset
 from mechinterp.errors import UserError
 from mechinterp.store.frames import Table
 from mechinterp.plotting.style import PALETTE, model_colours, new_axes, plain_text, token_text
-from mechinterp.core.probe import BaseConfig
+from mechinterp.core.probe import BaseConfig, declare, listed_models
+from mechinterp.core.summary import floats, fmt
 from mechinterp.progress import task
 from mechinterp.store.results import Result
 
@@ -324,4 +325,25 @@ def _diff_figure(d: dict):
     return fig
 
 
-PROBE = CausalTrace()
+PLAIN = ("ROME causal tracing: subject tokens are corrupted with noise and the clean hidden state / "
+         "MLP / attention output restored at one (token, layer); the average indirect effect "
+         "shows where a fact is recalled.")
+
+
+def summary(result: Result, study) -> list[str]:
+    """Per model and restored component: the peak average indirect effect and where it is."""
+    data = result.data
+    lines = []
+    for name, kinds in data["aie"].items():
+        parts = []
+        for kind, groups in kinds.items():
+            best = max(((float(np.nanmax(floats(v))), group, int(np.nanargmax(floats(v))))
+                        for group, v in groups.items() if np.isfinite(floats(v)).any()),
+                       default=None)
+            if best:
+                parts.append(f"{kind} peak AIE {fmt(best[0])} at {best[1]} layer {best[2]}")
+        lines.append(f"{name} ({data['n_facts'].get(name)} facts): " + "; ".join(parts))
+    return lines
+
+
+PROBE = declare(CausalTrace(), plain=PLAIN, summary=summary, model_names=listed_models("models"))

@@ -90,7 +90,8 @@ from mechinterp.models.depth import thirds
 from mechinterp.plotting import new_axes
 from mechinterp.plotting.scan import scan_figure
 from mechinterp.plotting.style import plain_text
-from mechinterp.core.probe import BaseConfig
+from mechinterp.core.probe import BaseConfig, declare, listed_models
+from mechinterp.core.summary import fmt, interval
 from mechinterp.progress import task
 from mechinterp.store.results import Result
 
@@ -736,4 +737,28 @@ def _ref(model, item, advance):
     return ref
 
 
-PROBE = DamageAttribution()
+PLAIN = ("Which layers carry SFT's MMLU damage: items whose gold-answer margin dropped are "
+         "re-scored with the base's MLP (or attention) output patched in per layer; the share of "
+         "the margin drop each layer gives back.")
+
+
+def summary(result: Result, study) -> list[str]:
+    """The format and, per variant: flipped failures, damaged items with the mean margin drop,
+    and the layers that give back most."""
+    data = result.data
+    lines = [f"format {data.get('format', 'letter')}"]
+    for name in data.get("n_failures", {}):
+        line = f"{name}: {data['n_failures'][name]} flipped failures"
+        if "n_damaged" in data:
+            line += (f", {data['n_damaged'].get(name)} items with a margin drop (mean drop "
+                     f"{fmt(data.get('margin_drop', {}).get(name))} "
+                     f"{interval(data.get('margin_drop_ci95', {}).get(name))})")
+        top = (data.get("top_layers_margin") or data.get("top_layers") or {}).get(name)
+        if top:
+            line += f"; layers that give back most: {top[:5]}"
+        lines.append(line)
+    return lines
+
+
+PROBE = declare(DamageAttribution(), plain=PLAIN, summary=summary,
+                model_names=listed_models("variants"))

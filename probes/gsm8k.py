@@ -19,7 +19,8 @@ from mechinterp.evals.paired import paired_rows
 from mechinterp.evals.stats import accuracy_summary
 from mechinterp.store.frames import Table
 from mechinterp.plotting import new_axes
-from mechinterp.core.probe import BaseConfig
+from mechinterp.core.probe import BaseConfig, declare, listed_models
+from mechinterp.core.summary import paired_line
 from mechinterp.store.results import Result
 
 
@@ -77,4 +78,15 @@ class GSM8KProbe:
         return {"gsm8k_accuracy": fig}
 
 
-PROBE = GSM8KProbe()
+PLAIN = ("Grade-school maths: greedy answers to GSM8K test questions (plain or chat prompt, with "
+         "k worked examples), scored on the final number; paired against the base item by item.")
+
+
+def summary(result: Result, study) -> list[str]:
+    """Per model: accuracy with its interval, paired against the base."""
+    data = result.data
+    return [paired_line(n, data["accuracy"][n], data["ci95"][n], data.get("paired", {}).get(n))
+            for n in data["models"]]
+
+
+PROBE = declare(GSM8KProbe(), plain=PLAIN, summary=summary, model_names=listed_models("models"))

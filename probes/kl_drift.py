@@ -54,7 +54,8 @@ from mechinterp.errors import DataError, UserError
 from mechinterp.store.frames import Table
 from mechinterp.plotting import new_axes
 from mechinterp.plotting.trajectories import plot_run_lines, run_steps
-from mechinterp.core.probe import BaseConfig
+from mechinterp.core.probe import BaseConfig, declare, listed_models
+from mechinterp.core.summary import fmt
 from mechinterp.progress import task
 from mechinterp.store.results import Result
 from mechinterp.training.prompts import SYSTEM_PROMPT, QAItem, load_items, render_target
@@ -242,4 +243,21 @@ def _items_label(items: str) -> str:
     return "GSM8K test" if items == "gsm8k" else Path(items).name
 
 
-PROBE = KLDrift()
+PLAIN = ("How far each model's next-token distribution moved from the base's, teacher-forced on "
+         "held-out in-domain items (the arithmetic task in the training prompt format): mean over "
+         "answer tokens of KL(base || model), in nats.")
+
+
+def summary(result: Result, study) -> list[str]:
+    """Per model: the mean KL with a normal 95% interval from its standard error."""
+    data = result.data
+    lines = []
+    for name, kl in data["kl"].items():
+        sem = data.get("kl_sem", {}).get(name)
+        half = 1.96 * sem if sem is not None else None
+        band = f" [{fmt(kl - half)}, {fmt(kl + half)}]" if half is not None and kl is not None else ""
+        lines.append(f"{name}: KL {fmt(kl)}{band} nats/token over {data.get('n_items')} items")
+    return lines
+
+
+PROBE = declare(KLDrift(), plain=PLAIN, summary=summary, model_names=listed_models("variants"))

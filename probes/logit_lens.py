@@ -53,7 +53,8 @@ from mechinterp.evals.stats import mean_ci
 from mechinterp.evals.task import task_prompt
 from mechinterp.store.frames import Table
 from mechinterp.plotting.style import model_colours, new_axes
-from mechinterp.core.probe import BaseConfig
+from mechinterp.core.probe import BaseConfig, declare, listed_models
+from mechinterp.core.summary import floats, fmt, interval
 from mechinterp.progress import task
 from mechinterp.store.results import Result
 
@@ -285,4 +286,25 @@ def first_top1(ranks: np.ndarray) -> tuple[float | None, float]:
     return float(np.median(first)), float(hit.mean())
 
 
-PROBE = LogitLens()
+PLAIN = ("The logit lens across models: each layer's residual stream read through the final norm "
+         "and unembedding, for base and variants on the same prompts; KL(base lens || variant "
+         "lens) per layer and the gold answer's rank per layer.")
+
+
+def summary(result: Result, study) -> list[str]:
+    """Per variant: where the lens KL from the base peaks and its last-layer value; per model:
+    the median first layer where the gold answer ranks first."""
+    data = result.data
+    lines = []
+    for variant in data["variants"]:
+        kl = floats(data["lens_kl"][variant])
+        lines.append(f"{variant}: lens KL from the base peaks at layer {int(np.nanargmax(kl))} "
+                     f"({fmt(np.nanmax(kl))} nats), last layer {fmt(kl[-1])} "
+                     f"{interval(data['lens_kl_ci95'][variant][-1])}")
+    lines.append("median first top-1 layer of the gold answer: " + ", ".join(
+        f"{m} {fmt(data['first_top1_layer'][m])}" for m in data["models"])
+        + f" ({data['n_prompts']} prompts)")
+    return lines
+
+
+PROBE = declare(LogitLens(), plain=PLAIN, summary=summary, model_names=listed_models("models"))

@@ -62,7 +62,8 @@ from mechinterp.evals.stats import ratio_of_means
 from mechinterp.store.frames import Table
 from mechinterp.plotting.scan import scan_figure
 from mechinterp.plotting.style import model_colours, new_axes
-from mechinterp.core.probe import BaseConfig
+from mechinterp.core.probe import BaseConfig, declare, listed_models
+from mechinterp.core.summary import floats, fmt
 from mechinterp.progress import task
 from mechinterp.store.results import Result
 
@@ -387,4 +388,27 @@ class MLPPatching:
         return {"recovery_per_layer": fig}
 
 
-PROBE = MLPPatching()
+PLAIN = ("Cross-model activation patching: the base's activation at one layer is patched into the "
+         "variant; recovery 1 means the variant then answers as the base does.")
+
+
+def summary(result: Result, study) -> list[str]:
+    """Per variant and site: the layer where denoising recovers most, with its interval."""
+    data = result.data
+    lines = []
+    for name, sites in data["recovery"].items():
+        parts = []
+        for site, directions in sites.items():
+            recovery = floats(directions.get("denoise", []))
+            if recovery.size and np.isfinite(recovery).any():
+                best = int(np.nanargmax(recovery))
+                ci = data.get("recovery_ci95", {}).get(name, {}).get(site, {}).get("denoise")
+                band = (f" [{fmt(ci[best][0])}, {fmt(ci[best][1])}]"
+                        if ci and ci[best] and None not in ci[best] else "")
+                parts.append(f"{site} best at layer {best} ({fmt(float(recovery[best]))}{band})")
+        lines.append(f"{name}: denoising recovery " + "; ".join(parts)
+                     + f" ({data.get('n_prompts')} prompts)")
+    return lines
+
+
+PROBE = declare(MLPPatching(), plain=PLAIN, summary=summary, model_names=listed_models("variants"))

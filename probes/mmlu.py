@@ -24,7 +24,8 @@ from mechinterp.evals.mmlu import (
 from mechinterp.evals.paired import paired_rows
 from mechinterp.store.frames import Table
 from mechinterp.plotting import new_axes
-from mechinterp.core.probe import BaseConfig
+from mechinterp.core.probe import BaseConfig, declare, listed_models
+from mechinterp.core.summary import paired_line
 from mechinterp.store.results import Result
 
 
@@ -127,4 +128,18 @@ class MMLUProbe:
         return figs
 
 
-PROBE = MMLUProbe()
+PLAIN = ("General knowledge: MMLU in cloze format (log-likelihood of each answer's text after the "
+         "question, as lm-evaluation-harness scores it) on a fixed stratified sample, paired "
+         "against the base item by item.")
+
+
+def summary(result: Result, study) -> list[str]:
+    """The item count and, per model, accuracy in the first format, paired against the base."""
+    data = result.data
+    first = data["formats"][0]
+    return [f"({data['n_items']} items, {first})"] + [
+        paired_line(n, data["accuracy"][n][first], data["ci95"][n][first],
+                    data.get("paired", {}).get(n, {}).get(first)) for n in data["models"]]
+
+
+PROBE = declare(MMLUProbe(), plain=PLAIN, summary=summary, model_names=listed_models("models"))

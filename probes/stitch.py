@@ -64,7 +64,8 @@ from mechinterp.models.stitch import (
     thirds,
 )
 from mechinterp.plotting.style import PALETTE, new_axes
-from mechinterp.core.probe import BaseConfig
+from mechinterp.core.probe import BaseConfig, declare, listed_models
+from mechinterp.core.summary import fmt, interval
 from mechinterp.progress import task
 from mechinterp.store.results import Result
 from mechinterp.training.prompts import SYSTEM_PROMPT, load_items
@@ -273,7 +274,21 @@ def _vs_host(rows: list[dict], mmlu_ok: list, task_ok: list, config: Config) -> 
             row[key] = {"difference": float(ok[i].mean() - ok[h].mean()), "ci95": [lo, hi]}
 
 
-PROBE = Stitch()
+PLAIN = ("Weight-space module swaps: a model that takes one block of modules (attention or MLP, "
+         "early/mid/late third of the layers) from the fine-tune and the rest from the base, or "
+         "the reverse; KL from each parent, MMLU cloze and in-domain accuracy on the same items - "
+         "which modules carry the new skill, which carry the damage.")
+
+
+def summary(result: Result, study) -> list[str]:
+    """Per recipe: MMLU cloze and in-domain accuracy with intervals, and KL from each parent."""
+    return [f"{r['recipe']}: MMLU cloze {fmt(r['mmlu_cloze'])} {interval(r['mmlu_cloze_ci95'])}, "
+            f"in-domain {fmt(r['task_accuracy'])} {interval(r['task_accuracy_ci95'])}, KL from "
+            + ", ".join(f"{parent} {fmt(kl)}" for parent, kl in r["kl"].items())
+            for r in result.data["rows"]]
+
+
+PROBE = declare(Stitch(), plain=PLAIN, summary=summary, model_names=listed_models("variants"))
 
 
 def _kind(row: dict) -> tuple[str, str]:

@@ -24,7 +24,8 @@ from mechinterp.evals.stats import accuracy_summary
 from mechinterp.evals.task import score_task
 from mechinterp.store.frames import Table
 from mechinterp.plotting import new_axes
-from mechinterp.core.probe import BaseConfig
+from mechinterp.core.probe import BaseConfig, declare, listed_models
+from mechinterp.core.summary import fmt, paired_line
 from mechinterp.store.results import Result
 
 
@@ -91,4 +92,18 @@ class TaskAccuracy:
         return {"task_accuracy": fig}
 
 
-PROBE = TaskAccuracy()
+PLAIN = ("In-domain accuracy: greedy answers to held-out arithmetic questions in the training "
+         "prompt format, scored by the same answer extraction as the GRPO reward; paired against "
+         "the base on the same items.")
+
+
+def summary(result: Result, study) -> list[str]:
+    """Per model: accuracy with its interval, the paired difference from the base, and the share
+    of answers in the expected format."""
+    data = result.data
+    return [paired_line(n, data["accuracy"][n], data["ci95"][n], data.get("paired", {}).get(n))
+            + (f"; format ok {fmt(data['format_rate'][n])}" if "format_rate" in data else "")
+            for n in data["models"]]
+
+
+PROBE = declare(TaskAccuracy(), plain=PLAIN, summary=summary, model_names=listed_models("models"))

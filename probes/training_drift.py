@@ -19,7 +19,8 @@ import numpy as np
 from mechinterp.store.frames import Table
 from mechinterp.paths import checkpoint_step
 from mechinterp.plotting import heatmap_grid, new_axes
-from mechinterp.core.probe import BaseConfig
+from mechinterp.core.probe import BaseConfig, declare
+from mechinterp.core.summary import fmt
 from mechinterp.store.results import Result
 
 
@@ -151,4 +152,20 @@ class TrainingDrift:
         return figs
 
 
-PROBE = TrainingDrift()
+PLAIN = ("How a training run drifted from its base, checkpoint by checkpoint: the relative change "
+         "of each matrix per layer and the KL from the base on held-out items, as logged while "
+         "training or measured afterwards.")
+
+
+def summary(result: Result, study) -> list[str]:
+    """Per checkpoint model: its held-out KL from the base."""
+    kl = TrainingDrift.frame_data(result.data)["kl"]
+    return [f"{name}: KL {fmt(value)} nats/token" for name, value in kl.items()]
+
+
+def model_names(data: dict) -> list[str]:
+    """The checkpoint models a drift result covers (``sft@step-4``, ...)."""
+    return list(TrainingDrift.frame_data(data)["kl"])
+
+
+PROBE = declare(TrainingDrift(), plain=PLAIN, summary=summary, model_names=model_names)

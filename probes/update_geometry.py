@@ -63,7 +63,7 @@ from mechinterp.store.frames import Table
 from mechinterp.models.naming import family_for, n_layers
 from mechinterp.plotting import heatmap_grid, new_axes
 from mechinterp.plotting.trajectories import X_AXES, checkpoint_x, run_steps, run_styles, x_label
-from mechinterp.core.probe import BaseConfig
+from mechinterp.core.probe import BaseConfig, declare, listed_models
 from mechinterp.progress import task
 from mechinterp.store.results import Result
 
@@ -471,6 +471,19 @@ def summary_lines(study, data: dict) -> list[str]:
     return lines
 
 
-PROBE = UpdateGeometry()
+PLAIN = ("The update's precision and geometry per layer and matrix: the share of entries exactly "
+         "unchanged, unchanged once stored in bf16, or within a tolerance (what 'RL updates are "
+         "sparse' depends on); how far the top-k singular subspaces rotated, how much the top-k "
+         "singular values moved, how much of ||dW||^2 lies in the base's top-k subspace against a "
+         "random update's share, and the effective / stable rank of dW.")
+
+
+def summary(result: Result, study) -> list[str]:
+    """The report's key numbers: :func:`summary_lines` of the result's data."""
+    return summary_lines(study, result.data)
+
+
+PROBE = declare(UpdateGeometry(), plain=PLAIN, summary=summary,
+                model_names=listed_models("variants"))
 
 __all__ = ["PROBE", "X_AXES", "final_means", "measure", "summary_lines", "trajectory_figure"]

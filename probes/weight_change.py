@@ -43,7 +43,8 @@ from mechinterp.models.naming import family_for, n_layers
 from mechinterp.models.safetensors_io import tensor_index
 from mechinterp.plotting import heatmap_grid, new_axes
 from mechinterp.plotting.trajectories import run_steps, run_styles, run_x
-from mechinterp.core.probe import BaseConfig
+from mechinterp.core.probe import BaseConfig, declare, listed_models
+from mechinterp.core.summary import floats, fmt, mean_change
 from mechinterp.progress import task
 from mechinterp.store.results import Result
 
@@ -312,4 +313,24 @@ def _none_nan(xs):
     return [np.nan if x is None else x for x in xs]
 
 
-PROBE = WeightChange()
+PLAIN = ("How far each matrix moved: ||W_variant - W_base||_F / ||W_base||_F per layer and "
+         "matrix kind, at every checkpoint, and how sparse the update is.")
+
+
+def summary(result: Result, study) -> list[str]:
+    """Per variant's final model: the mean relative change and the three matrix kinds that
+    changed most."""
+    lines = []
+    for variant in study.variants:
+        name = study.final_name(variant, "weight-change")
+        rel = result.data["relative_change"].get(name)
+        if rel:
+            kind_means = {m: float(np.nanmean(floats(rel[m]))) for m in rel}
+            kinds = sorted(rel, key=lambda m: -kind_means[m])
+            lines.append(f"{name}: mean relative change {fmt(mean_change(rel))}; most changed "
+                         + ", ".join(f"{m} {fmt(kind_means[m])}" for m in kinds[:3]))
+    return lines
+
+
+PROBE = declare(WeightChange(), plain=PLAIN, summary=summary,
+                model_names=listed_models("variants"))

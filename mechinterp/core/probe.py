@@ -14,7 +14,7 @@ found through the ``mechinterp.probes`` entry-point group (:mod:`mechinterp.core
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
@@ -63,3 +63,36 @@ class Probe(Protocol):
 
     def model_names(self, data: dict) -> list[str]:
         """The names of the models a result's ``data`` covers."""
+
+
+def declare(probe, *, plain: str, summary: Callable[[Result, Any], list[str]],
+            model_names: Callable[[dict], list[str]]):
+    """Attach a probe's story to it: what the report says of it and what the study reads.
+
+    Args:
+        probe: the probe object.
+        plain: what it measures, in plain words (a paragraph of the report).
+        summary: ``summary(result, study) -> lines``: the report's key numbers of a result.
+        model_names: ``model_names(data) -> names``: the models a result's data covers.
+
+    Returns:
+        ``probe``, with ``plain``, ``summary`` and ``model_names`` set.
+    """
+    probe.plain, probe.summary, probe.model_names = plain, summary, model_names
+    return probe
+
+
+def listed_models(key: str) -> Callable[[dict], list[str]]:
+    """``model_names`` of a probe whose result lists its models under ``key``.
+
+    Args:
+        key: the data key of the list (``"models"``: base included; ``"variants"``).
+
+    Returns:
+        A function from a result's data to those names ([] when it holds no such list).
+    """
+    def names(data: dict) -> list[str]:
+        listed = data.get(key)
+        return list(listed) if isinstance(listed, list) else []
+
+    return names

@@ -275,7 +275,7 @@ class Study:
         """The name a variant's final model has in ``probe``'s result: the run's last checkpoint
         where the probe ran on checkpoints, else the variant's own name."""
         res = self.results.get(probe)
-        models = set(_model_names(res.data)) if res is not None else set()
+        models = set(_model_names(res)) if res is not None else set()
         names = self.runs.get(variant) or []
         if names and names[-1] in models:
             return names[-1]
@@ -295,15 +295,14 @@ class Study:
                 **({"plan": self.plan} if self.plan is not None else {})}
 
 
-def _model_names(data: dict) -> list[str]:
-    """Model names a result covers, whichever key the probe uses for them."""
-    for key in ("models", "variants"):
-        if isinstance(data.get(key), list):
-            return list(data[key])
-    for key in ("accuracy", "relative_change", "kl", "recovery", "js"):
-        if isinstance(data.get(key), dict):
-            return list(data[key])
-    return []
+def _model_names(result) -> list[str]:
+    """The models a stored result covers, as its probe declares them ([] when the probe is not
+    installed or declares nothing)."""
+    try:
+        names = getattr(result.probe_object(), "model_names", None)
+    except UserError:
+        return []
+    return names(result.data) if names is not None else []
 
 
 def load_study(out: Path) -> Study:

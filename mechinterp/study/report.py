@@ -12,72 +12,18 @@ import base64
 import html
 import json
 import re
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from .claims import HOLM, _floats, mean_change
+from ..core.summary import fmt as _fmt
+from ..core.summary import interval as _ci
+from ..errors import UserError
+from .claims import HOLM
 from .claims.caveats import mid_layer_line, study_caveats
-
-#: What each probe measured, for a reader who has not read the code.
-PLAIN: dict[str, str] = {
-    "weight-change": "How far each matrix moved: ||W_variant - W_base||_F / ||W_base||_F per layer "
-                     "and matrix kind, at every checkpoint, and how sparse the update is.",
-    "kl-drift": "How far each model's next-token distribution moved from the base's, teacher-forced "
-                "on held-out in-domain items (the arithmetic task in the training prompt format): "
-                "mean over answer tokens of KL(base || model), in nats.",
-    "task-accuracy": "In-domain accuracy: greedy answers to held-out arithmetic questions in the "
-                     "training prompt format, scored by the same answer extraction as the GRPO "
-                     "reward; paired against the base on the same items.",
-    "mmlu": "General knowledge: MMLU in cloze format (log-likelihood of each answer's text after "
-            "the question, as lm-evaluation-harness scores it) on a fixed stratified sample, "
-            "paired against the base item by item.",
-    "attention-shift": "How differently each head attends: Jensen-Shannon divergence between the "
-                       "base's and the variant's attention patterns on the same prompts.",
-    "mlp-patching": "Cross-model activation patching: the base's activation at one layer is patched "
-                    "into the variant; recovery 1 means the variant then answers as the base does.",
-    "causal-trace": "ROME causal tracing: subject tokens are corrupted with noise and the clean "
-                    "hidden state / MLP / attention output restored at one (token, layer); the "
-                    "average indirect effect shows where a fact is recalled.",
-    "damage-attribution": "Which layers carry SFT's MMLU damage: items whose gold-answer margin "
-                          "dropped are re-scored with the base's MLP (or attention) output patched in "
-                          "per layer; the share of the margin drop each layer gives back.",
-    "activation-diff": "The activation-difference lens: the mean difference of the residual stream "
-                       "(variant minus base) over the first tokens of neutral text, per layer; its "
-                       "norm, the tokens it promotes when read through the unembedding, and how "
-                       "much of KL(base || variant) on held-out text disappears when it is added to "
-                       "the base's residual stream at one layer.",
-    "logit-lens": "The logit lens across models: each layer's residual stream read through the "
-                  "final norm and unembedding, for base and variants on the same prompts; "
-                  "KL(base lens || variant lens) per layer and the gold answer's rank per layer.",
-    "stitch": "Weight-space module swaps: a model that takes one block of modules (attention or "
-              "MLP, early/mid/late third of the layers) from the fine-tune and the rest from the "
-              "base, or the reverse; KL from each parent, MMLU cloze and in-domain accuracy on "
-              "the same items - which modules carry the new skill, which carry the damage.",
-    "update-geometry": "The update's precision and geometry per layer and matrix: the share of "
-                       "entries exactly unchanged, unchanged once stored in bf16, or within a "
-                       "tolerance (what 'RL updates are sparse' depends on); how far the top-k "
-                       "singular subspaces rotated, how much the top-k singular values moved, how "
-                       "much of ||dW||^2 lies in the base's top-k subspace against a random "
-                       "update's share, and the effective / stable rank of dW.",
-}
-
 
 def _seconds(x) -> str:
     return "n/a" if not isinstance(x, (int, float)) else f"{x:.0f}"
-
-
-def _fmt(x, digits: int = 3) -> str:
-    if x is None or (isinstance(x, float) and not np.isfinite(x)):
-        return "n/a"
-    if isinstance(x, float):
-        return f"{x:.{digits}g}" if abs(x) < 1e-3 or abs(x) >= 1e4 else f"{x:.{digits}f}"
-    return str(x)
-
-
-def _ci(ci) -> str:
-    return f"[{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else ""
 
 
 # ----- the verdict -----------------------------------------------------------------------------
@@ -116,169 +62,32 @@ def decision_text(claims: list[dict]) -> str:
             "that does not hold on this model is a finding, not a failure of the suite.")
 
 
-# ----- key numbers per probe (one markdown bullet each) ------------------------------------------
+# ----- what each probe says of its result (the probe declares it) -----------------------------
 
-def _weight_change(study, d) -> list[str]:
-    out = []
-    for v in study.variants:
-        name = study.final_name(v, "weight-change")
-        rel = d["relative_change"].get(name)
-        if rel:
-            kinds = sorted(rel, key=lambda m: -float(np.nanmean(_floats(rel[m]))))
-            out.append(f"{name}: mean relative change {_fmt(mean_change(rel))}; most changed "
-                       + ", ".join(f"{m} {_fmt(float(np.nanmean(_floats(rel[m]))))}" for m in kinds[:3]))
-    return out
+def _probe_of(res):
+    """The probe that made a stored result; None when it is not installed."""
+    try:
+        return res.probe_object()
+    except UserError:
+        return None
 
 
-def _kl(study, d) -> list[str]:
-    out = []
-    for name, kl in d["kl"].items():
-        sem = d.get("kl_sem", {}).get(name)
-        half = 1.96 * sem if sem is not None else None
-        ci = f" [{_fmt(kl - half)}, {_fmt(kl + half)}]" if half is not None and kl is not None else ""
-        out.append(f"{name}: KL {_fmt(kl)}{ci} nats/token over {d.get('n_items')} items")
-    return out
-
-
-def _paired_line(name: str, acc, ci, p: dict | None) -> str:
-    line = f"{name}: accuracy {_fmt(acc)} {_ci(ci)}"
-    if p:
-        line += (f"; vs base {p['difference']:+.3f} {_ci(p['difference_ci95'])}, McNemar p "
-                 f"{_fmt(p['mcnemar']['p_value'])}, flips right->wrong {p['right_to_wrong']}, "
-                 f"wrong->right {p['wrong_to_right']}")
-    return line
-
-
-def _task(study, d) -> list[str]:
-    return [_paired_line(n, d["accuracy"][n], d["ci95"][n], d.get("paired", {}).get(n))
-            + (f"; format ok {_fmt(d['format_rate'][n])}" if "format_rate" in d else "")
-            for n in d["models"]]
-
-
-def _mmlu(study, d) -> list[str]:
-    fmt = d["formats"][0]
-    return [f"({d['n_items']} items, {fmt})"] + [
-        _paired_line(n, d["accuracy"][n][fmt], d["ci95"][n][fmt],
-                     d.get("paired", {}).get(n, {}).get(fmt)) for n in d["models"]]
-
-
-def _attention(study, d) -> list[str]:
-    out = []
-    for name, js in d["js"].items():
-        a = np.asarray(_nested_floats(js))
-        layer, head = np.unravel_index(np.nanargmax(a), a.shape)
-        out.append(f"{name}: mean JS {_fmt(float(np.nanmean(a)))}, largest at layer {layer} head "
-                   f"{head} ({_fmt(float(a[layer, head]))}) over {d.get('n_prompts')} prompts")
-    return out
-
-
-def _nested_floats(x):
-    if isinstance(x, list):
-        return [_nested_floats(v) for v in x]
-    return np.nan if x is None else float(x)
-
-
-def _patching(study, d) -> list[str]:
-    out = []
-    for name, sites in d["recovery"].items():
-        parts = []
-        for site, dirs in sites.items():
-            rec = _floats(dirs.get("denoise", []))
-            if rec.size and np.isfinite(rec).any():
-                k = int(np.nanargmax(rec))
-                ci = d.get("recovery_ci95", {}).get(name, {}).get(site, {}).get("denoise")
-                band = (f" [{_fmt(ci[k][0])}, {_fmt(ci[k][1])}]"
-                        if ci and ci[k] and None not in ci[k] else "")
-                parts.append(f"{site} best at layer {k} ({_fmt(float(rec[k]))}{band})")
-        out.append(f"{name}: denoising recovery " + "; ".join(parts)
-                   + f" ({d.get('n_prompts')} prompts)")
-    return out
-
-
-def _trace(study, d) -> list[str]:
-    out = []
-    for name, kinds in d["aie"].items():
-        parts = []
-        for kind, groups in kinds.items():
-            best = max(((float(np.nanmax(_floats(v))), g, int(np.nanargmax(_floats(v))))
-                        for g, v in groups.items() if np.isfinite(_floats(v)).any()), default=None)
-            if best:
-                parts.append(f"{kind} peak AIE {_fmt(best[0])} at {best[1]} layer {best[2]}")
-        out.append(f"{name} ({d['n_facts'].get(name)} facts): " + "; ".join(parts))
-    return out
-
-
-def _damage(study, d) -> list[str]:
-    out = [f"format {d.get('format', 'letter')}"]
-    for name in d.get("n_failures", {}):
-        line = f"{name}: {d['n_failures'][name]} flipped failures"
-        if "n_damaged" in d:
-            line += (f", {d['n_damaged'].get(name)} items with a margin drop (mean drop "
-                     f"{_fmt(d.get('margin_drop', {}).get(name))} "
-                     f"{_ci(d.get('margin_drop_ci95', {}).get(name))})")
-        top = (d.get("top_layers_margin") or d.get("top_layers") or {}).get(name)
-        if top:
-            line += f"; layers that give back most: {top[:5]}"
-        out.append(line)
-    return out
-
-
-def _activation_diff(study, d) -> list[str]:
-    out = []
-    for v in d["variants"]:
-        norm = _floats(d["diff_norm"][v])
-        red = _floats(d["steering_kl_reduction"][v])
-        line = f"{v}: difference norm largest at layer {int(np.nanargmax(norm))} ({_fmt(np.nanmax(norm))})"
-        if np.isfinite(red).any():
-            k = int(np.nanargmax(red))
-            line += (f"; steering removes at most {_fmt(float(red[k]))} "
-                     f"{_ci(d['steering_kl_reduction_ci95'][v][k])} of KL "
-                     f"{_fmt(d['kl_before'][v])} nats/token (layer {k}), "
-                     f"least {_fmt(float(np.nanmin(red)))} (layer {int(np.nanargmin(red))})")
-        out.append(line)
-    return out
-
-
-def _logit_lens(study, d) -> list[str]:
-    out = []
-    for v in d["variants"]:
-        kl = _floats(d["lens_kl"][v])
-        out.append(f"{v}: lens KL from the base peaks at layer {int(np.nanargmax(kl))} "
-                   f"({_fmt(np.nanmax(kl))} nats), last layer {_fmt(kl[-1])} "
-                   f"{_ci(d['lens_kl_ci95'][v][-1])}")
-    out.append("median first top-1 layer of the gold answer: " + ", ".join(
-        f"{m} {_fmt(d['first_top1_layer'][m])}" for m in d["models"])
-        + f" ({d['n_prompts']} prompts)")
-    return out
-
-
-def _stitch(study, d) -> list[str]:
-    return [f"{r['recipe']}: MMLU cloze {_fmt(r['mmlu_cloze'])} {_ci(r['mmlu_cloze_ci95'])}, "
-            f"in-domain {_fmt(r['task_accuracy'])} {_ci(r['task_accuracy_ci95'])}, KL from "
-            + ", ".join(f"{p} {_fmt(k)}" for p, k in r["kl"].items())
-            for r in d["rows"]]
-
-
-def _update_geometry(study, d) -> list[str]:
-    from probes.update_geometry import summary_lines
-
-    return summary_lines(study, d)
-
-
-SUMMARY: dict[str, Callable] = {"weight-change": _weight_change, "kl-drift": _kl,
-                                "task-accuracy": _task, "mmlu": _mmlu,
-                                "attention-shift": _attention, "mlp-patching": _patching,
-                                "causal-trace": _trace, "damage-attribution": _damage,
-                                "activation-diff": _activation_diff, "logit-lens": _logit_lens,
-                                "stitch": _stitch, "update-geometry": _update_geometry}
+def plain_text(study, probe: str, default: str = "") -> str:
+    """What ``probe`` measured, in the plain words it declares (``default`` when it declares
+    none or is not installed)."""
+    res = study.results.get(probe)
+    return (getattr(_probe_of(res), "plain", None) if res is not None else None) or default
 
 
 def key_numbers(study, probe: str) -> list[str]:
+    """The key numbers of ``probe``'s result in the study, one line each, as the probe's
+    ``summary`` writes them ([] when there is no result or the probe declares no summary)."""
     res = study.results.get(probe)
-    if res is None:
+    summary = getattr(_probe_of(res), "summary", None) if res is not None else None
+    if summary is None:
         return []
     try:
-        return SUMMARY.get(probe, lambda s, d: [])(study, res.data)
+        return summary(res, study)
     except (KeyError, ValueError, TypeError, IndexError) as exc:
         return [f"(summary unavailable: {type(exc).__name__}: {exc})"]
 
@@ -358,7 +167,7 @@ def build_markdown(study, claims: list[dict]) -> str:
     for cap, path in _training_figures(study):
         lines += ["", f"![{cap}]({_rel(path, study.out)})"]
     for probe, res in study.results.items():
-        lines += ["", f"## {probe}", "", PLAIN.get(probe, res.provenance.get("probe", "")), ""]
+        lines += ["", f"## {probe}", "", plain_text(study, probe, res.provenance.get("probe", "")), ""]
         lines += [f"- {x}" for x in key_numbers(study, probe)]
         for png in sorted((study.out / probe).glob("*.png")):
             lines += ["", f"![{png.stem}]({probe}/{png.name})"]
@@ -418,7 +227,7 @@ def build_html(study, claims: list[dict]) -> str:
     parts.append("</table>")
     parts += [_img(p, cap) for cap, p in _training_figures(study)]
     for probe, res in study.results.items():
-        parts.append(f"<h2 id='{e(probe)}'>{e(probe)}</h2><p>{e(PLAIN.get(probe, ''))}</p><ul>")
+        parts.append(f"<h2 id='{e(probe)}'>{e(probe)}</h2><p>{e(plain_text(study, probe))}</p><ul>")
         parts += [f"<li>{e(x)}</li>" for x in key_numbers(study, probe)]
         parts.append("</ul>")
         parts += [_img(p, p.stem.replace("_", " ")) for p in sorted((study.out / probe).glob("*.png"))]
