@@ -7,6 +7,8 @@ import os
 import re
 from pathlib import Path
 
+from .errors import DataError
+
 
 def cache_dir() -> Path:
     """The model cache: ``MECHINTERP_CACHE``, else ``$XDG_CACHE_HOME/mechinterp``, else ``~/.cache``."""
@@ -20,8 +22,6 @@ def cache_dir() -> Path:
 
 def data_root(explicit: str | os.PathLike | None = None) -> Path | None:
     """The data root: ``explicit`` (``--data-dir``), else ``MECHINTERP_DATA``, else None (use the hub)."""
-    from .errors import DataError
-
     chosen = explicit if explicit is not None else os.environ.get("MECHINTERP_DATA")
     if chosen is None or str(chosen) == "":
         return None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import TypeVar
@@ -34,7 +35,7 @@ def enabled() -> bool:
 
 def new_bar(transient: bool = True):
     """The house progress bar (description, bar, n/total, elapsed, remaining)."""
-    from rich.progress import (
+    from rich.progress import (  # rich
         BarColumn,
         MofNCompleteColumn,
         Progress,
@@ -70,9 +71,6 @@ def quiet_library_bars() -> None:
     """transformers draws a bar per model load ("Loading weights"), datasets one per map (TRL's
     tokenising), and transformers warns of its own renamed options on every trainer: ours say
     what is going on instead. The CLI and ``mi.run`` call this; ours remain."""
-    import os
-    import warnings
-
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     from transformers.utils import logging as hf_logging
 

@@ -31,6 +31,7 @@ def pytest_addoption(parser):
 @pytest.fixture(scope="session")
 def modelset(request):
     """The ModelSet named by --mi-base / --mi-variant (default base: smollm2-135m-instruct)."""
+    # torch: importing mechinterp loads it, which other test runs should not pay for
     from mechinterp.errors import UserError
     from mechinterp.models.modelset import ModelSet
     from mechinterp.models.zoo import DEFAULT_MODEL
@@ -46,6 +47,7 @@ def modelset(request):
 @pytest.fixture(scope="session")
 def mi_data(request):
     """DataSource from --mi-data-dir, else MECHINTERP_DATA, else the hub."""
+    # torch: importing mechinterp loads it, which other test runs should not pay for
     from mechinterp.data import DataSource
     from mechinterp.errors import UserError
 

@@ -339,11 +339,27 @@ def run(probe: str | Probe, base=None, variants: dict[str, Any] | None = None, *
     """Run one probe from Python: ``mi.run("weight-change", base="smollm2-135m-instruct",
     variants={"sft": "runs/sft@all"}, out="results")``.
 
-    ``base`` is a spec (default: the built-in model) or a ready ``ModelSet`` (then ``variants``
-    must be None); ``data`` a DataSource, a data-root path or None (``$MECHINTERP_DATA``);
-    ``options`` are the probe's Config fields (``limit``, ``seed`` and the probe's own), checked by
-    name and type. ``device_map="auto"`` (with ``max_memory``, e.g. ``{0: "70GiB", 1: "70GiB"}``)
-    spreads models larger than one device over the GPUs (accelerate's big-model placement).
+    Args:
+        probe: a probe's name or a probe object (a notebook's own probe too).
+        base: the base model's spec (default: the built-in model), or a ready ``ModelSet``
+            (then ``variants`` must be None).
+        variants: ``{name: spec}`` of the fine-tunes (``"runs/sft@all"``: every checkpoint).
+        data: a DataSource, a data-root path, or None (``$MECHINTERP_DATA``, else the hub).
+        out: a results folder; the result goes to ``out/<probe>/`` (None: nothing is saved).
+        device, dtype: where and in which precision the models run (``"auto"``: the best one).
+        device_map, max_memory: ``device_map="auto"`` (with e.g. ``max_memory={0: "70GiB",
+            1: "70GiB"}``) spreads a model too large for one device over the GPUs (accelerate's
+            big-model placement).
+        reuse, draw, echo, overwrite: as in :func:`run_probe`.
+        options: the probe's Config fields (``limit``, ``seed`` and its own), checked by name
+            and type.
+
+    Returns:
+        The :class:`~mechinterp.store.results.Result`: ``res["key"]``, ``res.to_frame()``,
+        ``res.figures()``.
+
+    Raises:
+        UserError: an unknown probe or option, a bad value, or an unusable ``out``.
     """
     quiet_library_bars()  # one bar per model load from transformers floods a notebook
     probe = get_probe(probe) if isinstance(probe, str) else probe

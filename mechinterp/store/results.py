@@ -324,6 +324,17 @@ def incomplete(folder: Path, payload: dict) -> list[str]:
 
 
 def read_result(folder: Path) -> Result:
+    """A stored result, exactly as its probe returned it (NaN and infinity restored).
+
+    Args:
+        folder: a result folder (``OUT/<probe>/``, holding ``result.json``).
+
+    Returns:
+        The :class:`Result`; ``figures()`` and ``to_frame()`` find its probe by name.
+
+    Raises:
+        UserError: ``result.json`` is missing or malformed, or a file it lists is missing.
+    """
     folder = Path(folder)
     path = folder / RESULT_FILE
     payload = read_payload(folder)
