@@ -104,6 +104,12 @@ def test_frame_rows_are_the_numbers_in_result_json(name, models, data_source, tm
               draw=False)
     raw = json.loads((tmp_path / name / "result.json").read_text())["data"]
     df = read_result(tmp_path / name).to_frame()
+    # the probe's story: plain words for the report, and the models its result covers (every
+    # model a row names is one of them)
+    assert probe.plain and probe.plain != probe.description
+    covered = probe.model_names(raw)
+    if "model" in df.columns:
+        assert covered and set(df.model) <= set(covered), (name, set(df.model), covered)
     if name == "training-drift":  # nested by checkpoint position: read through each run's list
         for metric in ("relative_change", "kl"):
             rows = df[df.metric == metric]

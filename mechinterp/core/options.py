@@ -104,7 +104,20 @@ def check_config(config: Any) -> None:
 
 
 def make_config(probe, options: dict[str, Any] | None = None, **common) -> Any:
-    """Build a probe config from typed values and ``key=value`` strings, rejecting unknown keys."""
+    """Build a probe's config.
+
+    Args:
+        probe: the probe object.
+        options: ``{option: value}``; a string value is parsed into the option's type (the
+            command line's ``--set NAME=VALUE``), ``-`` in a name read as ``_``.
+        common: options every probe shares (``seed``, ``limit``); None values are left out.
+
+    Returns:
+        The probe's ``Config``, checked (:func:`check_config`).
+
+    Raises:
+        UserError: an unknown option, or a value of the wrong type or out of bounds.
+    """
     fields = {f.name: f for f in dataclasses.fields(probe.Config)}
     hints = typing.get_type_hints(probe.Config)
     values: dict[str, Any] = {k: v for k, v in common.items() if v is not None}
