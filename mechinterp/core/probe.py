@@ -14,6 +14,7 @@ found through the ``mechinterp.probes`` entry-point group (:mod:`mechinterp.core
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
@@ -82,6 +83,11 @@ def declare(probe, *, plain: str, summary: Callable[[Result, Any], list[str]],
     return probe
 
 
+def _listed(key: str, data: dict) -> list[str]:
+    listed = data.get(key)
+    return list(listed) if isinstance(listed, list) else []
+
+
 def listed_models(key: str) -> Callable[[dict], list[str]]:
     """``model_names`` of a probe whose result lists its models under ``key``.
 
@@ -89,10 +95,7 @@ def listed_models(key: str) -> Callable[[dict], list[str]]:
         key: the data key of the list (``"models"``: base included; ``"variants"``).
 
     Returns:
-        A function from a result's data to those names ([] when it holds no such list).
+        A function from a result's data to those names ([] when it holds no such list); it
+        pickles, as a probe object sent to a worker process must.
     """
-    def names(data: dict) -> list[str]:
-        listed = data.get(key)
-        return list(listed) if isinstance(listed, list) else []
-
-    return names
+    return functools.partial(_listed, key)
