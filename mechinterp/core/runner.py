@@ -51,7 +51,9 @@ from ..store.results import (
     remove_temp_siblings,
     write_result,
 )
-from .probe import Probe, get_probe, make_config
+from .options import make_config
+from .probe import Probe
+from .registry import get_probe
 
 
 def config_hash(config: Any) -> str:
