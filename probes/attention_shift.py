@@ -168,4 +168,4 @@ def summary(result: Result, study) -> list[str]:
 
 
 PROBE = declare(AttentionShiftProbe(), plain=PLAIN, summary=summary,
-                model_names=listed_models("variants"))
+                model_names=listed_models("variants", "js"))

@@ -89,4 +89,5 @@ def summary(result: Result, study) -> list[str]:
             for n in data["models"]]
 
 
-PROBE = declare(GSM8KProbe(), plain=PLAIN, summary=summary, model_names=listed_models("models"))
+PROBE = declare(GSM8KProbe(), plain=PLAIN, summary=summary,
+                model_names=listed_models("models", "accuracy"))

@@ -260,4 +260,5 @@ def summary(result: Result, study) -> list[str]:
     return lines
 
 
-PROBE = declare(KLDrift(), plain=PLAIN, summary=summary, model_names=listed_models("variants"))
+PROBE = declare(KLDrift(), plain=PLAIN, summary=summary,
+                model_names=listed_models("variants", "kl"))

@@ -411,4 +411,5 @@ def summary(result: Result, study) -> list[str]:
     return lines
 
 
-PROBE = declare(MLPPatching(), plain=PLAIN, summary=summary, model_names=listed_models("variants"))
+PROBE = declare(MLPPatching(), plain=PLAIN, summary=summary,
+                model_names=listed_models("variants", "recovery"))

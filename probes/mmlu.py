@@ -142,4 +142,5 @@ def summary(result: Result, study) -> list[str]:
                     data.get("paired", {}).get(n, {}).get(first)) for n in data["models"]]
 
 
-PROBE = declare(MMLUProbe(), plain=PLAIN, summary=summary, model_names=listed_models("models"))
+PROBE = declare(MMLUProbe(), plain=PLAIN, summary=summary,
+                model_names=listed_models("models", "accuracy"))

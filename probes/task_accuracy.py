@@ -106,4 +106,5 @@ def summary(result: Result, study) -> list[str]:
             for n in data["models"]]
 
 
-PROBE = declare(TaskAccuracy(), plain=PLAIN, summary=summary, model_names=listed_models("models"))
+PROBE = declare(TaskAccuracy(), plain=PLAIN, summary=summary,
+                model_names=listed_models("models", "accuracy"))

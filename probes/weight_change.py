@@ -333,4 +333,4 @@ def summary(result: Result, study) -> list[str]:
 
 
 PROBE = declare(WeightChange(), plain=PLAIN, summary=summary,
-                model_names=listed_models("variants"))
+                model_names=listed_models("variants", "relative_change"))

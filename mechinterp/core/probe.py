@@ -83,19 +83,24 @@ def declare(probe, *, plain: str, summary: Callable[[Result, Any], list[str]],
     return probe
 
 
-def _listed(key: str, data: dict) -> list[str]:
+def _listed(key: str, table: str | None, data: dict) -> list[str]:
     listed = data.get(key)
-    return list(listed) if isinstance(listed, list) else []
+    if isinstance(listed, list):
+        return list(listed)
+    keyed = data.get(table) if table is not None else None
+    return list(keyed) if isinstance(keyed, dict) else []
 
 
-def listed_models(key: str) -> Callable[[dict], list[str]]:
+def listed_models(key: str, table: str | None = None) -> Callable[[dict], list[str]]:
     """``model_names`` of a probe whose result lists its models under ``key``.
 
     Args:
         key: the data key of the list (``"models"``: base included; ``"variants"``).
+        table: a data key keyed by model name, read when the list is absent (a result written
+            by hand, or before the list was stored).
 
     Returns:
-        A function from a result's data to those names ([] when it holds no such list); it
-        pickles, as a probe object sent to a worker process must.
+        A function from a result's data to those names ([] when it holds neither); it pickles,
+        as a probe object sent to a worker process must.
     """
-    return functools.partial(_listed, key)
+    return functools.partial(_listed, key, table)
