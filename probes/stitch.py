@@ -45,11 +45,12 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from mechinterp.analysis.divergence import answer_items, base_cache_fits, teacher_forced_kl
+from mechinterp.analysis.divergence import base_cache_fits, teacher_forced_kl
 from mechinterp.data.arithmetic import is_task
 from mechinterp.data.mmlu import load_mmlu
 from mechinterp.data.subset import seeded_subset
 from mechinterp.errors import UserError
+from mechinterp.evals.answers import answer_items
 from mechinterp.evals.mmlu import MMLUFormat, score_mmlu, stratified_sample
 from mechinterp.evals.stats import accuracy_summary, bootstrap_diff
 from mechinterp.evals.task import score_task

@@ -23,8 +23,9 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from ..errors import UserError
+from ..evals.answers import answer_token_sel, token_log_probs
 from ..models.loaded import LoadedModel
-from .patching import SITES, Patch, capture, model_logits, run_patched
+from .patching import SITES, Patch, capture, patching
 
 Condition = int | Sequence[int]
 
@@ -44,13 +45,6 @@ def last_positions(attention_mask: Int[Tensor, "batch pos"]) -> Int[Tensor, " ba
     """Index of the last real token of each row (works for left or right padding)."""
     T = attention_mask.shape[1]
     return T - 1 - attention_mask.flip(1).long().argmax(1)
-
-
-def answer_logprobs(logits: Float[Tensor, "batch pos vocab"], positions: Tensor,
-                    answer_ids: Tensor) -> Float[Tensor, " batch"]:
-    rows = torch.arange(logits.shape[0], device=logits.device)
-    lp = logits[rows, positions.to(logits.device)].float().log_softmax(-1)
-    return lp[rows, answer_ids.to(logits.device)]
 
 
 @torch.no_grad()
@@ -116,8 +110,9 @@ def cross_model_patch_sweep(
     ids, mask = input_ids.to(target.device), attention_mask.to(target.device)
 
     def run_groups(patches: list[Patch], n: int) -> Tensor:
-        logits = run_patched(target, ids.repeat(n, 1), mask.repeat(n, 1), patches)
-        lp = answer_logprobs(logits, metric_positions.repeat(n), answer_ids.repeat(n))
+        sel = answer_token_sel(metric_positions.repeat(n), answer_ids.repeat(n))
+        with patching(target, patches):
+            lp = token_log_probs(target, ids.repeat(n, 1), mask.repeat(n, 1), sel)
         return lp.view(n, B).cpu()
 
     return row_group_sweep(source, target, input_ids, attention_mask, site, layers_or_windows,
@@ -128,9 +123,10 @@ def cross_model_patch_sweep(
 def plain_logprobs(model: LoadedModel, input_ids: Tensor, attention_mask: Tensor | None,
                    metric_positions: Tensor, answer_ids: Tensor) -> Float[Tensor, " item"]:
     """The unpatched metric of ``model`` (the reference ends of a recovery scale)."""
-    logits = model_logits(model, input_ids.to(model.device),
-                          None if attention_mask is None else attention_mask.to(model.device))
-    return answer_logprobs(logits, metric_positions, answer_ids).cpu()
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    sel = answer_token_sel(metric_positions, answer_ids)
+    return token_log_probs(model, input_ids, attention_mask, sel).cpu()
 
 
 def normalised_recovery(patched: Tensor, m_base: Tensor, m_variant: Tensor,

@@ -30,7 +30,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from ..evals.loglik import Request, pad_rows, rows_for, target_logprobs
+from ..evals.answers import token_log_probs
+from ..evals.loglik import Request, pad_rows, rows_for
 from ..evals.rows import Row
 from ..models.loaded import LoadedModel
 from .blocks import BlockStack, PrefixKV
@@ -80,7 +81,7 @@ def choice_logprobs(model: LoadedModel, batch: ChoiceBatch, patches: Sequence[Pa
     mask = einops.repeat(batch.mask, "r p -> (g r) p", g=groups)
     sel = torch.cat([batch.sel + torch.tensor([g * R, 0, 0]) for g in range(groups)])
     with patching(model, patches):
-        vals = target_logprobs(model, ids, mask, sel)
+        vals = token_log_probs(model, ids, mask, sel)
     n = batch.sel.shape[0]
     return torch.stack([batch.reduce(vals[g * n:(g + 1) * n]) for g in range(groups)])
 
