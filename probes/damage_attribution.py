@@ -3,7 +3,7 @@
 Every item of the sample is scored by base and variant in the probe's ``format``: the letter format
 (log-prob of " A".." D"), ``cloze`` (summed log-likelihood of each answer text after the question,
 argmax as lm-eval's ``acc``) or ``cloze-norm`` (that divided by the answer's length in characters,
-lm-eval's ``acc_norm``). Scores come from :func:`~mechinterp.analysis.crossmodel_sweep.item_reference`,
+lm-eval's ``acc_norm``). Scores come from :func:`~mechinterp.analysis.crossmodel.item_reference`,
 the same blocks, packing and float path as the patched runs, so the unpatched variant on a failure is
 wrong under the very computation that repairs it (``unpatched_failure_accuracy`` must be 0).
 
@@ -71,7 +71,7 @@ import numpy as np
 import torch
 
 from mechinterp.analysis.attribution import atp_scan, by_site, choice_margin, verify_scan
-from mechinterp.analysis.crossmodel_sweep import (
+from mechinterp.analysis.crossmodel import (
     Condition,
     condition_sweep,
     item_reference,
