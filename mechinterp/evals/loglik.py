@@ -17,8 +17,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 
-import torch
-
 from ..models.loaded import LoadedModel
 from ..progress import task
 from .prefix import best_plan, plan_groups, shared_jobs
