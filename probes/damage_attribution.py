@@ -273,66 +273,80 @@ class DamageAttribution:
                 figs[f"margin_recovery_{v}"] = self._margin_figure(d, v, layers)
             if not d["top_layers"].get(v):
                 continue
-            fig, ax = new_axes(width=7, height=4)
-            for s in d["sites"]:
-                (line,) = ax.plot(layers, _floats(d["recovered_fraction"][v][s]), "o-", ms=3,
-                                  label=f"patch base {s} (mediation)")
-                ci = (d.get("recovered_fraction_ci95") or {}).get(v, {}).get(s)
-                if ci:
-                    band = _pairs(ci)
-                    ax.fill_between(layers, band[:, 0], band[:, 1], color=line.get_color(),
-                                    alpha=0.15, lw=0)
-            ax.plot(layers, _floats(d["weight_revert_fraction"][v]), "s--", ms=3,
-                    label="revert MLP weights (origin)")
-            ax.set_xlabel("layer")
-            n_used = (d.get("n_failures_used") or {}).get(v, d["n_failures"][v])
-            ax.set_ylabel(f"share of {n_used} used of {d['n_failures'][v]} failures recovered\n"
-                          "(bands: Wilson 95%)")
-            ax.set_ylim(-0.02, 1.02)
-            ax2 = ax.twinx()
-            ax2.spines["right"].set_visible(True)
-            ax2.plot(layers, _floats(d["mlp_weight_change"][v]), color="grey", lw=2, alpha=0.6,
-                     label="MLP weight change")
-            ax2.set_ylabel(r"MLP $\|\Delta W\|_F / \|W\|_F$ (grey)")
-            rho = d["spearman_vs_weight_change"][v]
-            rho = "n/a" if rho is None or not math.isfinite(rho) else f"{rho:.2f}"
-            ax.set_title(f"{v} ({d.get('format', 'letter')}): recovery per layer "
-                         f"(Spearman vs weight change {rho})")
-            h1, l1 = ax.get_legend_handles_labels()
-            h2, l2 = ax2.get_legend_handles_labels()
-            ax.legend(h1 + h2, l1 + l2, fontsize=8, loc="upper left")
-            figs[f"recovery_{v}"] = fig
-
-            subj = d["by_subject"][v]
-            names = list(subj)
-            fig, ax = new_axes(width=7, height=max(2.5, 0.3 * len(names) + 1.2))
-            y = np.arange(len(names))
-            nf = np.array([subj[s]["n_failures"] for s in names])
-            ax.barh(y, nf, color="#dddddd", label="failures")
-            ax.barh(y, [subj[s]["recovered_best_window"] for s in names], height=0.5,
-                    label="recovered (best MLP window)")
-            ax.barh(y, [subj[s]["recovered_top_layer"] for s in names], height=0.25,
-                    label="recovered (top MLP layer)")
-            ax.set_yticks(y, [s.replace("_", " ") for s in names], fontsize=8)
-            ax.set_xlabel("items")
-            ax.set_title(f"{v}: failures and recoveries per subject")
-            ax.legend(fontsize=8)
-            figs[f"by_subject_{v}"] = fig
-
-            ex = d["examples"][v]
-            cols = ["subject", "question", "gold", "base", "variant", "patched_top_layer",
-                    "recovered_top_layer", "recovered_best_window"]
-            fig, ax = new_axes(width=12, height=0.35 * len(ex) + 1.0)
-            ax.axis("off")
-            cells = [[plain_text(str(e[c])[:60]) for c in cols] for e in ex]
-            table = ax.table(cellText=cells, colLabels=[c.replace("_", " ") for c in cols],
-                             loc="center", cellLoc="left")
-            table.auto_set_font_size(False)
-            table.set_fontsize(7)
-            table.auto_set_column_width(list(range(len(cols))))
-            ax.set_title(f"{v}: example failures (top layer {d['top_layers'][v][0]})")
-            figs[f"examples_{v}"] = fig
+            figs[f"recovery_{v}"] = self._recovery_figure(d, v, layers)
+            figs[f"by_subject_{v}"] = self._subject_figure(d, v)
+            figs[f"examples_{v}"] = self._examples_figure(d, v)
         return figs
+
+    @staticmethod
+    def _recovery_figure(d: dict, v: str, layers: np.ndarray):
+        """Share of the failures recovered per layer by patching (Wilson bands) and by reverting
+        the MLP weights, over the MLP weight change."""
+        fig, ax = new_axes(width=7, height=4)
+        for s in d["sites"]:
+            (line,) = ax.plot(layers, _floats(d["recovered_fraction"][v][s]), "o-", ms=3,
+                              label=f"patch base {s} (mediation)")
+            ci = (d.get("recovered_fraction_ci95") or {}).get(v, {}).get(s)
+            if ci:
+                band = _pairs(ci)
+                ax.fill_between(layers, band[:, 0], band[:, 1], color=line.get_color(),
+                                alpha=0.15, lw=0)
+        ax.plot(layers, _floats(d["weight_revert_fraction"][v]), "s--", ms=3,
+                label="revert MLP weights (origin)")
+        ax.set_xlabel("layer")
+        n_used = (d.get("n_failures_used") or {}).get(v, d["n_failures"][v])
+        ax.set_ylabel(f"share of {n_used} used of {d['n_failures'][v]} failures recovered\n"
+                      "(bands: Wilson 95%)")
+        ax.set_ylim(-0.02, 1.02)
+        ax2 = ax.twinx()
+        ax2.spines["right"].set_visible(True)
+        ax2.plot(layers, _floats(d["mlp_weight_change"][v]), color="grey", lw=2, alpha=0.6,
+                 label="MLP weight change")
+        ax2.set_ylabel(r"MLP $\|\Delta W\|_F / \|W\|_F$ (grey)")
+        rho = d["spearman_vs_weight_change"][v]
+        rho = "n/a" if rho is None or not math.isfinite(rho) else f"{rho:.2f}"
+        ax.set_title(f"{v} ({d.get('format', 'letter')}): recovery per layer "
+                     f"(Spearman vs weight change {rho})")
+        h1, l1 = ax.get_legend_handles_labels()
+        h2, l2 = ax2.get_legend_handles_labels()
+        ax.legend(h1 + h2, l1 + l2, fontsize=8, loc="upper left")
+        return fig
+
+    @staticmethod
+    def _subject_figure(d: dict, v: str):
+        """Failures per subject, and those the best window and the top layer recover."""
+        subj = d["by_subject"][v]
+        names = list(subj)
+        fig, ax = new_axes(width=7, height=max(2.5, 0.3 * len(names) + 1.2))
+        y = np.arange(len(names))
+        ax.barh(y, np.array([subj[s]["n_failures"] for s in names]), color="#dddddd",
+                label="failures")
+        ax.barh(y, [subj[s]["recovered_best_window"] for s in names], height=0.5,
+                label="recovered (best MLP window)")
+        ax.barh(y, [subj[s]["recovered_top_layer"] for s in names], height=0.25,
+                label="recovered (top MLP layer)")
+        ax.set_yticks(y, [s.replace("_", " ") for s in names], fontsize=8)
+        ax.set_xlabel("items")
+        ax.set_title(f"{v}: failures and recoveries per subject")
+        ax.legend(fontsize=8)
+        return fig
+
+    @staticmethod
+    def _examples_figure(d: dict, v: str):
+        """A table of the example failures."""
+        ex = d["examples"][v]
+        cols = ["subject", "question", "gold", "base", "variant", "patched_top_layer",
+                "recovered_top_layer", "recovered_best_window"]
+        fig, ax = new_axes(width=12, height=0.35 * len(ex) + 1.0)
+        ax.axis("off")
+        cells = [[plain_text(str(e[c])[:60]) for c in cols] for e in ex]
+        table = ax.table(cellText=cells, colLabels=[c.replace("_", " ") for c in cols],
+                         loc="center", cellLoc="left")
+        table.auto_set_font_size(False)
+        table.set_fontsize(7)
+        table.auto_set_column_width(list(range(len(cols))))
+        ax.set_title(f"{v}: example failures (top layer {d['top_layers'][v][0]})")
+        return fig
 
     @staticmethod
     def _margin_figure(d: dict, v: str, layers: np.ndarray):

@@ -288,6 +288,29 @@ def _start_vectors(packed: PackedBlocks, rec: Recording, rows: _Rows) -> Float[T
 
 
 @torch.no_grad()
+def _finish_block(packed: PackedBlocks, layer: int, x: Tensor, o: Tensor, rows: _Rows, k: int,
+                  sel_at: Tensor | None, T: int, patched: dict[str, Tensor]) -> None:
+    """The rest of block ``layer`` after the attention core, in place on ``x`` (the first ``k``
+    rows' packed tokens; only their last position when ``sel_at`` is None, the top block):
+    attention output, then MLP, each added to ``x``. Rows whose restored window still covers
+    the layer get the clean output at their restore position (``sel_at``: the packed index of
+    each row's token t)."""
+    top = sel_at is None
+    outs = {"attn_out": packed.attn_out(layer, o)}
+    live = (rows.lo[:k] < layer) & (rows.hi[:k] > layer)
+    if top:
+        live &= rows.token[:k] == T - 1
+    for kind, site in ((2, "attn_out"), (1, "mlp_out")):
+        if site == "mlp_out":
+            x.add_(outs["attn_out"])
+            outs[site] = packed.mlp_out(layer, x)
+        sel = (live & (rows.kind[:k] == kind)).nonzero().flatten()
+        if len(sel):
+            at = sel if top else sel_at[sel]
+            outs[site][at] = patched[site][layer, rows.token[sel]]
+    x.add_(outs["mlp_out"])
+
+
 def _restore_rows(packed: PackedBlocks, rec: Recording, rows: _Rows, n_tokens: int,
                   answer_id: int) -> Tensor:
     """Answer probability for each row (sorted by entry) after restoring its condition.
@@ -333,20 +356,8 @@ def _restore_rows(packed: PackedBlocks, rec: Recording, rows: _Rows, n_tokens: i
         q_buf[q_row, :, q_pos] = packed.queries(layer, xn[q_idx], q_pos)
         o = packed.attend(layer, q_buf[:k], k_buf[:k], v_buf[:k])[q_row, :, q_pos]
         x = h[q_idx] if top else h[:A]
-        outs = {"attn_out": packed.attn_out(layer, o)}
-        # still-patched window rows: their output at t is the clean one (written in place)
-        live = (rows.lo[:k] < layer) & (rows.hi[:k] > layer)
-        if top:
-            live &= rows.token[:k] == T - 1
-        for kind, site in ((2, "attn_out"), (1, "mlp_out")):
-            if site == "mlp_out":
-                x.add_(outs["attn_out"])
-                outs[site] = packed.mlp_out(layer, x)
-            sel = (live & (rows.kind[:k] == kind)).nonzero().flatten()
-            if len(sel):
-                at = sel if top else first[sel]
-                outs[site][at] = patched[site][layer, rows.token[sel]]
-        x.add_(outs["mlp_out"])
+        _finish_block(packed, layer, x, o, rows, k, sel_at=None if top else first, T=T,
+                      patched=patched)
         if top:
             h[q_idx] = x
     logits = packed.stack.logits(h[last]).float()
