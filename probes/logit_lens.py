@@ -56,6 +56,7 @@ from mechinterp.plotting.style import model_colours, new_axes
 from mechinterp.core.probe import BaseConfig
 from mechinterp.progress import task
 from mechinterp.store.results import Result
+from mechinterp.training.prompts import load_items
 
 from .mlp_patching import prompts_for
 
@@ -76,8 +77,6 @@ class Config(BaseConfig):
 
 def task_prompts(tokenizer, spec: str, limit: int, seed: int) -> list[tuple[str, int]]:
     """In-domain items: the training prompt, then the SFT target's reasoning up to ``= ``."""
-    from mechinterp.training.prompts import load_items
-
     if not is_task(spec):
         raise UserError(f"task={spec!r} is not an arithmetic task spec",
                         "use arithmetic or arithmetic:ops=...,min=...,max=...")

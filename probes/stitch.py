@@ -55,6 +55,7 @@ from mechinterp.evals.mmlu import MMLUFormat, score_mmlu, stratified_sample
 from mechinterp.evals.stats import accuracy_summary, bootstrap_diff
 from mechinterp.evals.task import score_task
 from mechinterp.store.frames import Table
+from mechinterp.models.naming import n_layers
 from mechinterp.models.stitch import (
     THIRDS,
     Recipe,
@@ -272,8 +273,6 @@ def _row(r: Recipe, stitcher: Stitcher, kl: dict[str, np.ndarray], m_ok: np.ndar
 
 
 def _n_layers(stitcher: Stitcher) -> int:
-    from mechinterp.models.naming import n_layers
-
     return n_layers(stitcher.module.config)
 
 

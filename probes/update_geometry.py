@@ -51,6 +51,7 @@ import torch
 
 from mechinterp.analysis import geometry as G
 from mechinterp.analysis.weights import (
+    CHUNK_ELEMENTS,
     SPARSITY_BINS,
     SPARSITY_EDGES,
     CheckpointReader,
@@ -59,6 +60,7 @@ from mechinterp.analysis.weights import (
     matrix_refs,
 )
 from mechinterp.errors import CorruptCheckpoint, UserError
+from mechinterp.evals.stats import t_interval
 from mechinterp.store.frames import Table
 from mechinterp.models.naming import family_for, n_layers
 from mechinterp.plotting import heatmap_grid
@@ -289,8 +291,6 @@ def _precision(b: torch.Tensor, v: torch.Tensor, tolerances: list[float]) -> dic
     :data:`~mechinterp.analysis.weights.CHUNK_ELEMENTS` entries (its temporaries stay a few
     chunks), merged, with the |dW|/|W| bin counts of the nonzero updates (``counts``: below
     1e-8, the 100 bins, at or above 1)."""
-    from mechinterp.analysis.weights import CHUNK_ELEMENTS
-
     rows = max(1, CHUNK_ELEMENTS // max(1, b[0].numel() if b.ndim > 1 else 1))
     out = {"n": 0, "exact_zero": 0, "bf16_invisible": 0, "tolerance": dict.fromkeys(tolerances, 0),
            "counts": np.zeros(SPARSITY_BINS + 2, np.int64)}
@@ -437,8 +437,6 @@ def summary_lines(study, data: dict) -> list[str]:
     """Per kind of run (SFT, GRPO, ...; every variant of unknown kind on its own): the final
     models' on-/off-principal share, rotation, spectral drift, ranks and apparent sparsity per
     precision; with several seeds of a kind, the mean and a Student-t 95% interval over seeds."""
-    from mechinterp.evals.stats import t_interval
-
     groups: dict[str, list[str]] = {}
     for name, info in study.variants.items():
         kind = info.kind

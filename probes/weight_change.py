@@ -34,7 +34,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import matplotlib as mpl
 import numpy as np
+from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
 
 from mechinterp.analysis.update_measures import measures
 from mechinterp.analysis.weights import SPARSITY_EDGES, load_config, weight_diff
@@ -174,8 +177,6 @@ def _has_values(per_matrix) -> bool:
 def _measure_lines(variants: list[str], data: dict, key: str, label: str):
     """Per variant: the measure over layers, one line per matrix kind, over the band pure-noise
     AdamW gradients with the run's settings reach (mean and 2.5-97.5 percentiles)."""
-    from matplotlib.ticker import MaxNLocator
-
     matrices = data["matrices"]
     fig, axes = panel_grid(len(variants), 3, (5.0, 3.6), ylabel=label, sharey=True)
     for ax, v in zip(axes.ravel(), variants):
@@ -204,8 +205,6 @@ def _stored_dtypes(folder) -> str:
 
 def _mean_trajectory(runs: dict, data: dict, kinds: dict):
     """Mean over layers per matrix kind against step: colour = matrix, line style = run kind."""
-    from matplotlib.lines import Line2D
-
     matrices, steps, rel = data["matrices"], data["steps"], data["relative_change"]
     style = run_styles(runs, kinds)
     fig, ax = new_axes(7.5, 4.5)
@@ -233,8 +232,6 @@ def _mean_trajectory(runs: dict, data: dict, kinds: dict):
 
 def _layer_trajectories(run: str, names: list[str], data: dict, linestyle):
     """One panel per matrix kind: each layer's change against step, coloured by layer."""
-    import matplotlib as mpl
-
     matrices, rel = data["matrices"], data["relative_change"]
     xs, is_step = run_x(names, data["steps"])
     L = data["n_layers"]

@@ -45,10 +45,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from accelerate.utils import align_module_device
 from jaxtyping import Float
 from torch import Tensor
 
 from ..errors import UserError
+from ..evals.stats import t_quantile
 from ..models.loaded import LoadedModel
 from .blocks import BlockStack, PackedBlocks, PrefixKV, packed_unsupported
 from .patching import Patch, capture, hooked, run_patched
@@ -135,8 +137,6 @@ def answer_token_ids(tokenizer, prompt: str, answer: str, name: str = "an item")
 
 def embedding_std(model: LoadedModel, facts: list[FactInput]) -> float:
     """Standard deviation of the input embeddings of all subject tokens of ``facts`` (ROME)."""
-    from accelerate.utils import align_module_device
-
     module = model.hf.get_input_embeddings()
     ids = [i for f in facts for i in f.input_ids[f.subject[0]:f.subject[1]]]
     with align_module_device(module):  # onloaded for the duration when accelerate offloaded it
@@ -474,8 +474,6 @@ def fact_group_effects(fact: FactInput, tr: FactTrace, kind: str) -> dict[str, n
 def mean_t_interval(rows: list[np.ndarray], n_layers: int) -> dict[str, list[float] | int]:
     """``{"mean", "lo", "hi", "n"}`` per layer over ``rows`` (one per fact): Student-t 95%
     intervals, which at the handful of facts a CPU traces are much wider than normal ones."""
-    from ..evals.stats import t_quantile
-
     if not rows:
         nan = [math.nan] * n_layers
         return {"mean": nan, "lo": nan, "hi": nan, "n": 0}

@@ -26,9 +26,12 @@ from typing import Any
 
 from ..evals.stats import spearman
 from ..models.specs import checkpoint_step
+from ..store.results import read_result
 from .noisefloor import OptimizerSettings, floor_record, run_metadata, simulate
 from .weights import DiffStats, WeightDiff, weight_diff
 
+#: the folder of a training run that holds its drift log (``mechinterp train`` writes it there)
+DRIFT_LOG = "training-drift"
 SOURCE_LOG = "per-step log"
 
 
@@ -111,11 +114,23 @@ def model_step(name: str, folder: Path, meta: dict | None) -> int | None:
     return step
 
 
+def logged_path(run_folder: Path) -> tuple[list[int], dict[str, list[list[float]]]] | None:
+    """``(steps, update_norm[matrix][i][layer])`` of a run's drift log, or None when the run
+    logged no per-step path (no drift log, or one written before the path was logged)."""
+    folder = Path(run_folder) / DRIFT_LOG
+    if not (folder / "result.json").exists():
+        return None
+    try:
+        data = read_result(folder).data
+    except Exception:  # noqa: BLE001 - an unreadable log: the caller falls back to checkpoints
+        return None
+    steps, norms = data.get("update_norm_steps"), data.get("update_norm")
+    return (list(steps), norms) if steps and norms else None
+
+
 def measures(runs: dict[str, list[str]], folders: dict[str, Path], base_folder: Path,
              diff: WeightDiff, progress: Callable[[], None] | None = None) -> dict[str, Any]:
     """The new weight-change keys for every model of ``runs`` (see the module docstring)."""
-    from ..training.driftlog import logged_path
-
     rms = base_rms(diff)
     sq = sum(s.sq_base for per in next(iter(diff.stats.values())).values() for s in per)
     n = sum(s.n_total for per in next(iter(diff.stats.values())).values() for s in per)

@@ -112,20 +112,6 @@ def _copy_into(dst: torch.Tensor, src: torch.Tensor) -> None:
         dst.copy_(src)
 
 
-def logged_path(run_folder: Path) -> tuple[list[int], dict[str, list[list[float]]]] | None:
-    """``(steps, update_norm[matrix][i][layer])`` of a run's drift log, or None when the run
-    logged no per-step path (no drift log, or one written before the path was logged)."""
-    folder = Path(run_folder) / PROBE_NAME
-    if not (folder / "result.json").exists():
-        return None
-    try:
-        data = read_result(folder).data
-    except Exception:  # noqa: BLE001 - an unreadable log: the caller falls back to checkpoints
-        return None
-    steps, norms = data.get("update_norm_steps"), data.get("update_norm")
-    return (list(steps), norms) if steps and norms else None
-
-
 def drift_scalars(rec: dict[str, Any]) -> dict[str, float]:
     """A drift record as flat scalars for TensorBoard / W&B / trackio: KL from the base, the mean
     and max relative change over all layers and matrices, and each matrix's mean over layers."""
