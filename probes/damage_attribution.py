@@ -202,7 +202,7 @@ def _pairs(values) -> np.ndarray:
 
 class DamageAttribution:
     name = "damage-attribution"
-    version = "4"  # 4: origin by weight revert (per layer, per third), net damage, max_damaged
+    version = "4"
     description = ("patch the base's MLP (and attention) outputs into a variant on the MMLU items "
                    "it damaged (margin) or broke (flips); relate recovery per layer to MLP weight "
                    "change")

@@ -148,7 +148,7 @@ def summarise(per_item: np.ndarray) -> dict:
 
 class KLDrift:
     name = "kl-drift"
-    version = "3"  # 3: neutral reference solutions, neutral text, the direction recorded
+    version = "3"
     description = ("teacher-forced KL(base || variant) on held-out problems with neutral reference "
                    "solutions, on the items as given (a task: SFT's target) and on neutral text")
     Config = Config

@@ -510,12 +510,6 @@ def _diff_refs(base: CheckpointReader, variants: dict[str, CheckpointReader],
     return out
 
 
-def stream_stats(base: CheckpointReader, variants: dict[str, CheckpointReader], ref: ParamSlice,
-                 sparsity: bool = True) -> dict[str, DiffStats]:
-    """Stats of one (sliced) parameter for every variant; the base rows are read once."""
-    return _diff_refs(base, variants, [ref], sparsity)[0]
-
-
 # ----- whole checkpoints -----------------------------------------------------------------------
 def matrix_refs(family: Family, config) -> list[tuple[int, str, ParamSlice]]:
     return [(layer, m, family.param(layer, m, config))
