@@ -98,18 +98,8 @@ def teacher_forced_kl(base, variant, items: TokenisedItems | Sequence[tuple[str,
         for rows, ids, attn, pred in items.batches(batch_size):
             item_of_row = pred.nonzero()[:, 0]
             key = (rows.start, rows.stop)
-            if base_cache is not None and key in base_cache:
-                lb = base_cache[key]
-            else:
-                lb = answer_log_probs(hb, ids, attn, pred).cpu()
-                if base_cache is not None:
-                    base_cache[key] = lb
-            if variant_cache is not None and key in variant_cache:
-                lv = variant_cache[key]
-            else:
-                lv = answer_log_probs(hv, ids, attn, pred).cpu()
-                if variant_cache is not None:
-                    variant_cache[key] = lv
+            lb = _cached_log_probs(hb, base_cache, key, ids, attn, pred)
+            lv = _cached_log_probs(hv, variant_cache, key, ids, attn, pred)
             per_pos = (kl_rows(lv, lb) if reverse else kl_rows(lb, lv)).double()  # (positions,)
             sums = torch.zeros(len(rows), dtype=torch.float64).index_add_(0, item_of_row, per_pos)
             counts = torch.bincount(item_of_row, minlength=len(rows)).double()
@@ -117,6 +107,18 @@ def teacher_forced_kl(base, variant, items: TokenisedItems | Sequence[tuple[str,
             if progress is not None:
                 progress(len(rows))
     return out
+
+
+def _cached_log_probs(model: torch.nn.Module, cache: dict | None, key: tuple[int, int], ids,
+                      attn, pred) -> torch.Tensor:
+    """The batch's answer log-probs (on the CPU) from ``cache[key]``, computed (and kept, with a
+    cache) where absent."""
+    if cache is not None and key in cache:
+        return cache[key]
+    log_probs = answer_log_probs(model, ids, attn, pred).cpu()
+    if cache is not None:
+        cache[key] = log_probs
+    return log_probs
 
 
 def base_cache_fits(items: TokenisedItems, vocab: int, budget_bytes: float = 2e9) -> bool:
