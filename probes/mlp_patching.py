@@ -145,7 +145,7 @@ def check_config(models, config: Config) -> None:
         raise UserError("scan=atp estimates single layers", "use window=1 with scan=atp")
 
 
-def answer_items(tokenizer, prompts: list[tuple[str, int]]) -> list[ItemRows]:
+def prompt_items(tokenizer, prompts: list[tuple[str, int]]) -> list[ItemRows]:
     """Each (prompt, answer token id) as the one-choice item of the patching engine."""
     pad = tokenizer.pad_token_id or 0
     return [answer_item(tokenizer(p)["input_ids"], a, pad) for p, a in prompts]
@@ -283,7 +283,7 @@ class MLPPatching:
         groups = [windows(layer, n, config.window) if config.window > 1 else [layer]
                   for layer in range(n)]
         sets = prompts_for(data, config, base.tokenizer)
-        items = {k: answer_items(base.tokenizer, v) for k, v in sets.items()}
+        items = {k: prompt_items(base.tokenizer, v) for k, v in sets.items()}
         sweeps: dict[str, dict[str, SetSweep]] = {}
         total = len(models.variants) * sum(len(v) for v in sets.values())
         with task("cross-model patching", total) as advance:
@@ -324,7 +324,7 @@ class MLPPatching:
         n = base.n_layers
         sets = prompts_for(data, config, base.tokenizer)
         batches = prompt_batches(base.tokenizer, sets, config.batch_size)
-        items = [it for x in sets.values() for it in answer_items(base.tokenizer, x)]
+        items = [it for x in sets.values() for it in prompt_items(base.tokenizer, x)]
         data_out: dict = {k: {} for k in SCAN_KEYS}
         with task("attribution-patching scan", len(models.variants) * len(batches)) as advance:
             for v in models.variants:
