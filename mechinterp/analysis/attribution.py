@@ -55,9 +55,9 @@ def n_heads(model: LoadedModel) -> int:
 
 
 def answer_logprob(positions: Int[Tensor, " item"], answer_ids: Int[Tensor, " item"]) -> Metric:
-    """log p(answer) at each item's position: the metric of cross-model patching
-    (:func:`~mechinterp.analysis.crossmodel.cross_model_patch_sweep`), read by the same
-    :func:`~mechinterp.evals.answers.token_log_probs`."""
+    """log p(answer) at each item's position (:func:`~mechinterp.evals.answers.token_log_probs`):
+    the metric of ``mlp-patching``, whose exact patching reads it for a one-choice item
+    (:func:`~mechinterp.analysis.crossmodel.answer_item`)."""
     sel = answer_token_sel(positions, answer_ids)
 
     def metric(model: LoadedModel, ids: Tensor, mask: Tensor) -> Tensor:
