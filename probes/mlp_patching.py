@@ -243,14 +243,16 @@ def prompt_batches(tokenizer, sets: dict[str, list[tuple[str, int]]], batch_size
 
 
 def exact_denoise(base, variant, items: list[ItemRows], chosen: list[tuple[str, int]],
-                  gap: torch.Tensor, keep: torch.Tensor, token_budget: int) -> dict:
-    """Exact denoising recovery of ``chosen`` (site, layer) pairs, pooled over ``items``."""
+                  gap: torch.Tensor, keep: torch.Tensor) -> dict:
+    """Exact denoising recovery of ``chosen`` (site, layer) pairs, pooled over ``items``. One
+    condition per pass, so a site's value does not depend on which other sites are verified with
+    it (float32 rounding varies with the batch's size)."""
     conditions = [patch_condition(SITE[s], [layer]) for s, layer in chosen]
     effect = torch.zeros(len(chosen), len(items), dtype=torch.float64)
     for j, item in enumerate(items):
         ref_b = item_reference(base, item, capture_sites=sorted({c.patch[0][0] for c in conditions}))
         ref_v = item_reference(variant, item, record_resid=True)
-        got = condition_sweep(base, variant, item, conditions, ref_b, ref_v, token_budget)
+        got = condition_sweep(base, variant, item, conditions, ref_b, ref_v, item.n_tokens)
         effect[:, j] = got[:, 0] - ref_v.scores[0]
     return dict(zip(chosen, pooled_recovery(effect, gap, keep).tolist()))
 
@@ -365,7 +367,7 @@ class MLPPatching:
         keep = gap.abs() >= config.min_gap
         estimate = dict(zip(keys, pooled_recovery(torch.cat(est, 1), gap, keep).tolist()))
         res = verify_scan(estimate, lambda chosen: exact_denoise(
-            base, variant, items, chosen, gap, keep, config.max_tokens),
+            base, variant, items, chosen, gap, keep),
             config.scan_top_k, config.scan_validate, seconds)
         out = {"scan_estimate": by_site(estimate, config.sites, n),
                "scan_exact": by_site(res["exact"], config.sites, n),
