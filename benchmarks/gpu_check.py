@@ -97,7 +97,8 @@ def view_parity(model, ref64, low_precision: bool) -> list[Row]:
 
 def kl_float32(base, variant) -> list[Row]:
     """Per item, the suite's float32 KL against float64 from the same final hidden states."""
-    from mechinterp.analysis.divergence import answer_items, teacher_forced_kl
+    from mechinterp.analysis.divergence import teacher_forced_kl
+    from mechinterp.evals.answers import answer_items
     from mechinterp.models.unembed import final_hidden
 
     items = answer_items(base.tokenizer, ITEMS)

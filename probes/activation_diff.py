@@ -145,6 +145,53 @@ def lens_readout(model, delta: torch.Tensor, k: int) -> list[dict]:
     return out
 
 
+def steer_layers(n_layers: int, config: Config) -> list[int]:
+    """The layers steered: ``steer_layers``, or every ``steer_stride``-th and the last."""
+    steer = (sorted(set(range(0, n_layers, config.steer_stride)) | {n_layers - 1})
+             if config.steer_layers is None else sorted(set(config.steer_layers)))
+    bad = [layer for layer in steer if not 0 <= layer < n_layers]
+    if bad:
+        raise UserError(f"steer layer {bad[0]} is out of range ({n_layers} layers)",
+                        f"use 0..{n_layers - 1}")
+    return steer
+
+
+def steering_keys(before, after: dict, n_layers: int, rng: np.random.Generator,
+                  n_boot: int) -> dict:
+    """Per steered layer the KL reduction (a ratio of means over texts) with its bootstrap
+    interval, and the KL after; ``before`` [text], ``after`` {layer: [text]}; None elsewhere."""
+    b = before.numpy()
+    red, ci, kl_after = [None] * n_layers, [[None, None]] * n_layers, [None] * n_layers
+    for layer in sorted(after):
+        a = after[layer].numpy()
+        est, band = ratio_of_means((b - a)[None], b, rng, n_boot)
+        red[layer] = _num(est[0])
+        ci[layer] = [_num(band[0, 0]), _num(band[0, 1])]
+        kl_after[layer] = float(a.mean())
+    return {"steering_kl_reduction": red, "steering_kl_reduction_ci95": ci,
+            "kl_before": float(b.mean()), "kl_after": kl_after}
+
+
+def measure_variant(base, variant, batches: tuple, steer: list[int], config: Config,
+                    rng: np.random.Generator, advance) -> tuple[dict, dict, np.ndarray]:
+    """One variant's result keys and arrays, and the texts counted per position: the mean
+    difference (on the first batches) and the steering KL (on the held-out ones)."""
+    diff_batches, held_batches = batches
+    delta, per_pos, counts, base_norm = mean_difference(
+        base, variant, diff_batches, config.first_k, config.skip_first, advance)
+    before, after = steering_kl(base, variant, held_batches,
+                                {layer: delta[layer] for layer in steer}, config.scale, advance)
+    keys = {"diff_norm": delta.norm(dim=-1).tolist(),
+            "diff_norm_by_position": per_pos.norm(dim=-1).tolist(),
+            "base_norm": base_norm.tolist(),
+            "lens_top": lens_readout(base, delta, config.top_tokens),
+            **steering_keys(before, after, base.n_layers, rng, config.n_bootstrap)}
+    arrays = {"delta_by_position": per_pos.numpy(), "delta": delta.numpy(),
+              "kl_before": before.numpy(),
+              "kl_after": np.stack([after[layer].numpy() for layer in steer])}
+    return keys, arrays, counts
+
+
 class ActivationDiff:
     name = "activation-diff"
     version = "1"
@@ -161,12 +208,7 @@ class ActivationDiff:
             raise UserError("activation-diff compares models", "add --variant NAME=SPEC")
         base = models.base
         n = base.n_layers
-        steer = (sorted(set(range(0, n, config.steer_stride)) | {n - 1})
-                 if config.steer_layers is None else sorted(set(config.steer_layers)))
-        bad = [layer for layer in steer if not 0 <= layer < n]
-        if bad:
-            raise UserError(f"steer layer {bad[0]} is out of range ({n} layers)",
-                            f"use 0..{n - 1}")
+        steer = steer_layers(n, config)
         if config.skip_first >= config.first_k:
             raise UserError(f"skip_first={config.skip_first} leaves none of the first "
                             f"{config.first_k} positions", "use skip_first < first_k")
@@ -184,33 +226,12 @@ class ActivationDiff:
         total = len(models.variants) * (len(diff_batches) + len(held_batches) * len(steer))
         with task("activation difference", total) as advance:
             for v in models.variants:
-                var = models[v]
-                delta, per_pos, counts, bnorm = mean_difference(
-                    base, var, diff_batches, config.first_k, config.skip_first, advance)
+                keys, variant_arrays, counts = measure_variant(
+                    base, models[v], (diff_batches, held_batches), steer, config, rng, advance)
                 n_pos = int(counts[config.skip_first:].sum())
-                out["diff_norm"][v] = delta.norm(dim=-1).tolist()
-                out["diff_norm_by_position"][v] = per_pos.norm(dim=-1).tolist()
-                arrays[f"{v}__delta_by_position"] = per_pos.numpy()
-                out["base_norm"][v] = bnorm.tolist()
-                out["lens_top"][v] = lens_readout(base, delta, config.top_tokens)
-                before, after = steering_kl(base, var, held_batches,
-                                            {layer: delta[layer] for layer in steer},
-                                            config.scale, advance)
-                b = before.numpy()
-                red, ci, kl_after = [None] * n, [[None, None]] * n, [None] * n
-                for layer in steer:
-                    a = after[layer].numpy()
-                    est, band = ratio_of_means((b - a)[None], b, rng, config.n_bootstrap)
-                    red[layer] = _num(est[0])
-                    ci[layer] = [_num(band[0, 0]), _num(band[0, 1])]
-                    kl_after[layer] = float(a.mean())
-                out["steering_kl_reduction"][v] = red
-                out["steering_kl_reduction_ci95"][v] = ci
-                out["kl_before"][v] = float(b.mean())
-                out["kl_after"][v] = kl_after
-                arrays[f"{v}__delta"] = delta.numpy()
-                arrays[f"{v}__kl_before"] = b
-                arrays[f"{v}__kl_after"] = np.stack([after[layer].numpy() for layer in steer])
+                for key, value in keys.items():
+                    out[key][v] = value
+                arrays |= {f"{v}__{name}": x for name, x in variant_arrays.items()}
                 models.release(v)
         return Result(self.name, {
             **out,

@@ -69,8 +69,6 @@ def load_prompts(data, config: Config) -> list[str]:
 
 class AttentionShiftProbe:
     name = "attention-shift"
-    # 2: per-layer t-intervals over prompts; 3: MMLU questions stripped (evals.mmlu's builder),
-    # limit shared equally between the two sets (was a seeded subset of their union)
     version = "3"
     description = ("per layer and head: JS divergence of attention rows, entropy change and "
                    "first-token mass change vs the base (MMLU + known facts)")

@@ -107,11 +107,54 @@ def knows(model, fact, rule: str) -> bool:
     return True
 
 
+def trace_facts(model, name: str, facts: list, prepared: list, scale: float,
+                config: Config) -> tuple[list, list[dict], dict]:
+    """Trace every fact ``model`` knows (every fact with ``keep_wrong``): ``(traces [(prepared
+    fact, trace)], one row per fact, {known_id: {kind: {token group: [effect per layer]}}})``."""
+    stack = BlockStack(model)
+    d_model = model.hf.get_input_embeddings().weight.shape[1]
+    traces, rows, effects = [], [], {}
+    with task(f"causal trace {name}", len(facts)) as advance:
+        for fact, inp in zip(facts, prepared):
+            correct = knows(model, inp, config.known)
+            row = {"known_id": fact.known_id, "subject": fact.subject, "prompt": fact.prompt,
+                   "answer": fact.attribute,
+                   "answer_token": model.tokenizer.decode([inp.answer_id]),
+                   "tokens": inp.tokens, "subject_range": list(inp.subject), "correct": correct}
+            if correct or config.keep_wrong:
+                noise = make_noise(inp, config.samples, scale, d_model,
+                                   seed=config.seed * 1_000_003 + fact.known_id)
+                tr = trace_fact(model, inp, noise, config.kinds, config.window, stack=stack)
+                row |= {"clean_prob": tr.clean_prob, "corrupted_prob": tr.corrupted_prob,
+                        "trace_index": len(traces)}
+                traces.append((inp, tr))
+                effects[fact.known_id] = {k: fact_group_effects(inp, tr, k) for k in config.kinds}
+            rows.append(row)
+            advance()
+    return traces, rows, effects
+
+
+def put_model_keys(out: dict, arrays: dict, name: str, traces: list, rows: list[dict],
+                   kinds: list[str], n_layers: int) -> None:
+    """One model's AIE (mean and interval per kind and token group), facts, and the per-fact
+    score grids ``<model>__<kind>`` [fact, token, layer]."""
+    summary = aie_summary(traces, kinds) if traces else None
+    out["aie"][name] = {k: {g: (summary[k][g]["mean"] if summary else [math.nan] * n_layers)
+                            for g in TOKEN_GROUPS} for k in kinds}
+    out["aie_ci"][name] = {k: {g: {x: summary[k][g][x] for x in ("lo", "hi", "n")}
+                               for g in TOKEN_GROUPS} for k in kinds} if summary else {}
+    out["n_facts"][name] = len(traces)
+    out["facts"][name] = rows
+    t_max = max((inp.n_tokens for inp, _ in traces), default=0)
+    for k in kinds:
+        grid = np.full((len(traces), t_max, n_layers), np.nan, dtype=np.float32)
+        for i, (inp, tr) in enumerate(traces):
+            grid[i, :inp.n_tokens] = tr.scores[k]
+        arrays[f"{name}__{k}"] = grid
+
+
 class CausalTrace:
     name = "causal-trace"
-    # 2: answer token read after the prompt (was " " + attribute alone); 3: base's noise scale
-    # for every model, base - variant paired on the facts both know, t-intervals, known rule;
-    # 4: limit counts facts the base knows
     version = "4"
     description = "ROME causal tracing (hidden / MLP / attention restoration) per model, AIE by token"
     Config = Config
@@ -140,7 +183,6 @@ class CausalTrace:
         for name in models.names:
             model = models[name]
             n_layers = model.n_layers
-            stack = BlockStack(model)
             prepared = [prepare_fact(model.tokenizer, f.prompt, f.subject, f.attribute,
                                      f"known_id={f.known_id}") for f in facts]
             scale = config.noise_scale
@@ -150,43 +192,12 @@ class CausalTrace:
                 scale = config.noise_mult * embedding_std(model, prepared)
             if name == "base":
                 base_scale = scale
-            d_model = model.hf.get_input_embeddings().weight.shape[1]
-            traces, rows = [], []
-            with task(f"causal trace {name}", len(facts)) as advance:
-                for fact, inp in zip(facts, prepared):
-                    correct = knows(model, inp, config.known)
-                    row = {"known_id": fact.known_id, "subject": fact.subject,
-                           "prompt": fact.prompt, "answer": fact.attribute,
-                           "answer_token": model.tokenizer.decode([inp.answer_id]),
-                           "tokens": inp.tokens, "subject_range": list(inp.subject),
-                           "correct": correct}
-                    if correct or config.keep_wrong:
-                        noise = make_noise(inp, config.samples, scale, d_model,
-                                           seed=config.seed * 1_000_003 + fact.known_id)
-                        tr = trace_fact(model, inp, noise, config.kinds, config.window,
-                                        stack=stack)
-                        row |= {"clean_prob": tr.clean_prob, "corrupted_prob": tr.corrupted_prob,
-                                "trace_index": len(traces)}
-                        traces.append((inp, tr))
-                        effects.setdefault(name, {})[fact.known_id] = {
-                            k: fact_group_effects(inp, tr, k) for k in config.kinds}
-                    rows.append(row)
-                    advance()
-            summary = aie_summary(traces, config.kinds) if traces else None
-            out["aie"][name] = {k: {g: (summary[k][g]["mean"] if summary else [math.nan] * n_layers)
-                                    for g in TOKEN_GROUPS} for k in config.kinds}
-            out["aie_ci"][name] = {k: {g: {x: summary[k][g][x] for x in ("lo", "hi", "n")}
-                                       for g in TOKEN_GROUPS} for k in config.kinds} if summary else {}
-            out["n_facts"][name] = len(traces)
+            traces, rows, fact_effects = trace_facts(model, name, facts, prepared, scale, config)
+            if fact_effects:
+                effects[name] = fact_effects
+            put_model_keys(out, arrays, name, traces, rows, config.kinds, n_layers)
             out["n_filtered"][name] = len(facts) - len(traces)
-            out["facts"][name] = rows
             out["noise_scale"][name] = scale
-            t_max = max((inp.n_tokens for inp, _ in traces), default=0)
-            for k in config.kinds:
-                grid = np.full((len(traces), t_max, n_layers), np.nan, dtype=np.float32)
-                for i, (inp, tr) in enumerate(traces):
-                    grid[i, :inp.n_tokens] = tr.scores[k]
-                arrays[f"{name}__{k}"] = grid
             if name != "base":
                 models.release(name)
         out |= self._paired(effects, models.variants, config.kinds, n_layers)

@@ -38,7 +38,7 @@ class Config(BaseConfig):
 
 class GSM8KProbe:
     name = "gsm8k"
-    version = "3"  # 3: limit picks data.subset's seeded subset (was its own numpy permutation)
+    version = "3"
     description = "GSM8K accuracy by batched greedy generation (plain or chat prompt, k-shot)"
     Config = Config
     frames = (Table("accuracy", ("model",), ci="ci95"), Table("paired", ("model", "metric")))

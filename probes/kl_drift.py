@@ -40,7 +40,6 @@ from pathlib import Path
 import numpy as np
 
 from mechinterp.analysis.divergence import (
-    answer_items,
     base_cache_fits,
     check_direction,
     teacher_forced_kl,
@@ -51,6 +50,7 @@ from mechinterp.data.arithmetic import is_task
 from mechinterp.data.base import read_jsonl
 from mechinterp.data.subset import seeded_subset
 from mechinterp.errors import DataError, UserError
+from mechinterp.evals.answers import answer_items
 from mechinterp.store.frames import Table
 from mechinterp.plotting import new_axes
 from mechinterp.plotting.trajectories import plot_run_lines, run_steps
@@ -149,7 +149,7 @@ def summarise(per_item: np.ndarray) -> dict:
 
 class KLDrift:
     name = "kl-drift"
-    version = "3"  # 3: neutral reference solutions, neutral text, the direction recorded
+    version = "3"
     description = ("teacher-forced KL(base || variant) on held-out problems with neutral reference "
                    "solutions, on the items as given (a task: SFT's target) and on neutral text")
     Config = Config

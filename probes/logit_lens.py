@@ -57,6 +57,7 @@ from mechinterp.core.probe import BaseConfig, declare, listed_models
 from mechinterp.core.summary import floats, fmt, interval
 from mechinterp.progress import task
 from mechinterp.store.results import Result
+from mechinterp.training.prompts import load_items
 
 from .mlp_patching import prompts_for
 
@@ -77,8 +78,6 @@ class Config(BaseConfig):
 
 def task_prompts(tokenizer, spec: str, limit: int, seed: int) -> list[tuple[str, int]]:
     """In-domain items: the training prompt, then the SFT target's reasoning up to ``= ``."""
-    from mechinterp.training.prompts import load_items
-
     if not is_task(spec):
         raise UserError(f"task={spec!r} is not an arithmetic task spec",
                         "use arithmetic or arithmetic:ops=...,min=...,max=...")
@@ -148,9 +147,72 @@ def last_position_lens(model, tokenizer, prompts: list[str],
     return lens_log_probs(model, resid[:, rows, pos]).cpu()
 
 
+def lens_passes(models, sets: dict, batch_size: int) -> tuple[dict, dict]:
+    """The lens at the last prompt position of every model, batch by batch: the gold token's rank
+    ``{model: {set: [layer, prompt]}}`` and KL(base lens || variant lens) ``{variant: {set:
+    [layer, prompt]}}``; the base runs beside each variant, its ranks kept from the first."""
+    base, tok = models.base, models.base.tokenizer
+    n_layers = base.n_layers
+    batches = [(s, items[a:a + batch_size]) for s, items in sets.items()
+               for a in range(0, len(items), batch_size)]
+    ranks = {m: {s: [] for s in sets} for m in models.names}
+    kls = {v: {s: [] for s in sets} for v in models.variants}
+    with task("logit lens", len(batches) * (2 * len(models.variants) or 1)) as advance:
+        for v in models.variants or [None]:
+            var = models[v] if v else None
+            for s, batch in batches:
+                gold = torch.tensor([g for _, g in batch])
+                texts, special = [p for p, _ in batch], s != "task"
+                lb = last_position_lens(base, tok, texts, special)
+                if v is None or v == models.variants[0]:
+                    ranks["base"][s].append(gold_ranks(lb, gold.expand(n_layers, -1)))
+                advance()
+                if var is None:
+                    continue
+                lv = last_position_lens(var, tok, texts, special)
+                ranks[v][s].append(gold_ranks(lv, gold.expand(n_layers, -1)))
+                kls[v][s].append(kl_rows(lb, lv).double())  # [layer, prompt]
+                advance()
+            if v:
+                models.release(v)
+    return ({m: {s: torch.cat(ranks[m][s], 1).numpy() for s in sets} for m in models.names},
+            {v: {s: torch.cat(kls[v][s], 1).numpy() for s in sets} for v in kls})
+
+
+def lens_kl_keys(kl_arr: dict, rng: np.random.Generator, n_boot: int) -> dict:
+    """Per variant the lens KL per layer pooled over sets (with a bootstrap interval) and per set."""
+    out: dict = {"lens_kl": {}, "lens_kl_ci95": {}, "lens_kl_by_set": {}}
+    for v, by in kl_arr.items():
+        pooled = np.concatenate(list(by.values()), 1)  # [layer, prompt]
+        cis = [mean_ci(row, rng, n_boot) for row in pooled]
+        out["lens_kl"][v] = [m for m, _ in cis]
+        out["lens_kl_ci95"][v] = [c for _, c in cis]
+        out["lens_kl_by_set"][v] = {s: x.mean(1).tolist() for s, x in by.items()}
+    return out
+
+
+def rank_keys(rank_arr: dict) -> dict:
+    """Per model the gold token's median rank per layer, the first layer it is top-1 and the
+    share of prompts that reach it, pooled over sets and per set."""
+    out: dict = {k: {} for k in ("answer_rank", "answer_rank_by_set",
+                                 "answer_rank_mean_log10_by_set", "first_top1_layer",
+                                 "first_top1_layer_by_set", "top1_share", "top1_share_by_set")}
+    for m, by in rank_arr.items():
+        pooled = np.concatenate(list(by.values()), 1)
+        out["answer_rank"][m] = np.median(pooled, 1).tolist()
+        out["answer_rank_by_set"][m] = {s: np.median(x, 1).tolist() for s, x in by.items()}
+        out["answer_rank_mean_log10_by_set"][m] = {
+            s: np.log10(x).mean(1).tolist() for s, x in by.items()}
+        out["first_top1_layer"][m], out["top1_share"][m] = first_top1(pooled)
+        per = {s: first_top1(x) for s, x in by.items()}
+        out["first_top1_layer_by_set"][m] = {s: f for s, (f, _) in per.items()}
+        out["top1_share_by_set"][m] = {s: sh for s, (_, sh) in per.items()}
+    return out
+
+
 class LogitLens:
     name = "logit-lens"
-    version = "2"  # 2: limit counts prompts in all (was: per set)
+    version = "2"
     description = ("logit lens per layer for base and variants on the same prompts: lens KL, gold "
                    "rank, first top-1 layer")
     Config = Config
@@ -168,51 +230,9 @@ class LogitLens:
                                  or getattr(cfg, "max_position_embeddings", None))
         n_layers = base.n_layers
         names = models.names
-        batches = [(s, a, items[a:a + config.batch_size]) for s, items in sets.items()
-                   for a in range(0, len(items), config.batch_size)]
-        ranks = {m: {s: [] for s in sets} for m in names}
-        kls = {v: {s: [] for s in sets} for v in models.variants}
-        with task("logit lens", len(batches) * (2 * len(models.variants) or 1)) as advance:
-            for v in models.variants or [None]:
-                var = models[v] if v else None
-                for s, _, batch in batches:
-                    gold = torch.tensor([g for _, g in batch])
-                    texts, special = [p for p, _ in batch], s != "task"
-                    lb = last_position_lens(base, tok, texts, special)
-                    if v is None or v == models.variants[0]:
-                        ranks["base"][s].append(gold_ranks(lb, gold.expand(n_layers, -1)))
-                    advance()
-                    if var is None:
-                        continue
-                    lv = last_position_lens(var, tok, texts, special)
-                    ranks[v][s].append(gold_ranks(lv, gold.expand(n_layers, -1)))
-                    kls[v][s].append(kl_rows(lb, lv).double())  # [layer, prompt]
-                    advance()
-                if v:
-                    models.release(v)
-        rank_arr = {m: {s: torch.cat(ranks[m][s], 1).numpy() for s in sets} for m in names}
-        kl_arr = {v: {s: torch.cat(kls[v][s], 1).numpy() for s in sets} for v in kls}
-        rng = np.random.default_rng(config.seed)
-        data_out: dict = {k: {} for k in (
-            "lens_kl", "lens_kl_ci95", "lens_kl_by_set", "answer_rank", "answer_rank_by_set",
-            "answer_rank_mean_log10_by_set", "first_top1_layer", "first_top1_layer_by_set",
-            "top1_share", "top1_share_by_set")}
-        for v, by in kl_arr.items():
-            pooled = np.concatenate(list(by.values()), 1)  # [layer, prompt]
-            cis = [mean_ci(row, rng, config.n_bootstrap) for row in pooled]
-            data_out["lens_kl"][v] = [m for m, _ in cis]
-            data_out["lens_kl_ci95"][v] = [c for _, c in cis]
-            data_out["lens_kl_by_set"][v] = {s: x.mean(1).tolist() for s, x in by.items()}
-        for m, by in rank_arr.items():
-            pooled = np.concatenate(list(by.values()), 1)
-            data_out["answer_rank"][m] = np.median(pooled, 1).tolist()
-            data_out["answer_rank_by_set"][m] = {s: np.median(x, 1).tolist() for s, x in by.items()}
-            data_out["answer_rank_mean_log10_by_set"][m] = {
-                s: np.log10(x).mean(1).tolist() for s, x in by.items()}
-            data_out["first_top1_layer"][m], data_out["top1_share"][m] = first_top1(pooled)
-            per = {s: first_top1(x) for s, x in by.items()}
-            data_out["first_top1_layer_by_set"][m] = {s: f for s, (f, _) in per.items()}
-            data_out["top1_share_by_set"][m] = {s: sh for s, (_, sh) in per.items()}
+        rank_arr, kl_arr = lens_passes(models, sets, config.batch_size)
+        data_out = {**lens_kl_keys(kl_arr, np.random.default_rng(config.seed), config.n_bootstrap),
+                    **rank_keys(rank_arr)}
         arrays = {f"{m}__{s}__rank": x for m, by in rank_arr.items() for s, x in by.items()}
         arrays |= {f"{v}__{s}__lens_kl": x for v, by in kl_arr.items() for s, x in by.items()}
         return Result(self.name, {

@@ -7,7 +7,10 @@ the variant's activation patched in (``noise``: variant into base). Metric: log-
 answer token after the prompt; normalised recovery ``(m_patched - m_variant) / (m_base -
 m_variant)``, on one scale for both directions (1 = base behaviour, 0 = variant behaviour).
 Items with ``|m_base - m_variant| < min_gap`` (nats) are counted in ``n_tiny`` and left out of the
-means.
+means. Each prompt is one item of the cross-model engine
+(:func:`~mechinterp.analysis.crossmodel.condition_sweep`, via
+:func:`~mechinterp.analysis.crossmodel.patch_both_ways`): every (site, layer) condition is a batch
+row that starts at its first patched block.
 
 Prompt sets: ``knowns`` (ROME facts; answer = ``attribute``) and ``mmlu`` (0-shot;
 ``mmlu_answer=letter``: lm-eval's letter format, answer = the gold letter; ``mmlu_answer=text``:
@@ -48,10 +51,14 @@ from mechinterp.analysis.attribution import (
     verify_scan,
 )
 from mechinterp.analysis.crossmodel import (
-    cross_model_patch_sweep,
+    ItemRows,
+    answer_item,
+    condition_sweep,
+    item_reference,
     last_positions,
     normalised_recovery,
-    plain_logprobs,
+    patch_both_ways,
+    patch_condition,
 )
 from mechinterp.analysis.tracing import answer_token_id, windows
 from mechinterp.data import load_knowns, load_mmlu
@@ -84,8 +91,8 @@ class Config(BaseConfig):
     n_bootstrap: int = 1000  # resamples of the items for the 95% interval of each recovery
     mmlu_answer: str = "letter"  # mmlu prompts: letter (lm-eval format) or text (the choice text)
     mmlu_subjects: list[str] | None = None  # MMLU subjects for the mmlu prompt set (default: all)
-    batch_size: int = 8  # prompts per forward pass
-    max_tokens: int = 4096  # rows x positions per patched forward pass
+    batch_size: int = 8  # prompts per forward-backward pass of scan=atp
+    max_tokens: int = 4096  # tokens per patched forward pass (conditions x the prompt's tokens)
     # exact: patch every layer (both directions); atp: attribution-patching scan of every
     # (site, layer), base into variant, then exact patching of the scan's top scan_top_k
     scan: str = "exact"
@@ -125,11 +132,144 @@ def prompts_for(data, config: Config, tokenizer) -> dict[str, list[tuple[str, in
     return out
 
 
+def check_config(models, config: Config) -> None:
+    if not models.variants:
+        raise UserError("mlp-patching compares models", "add --variant NAME=SPEC")
+    bad = [s for s in config.sites if s not in SITE]
+    if bad:
+        raise UserError(f"unknown site {bad[0]!r}", f"use some of {', '.join(SITE)}")
+    if config.mmlu_answer not in ("letter", "text"):
+        raise UserError(f"mmlu_answer={config.mmlu_answer!r}", "use letter or text")
+    if config.scan not in ("exact", "atp"):
+        raise UserError(f"scan={config.scan!r}", "use scan=exact or scan=atp")
+    if config.scan == "atp" and config.window != 1:
+        raise UserError("scan=atp estimates single layers", "use window=1 with scan=atp")
+
+
+def prompt_items(tokenizer, prompts: list[tuple[str, int]]) -> list[ItemRows]:
+    """Each (prompt, answer token id) as the one-choice item of the patching engine."""
+    pad = tokenizer.pad_token_id or 0
+    return [answer_item(tokenizer(p)["input_ids"], a, pad) for p, a in prompts]
+
+
+@dataclass
+class SetSweep:
+    """One prompt set patched with one variant: log p(answer) unpatched and patched."""
+
+    m_base: np.ndarray  # [item]
+    m_variant: np.ndarray  # [item]
+    effect: dict[tuple[str, str], np.ndarray]  # (site, direction) -> [layer, item] m_patched - m_variant
+
+    @property
+    def gap(self) -> np.ndarray:
+        return self.m_base - self.m_variant
+
+
+def sweep_set(base, variant, items: list[ItemRows], sites: list[str],
+              layer_groups: list[list[int]], token_budget: int, advance) -> SetSweep:
+    """Every site and layer (group) patched both ways on every item of one set."""
+    conditions = [patch_condition(SITE[s], g) for s in sites for g in layer_groups]
+    m_base, m_variant, denoise, noise = [], [], [], []
+    for item in items:
+        sweep = patch_both_ways(base, variant, item, conditions, token_budget)
+        m_base.append(sweep.base[0].item())
+        m_variant.append(sweep.variant[0].item())
+        denoise.append(sweep.denoise[:, 0].numpy())
+        noise.append(sweep.noise[:, 0].numpy())
+        advance()
+    m_base, m_variant = np.array(m_base), np.array(m_variant)
+    by_direction = {"denoise": np.stack(denoise, 1), "noise": np.stack(noise, 1)}
+    n = len(layer_groups)
+    effect = {(s, d): by_direction[d][i * n:(i + 1) * n] - m_variant
+              for i, s in enumerate(sites) for d in DIRECTIONS}
+    return SetSweep(m_base, m_variant, effect)
+
+
+def pooled_recovery_ci(sweeps: list[SetSweep], site: str, direction: str, min_gap: float,
+                       rng: np.random.Generator, n_boot: int) -> tuple[list, list]:
+    """|gap|-weighted recovery over the kept items of ``sweeps``: a ratio of means,
+    sum(sign(gap) (m_patched - m_variant)) / sum(|gap|), with a bootstrap interval."""
+    effect = np.concatenate([sw.effect[(site, direction)] for sw in sweeps], 1)
+    gap = np.concatenate([sw.gap for sw in sweeps])
+    keep = np.abs(gap) >= min_gap
+    est, ci = ratio_of_means(effect[:, keep] * np.sign(gap[keep]), np.abs(gap[keep]), rng, n_boot)
+    return est.tolist(), ci.tolist()
+
+
+def recovery_keys(sweeps: dict[str, dict[str, SetSweep]], sites: list[str],
+                  config: Config) -> dict:
+    """``recovery``, ``recovery_ci95`` (all sets pooled) and ``recovery_by_set`` per variant."""
+    rng = np.random.default_rng(config.seed)
+    recovery, recovery_ci, by_set = {}, {}, {}
+    for v, per_set in sweeps.items():
+        recovery[v], recovery_ci[v] = {}, {}
+        for s in sites:
+            recovery[v][s], recovery_ci[v][s] = {}, {}
+            for d in DIRECTIONS:
+                recovery[v][s][d], recovery_ci[v][s][d] = pooled_recovery_ci(
+                    list(per_set.values()), s, d, config.min_gap, rng, config.n_bootstrap)
+                for k, sw in per_set.items():
+                    by_set.setdefault(k, {}).setdefault(v, {}).setdefault(s, {})[d] = \
+                        pooled_recovery_ci([sw], s, d, config.min_gap, rng, config.n_bootstrap)[0]
+    return {"recovery": recovery, "recovery_ci95": recovery_ci, "recovery_by_set": by_set}
+
+
+def item_arrays(sweeps: dict[str, dict[str, SetSweep]], min_gap: float) -> dict[str, np.ndarray]:
+    """Per item and layer the recovery of that item alone (NaN where the gap is tiny), and the
+    unpatched log-probs, named ``<variant>__<set>__<site>__<direction>`` / ``__m_base``."""
+    arrays = {}
+    for v, per_set in sweeps.items():
+        for k, sw in per_set.items():
+            mb, mv = torch.from_numpy(sw.m_base), torch.from_numpy(sw.m_variant)
+            for (s, d), effect in sw.effect.items():
+                rec, _ = normalised_recovery(torch.from_numpy(effect) + mv, mb, mv, min_gap)
+                arrays[f"{v}__{k}__{s}__{d}"] = rec.numpy()
+        for k, sw in per_set.items():
+            arrays[f"{v}__{k}__m_base"], arrays[f"{v}__{k}__m_variant"] = sw.m_base, sw.m_variant
+    return arrays
+
+
+def prompt_batches(tokenizer, sets: dict[str, list[tuple[str, int]]], batch_size: int) -> list:
+    """(ids, mask, last positions, answer ids) per batch of ``batch_size`` prompts, padded right."""
+    batches = []
+    for items in sets.values():
+        for a in range(0, len(items), batch_size):
+            batch = items[a:a + batch_size]
+            enc = tokenizer([p for p, _ in batch], return_tensors="pt", padding=True,
+                            padding_side="right")
+            batches.append((enc["input_ids"], enc["attention_mask"],
+                            last_positions(enc["attention_mask"]),
+                            torch.tensor([x for _, x in batch])))
+    return batches
+
+
+def exact_denoise(base, variant, items: list[ItemRows], chosen: list[tuple[str, int]],
+                  gap: torch.Tensor, keep: torch.Tensor) -> dict:
+    """Exact denoising recovery of ``chosen`` (site, layer) pairs, pooled over ``items``. One
+    condition per pass, so a site's value does not depend on which other sites are verified with
+    it (float32 rounding varies with the batch's size)."""
+    conditions = [patch_condition(SITE[s], [layer]) for s, layer in chosen]
+    effect = torch.zeros(len(chosen), len(items), dtype=torch.float64)
+    for j, item in enumerate(items):
+        ref_b = item_reference(base, item, capture_sites=sorted({c.patch[0][0] for c in conditions}))
+        ref_v = item_reference(variant, item, record_resid=True)
+        got = condition_sweep(base, variant, item, conditions, ref_b, ref_v, item.n_tokens)
+        effect[:, j] = got[:, 0] - ref_v.scores[0]
+    return dict(zip(chosen, pooled_recovery(effect, gap, keep).tolist()))
+
+
+SCAN_KEYS = ("scan_estimate", "scan_exact", "scan_head_estimate", "scan_ranking", "scan_verified",
+             "scan_agreement", "scan_seconds", "n_kept", "logprob")
+SCAN_DEFINITION = ("denoising (base into variant) recovery per (site, layer), sum_i sign(g_i) "
+                   "effect_i / sum_i |g_i| over items with |g| >= min_gap; scan_estimate: effect_i "
+                   "= (a_base - a_variant) . d m / d a on the variant (AtP), scan_exact: effect_i "
+                   "= m_patched - m_variant where patched exactly (NaN elsewhere); "
+                   "scan_head_estimate: [layer][head], patches of one head's z through the "
+                   "variant's o_proj")
+
+
 class MLPPatching:
     name = "mlp-patching"
-    # 2: answer token read after the prompt (was " " + answer alone); 3: recovery is a ratio of
-    # means with a bootstrap interval (was the mean of heavy-tailed per-item ratios); 4: limit is
-    # the total over the prompt sets (was per set), MMLU questions stripped (evals.mmlu's builder)
     version = "4"
     description = "cross-model activation patching (base <-> variant) per layer and site"
     Config = Config
@@ -138,108 +278,34 @@ class MLPPatching:
               Table("scan_exact", ("model", "site", "layer")))
 
     def run(self, models, data, config: Config) -> Result:
-        if not models.variants:
-            raise UserError("mlp-patching compares models", "add --variant NAME=SPEC")
-        bad = [s for s in config.sites if s not in SITE]
-        if bad:
-            raise UserError(f"unknown site {bad[0]!r}", f"use some of {', '.join(SITE)}")
-        if config.mmlu_answer not in ("letter", "text"):
-            raise UserError(f"mmlu_answer={config.mmlu_answer!r}", "use letter or text")
-        if config.scan != "exact":
+        check_config(models, config)
+        if config.scan == "atp":
             return self._scan(models, data, config)
         base = models.base
         n = base.n_layers
-        conds = [windows(layer, n, config.window) if config.window > 1 else [layer]
-                 for layer in range(n)]
+        groups = [windows(layer, n, config.window) if config.window > 1 else [layer]
+                  for layer in range(n)]
         sets = prompts_for(data, config, base.tokenizer)
-        tok = base.tokenizer  # shared: padded right per call below, its setting left alone
-        per_set: dict = {}
-        logprob: dict = {}
-        n_tiny: dict = {}
-        item_lp: dict[str, np.ndarray] = {}
-        total = len(models.variants) * sum(
-            -(-len(v) // config.batch_size) for v in sets.values()) * len(config.sites)
+        items = {k: prompt_items(base.tokenizer, v) for k, v in sets.items()}
+        sweeps: dict[str, dict[str, SetSweep]] = {}
+        total = len(models.variants) * sum(len(v) for v in sets.values())
         with task("cross-model patching", total) as advance:
             for v in models.variants:
-                var = models[v]
-                per_set[v], logprob[v], n_tiny[v] = {}, {}, {}
-                for set_name, items in sets.items():
-                    rec = {s: {d: [] for d in DIRECTIONS} for s in config.sites}
-                    mb, mv = [], []
-                    for a in range(0, len(items), config.batch_size):
-                        batch = items[a:a + config.batch_size]
-                        enc = tok([p for p, _ in batch], return_tensors="pt", padding=True,
-                                  padding_side="right")
-                        ids, mask = enc["input_ids"], enc["attention_mask"]
-                        pos = last_positions(mask)
-                        ans = torch.tensor([x for _, x in batch])
-                        m_base = plain_logprobs(base, ids, mask, pos, ans)
-                        m_var = plain_logprobs(var, ids, mask, pos, ans)
-                        mb.append(m_base), mv.append(m_var)
-                        for s in config.sites:
-                            for d, (src, tgt) in zip(DIRECTIONS, ((base, var), (var, base))):
-                                lp = cross_model_patch_sweep(src, tgt, ids, mask, SITE[s], conds,
-                                                             pos, ans, config.max_tokens)
-                                rec[s][d].append(lp - m_var)  # numerator, per item
-                            advance()
-                    mb, mv = torch.cat(mb), torch.cat(mv)
-                    keep = (mb - mv).abs() >= config.min_gap
-                    per_set[v][set_name] = {s: {d: torch.cat(rec[s][d], 1) for d in DIRECTIONS}
-                                            for s in config.sites}
-                    logprob[v][set_name] = {"base": mb.mean().item(), "variant": mv.mean().item()}
-                    item_lp[f"{v}__{set_name}__m_base"] = mb.numpy()
-                    item_lp[f"{v}__{set_name}__m_variant"] = mv.numpy()
-                    n_tiny[v][set_name] = int((~keep).sum())
+                sweeps[v] = {k: sweep_set(base, models[v], x, config.sites, groups,
+                                          config.max_tokens, advance) for k, x in items.items()}
                 models.release(v)
-
-        rng = np.random.default_rng(config.seed)
-
-        def gaps(v, keys):
-            return np.concatenate([item_lp[f"{v}__{k}__m_base"] - item_lp[f"{v}__{k}__m_variant"]
-                                   for k in keys])
-
-        def pooled(v, keys, s, d):
-            """|gap|-weighted recovery over the kept items of ``keys``: a ratio of means,
-            sum(sign(gap) (m_patched - m_variant)) / sum(|gap|), with a bootstrap interval."""
-            num = np.concatenate([per_set[v][k][s][d].numpy() for k in keys], 1)
-            gap = gaps(v, keys)
-            keep = np.abs(gap) >= config.min_gap
-            est, ci = ratio_of_means(num[:, keep] * np.sign(gap[keep]), np.abs(gap[keep]), rng,
-                                     config.n_bootstrap)
-            return est.tolist(), ci.tolist()
-
-        recovery, recovery_ci = {}, {}
-        by_set: dict = {k: {} for k in sets}
-        for v in models.variants:
-            recovery[v], recovery_ci[v] = {}, {}
-            for s in config.sites:
-                recovery[v][s], recovery_ci[v][s] = {}, {}
-                for d in DIRECTIONS:
-                    recovery[v][s][d], recovery_ci[v][s][d] = pooled(v, list(sets), s, d)
-                    for k in sets:
-                        by_set[k].setdefault(v, {}).setdefault(s, {})[d] = pooled(v, [k], s, d)[0]
-        # per item and layer: the recovery of that item alone (NaN where the gap is tiny)
-        arrays = {}
-        for v in per_set:
-            for k in per_set[v]:
-                mb = torch.from_numpy(item_lp[f"{v}__{k}__m_base"])
-                mv = torch.from_numpy(item_lp[f"{v}__{k}__m_variant"])
-                for s in per_set[v][k]:
-                    for d in DIRECTIONS:
-                        r, _ = normalised_recovery(per_set[v][k][s][d] + mv, mb, mv,
-                                                   config.min_gap)
-                        arrays[f"{v}__{k}__{s}__{d}"] = r.numpy()
-        arrays |= item_lp
+        n_tiny = {v: {k: int((np.abs(sw.gap) < config.min_gap).sum()) for k, sw in per.items()}
+                  for v, per in sweeps.items()}
         return Result(self.name, {
-            "recovery": recovery,
-            "recovery_ci95": recovery_ci,
+            **recovery_keys(sweeps, config.sites, config),
             "n_bootstrap": config.n_bootstrap,
             "n_prompts": sum(len(x) for x in sets.values()),
             "n_prompts_by_set": {k: len(x) for k, x in sets.items()},
-            "recovery_by_set": by_set,
             "n_tiny": {v: sum(n_tiny[v].values()) for v in n_tiny},
             "n_tiny_by_set": n_tiny,
-            "logprob": logprob,
+            "logprob": {v: {k: {"base": float(sw.m_base.mean()),
+                                "variant": float(sw.m_variant.mean())} for k, sw in per.items()}
+                        for v, per in sweeps.items()},
             "variants": models.variants,
             "sites": config.sites,
             "n_layers": n,
@@ -250,83 +316,24 @@ class MLPPatching:
                                    "g = m_base - m_variant over items with |g| >= min_gap (a "
                                    "ratio of means: the |g|-weighted mean of per-item "
                                    "recoveries); 1 = base, 0 = variant, in both directions",
-        }, arrays)
+        }, item_arrays(sweeps, config.min_gap))
 
     def _scan(self, models, data, config: Config) -> Result:
         """``scan=atp``: the attribution-patching estimate of the denoising recovery of every
         (site, layer) (:func:`~mechinterp.analysis.attribution.atp_scan`, one forward-backward
-        pass per batch), the top ``scan_top_k`` patched exactly (the sweep of ``scan=exact``), and
-        with ``scan_validate`` every site patched exactly: Spearman and top-k overlap."""
-        if config.scan != "atp":
-            raise UserError(f"scan={config.scan!r}", "use scan=exact or scan=atp")
-        if config.window != 1:
-            raise UserError("scan=atp estimates single layers", "use window=1 with scan=atp")
+        pass per batch), the top ``scan_top_k`` patched exactly (the engine of ``scan=exact``),
+        and with ``scan_validate`` every site patched exactly: Spearman and top-k overlap."""
         base = models.base
         n = base.n_layers
         sets = prompts_for(data, config, base.tokenizer)
-        batches = []
-        for items in sets.values():
-            for a in range(0, len(items), config.batch_size):
-                batch = items[a:a + config.batch_size]
-                enc = base.tokenizer([p for p, _ in batch], return_tensors="pt", padding=True,
-                                     padding_side="right")
-                pos = last_positions(enc["attention_mask"])
-                batches.append((enc["input_ids"], enc["attention_mask"], pos,
-                                torch.tensor([x for _, x in batch])))
-        keys = [(s, layer) for s in config.sites for layer in range(n)]
-        heads = range(n) if "attn" in config.sites else ()
-        data_out: dict = {k: {} for k in ("scan_estimate", "scan_exact", "scan_head_estimate",
-                                          "scan_ranking", "scan_verified", "scan_agreement",
-                                          "scan_seconds", "n_kept", "logprob")}
+        batches = prompt_batches(base.tokenizer, sets, config.batch_size)
+        items = [it for x in sets.values() for it in prompt_items(base.tokenizer, x)]
+        data_out: dict = {k: {} for k in SCAN_KEYS}
         with task("attribution-patching scan", len(models.variants) * len(batches)) as advance:
             for v in models.variants:
-                var = models[v]
-                t0 = time.perf_counter()
-                est, head_est, mb, mv = [], [], [], []
-                for ids, mask, pos, ans in batches:
-                    sc = atp_scan(base, var, ids, mask, answer_logprob(pos, ans),
-                                  [(SITE[s], layer) for s, layer in keys], heads)
-                    est.append(torch.stack([sc.estimate[(SITE[s], la)] for s, la in keys]))
-                    if heads:
-                        head_est.append(torch.stack([sc.heads[la] for la in heads]))
-                    mb.append(sc.source_metric), mv.append(sc.target_metric)
-                    advance()
-                seconds = time.perf_counter() - t0
-                mb, mv = torch.cat(mb), torch.cat(mv)
-                gap = mb - mv
-                keep = gap.abs() >= config.min_gap
-                estimate = dict(zip(keys, pooled_recovery(torch.cat(est, 1), gap, keep).tolist()))
-
-                def exact(chosen, var=var, mv=mv, gap=gap, keep=keep):
-                    """Exact denoising recovery of ``chosen`` (site, layer) pairs, pooled."""
-                    effect = {k: [] for k in chosen}
-                    done = 0
-                    for ids, mask, pos, ans in batches:
-                        m_var = mv[done:done + len(ids)]
-                        done += len(ids)
-                        for s in dict.fromkeys(s for s, _ in chosen):
-                            layers = [la for t, la in chosen if t == s]
-                            lp = cross_model_patch_sweep(base, var, ids, mask, SITE[s], layers,
-                                                         pos, ans, config.max_tokens)
-                            for la, row in zip(layers, lp.double()):
-                                effect[(s, la)].append(row - m_var)
-                    return {k: pooled_recovery(torch.cat(e), gap, keep).item()
-                            for k, e in effect.items()}
-
-                res = verify_scan(estimate, exact, config.scan_top_k, config.scan_validate,
-                                  seconds)
-                data_out["scan_estimate"][v] = by_site(estimate, config.sites, n)
-                data_out["scan_exact"][v] = by_site(res["exact"], config.sites, n)
-                if heads:
-                    h = torch.cat(head_est, 1)  # [layer, item, head]
-                    data_out["scan_head_estimate"][v] = pooled_recovery(
-                        h.movedim(1, -1), gap, keep).tolist()
-                data_out["scan_ranking"][v] = [list(k) for k in res["ranking"]]
-                data_out["scan_verified"][v] = [list(k) for k in res["verified"]]
-                data_out["scan_agreement"][v] = res["agreement"]
-                data_out["scan_seconds"][v] = res["seconds"]
-                data_out["n_kept"][v] = int(keep.sum())
-                data_out["logprob"][v] = {"base": mb.mean().item(), "variant": mv.mean().item()}
+                for key, value in self._scan_variant(base, models[v], batches, items, config,
+                                                     advance).items():
+                    data_out[key][v] = value
                 models.release(v)
         return Result(self.name, {
             "scan": "atp", "scan_top_k": config.scan_top_k, "scan_validate": config.scan_validate,
@@ -336,14 +343,44 @@ class MLPPatching:
             "n_prompts_by_set": {k: len(x) for k, x in sets.items()},
             "min_gap": config.min_gap,
             "metric": "log p(answer token) at the last prompt position",
-            "scan_definition": "denoising (base into variant) recovery per (site, layer), "
-                               "sum_i sign(g_i) effect_i / sum_i |g_i| over items with |g| >= "
-                               "min_gap; scan_estimate: effect_i = (a_base - a_variant) . "
-                               "d m / d a on the variant (AtP), scan_exact: effect_i = "
-                               "m_patched - m_variant where patched exactly (NaN elsewhere); "
-                               "scan_head_estimate: [layer][head], patches of one head's z "
-                               "through the variant's o_proj",
+            "scan_definition": SCAN_DEFINITION,
         })
+
+    @staticmethod
+    def _scan_variant(base, variant, batches, items, config: Config, advance) -> dict:
+        """The scan keys of one variant: AtP over ``batches``, exact over ``items``."""
+        n = base.n_layers
+        keys = [(s, layer) for s in config.sites for layer in range(n)]
+        heads = range(n) if "attn" in config.sites else ()
+        t0 = time.perf_counter()
+        est, head_est, m_base, m_variant = [], [], [], []
+        for ids, mask, pos, ans in batches:
+            sc = atp_scan(base, variant, ids, mask, answer_logprob(pos, ans),
+                          [(SITE[s], layer) for s, layer in keys], heads)
+            est.append(torch.stack([sc.estimate[(SITE[s], la)] for s, la in keys]))
+            if heads:
+                head_est.append(torch.stack([sc.heads[la] for la in heads]))
+            m_base.append(sc.source_metric), m_variant.append(sc.target_metric)
+            advance()
+        seconds = time.perf_counter() - t0
+        m_base, m_variant = torch.cat(m_base), torch.cat(m_variant)
+        gap = m_base - m_variant
+        keep = gap.abs() >= config.min_gap
+        estimate = dict(zip(keys, pooled_recovery(torch.cat(est, 1), gap, keep).tolist()))
+        res = verify_scan(estimate, lambda chosen: exact_denoise(
+            base, variant, items, chosen, gap, keep),
+            config.scan_top_k, config.scan_validate, seconds)
+        out = {"scan_estimate": by_site(estimate, config.sites, n),
+               "scan_exact": by_site(res["exact"], config.sites, n),
+               "scan_ranking": [list(k) for k in res["ranking"]],
+               "scan_verified": [list(k) for k in res["verified"]],
+               "scan_agreement": res["agreement"], "scan_seconds": res["seconds"],
+               "n_kept": int(keep.sum()),
+               "logprob": {"base": m_base.mean().item(), "variant": m_variant.mean().item()}}
+        if heads:  # [layer, item, head] -> [layer][head]
+            out["scan_head_estimate"] = pooled_recovery(torch.cat(head_est, 1).movedim(1, -1),
+                                                        gap, keep).tolist()
+        return out
 
     def _plot_scan(self, d: dict) -> dict:
         names = {"mlp": "MLP output", "attn": "attention output", "resid": "residual stream"}

@@ -45,15 +45,17 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from mechinterp.analysis.divergence import answer_items, base_cache_fits, teacher_forced_kl
+from mechinterp.analysis.divergence import base_cache_fits, teacher_forced_kl
 from mechinterp.data.arithmetic import is_task
 from mechinterp.data.mmlu import load_mmlu
 from mechinterp.data.subset import seeded_subset
 from mechinterp.errors import UserError
+from mechinterp.evals.answers import answer_items
 from mechinterp.evals.mmlu import MMLUFormat, score_mmlu, stratified_sample
 from mechinterp.evals.stats import accuracy_summary, bootstrap_diff
 from mechinterp.evals.task import score_task
 from mechinterp.store.frames import Table
+from mechinterp.models.naming import n_layers
 from mechinterp.models.stitch import (
     THIRDS,
     Recipe,
@@ -132,20 +134,8 @@ class Stitch:
               Table("task_accuracy", ("recipe",), ci="task_accuracy_ci95"))
 
     def run(self, models, data, config: Config) -> Result:
-        if "grid" in config.recipes and not models.variants:
-            raise UserError("the stitch grid swaps modules between the base and variants",
-                            "add --variant NAME=SPEC or give recipes")
-        recipes = recipe_list(config, models.variants)
-        unknown = sorted({n for r in recipes for n in r.parents} - set(models.names), key=str)
-        if unknown:
-            raise UserError(f"a recipe names model {unknown[0]!r}",
-                            f"models here: {', '.join(models.names)}")
-        involved = ["base"] + [n for n in models.variants if any(n in r.parents for r in recipes)]
+        recipes, involved, stitcher = self._plan(models, config)
         base = models.base
-        stitcher = Stitcher({"base": base.hf}, "base")
-        for r in recipes:  # every spec checked against the model before anything heavy runs
-            stitcher.selection(r)
-
         kl_items = self._kl_items(base, data, config, len(involved))
         mmlu = stratified_sample(load_mmlu(data, "test"), _capped(config.n_mmlu, config.limit),
                                  config.seed)
@@ -154,46 +144,16 @@ class Stitch:
         if not task_set:
             raise UserError(f"no held-out items in {config.task_items!r}",
                             "check the task_items option")
-
-        rows, kl_arr, mmlu_ok, task_ok = [], [], [], []
-        scored: dict[str, tuple] = {}  # a parent's accuracy rows, reused where it repeats
         try:
             for name in involved[1:]:
                 stitcher.add(name, models[name].hf)
-            caches: dict[str, dict] = {n: {} for n in involved}
-            for name in involved:  # each parent's answer distributions, before any swap
-                teacher_forced_kl(models[name], models[name], kl_items, config.kl_batch_size,
-                                  base_cache=caches[name], variant_cache=caches[name])
-            with task("stitch recipes", len(recipes)) as advance:
-                for r in recipes:
-                    with stitcher.stitched(r):  # base.hf now holds the recipe's weights
-                        mine: dict = {}  # the recipe's distributions, computed once
-                        kl = {p: teacher_forced_kl(models[p], base, kl_items,
-                                                   config.kl_batch_size, base_cache=caches[p],
-                                                   variant_cache=mine).numpy()
-                              for p in involved}
-                        pure = r.host if r.donor is None else None
-                        if pure in scored:
-                            m_rows, t_rows = scored[pure]
-                        else:
-                            m_rows = score_mmlu(base, mmlu, [], CLOZE,
-                                                token_budget=config.token_budget)
-                            t_rows = score_task(base, task_set, config.max_new_tokens,
-                                                config.batch_size)
-                            if pure is not None:
-                                scored[pure] = (m_rows, t_rows)
-                    m_ok = np.array([x["pred"] == x["gold"] for x in m_rows])
-                    t_ok = np.array([bool(x["correct"]) for x in t_rows])
-                    rows.append(_row(r, stitcher, kl, m_ok, t_ok,
-                                     float(np.mean([x["format_ok"] for x in t_rows]))))
-                    kl_arr.append(np.stack([kl[p] for p in involved]))
-                    mmlu_ok.append(m_ok)
-                    task_ok.append(t_ok)
-                    advance()
+            scored = self._run_recipes(models, stitcher, recipes, involved,
+                                       (kl_items, mmlu, task_set), config)
         finally:
             stitcher.restore()
             for name in involved[1:]:
                 stitcher.remove(name)  # no reference left: release frees the weights
+        rows, kl_arr, mmlu_ok, task_ok = scored
         _vs_host(rows, mmlu_ok, task_ok, config)
         for name in involved[1:]:
             models.release(name)
@@ -216,6 +176,63 @@ class Stitch:
         }, {"mmlu_correct": np.stack(mmlu_ok).astype(np.int8),
             "task_correct": np.stack(task_ok).astype(np.int8),
             "kl_items": np.stack(kl_arr)})
+
+    @staticmethod
+    def _plan(models, config: Config) -> tuple[list, list[str], Stitcher]:
+        """The recipes, the models they involve (the base first) and a stitcher on the base that
+        has checked every recipe's selection against the model before anything heavy runs."""
+        if "grid" in config.recipes and not models.variants:
+            raise UserError("the stitch grid swaps modules between the base and variants",
+                            "add --variant NAME=SPEC or give recipes")
+        recipes = recipe_list(config, models.variants)
+        unknown = sorted({n for r in recipes for n in r.parents} - set(models.names), key=str)
+        if unknown:
+            raise UserError(f"a recipe names model {unknown[0]!r}",
+                            f"models here: {', '.join(models.names)}")
+        involved = ["base"] + [n for n in models.variants if any(n in r.parents for r in recipes)]
+        stitcher = Stitcher({"base": models.base.hf}, "base")
+        for r in recipes:
+            stitcher.selection(r)
+        return recipes, involved, stitcher
+
+    @staticmethod
+    def _run_recipes(models, stitcher: Stitcher, recipes: list, involved: list[str],
+                     item_sets: tuple, config: Config) -> tuple[list, list, list, list]:
+        """Each recipe stitched into the base and measured: ``(rows, KL per parent and item,
+        MMLU correct per item, task correct per item)``, one entry per recipe."""
+        kl_items, mmlu, task_set = item_sets
+        base = models.base
+        rows, kl_arr, mmlu_ok, task_ok = [], [], [], []
+        scored: dict[str, tuple] = {}  # a parent's accuracy rows, reused where it repeats
+        caches: dict[str, dict] = {n: {} for n in involved}
+        for name in involved:  # each parent's answer distributions, before any swap
+            teacher_forced_kl(models[name], models[name], kl_items, config.kl_batch_size,
+                              base_cache=caches[name], variant_cache=caches[name])
+        with task("stitch recipes", len(recipes)) as advance:
+            for r in recipes:
+                with stitcher.stitched(r):  # base.hf now holds the recipe's weights
+                    mine: dict = {}  # the recipe's distributions, computed once
+                    kl = {p: teacher_forced_kl(models[p], base, kl_items, config.kl_batch_size,
+                                               base_cache=caches[p], variant_cache=mine).numpy()
+                          for p in involved}
+                    pure = r.host if r.donor is None else None
+                    if pure in scored:
+                        m_rows, t_rows = scored[pure]
+                    else:
+                        m_rows = score_mmlu(base, mmlu, [], CLOZE, token_budget=config.token_budget)
+                        t_rows = score_task(base, task_set, config.max_new_tokens,
+                                            config.batch_size)
+                        if pure is not None:
+                            scored[pure] = (m_rows, t_rows)
+                m_ok = np.array([x["pred"] == x["gold"] for x in m_rows])
+                t_ok = np.array([bool(x["correct"]) for x in t_rows])
+                rows.append(_row(r, stitcher, kl, m_ok, t_ok,
+                                 float(np.mean([x["format_ok"] for x in t_rows]))))
+                kl_arr.append(np.stack([kl[p] for p in involved]))
+                mmlu_ok.append(m_ok)
+                task_ok.append(t_ok)
+                advance()
+        return rows, kl_arr, mmlu_ok, task_ok
 
     @staticmethod
     def _kl_items(base, data, config: Config, n_parents: int):
@@ -257,8 +274,6 @@ def _row(r: Recipe, stitcher: Stitcher, kl: dict[str, np.ndarray], m_ok: np.ndar
 
 
 def _n_layers(stitcher: Stitcher) -> int:
-    from mechinterp.models.naming import n_layers
-
     return n_layers(stitcher.module.config)
 
 

@@ -27,6 +27,7 @@ from mechinterp.plotting import new_axes
 from mechinterp.core.probe import BaseConfig, declare, listed_models
 from mechinterp.core.summary import fmt, paired_line
 from mechinterp.store.results import Result
+from mechinterp.training.prompts import load_items
 
 
 @dataclass
@@ -53,8 +54,6 @@ class TaskAccuracy:
               Table("paired", ("model", "metric")))
 
     def run(self, models, data, config: Config) -> Result:
-        from mechinterp.training.prompts import load_items
-
         items = seeded_subset(load_items(config.items, data, "test"), config.limit, config.seed)
         if not items:
             raise UserError(f"no held-out items in {config.items!r}", "check the items option")

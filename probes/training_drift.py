@@ -16,12 +16,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mechinterp.analysis.weights import weight_change
+from mechinterp.data.base import DataSource
+from mechinterp.errors import UserError
 from mechinterp.store.frames import Table
 from mechinterp.paths import checkpoint_step
 from mechinterp.plotting import heatmap_grid, new_axes
 from mechinterp.core.probe import BaseConfig, declare
 from mechinterp.core.summary import fmt
+from mechinterp.progress import track
 from mechinterp.store.results import Result
+from mechinterp.training.drift import answer_logprobs, build_heldout, kl_per_item
+from mechinterp.training.prompts import load_items, pick, prompt_messages, render_target
 
 
 @dataclass
@@ -61,13 +67,6 @@ class TrainingDrift:
         return {"relative_change": rel, "kl": kl, "runs": runs}
 
     def run(self, models, data, config: Config) -> Result:
-        from mechinterp.analysis.weights import weight_change
-        from mechinterp.data.base import DataSource
-        from mechinterp.errors import UserError
-        from mechinterp.progress import track
-        from mechinterp.training.drift import answer_logprobs, build_heldout, kl_per_item
-        from mechinterp.training.prompts import load_items, pick, prompt_messages, render_target
-
         if not models.runs:
             raise UserError("training-drift needs at least one variant",
                             "e.g. --variant sft=OUT@step-4,OUT@step-8")

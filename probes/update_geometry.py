@@ -42,7 +42,7 @@ variants every checkpoint is measured (``trajectory`` keys as weight-change: ``r
 from __future__ import annotations
 
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,6 +51,7 @@ import torch
 
 from mechinterp.analysis import geometry as G
 from mechinterp.analysis.weights import (
+    CHUNK_ELEMENTS,
     SPARSITY_BINS,
     SPARSITY_EDGES,
     CheckpointReader,
@@ -59,9 +60,11 @@ from mechinterp.analysis.weights import (
     matrix_refs,
 )
 from mechinterp.errors import CorruptCheckpoint, UserError
+from mechinterp.evals.stats import t_interval
 from mechinterp.store.frames import Table
 from mechinterp.models.naming import family_for, n_layers
-from mechinterp.plotting import heatmap_grid, new_axes
+from mechinterp.plotting import heatmap_grid
+from mechinterp.plotting.panels import layer_matrix, none_nan, panel_grid
 from mechinterp.plotting.trajectories import X_AXES, checkpoint_x, run_steps, run_styles, x_label
 from mechinterp.core.probe import BaseConfig, declare, listed_models
 from mechinterp.progress import task
@@ -140,7 +143,7 @@ class UpdateGeometry:
         for m in FIGURE_MEASURES:
             if m not in data or not finals:
                 continue
-            panels = [(v, _layer_matrix(data[m][v], matrices)) for v in finals]
+            panels = [(v, layer_matrix(data[m][v], matrices)) for v in finals]
             if m == "on_principal_share":  # as a ratio, so matrices of different shapes compare
                 rand = np.array([data["random_share"][mm] for mm in matrices])[None, :]
                 panels = [(v, a / rand) for v, a in panels]
@@ -160,97 +163,127 @@ class UpdateGeometry:
 
 # ----- measuring -----------------------------------------------------------------------------------
 
+class Tally:
+    """The measures of every (variant, matrix, layer) as they are computed, and their totals."""
+
+    def __init__(self, variants: list[str], matrices: list[str], n_layer: int, config: Config):
+        def grid(fill=None):
+            return {v: {m: [fill] * n_layer for m in matrices} for v in variants}
+
+        self.config, self.matrices, self.n_layers = config, matrices, n_layer
+        self.tol_keys = [f"{t:g}" for t in config.tolerances]
+        self.per = {key: grid() for key in (*(SPECTRAL if config.spectral else ()), *PRECISION)}
+        self.tolerance = {t: grid() for t in self.tol_keys}
+        self.hist = {key: {v: dict.fromkeys(matrices, 0) for v in variants}
+                     for key in ("zero", "below", "above", "total")}
+        self.hist["counts"] = {v: {m: np.zeros(SPARSITY_BINS, np.int64) for m in matrices}
+                               for v in variants}
+        self.totals = {v: {"n": 0, "exact_zero": 0, "bf16_invisible": 0,
+                           "tolerance": dict.fromkeys(self.tol_keys, 0)} for v in variants}
+        self.meta = {key: {} for key in ("k", "shape", "svd", "dw_spectrum", "random_share",
+                                         "random_left_share", "random_right_share")}
+        self.compared_in: dict[str, set] = {v: set() for v in variants}
+        self.seconds = {"read": 0.0, "precision": 0.0, "base_svd": 0.0, "variant_geometry": 0.0}
+
+    def matrix(self, m: str, shape: tuple[int, int]) -> tuple[int, str]:
+        """Record the matrix kind's shape, k and SVD method; returns (k, method)."""
+        config = self.config
+        k = min(min(shape), config.k) if config.k else G.k_for(shape, config.k_fraction)
+        method = G.svd_method(shape, config.svd)
+        meta = self.meta
+        meta["k"][m], meta["shape"][m], meta["svd"][m] = k, list(shape), method
+        meta["random_share"][m] = k * k / (shape[0] * shape[1])
+        meta["random_left_share"][m], meta["random_right_share"][m] = k / shape[0], k / shape[1]
+        return k, method
+
+    def add_precision(self, name: str, m: str, layer: int, c: dict) -> None:
+        """One variant's :func:`_precision` counts of one matrix."""
+        self.compared_in[name].add(c["compared_in"])
+        n = c["n"]
+        self.per["exact_zero_fraction"][name][m][layer] = c["exact_zero"] / n
+        self.per["bf16_invisible_fraction"][name][m][layer] = c["bf16_invisible"] / n
+        total = self.totals[name]
+        total["n"] += n
+        total["exact_zero"] += c["exact_zero"]
+        total["bf16_invisible"] += c["bf16_invisible"]
+        for t, key in zip(self.config.tolerances, self.tol_keys, strict=True):
+            self.tolerance[key][name][m][layer] = c["tolerance"][t] / n
+            total["tolerance"][key] += c["tolerance"][t]
+        counts, hist = c["counts"], self.hist
+        hist["zero"][name][m] += c["exact_zero"]
+        hist["below"][name][m] += int(counts[0])
+        hist["above"][name][m] += int(counts[-1])
+        hist["total"][name][m] += n
+        hist["counts"][name][m] += counts[1:-1]
+
+    def add_geometry(self, name: str, m: str, layer: int, geo: dict) -> None:
+        self.meta["dw_spectrum"][m] = geo["dw_spectrum"]
+        for key in SPECTRAL:
+            self.per[key][name][m][layer] = geo[key]
+
+    def result(self) -> dict:
+        config, hist = self.config, dict(self.hist)
+        hist["counts"] = {v: {m: c.tolist() for m, c in ms.items()}
+                          for v, ms in hist["counts"].items()}
+        out = {"matrices": self.matrices, "n_layers": self.n_layers, **self.per,
+               "tolerance_fraction": self.tolerance, "tolerances": self.tol_keys,
+               "histograms": {"edges": SPARSITY_EDGES.tolist(), **hist},
+               "overall": {v: {"exact_zero_fraction": t["exact_zero"] / t["n"],
+                               "bf16_invisible_fraction": t["bf16_invisible"] / t["n"],
+                               "tolerance_fraction": {k: c / t["n"]
+                                                      for k, c in t["tolerance"].items()}}
+                           for v, t in self.totals.items()},
+               "compared_in": {v: ",".join(sorted(s)) for v, s in self.compared_in.items()},
+               "k_fraction": None if config.k else config.k_fraction,
+               "seconds": self.seconds, **self.meta}
+        if not config.spectral:
+            for key in ("svd", "dw_spectrum"):
+                out.pop(key)
+        return out
+
+
+@contextmanager
+def _timed(seconds: dict, key: str):
+    """Adds the seconds the block takes to ``seconds[key]``."""
+    t0 = time.perf_counter()
+    yield
+    seconds[key] += time.perf_counter() - t0
+
+
 def measure(base: Path, variants: dict[str, Path], config: Config, progress=None) -> dict:
     """Every measure for every (layer, matrix) of ``base`` against each of ``variants``."""
     cfg = load_config(base)
     family = family_for(cfg)
+    tally = Tally(list(variants), list(family.matrices), n_layers(cfg), config)
     refs = matrix_refs(family, cfg)
-    L, matrices = n_layers(cfg), list(family.matrices)
-    tol_keys = [f"{t:g}" for t in config.tolerances]
-    per = {key: {v: {m: [None] * L for m in matrices} for v in variants}
-           for key in (*(SPECTRAL if config.spectral else ()), *PRECISION)}
-    tolf = {t: {v: {m: [None] * L for m in matrices} for v in variants} for t in tol_keys}
-    hist = {key: {v: {m: 0 for m in matrices} for v in variants}
-            for key in ("zero", "below", "above", "total")}
-    hist["counts"] = {v: {m: np.zeros(SPARSITY_BINS, np.int64) for m in matrices}
-                      for v in variants}
-    totals = {v: {"n": 0, "exact_zero": 0, "bf16_invisible": 0, "tolerance": dict.fromkeys(
-        tol_keys, 0)} for v in variants}
-    meta = {key: {} for key in ("k", "shape", "svd", "dw_spectrum", "random_share",
-                                "random_left_share", "random_right_share")}
-    compared_in: dict[str, set] = {v: set() for v in variants}
-    seconds = {"read": 0.0, "precision": 0.0, "base_svd": 0.0, "variant_geometry": 0.0}
     with ExitStack() as stack, task("update geometry", len(refs)) as advance:
-        rb = stack.enter_context(CheckpointReader(base))
+        base_reader = stack.enter_context(CheckpointReader(base))
         readers = {n: stack.enter_context(CheckpointReader(f)) for n, f in variants.items()}
         for layer, m, ref in refs:
-            t0 = time.perf_counter()
-            b = ref.take(rb.get(ref.name))
-            seconds["read"] += time.perf_counter() - t0
+            with _timed(tally.seconds, "read"):
+                b = ref.take(base_reader.get(ref.name))
             shape = tuple(b.shape)
-            k = min(min(shape), config.k) if config.k else G.k_for(shape, config.k_fraction)
-            method = G.svd_method(shape, config.svd)
-            meta["k"][m], meta["shape"][m], meta["svd"][m] = k, list(shape), method
-            meta["random_share"][m] = k * k / (shape[0] * shape[1])
-            meta["random_left_share"][m], meta["random_right_share"][m] = k / shape[0], k / shape[1]
+            k, method = tally.matrix(m, shape)
             base_svd = None
             if config.spectral:
-                t0 = time.perf_counter()
-                base_svd = G.top_svd(b, k, method)
-                seconds["base_svd"] += time.perf_counter() - t0
+                with _timed(tally.seconds, "base_svd"):
+                    base_svd = G.top_svd(b, k, method)
             for name, reader in readers.items():
-                t0 = time.perf_counter()
-                v = ref.take(reader.get(ref.name))
+                with _timed(tally.seconds, "read"):
+                    v = ref.take(reader.get(ref.name))
                 if tuple(v.shape) != shape:
                     raise CorruptCheckpoint(f"{ref.name} has shape {tuple(v.shape)} in {name} but "
                                             f"{shape} in the base", "compare the same architecture")
-                seconds["read"] += time.perf_counter() - t0
-                t0 = time.perf_counter()
-                c = _precision(b, v, config.tolerances)
-                compared_in[name].add(c["compared_in"])
-                n = c["n"]
-                per["exact_zero_fraction"][name][m][layer] = c["exact_zero"] / n
-                per["bf16_invisible_fraction"][name][m][layer] = c["bf16_invisible"] / n
-                tot = totals[name]
-                tot["n"] += n
-                tot["exact_zero"] += c["exact_zero"]
-                tot["bf16_invisible"] += c["bf16_invisible"]
-                for t, key in zip(config.tolerances, tol_keys, strict=True):
-                    tolf[key][name][m][layer] = c["tolerance"][t] / n
-                    tot["tolerance"][key] += c["tolerance"][t]
-                counts = c["counts"]
-                hist["zero"][name][m] += c["exact_zero"]
-                hist["below"][name][m] += int(counts[0])
-                hist["above"][name][m] += int(counts[-1])
-                hist["total"][name][m] += n
-                hist["counts"][name][m] += counts[1:-1]
-                seconds["precision"] += time.perf_counter() - t0
+                with _timed(tally.seconds, "precision"):
+                    tally.add_precision(name, m, layer, _precision(b, v, config.tolerances))
                 if base_svd is not None:
-                    t0 = time.perf_counter()
-                    wide = G.compare_dtype(b.dtype, v.dtype)
-                    dw = v.to(wide) - b.to(wide)
-                    geo = G.update_geometry(base_svd, v, dw)
-                    meta["dw_spectrum"][m] = geo["dw_spectrum"]
-                    for key in SPECTRAL:
-                        per[key][name][m][layer] = geo[key]
-                    seconds["variant_geometry"] += time.perf_counter() - t0
+                    with _timed(tally.seconds, "variant_geometry"):
+                        wide = G.compare_dtype(b.dtype, v.dtype)
+                        tally.add_geometry(name, m, layer,
+                                           G.update_geometry(base_svd, v, v.to(wide) - b.to(wide)))
                 del v
             (progress or advance)()
-    hist["counts"] = {v: {m: c.tolist() for m, c in ms.items()} for v, ms in hist["counts"].items()}
-    out = {"matrices": matrices, "n_layers": L, **per, "tolerance_fraction": tolf,
-           "tolerances": tol_keys,
-           "histograms": {"edges": SPARSITY_EDGES.tolist(), **hist},
-           "overall": {v: {"exact_zero_fraction": t["exact_zero"] / t["n"],
-                           "bf16_invisible_fraction": t["bf16_invisible"] / t["n"],
-                           "tolerance_fraction": {k: c / t["n"] for k, c in t["tolerance"].items()}}
-                       for v, t in totals.items()},
-           "compared_in": {v: ",".join(sorted(s)) for v, s in compared_in.items()},
-           "k_fraction": None if config.k else config.k_fraction,
-           "seconds": seconds, **meta}
-    if not config.spectral:
-        for key in ("svd", "dw_spectrum"):
-            out.pop(key)
-    return out
+    return tally.result()
 
 
 def _precision(b: torch.Tensor, v: torch.Tensor, tolerances: list[float]) -> dict:
@@ -258,8 +291,6 @@ def _precision(b: torch.Tensor, v: torch.Tensor, tolerances: list[float]) -> dic
     :data:`~mechinterp.analysis.weights.CHUNK_ELEMENTS` entries (its temporaries stay a few
     chunks), merged, with the |dW|/|W| bin counts of the nonzero updates (``counts``: below
     1e-8, the 100 bins, at or above 1)."""
-    from mechinterp.analysis.weights import CHUNK_ELEMENTS
-
     rows = max(1, CHUNK_ELEMENTS // max(1, b[0].numel() if b.ndim > 1 else 1))
     out = {"n": 0, "exact_zero": 0, "bf16_invisible": 0, "tolerance": dict.fromkeys(tolerances, 0),
            "counts": np.zeros(SPARSITY_BINS + 2, np.int64)}
@@ -280,16 +311,11 @@ def _precision(b: torch.Tensor, v: torch.Tensor, tolerances: list[float]) -> dic
 
 # ----- figures -------------------------------------------------------------------------------------
 
-def _layer_matrix(per_matrix: dict, matrices: list[str]) -> np.ndarray:
-    return np.array([[np.nan if x is None else x for x in per_matrix[m]] for m in matrices],
-                    float).T
-
-
 def _mean(data: dict, measure: str, name: str) -> float:
     """Mean over layers and matrices; the share as a ratio to the random share, per matrix."""
     vals = []
     for m in data["matrices"]:
-        xs = np.array([np.nan if x is None else x for x in data[measure][name][m]], float)
+        xs = np.array(none_nan(data[measure][name][m]), float)
         if measure == "on_principal_share":
             xs = xs / data["random_share"][m]
         vals.append(xs)
@@ -309,9 +335,7 @@ def trajectory_figure(data: dict, runs: dict, kinds: dict, x_axis: str = "step",
     ``{checkpoint: KL}`` from a kl-drift result)."""
     measures = [m for m in FIGURE_MEASURES if m in data]
     styles = run_styles(runs, kinds)
-    cols = 4
-    rows = -(-len(measures) // cols)
-    fig, axes = new_axes(3.4 * cols + 1.5, 2.8 * rows, nrows=rows, ncols=cols, squeeze=False)
+    fig, axes = panel_grid(len(measures), 4, (3.4, 2.8), margin=1.5)
     ok_all = True
     for ax, meas in zip(axes.ravel(), measures):
         for run, names in runs.items():
@@ -325,8 +349,6 @@ def trajectory_figure(data: dict, runs: dict, kinds: dict, x_axis: str = "step",
         ax.grid(True, alpha=0.3)
     for ax in axes.ravel():
         ax.set_xlabel(x_label(x_axis, ok_all), fontsize=8)
-    for ax in axes.ravel()[len(measures):]:
-        ax.set_visible(False)
     axes.ravel()[0].legend(fontsize=7)
     fig.suptitle("Update geometry over training (mean over layers and matrices)")
     return fig
@@ -337,15 +359,13 @@ def by_matrix_figure(data: dict, finals: list[str], kinds: dict):
     series per final model."""
     measures = [m for m in FIGURE_MEASURES if m in data]
     matrices = data["matrices"]
-    cols = 4
-    rows = -(-len(measures) // cols)
-    fig, axes = new_axes(3.4 * cols + 1.5, 2.8 * rows, nrows=rows, ncols=cols, squeeze=False)
+    fig, axes = panel_grid(len(measures), 4, (3.4, 2.8), margin=1.5)
     x = np.arange(len(matrices))
     for ax, meas in zip(axes.ravel(), measures):
         for j, v in enumerate(finals):
             ys = []
             for m in matrices:
-                xs = np.array([np.nan if a is None else a for a in data[meas][v][m]], float)
+                xs = np.array(none_nan(data[meas][v][m]), float)
                 if meas == "on_principal_share":
                     xs = xs / data["random_share"][m]
                 ys.append(np.nanmean(xs) if np.isfinite(xs).any() else np.nan)
@@ -356,8 +376,6 @@ def by_matrix_figure(data: dict, finals: list[str], kinds: dict):
         ax.set_xticks(x, matrices)
         ax.set_title(_ylabel(meas), fontsize=9)
         ax.grid(True, alpha=0.3)
-    for ax in axes.ravel()[len(measures):]:
-        ax.set_visible(False)
     axes.ravel()[0].legend(fontsize=7)
     fig.suptitle("Update geometry per matrix kind, final models (mean over layers)")
     return fig
@@ -370,10 +388,7 @@ def precision_figure(data: dict, finals: list[str]):
     edges = np.asarray(h["edges"], float)
     centres = np.sqrt(edges[:-1] * edges[1:])
     zero_x = edges[0] / 10
-    cols = min(3, len(finals))
-    rows = -(-len(finals) // cols)
-    fig, axes = new_axes(5.0 * cols + 0.5, 3.6 * rows, nrows=rows, ncols=cols, squeeze=False,
-                         sharey=True)
+    fig, axes = panel_grid(len(finals), 3, (5.0, 3.6), ylabel="fraction of entries", sharey=True)
     for ax, v in zip(axes.ravel(), finals):
         for m in matrices:
             total = max(1, h["total"][v][m])
@@ -390,10 +405,6 @@ def precision_figure(data: dict, finals: list[str]):
         ax.set_xlabel(r"$|\Delta W| / |W_{base}|$ (square at left: exactly 0)")
         ax.grid(True, alpha=0.3)
     axes.ravel()[0].legend(fontsize=7, loc="upper center", ncols=2)  # zeros sit at the left
-    for ax in axes[:, 0]:
-        ax.set_ylabel("fraction of entries")
-    for ax in axes.ravel()[len(finals):]:
-        ax.set_visible(False)
     compared = ", ".join(sorted(set(data.get("compared_in", {}).values())))
     fig.suptitle(f"Update precision (compared in {compared}; dotted: 2^-8, about half a bf16 ulp "
                  "relative to the weight)", fontsize=10)
@@ -426,8 +437,6 @@ def summary_lines(study, data: dict) -> list[str]:
     """Per kind of run (SFT, GRPO, ...; every variant of unknown kind on its own): the final
     models' on-/off-principal share, rotation, spectral drift, ranks and apparent sparsity per
     precision; with several seeds of a kind, the mean and a Student-t 95% interval over seeds."""
-    from mechinterp.evals.stats import t_interval
-
     groups: dict[str, list[str]] = {}
     for name, info in study.variants.items():
         kind = info.kind

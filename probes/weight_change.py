@@ -34,7 +34,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import matplotlib as mpl
 import numpy as np
+from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
 
 from mechinterp.analysis.update_measures import measures
 from mechinterp.analysis.weights import SPARSITY_EDGES, load_config, weight_diff
@@ -42,6 +45,7 @@ from mechinterp.store.frames import Table
 from mechinterp.models.naming import family_for, n_layers
 from mechinterp.models.safetensors_io import tensor_index
 from mechinterp.plotting import heatmap_grid, new_axes
+from mechinterp.plotting.panels import layer_matrix, none_nan, panel_grid
 from mechinterp.plotting.trajectories import run_steps, run_styles, run_x
 from mechinterp.core.probe import BaseConfig, declare, listed_models
 from mechinterp.core.summary import floats, fmt, mean_change
@@ -133,14 +137,14 @@ class WeightChange:
         finals = [names[-1] for names in runs.values() if names]
         if finals:
             figs["weight_change_heatmap"] = heatmap_grid(
-                [(v, _layer_matrix(rel[v], matrices)) for v in finals], matrices, "layer",
+                [(v, layer_matrix(rel[v], matrices)) for v in finals], matrices, "layer",
                 REL_LABEL, title="Relative weight change per layer and matrix (last checkpoints)",
                 ncols=4)
         multi = {r: names for r, names in runs.items() if len(names) > 1}
         for run, names in multi.items():
-            last = _layer_matrix(rel[names[-1]], matrices)
+            last = layer_matrix(rel[names[-1]], matrices)
             figs[f"weight_change_checkpoints_{run}"] = heatmap_grid(
-                [(n, _layer_matrix(rel[n], matrices)) for n in names], matrices, "layer",
+                [(n, layer_matrix(rel[n], matrices)) for n in names], matrices, "layer",
                 REL_LABEL, vmin=0.0, vmax=float(np.nanmax(last)), ncols=5,
                 title=f"Relative weight change per checkpoint of {run} "
                       "(colour scale 0..max of the last checkpoint; brighter = clipped)")
@@ -156,7 +160,7 @@ class WeightChange:
                 if not shown:
                     continue
                 figs[f"{key}_heatmap"] = heatmap_grid(
-                    [(v, _layer_matrix(data[key][v], matrices)) for v in shown], matrices,
+                    [(v, layer_matrix(data[key][v], matrices)) for v in shown], matrices,
                     "layer", label, ncols=4,
                     title=f"{label} per layer and matrix (last checkpoints)")
                 figs[f"{key}_layers"] = _measure_lines(shown, data, key, label)
@@ -174,13 +178,8 @@ def _has_values(per_matrix) -> bool:
 def _measure_lines(variants: list[str], data: dict, key: str, label: str):
     """Per variant: the measure over layers, one line per matrix kind, over the band pure-noise
     AdamW gradients with the run's settings reach (mean and 2.5-97.5 percentiles)."""
-    from matplotlib.ticker import MaxNLocator
-
     matrices = data["matrices"]
-    cols = min(3, len(variants))
-    rows = -(-len(variants) // cols)
-    fig, axes = new_axes(5.0 * cols + 0.5, 3.6 * rows, nrows=rows, ncols=cols, squeeze=False,
-                         sharey=True)
+    fig, axes = panel_grid(len(variants), 3, (5.0, 3.6), ylabel=label, sharey=True)
     for ax, v in zip(axes.ravel(), variants):
         floor = (data.get("noise_floor") or {}).get(v)
         if floor:
@@ -189,17 +188,13 @@ def _measure_lines(variants: list[str], data: dict, key: str, label: str):
             ax.axhline(floor[key], color="0.4", linestyle="--", linewidth=1,
                        label=f"noise floor {floor[key]:.3g} [{lo:.3g}, {hi:.3g}]")
         for m in matrices:
-            ax.plot(_none_nan(data[key][v][m]), marker="o", markersize=2.5, linewidth=1, label=m)
+            ax.plot(none_nan(data[key][v][m]), marker="o", markersize=2.5, linewidth=1, label=m)
         src = (data.get("coherence_source") or {}).get(v) if key == "coherence" else None
         ax.set_title(f"{v}" + (f" (path: {src})" if src else ""), fontsize=9)
         ax.set_xlabel("layer")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7, loc="best")
-    for ax in axes[:, 0]:
-        ax.set_ylabel(label)
-    for ax in axes.ravel()[len(variants):]:
-        ax.set_visible(False)
     fig.suptitle(f"{label}; grey band: AdamW with the run's settings on pure-noise gradients")
     return fig
 
@@ -209,16 +204,8 @@ def _stored_dtypes(folder) -> str:
     return ",".join(sorted({dtype for _, _, dtype in tensor_index(folder).values()}))
 
 
-def _layer_matrix(per_matrix: dict, matrices: list[str]) -> np.ndarray:
-    """(layer, matrix) array; JSON null (NaN) -> NaN."""
-    return np.array([[np.nan if x is None else x for x in per_matrix[m]] for m in matrices],
-                    float).T
-
-
 def _mean_trajectory(runs: dict, data: dict, kinds: dict):
     """Mean over layers per matrix kind against step: colour = matrix, line style = run kind."""
-    from matplotlib.lines import Line2D
-
     matrices, steps, rel = data["matrices"], data["steps"], data["relative_change"]
     style = run_styles(runs, kinds)
     fig, ax = new_axes(7.5, 4.5)
@@ -228,7 +215,7 @@ def _mean_trajectory(runs: dict, data: dict, kinds: dict):
         xs, is_step = run_x(names, steps)
         all_steps &= is_step
         for m in matrices:
-            ys = [np.nanmean(_none_nan(rel[n][m])) for n in names]
+            ys = [np.nanmean(none_nan(rel[n][m])) for n in names]
             (line,) = ax.plot(xs, ys, linestyle=style[run], marker="o", markersize=3,
                               color=colors.get(m))
             colors[m] = line.get_color()
@@ -246,18 +233,14 @@ def _mean_trajectory(runs: dict, data: dict, kinds: dict):
 
 def _layer_trajectories(run: str, names: list[str], data: dict, linestyle):
     """One panel per matrix kind: each layer's change against step, coloured by layer."""
-    import matplotlib as mpl
-
     matrices, rel = data["matrices"], data["relative_change"]
     xs, is_step = run_x(names, data["steps"])
     L = data["n_layers"]
-    cols = 4
-    rows = -(-len(matrices) // cols)
-    fig, axes = new_axes(3.2 * cols + 1.0, 2.7 * rows, nrows=rows, ncols=cols, squeeze=False,
-                         sharey=True)
+    fig, axes = panel_grid(len(matrices), 4, (3.2, 2.7), margin=1.0, ylabel="relative change",
+                           sharey=True)
     cmap = mpl.colormaps["viridis"]
     for ax, m in zip(axes.ravel(), matrices):
-        arr = np.array([_none_nan(rel[n][m]) for n in names], float)  # (checkpoint, layer)
+        arr = np.array([none_nan(rel[n][m]) for n in names], float)  # (checkpoint, layer)
         for layer in range(L):
             ax.plot(xs, arr[:, layer], color=cmap(layer / max(1, L - 1)), linewidth=1,
                     linestyle=linestyle)
@@ -268,10 +251,6 @@ def _layer_trajectories(run: str, names: list[str], data: dict, linestyle):
                     ha="center", va="center", color="0.4")
         ax.set_xlabel("training step" if is_step else "checkpoint")
         ax.grid(True, alpha=0.3)
-    for ax in axes[:, 0]:
-        ax.set_ylabel("relative change")
-    for ax in axes.ravel()[len(matrices):]:
-        ax.set_visible(False)
     sm = mpl.cm.ScalarMappable(norm=mpl.colors.Normalize(0, L - 1), cmap=cmap)
     fig.colorbar(sm, ax=axes.ravel().tolist(), label="layer", shrink=0.9)
     fig.suptitle(f"Per-layer weight change over training: {run}")
@@ -283,10 +262,8 @@ def _sparsity_figure(variants: list[str], data: dict):
     sp, matrices = data["sparsity"], data["matrices"]
     edges = np.asarray(sp["edges"], float)
     centres = np.sqrt(edges[:-1] * edges[1:])
-    cols = min(3, len(variants))
-    rows = -(-len(variants) // cols)
-    fig, axes = new_axes(5.0 * cols + 0.5, 3.6 * rows, nrows=rows, ncols=cols, squeeze=False,
-                         sharey=True)
+    fig, axes = panel_grid(len(variants), 3, (5.0, 3.6), ylabel="fraction of entries per bin",
+                           sharey=True)
     for ax, v in zip(axes.ravel(), variants):
         for m in matrices:
             total = sp["total"][v][m]
@@ -301,16 +278,8 @@ def _sparsity_figure(variants: list[str], data: dict):
         ax.set_xlabel(r"$|\Delta W| / \max(|W_{base}|, 10^{-10})$")
         ax.legend(fontsize=7, loc="upper left")
         ax.grid(True, alpha=0.3)
-    for ax in axes[:, 0]:
-        ax.set_ylabel("fraction of entries per bin")
-    for ax in axes.ravel()[len(variants):]:
-        ax.set_visible(False)
     fig.suptitle("Update sparsity (100 log bins 1e-8..1; % changed = bits differ)")
     return fig
-
-
-def _none_nan(xs):
-    return [np.nan if x is None else x for x in xs]
 
 
 PLAIN = ("How far each matrix moved: ||W_variant - W_base||_F / ||W_base||_F per layer and "

@@ -1,5 +1,5 @@
-"""Cross-model patching: identities, batched sweep == per-condition loop, and the probe on a
-variant with a planted change of known location."""
+"""Cross-model patching of an answer token: identities, the engine == one plain patched forward
+per condition, and the probe on a variant with a planted change of known location."""
 
 import json
 
@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from mechinterp.analysis.crossmodel import (
-    cross_model_patch_sweep,
+    answer_item,
     last_positions,
     normalised_recovery,
-    plain_logprobs,
+    patch_both_ways,
+    patch_condition,
 )
 from mechinterp.analysis.patching import Patch, capture, run_patched
 from mechinterp.models import load
@@ -29,13 +30,17 @@ def pair(tmp_path_factory):
     return base, load(str(folder), device="cpu", dtype="float32", name="planted"), folder
 
 
-def _batch(model):
-    model.tokenizer.padding_side = "right"
-    enc = model.encode(PROMPTS)
-    ids, mask = enc["input_ids"], enc["attention_mask"]
-    pos = last_positions(mask)
-    answers = ids[:, 1]  # any token ids will do
-    return ids, mask, pos, answers
+def _items(model):
+    """(prompt ids, answer id) per prompt; any answer token will do: the prompt's second."""
+    ids = [model.tokenizer(p)["input_ids"] for p in PROMPTS]
+    return [(x, x[1]) for x in ids]
+
+
+def _plain(model, prompt_ids, answer_id, patches=()) -> float:
+    """log p(answer) after the prompt from one plain (patched) HF forward of the prompt alone."""
+    x = torch.tensor([prompt_ids])
+    logits = run_patched(model, x, torch.ones_like(x), list(patches))
+    return logits[0, -1].double().log_softmax(-1)[answer_id].item()
 
 
 def test_last_positions_left_and_right_padding():
@@ -48,43 +53,46 @@ def test_last_positions_left_and_right_padding():
 @pytest.mark.parametrize("site", ["resid_pre", "attn_out", "mlp_out", "resid_post"])
 def test_self_patching_changes_nothing(pair, site):
     base, _, _ = pair
-    ids, mask, pos, ans = _batch(base)
-    plain = plain_logprobs(base, ids, mask, pos, ans)
-    lp = cross_model_patch_sweep(base, base, ids, mask, site, range(base.n_layers), pos, ans)
-    torch.testing.assert_close(lp, plain.expand_as(lp), atol=1e-5, rtol=0)
+    conds = [patch_condition(site, [layer]) for layer in range(base.n_layers)]
+    for ids, ans in _items(base):
+        sweep = patch_both_ways(base, base, answer_item(ids, ans), conds)
+        assert sweep.base[0].item() == pytest.approx(_plain(base, ids, ans), abs=1e-5)
+        torch.testing.assert_close(sweep.denoise, sweep.base.expand_as(sweep.denoise), atol=1e-5,
+                                   rtol=0)
+        torch.testing.assert_close(sweep.noise, sweep.base.expand_as(sweep.noise), atol=1e-5,
+                                   rtol=0)
 
 
 def test_base_resid_at_last_layer_reproduces_base_logits(pair):
     base, var, _ = pair
-    ids, mask, pos, ans = _batch(base)
     last = base.n_layers - 1
-    b_logits, acts = capture(base, ids, mask, [("resid_post", last)])
-    v_logits = var.hf(input_ids=ids, attention_mask=mask).logits
-    assert (b_logits - v_logits).abs().max() > 1e-3  # the variant really differs
-    patched = run_patched(var, ids, mask, [Patch("resid_post", last, acts[("resid_post", last)])])
-    torch.testing.assert_close(patched, b_logits, atol=1e-5, rtol=0)
-    lp = cross_model_patch_sweep(base, var, ids, mask, "resid_post", [last], pos, ans)
-    torch.testing.assert_close(lp[0], plain_logprobs(base, ids, mask, pos, ans), atol=1e-5, rtol=0)
+    for ids, ans in _items(base):
+        sweep = patch_both_ways(base, var, answer_item(ids, ans),
+                                [patch_condition("resid_post", [last])])
+        assert abs(sweep.base[0].item() - sweep.variant[0].item()) > 1e-4  # the variant differs
+        assert sweep.denoise[0, 0].item() == pytest.approx(sweep.base[0].item(), abs=1e-5)
+        assert sweep.noise[0, 0].item() == pytest.approx(sweep.variant[0].item(), abs=1e-5)
+        assert sweep.variant[0].item() == pytest.approx(_plain(var, ids, ans), abs=1e-5)
 
 
-def test_batched_sweep_equals_one_condition_at_a_time(pair):
+def test_sweep_equals_one_plain_patched_forward_per_condition(pair):
     base, var, _ = pair
-    ids, mask, pos, ans = _batch(base)
-    conds = [0, (1, 2), 3, (0, 1, 2, 3)]
-    n = base.n_layers
-    _, acts = capture(base, ids, mask, [("mlp_out", layer) for layer in range(n)])
-    rows = torch.arange(len(PROMPTS))
-    expect = []
-    for c in conds:
-        group = (c,) if isinstance(c, int) else c
-        logits = run_patched(var, ids, mask, [Patch("mlp_out", layer, acts[("mlp_out", layer)])
-                                              for layer in group])
-        lp = logits[rows, pos].log_softmax(-1)[rows, ans]
-        expect.append(lp)
-    # max_tokens small enough to force several passes with uneven condition groups
-    got = cross_model_patch_sweep(base, var, ids, mask, "mlp_out", conds, pos, ans,
-                                  max_tokens=3 * ids.numel())
-    torch.testing.assert_close(got, torch.stack(expect), atol=1e-5, rtol=0)
+    conds = [[0], [1, 2], [3], [0, 1, 2, 3]]
+    conditions = [patch_condition("mlp_out", c) for c in conds]
+    for ids, ans in _items(base):
+        x = torch.tensor([ids])
+        _, base_acts = capture(base, x, torch.ones_like(x), [("mlp_out", la) for la in range(4)])
+        _, var_acts = capture(var, x, torch.ones_like(x), [("mlp_out", la) for la in range(4)])
+        item = answer_item(ids, ans)
+        # a token budget small enough to force several passes with uneven condition groups
+        sweep = patch_both_ways(base, var, item, conditions, token_budget=3 * item.n_tokens)
+        for c, group in enumerate(conds):
+            into_var = [Patch("mlp_out", la, base_acts[("mlp_out", la)]) for la in group]
+            into_base = [Patch("mlp_out", la, var_acts[("mlp_out", la)]) for la in group]
+            assert sweep.denoise[c, 0].item() == pytest.approx(_plain(var, ids, ans, into_var),
+                                                               abs=1e-5)
+            assert sweep.noise[c, 0].item() == pytest.approx(_plain(base, ids, ans, into_base),
+                                                             abs=1e-5)
 
 
 def test_normalised_recovery_by_hand():

@@ -100,63 +100,46 @@ def test_planted_layer_and_window_rank_first(planted, data_source, tmp_path):
     assert math.isfinite(d["spearman_vs_weight_change"]["one"])
 
 
-def test_cross_model_sweep_matches_one_patch_at_a_time(fresh_tiny_llama, tmp_path):
-    """Row-group batching of conditions gives what one patched forward per condition gives."""
-    from mechinterp.analysis.crossmodel_sweep import (
-        ChoiceBatch,
-        choice_logprobs,
-        cross_model_sweep,
-        weight_revert_sweep,
-    )
-    from mechinterp.analysis.patching import Patch, capture
-    from mechinterp.evals.loglik import Request, score
+def _plain_choice_scores(model, base, req, patch_site=None, layers=(), revert=()):
+    """A naive reference for one condition: lm-eval's rows of ``req`` padded into one batch, one
+    plain forward of ``model`` with the base's ``patch_site`` output (captured on the same batch)
+    patched in at ``layers`` and/or the MLP weights of ``revert`` copied from the base; the
+    choice log-likelihoods summed from the scored tokens."""
+    from mechinterp.analysis.crossmodel import mlp_matrices, reverted
+    from mechinterp.analysis.patching import Patch, capture, patching
+    from mechinterp.evals.answers import token_log_probs
+    from mechinterp.evals.loglik import pad_rows, rows_for
 
-    base = load("tiny-random-llama", device="cpu", dtype="float32")
-    plant_change(fresh_tiny_llama, tmp_path / "v", {(1, "down"): 0.8, (2, "up"): 0.8}, seed=2)
-    variant = fresh_tiny_llama
-    reqs = [Request("Question: the sky is\nAnswer:", (" blue", " green", " red")),
-            Request("2 + 2 =", (" 4", " five", " 22"))]
-    batch = ChoiceBatch.build(base, reqs)
-    conds = [[0], [1], [2], [1, 2], [3]]
-    for site in ("mlp_out", "attn_out"):
-        swept = cross_model_sweep(base, variant, batch, site, conds, max_rows=7)
-        _, acts = capture(base, batch.ids, batch.mask, [(site, la) for la in range(4)])
-        for c, cond in enumerate(conds):
-            one = choice_logprobs(variant, batch, [Patch(site, la, acts[(site, la)])
-                                                   for la in cond])[0]
-            torch.testing.assert_close(swept[c], one, atol=1e-5, rtol=0)
-    clean_base = choice_logprobs(base, batch)[0]
-    swept = cross_model_sweep(base, variant, batch, "mlp_out", conds, max_rows=7)
-    torch.testing.assert_close(swept[3], clean_base, atol=1e-5, rtol=0)  # both damaged layers
-    # independent reference for the choice log-likelihoods: the scorer of the evals
-    ref, _ = score(base, reqs)
-    torch.testing.assert_close(clean_base, torch.tensor(ref, dtype=torch.float64), atol=1e-5,
-                               rtol=0)
-    # weight space: reverting the damaged MLP layers restores the base; an untouched one does not
-    rev = weight_revert_sweep(base, variant, batch, [[1, 2], [0]], ("up", "down"))
-    torch.testing.assert_close(rev[0], clean_base, atol=1e-5, rtol=0)
-    torch.testing.assert_close(rev[1], choice_logprobs(variant, batch)[0], atol=1e-6, rtol=0)
-    assert not torch.allclose(rev[1], clean_base, atol=1e-3)
+    rows = rows_for([req], model.tokenizer)
+    ids, mask = pad_rows(rows, model.tokenizer.pad_token_id or 0)
+    targets = [(b, pos, tok, j) for b, row in enumerate(rows) for j, pos, tok in row.targets]
+    patches = []
+    if patch_site is not None:
+        _, acts = capture(base, ids, mask, [(patch_site, la) for la in layers])
+        patches = [Patch(patch_site, la, acts[(patch_site, la)]) for la in layers]
+    with torch.no_grad(), reverted(model, base, revert, mlp_matrices(model)), \
+            patching(model, patches):
+        lp = token_log_probs(model, ids, mask, torch.tensor([t[:3] for t in targets]))
+    scores = torch.zeros(len(req.continuations), dtype=torch.float64)
+    return scores.index_add_(0, torch.tensor([t[3] for t in targets]), lp.double())
 
 
 @pytest.mark.parametrize("family", ["tiny-random-llama", "tiny-random-qwen2", "tiny-random-gpt2"])
-def test_condition_sweep_matches_row_group_sweeps(family, tmp_path, one_thread):
+def test_condition_sweep_matches_one_plain_forward_per_condition(family, tmp_path, one_thread):
     """The packed one-item sweep (tails beside one shared context, conditions entering at their
-    first changed block) gives what the plain row-group sweeps give, patches and reverts mixed,
-    token budgets small enough to split the conditions into several passes."""
-    from mechinterp.analysis.crossmodel_sweep import (
-        ChoiceBatch,
-        choice_logprobs,
+    first changed block) gives what one plain patched (or reverted) forward per condition gives,
+    patches and reverts mixed, token budgets small enough to split the conditions into several
+    passes; swapping the models' roles patches the variant into the base."""
+    from mechinterp.analysis.crossmodel import (
         condition_sweep,
-        cross_model_sweep,
         item_reference,
         item_rows,
         mlp_matrices,
+        patch_both_ways,
         patch_condition,
         revert_condition,
-        weight_revert_sweep,
     )
-    from mechinterp.evals.loglik import Request
+    from mechinterp.evals.loglik import Request, score
 
     base = load(family, device="cpu", dtype="float32")
     variant = load(family, device="cpu", dtype="float32")
@@ -168,22 +151,32 @@ def test_condition_sweep_matches_row_group_sweeps(family, tmp_path, one_thread):
     sites = ("mlp_out", "attn_out")
     mixed = [patch_condition(s, c) for s in sites for c in conds] + \
         [revert_condition(c) for c in conds]
-    for req, item in zip(reqs, item_rows(base, reqs)):
-        batch = ChoiceBatch.build(base, [req])
+    clean_base, _ = score(base, reqs)  # the evals' scorer: an independent reference
+    for k, (req, item) in enumerate(zip(reqs, item_rows(base, reqs))):
         br = item_reference(base, item, capture_sites=sites)
         vr = item_reference(variant, item, record_resid=True)
-        torch.testing.assert_close(br.scores, choice_logprobs(base, batch)[0, 0], atol=1e-5,
-                                   rtol=0)
-        torch.testing.assert_close(vr.scores, choice_logprobs(variant, batch)[0, 0], atol=1e-5,
+        torch.testing.assert_close(br.scores, torch.tensor(clean_base[k], dtype=torch.float64),
+                                   atol=1e-5, rtol=0)
+        torch.testing.assert_close(vr.scores, _plain_choice_scores(variant, base, req), atol=1e-5,
                                    rtol=0)
         got = condition_sweep(base, variant, item, mixed, br, vr,
                               token_budget=3 * item.n_tokens)
-        want = torch.cat([cross_model_sweep(base, variant, batch, s, conds)[:, 0] for s in sites]
-                         + [weight_revert_sweep(base, variant, batch, conds)[:, 0]])
+        want = torch.stack([_plain_choice_scores(variant, base, req, s, c) for s in sites
+                            for c in conds]
+                           + [_plain_choice_scores(variant, base, req, revert=c) for c in conds])
         torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
-        # both damaged layers patched or reverted: the base comes back
+        # both damaged layers patched or reverted: the base comes back; an untouched layer's
+        # revert leaves the variant as it is
         torch.testing.assert_close(got[3], br.scores, atol=2e-5, rtol=0)
         torch.testing.assert_close(got[-2], br.scores, atol=2e-5, rtol=0)
+        torch.testing.assert_close(got[-5], vr.scores, atol=1e-6, rtol=0)
+        assert not torch.allclose(vr.scores, br.scores, atol=1e-3)
+        # noising: the variant's MLP outputs patched into the base
+        both = patch_both_ways(base, variant, item, mixed[:len(conds)], 3 * item.n_tokens)
+        noised = torch.stack([_plain_choice_scores(base, variant, req, "mlp_out", c)
+                              for c in conds])
+        torch.testing.assert_close(both.noise, noised, atol=2e-5, rtol=0)
+        torch.testing.assert_close(both.denoise, got[:len(conds)], atol=1e-6, rtol=0)
 
 
 def test_top_third_overlap_ignores_zero_ties():

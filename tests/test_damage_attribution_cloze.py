@@ -133,7 +133,7 @@ def test_cloze_planted_layer_recovers_fully_and_matches_naive(planted, data_sour
 def test_sweep_scores_equal_score_mmlu(data_source, one_thread):
     """The unpatched path of the sweep (packed rows, the sweep's own blocks) gives the evals'
     log-likelihoods: cloze 0- and 1-shot and letter, and the same cloze-norm prediction."""
-    from mechinterp.analysis.crossmodel_sweep import item_reference, item_rows
+    from mechinterp.analysis.crossmodel import item_reference, item_rows
     from mechinterp.data.mmlu import load_mmlu
     from mechinterp.evals.mmlu import MMLUFormat, build_request, score_mmlu
     from probes.damage_attribution import parse_format

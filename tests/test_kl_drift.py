@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from mechinterp.analysis.divergence import answer_items, teacher_forced_kl
+from mechinterp.analysis.divergence import teacher_forced_kl
+from mechinterp.errors import UserError
+from mechinterp.evals.answers import answer_items
 
 PAIRS = [
     ("What is 2 + 3?", "2 + 3 = 5. The answer is #### 5"),
@@ -58,6 +60,25 @@ def test_answer_items_put_the_boundary_where_the_answer_starts(tiny_model):
     assert tok.decode(plain.input_ids[0][plain.answer_start[0]:]) == " Paris."
     cut = answer_items(tok, PAIRS[:1], max_length=items.answer_start[0] + 2)
     assert cut.n_truncated == 1 and cut.n_answer_tokens() == [2]
+
+
+
+def test_answer_items_take_chat_messages_and_drop_prompts_that_fill_max_length(tiny_model):
+    tok = tiny_model.tokenizer
+    system, (prompt, answer) = "Be brief.", PAIRS[0]
+    as_text = answer_items(tok, [(prompt, answer)], system=system)
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
+    as_messages = answer_items(tok, [(messages, answer)])
+    assert as_messages == as_text
+    short = answer_items(tok, [("Hi", "x")])
+    limit, long_prompt = short.answer_start[0] + 1, "Hi " * 60
+    with pytest.raises(UserError, match="max_length"):
+        answer_items(tok, [(long_prompt, "x")], max_length=limit)
+    kept = answer_items(tok, [(long_prompt, "x"), ("Hi", "x")], max_length=limit,
+                        drop_long_prompts=True)
+    assert kept.input_ids == [short.input_ids[0][:limit]]
+    with pytest.raises(UserError, match="chat template"):
+        answer_items(tok, [(messages, answer)], chat_template=False)
 
 
 def test_kl_matches_float64_reference_on_two_items(tiny_model):
@@ -143,7 +164,7 @@ def _reference_from_hidden(model, ids, attn, pred) -> torch.Tensor:
 
 
 def test_bf16_models_get_float32_output_layer_and_log_softmax():
-    from mechinterp.analysis.divergence import answer_log_probs
+    from mechinterp.evals.answers import answer_log_probs
 
     tok, base, variant = _bf16_pair()
     items = answer_items(tok, PAIRS[:3])

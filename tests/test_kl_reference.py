@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from mechinterp.analysis.divergence import answer_items, teacher_forced_kl
+from mechinterp.analysis.divergence import teacher_forced_kl
 from mechinterp.data.arithmetic import parse_task, task_items
 from mechinterp.data.subset import seeded_subset
 from mechinterp.errors import UserError
+from mechinterp.evals.answers import answer_items
 from mechinterp.models import load
 from mechinterp.models.edit import plant_change
 from mechinterp.models.modelset import ModelSet
@@ -99,6 +100,29 @@ def test_reference_template_and_text_kl_match_float64(pair, data_source, tmp_pat
     assert d["kl_text"]["moved"] == pytest.approx(np.mean(text), rel=2e-4)
     assert d["kl_direction"] == "forward" and d["positions"] == "answer"
     assert d["n_text"] == N_TEXT and d["n_items"] == N_ITEMS
+
+
+def test_kl_drift_and_training_drift_read_the_same_answer_span(pair, data_source, tmp_path):
+    """The held-out KL of a training run (and of the ``training-drift`` probe) and ``kl-drift``'s
+    ``kl`` on the same model and items (a task's held-out items in SFT's target format) are one
+    number per item: both average over the positions predicting the answer's own tokens, not
+    the end-of-turn tokens the chat template appends after it."""
+    from mechinterp.training.drift import answer_logprobs, build_heldout, kl_per_item
+    from mechinterp.training.prompts import SYSTEM_PROMPT, prompt_messages, render_target
+
+    d = _run(pair, data_source, tmp_path, n_text="0")
+    base = load(str(pair / "base"), device="cpu", dtype="float32")
+    moved = load(str(pair / "moved"), device="cpu", dtype="float32")
+    items = seeded_subset(task_items(parse_task("arithmetic"), "test"), N_ITEMS, 0)
+    held = build_heldout(base.tokenizer, [prompt_messages(it.question) for it in items],
+                         [render_target(it) for it in items])
+    drift = kl_per_item(answer_logprobs(base.hf, held), answer_logprobs(moved.hf, held))
+    np.testing.assert_allclose(drift, d["kl_items"]["moved"], rtol=1e-5)
+    # the span is the answer's tokens: the float64 definition on prompt + answer alone
+    b64, v64 = _f64(pair / "base"), _f64(pair / "moved")
+    want = [_kl64(b64, v64, *_chat_ids(base.tokenizer, it.question, render_target(it),
+                                       SYSTEM_PROMPT)) for it in items]
+    np.testing.assert_allclose(drift, want, rtol=2e-4)
 
 
 def test_reverse_direction_and_all_positions_are_their_definitions(pair, data_source, tmp_path):

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from mechinterp.errors import UserError
+from mechinterp.evals.answers import TokenisedItems
 from mechinterp.training import freeze as fz
-from mechinterp.training.drift import HeldOut, answer_logprobs, kl_from_base, kl_per_item
+from mechinterp.training.drift import answer_logprobs, kl_from_base, kl_per_item
 from mechinterp.training.prompts import QAItem, load_items, render_target
 from mechinterp.training.rewards import FORMAT_PATTERN, correctness, final_answer, format_reward
 from mechinterp.training.settings import checkpoint_steps, resolve_settings
@@ -209,7 +210,7 @@ def test_kl_matches_float64_reference(fresh_tiny_llama):
     g = torch.Generator().manual_seed(0)
     ids = [torch.randint(2, 300, (n,), generator=g) for n in (9, 14, 6)]
     spans = [(4, 9), (10, 14), (1, 6)]
-    held = HeldOut(ids, spans)
+    held = TokenisedItems([x.tolist() for x in ids], [a for a, _ in spans])
     per = kl_per_item(answer_logprobs(base, held, batch_size=2), answer_logprobs(tuned, held))
     ref = []
     base64, tuned64 = base.double(), tuned.double()

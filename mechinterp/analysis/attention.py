@@ -24,7 +24,9 @@ import torch
 from jaxtyping import Float
 
 from ..errors import UserError
-from .divergence import as_hf, eval_mode, model_device
+from ..evals.answers import as_hf
+from ..models.device import input_device
+from .divergence import eval_mode
 
 METRICS = ("js", "entropy_change", "first_token_mass_change")
 
@@ -58,7 +60,7 @@ class AttentionShift:
 def attention_patterns(model, ids: torch.Tensor, attn: torch.Tensor) -> list[torch.Tensor]:
     """Post-softmax patterns per layer, each (batch, query head, query, key), on the CPU."""
     hf = as_hf(model)
-    dev = model_device(hf)
+    dev = input_device(hf)
     out = hf(input_ids=ids.to(dev), attention_mask=attn.to(dev), output_attentions=True,
              use_cache=False)
     if not out.attentions or out.attentions[0] is None:

@@ -40,10 +40,9 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from ..evals.loglik import target_logprobs
+from ..evals.answers import answer_token_sel, token_log_probs
 from ..evals.stats import spearman
 from ..models.loaded import LoadedModel
-from ..models.unembed import final_hidden, logits_fp32
 from .patching import SiteKey, capture_grads, hooked
 
 #: ``metric(model, input_ids, attention_mask) -> [items]``: differentiable, hooks apply.
@@ -56,14 +55,13 @@ def n_heads(model: LoadedModel) -> int:
 
 
 def answer_logprob(positions: Int[Tensor, " item"], answer_ids: Int[Tensor, " item"]) -> Metric:
-    """log p(answer) at each item's position: the metric of cross-model patching
-    (:func:`~mechinterp.analysis.crossmodel.answer_logprobs`, read from the same float32 logits),
-    with only the scored positions going through the unembedding."""
+    """log p(answer) at each item's position (:func:`~mechinterp.evals.answers.token_log_probs`):
+    the metric of ``mlp-patching``, whose exact patching reads it for a one-choice item
+    (:func:`~mechinterp.analysis.crossmodel.answer_item`)."""
+    sel = answer_token_sel(positions, answer_ids)
+
     def metric(model: LoadedModel, ids: Tensor, mask: Tensor) -> Tensor:
-        hidden = final_hidden(model.hf, ids, mask)
-        rows = torch.arange(ids.shape[0], device=hidden.device)
-        lp = logits_fp32(model.hf, hidden[rows, positions.to(hidden.device)]).log_softmax(-1)
-        return lp[rows, answer_ids.to(hidden.device)]
+        return token_log_probs(model, ids, mask, sel)
     return metric
 
 
@@ -75,7 +73,7 @@ def choice_margin(sel: Int[Tensor, "targets 3"], owner: Int[Tensor, "targets 2"]
     (item, choice) it belongs to; scores are summed token log-probs (divided by ``lengths``
     [item, choice] for the length-normalised cloze score)."""
     def metric(model: LoadedModel, ids: Tensor, mask: Tensor) -> Tensor:
-        lp = target_logprobs(model, ids, mask, sel)
+        lp = token_log_probs(model, ids, mask, sel)
         flat = (owner[:, 0] * n_choices + owner[:, 1]).to(lp.device)
         scores = torch.zeros(n_items * n_choices, dtype=lp.dtype, device=lp.device)
         scores = scores.index_add(0, flat, lp).view(n_items, n_choices)

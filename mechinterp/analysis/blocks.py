@@ -33,6 +33,7 @@ from jaxtyping import Float
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from ..errors import UserError
 from ..models.loaded import LoadedModel
 from ..models.unembed import logits_fp32
 from .lens import final_norm
@@ -149,7 +150,6 @@ class PackedBlocks:
         cfg = stack.model.hf.config
         name = type(stack.blocks[0]).__name__
         if (why := packed_unsupported(stack, n_positions)) is not None:
-            from ..errors import UserError
             raise UserError(f"packed block calls: {why}",
                             f"use a model with {', '.join(PACKED_BLOCKS)} blocks")
         self.gpt2 = name == "GPT2Block"

@@ -1,136 +1,312 @@
-"""Activation patching *between* two models of one architecture (e.g. base -> fine-tuned).
+"""Activation patching *between* two models of one architecture (e.g. base -> fine-tuned), and
+reverting a fine-tuned model's weights to the base's: one engine, :func:`condition_sweep`.
 
-:func:`row_group_sweep` is the one engine: it captures the source model's activation at a site in
-every layer it needs in one forward pass, then runs the target model with the source's activation
-patched in at one layer (or a window of layers) per condition. Conditions are batched as row
-groups (condition ``c`` occupies rows ``c*B .. (c+1)*B-1`` for ``B`` rows), so one forward pass
-evaluates many layers; the caller says what is read from the patched run.
-:func:`cross_model_patch_sweep` reads the log-probability of each item's answer token at its
-metric position (``mlp-patching``); :func:`~mechinterp.analysis.crossmodel_sweep.cross_model_sweep`
-reads multiple-choice log-likelihoods.
+The measurement: run the variant on an item with the base's activation at a site (``mlp_out``,
+``attn_out``, ``resid_post``, ...) patched in at one layer or a window of layers, at every position,
+and read the item's choice log-likelihoods; or run it with some layers' MLP weights copied back from
+the base (a weight revert, which locates where a change *originates* where an activation patch
+measures what *mediates* it). Swapping the two models' roles gives noising (the variant's
+activation patched into the base) from the same call.
 
-Denoising (base into variant) and noising (variant into base) are the same call with source and
-target swapped. Built on :mod:`mechinterp.analysis.patching`; no second hook mechanism.
+The engine works one item at a time. An item (:class:`ItemRows`) is the scoring rows of lm-eval
+(:func:`~mechinterp.evals.loglik.rows_for`: one row per choice, or one row when every choice is a
+single token) packed into ONE sequence: the context once, then each row's tail, with an attention
+mask that lets a tail see the context and itself only, at its true positions, so every scored token
+is predicted from exactly the tokens of its own row. Each condition (:class:`Condition`) is a batch
+row of the item; a condition that first differs from the unpatched variant at block ``f`` joins
+the batch there with the variant's recorded input of block ``f``, instead of re-running blocks
+``0 .. f-1`` (:class:`~mechinterp.analysis.blocks.BlockStack`). The unpatched references
+(:func:`item_reference`) run through the same code, so a patched score and its reference differ by
+the patch only.
+
+Specialisations are thin: :func:`answer_item` makes the one-choice item "the answer token after a
+prompt" (``mlp-patching``'s metric, log p(answer)), :func:`patch_condition` and
+:func:`revert_condition` the conditions, :func:`patch_both_ways` the denoising and noising sweeps
+of one item. Patches are :mod:`mechinterp.analysis.patching`'s hooks; no second hook mechanism.
 """
 
 from __future__ import annotations
 
-import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from ..errors import UserError
+from ..evals.loglik import Request, pad_rows, rows_for
+from ..evals.rows import Row
 from ..models.loaded import LoadedModel
-from .patching import SITES, Patch, capture, model_logits, run_patched
+from .blocks import BlockStack, PrefixKV
+from .patching import Patch, hooked, patch_fns
 
-Condition = int | Sequence[int]
+
+@contextmanager
+def reverted(variant: LoadedModel, base: LoadedModel, layers: Sequence[int],
+             matrices: Sequence[str]):
+    """Temporarily copy the base's ``matrices`` of ``layers`` into the variant (weight space)."""
+    saved = []
+    try:
+        with torch.no_grad():
+            for layer in layers:
+                for m in matrices:
+                    w = variant.weight(layer, m)
+                    saved.append((w, w.detach().clone()))
+                    w.copy_(base.weight(layer, m).to(w.device, w.dtype))
+        yield
+    finally:
+        with torch.no_grad():
+            for w, old in saved:
+                w.copy_(old)
 
 
-def as_layer_groups(layers_or_windows: Sequence[Condition]) -> list[tuple[int, ...]]:
-    """Normalise ``[3, (4, 5, 6), ...]`` to tuples of layers."""
-    out = []
-    for c in layers_or_windows:
-        group = (int(c),) if isinstance(c, numbers.Integral) else tuple(int(x) for x in c)
-        if not group:
-            raise UserError("an empty layer window was given", "give each condition >= 1 layer")
-        out.append(group)
+def mlp_matrices(model: LoadedModel) -> tuple[str, ...]:
+    return tuple(m for m in model.matrices if m in ("gate", "up", "down", "in", "out"))
+
+
+@dataclass
+class ItemRows:
+    """One item's scoring rows (lm-eval's, :func:`~mechinterp.evals.loglik.rows_for`) packed into
+    one sequence: the ``P`` leading tokens every row shares (never scored), then each row's tail.
+    Tail tokens attend to the shared part and to their own tail (causally), at their true
+    positions, so every scored token is predicted from exactly the tokens of its own row."""
+
+    rows: Tensor  # [rows, P + T] the rows, right-padded (embedded, then gathered into the pack)
+    gather: Tensor  # [N, 2]: (row, position) of each packed token
+    positions: Tensor  # [N] position ids
+    segment: Tensor  # [N]: -1 for the shared part, else the row of the tail
+    target: Tensor  # [targets, 2]: (packed index, token)
+    choice: Tensor  # [targets]: the choice each target belongs to
+    n_choices: int
+
+    @property
+    def n_tokens(self) -> int:
+        """Tokens one condition runs."""
+        return self.gather.shape[0]
+
+    @classmethod
+    def from_rows(cls, rows: Sequence[Row], n_choices: int, pad_id: int) -> ItemRows:
+        P = min(pos for r in rows for _, pos, _ in r.targets)
+        head = rows[0].ids[:P]
+        if any(r.ids[:P] != head for r in rows):
+            raise ValueError("an item's rows do not share their leading tokens")
+        padded, _ = pad_rows(rows, pad_id)
+        gather = [(0, t) for t in range(P)]
+        segment = [-1] * P
+        start = []  # packed index of each row's first tail token
+        for b, r in enumerate(rows):
+            start.append(len(gather))
+            gather += [(b, t) for t in range(P, len(r.ids))]
+            segment += [b] * (len(r.ids) - P)
+        target = [(start[b] + pos - P, tok) for b, r in enumerate(rows) for _, pos, tok in r.targets]
+        choice = [j for r in rows for j, _, _ in r.targets]
+        g = torch.tensor(gather)
+        return cls(padded, g, g[:, 1].clone(), torch.tensor(segment), torch.tensor(target),
+                   torch.tensor(choice), n_choices)
+
+    def mask(self, dtype: torch.dtype) -> Tensor:
+        """Additive attention mask [1, 1, N, N]: causal, and a tail sees no other tail."""
+        seg = self.segment
+        n = len(seg)
+        causal = torch.arange(n)[None, :] <= torch.arange(n)[:, None]
+        ok = causal & ((seg[None, :] == -1) | (seg[None, :] == seg[:, None]))
+        out = torch.zeros(n, n, dtype=dtype)
+        out.masked_fill_(~ok, torch.finfo(dtype).min)
+        return out[None, None]
+
+
+def item_rows(model: LoadedModel, requests: Sequence[Request],
+              add_special_tokens: bool = True) -> list[ItemRows]:
+    """:class:`ItemRows` of each request, tokenised as :func:`~mechinterp.evals.loglik.score` does."""
+    by_req: dict[int, list[Row]] = {}
+    for row in rows_for(requests, model.tokenizer, add_special_tokens):
+        by_req.setdefault(row.req, []).append(row)
+    pad = model.tokenizer.pad_token_id or 0
+    return [ItemRows.from_rows(by_req[i], len(r.continuations), pad)
+            for i, r in enumerate(requests)]
+
+
+def answer_item(prompt_ids: Sequence[int], answer_id: int, pad_id: int = 0) -> ItemRows:
+    """The item "``answer_id`` as the next token after ``prompt_ids``": one choice, one scored
+    token, read at the prompt's last position (cross-model patching's log p(answer))."""
+    ids = list(prompt_ids)
+    return ItemRows.from_rows([Row(0, ids, [(0, len(ids) - 1, int(answer_id))])], 1, pad_id)
+
+
+@dataclass(frozen=True)
+class Condition:
+    """Patch the base's activation at ``patch`` = ((site, layer), ...) and/or revert the MLP
+    matrices of ``revert`` = (layer, ...) to the base's; all positions."""
+
+    patch: tuple[tuple[str, int], ...] = ()
+    revert: tuple[int, ...] = ()
+
+    @property
+    def start(self) -> int:
+        """The first block whose output differs from the unpatched variant's."""
+        return min([layer for _, layer in self.patch] + list(self.revert))
+
+
+def patch_condition(site: str, layers: Sequence[int]) -> Condition:
+    return Condition(patch=tuple((site, int(layer)) for layer in layers))
+
+
+def revert_condition(layers: Sequence[int]) -> Condition:
+    return Condition(revert=tuple(int(layer) for layer in layers))
+
+
+@dataclass
+class ItemReference:
+    """An unpatched run of one item: choice log-likelihoods, optionally the input of every block
+    (``resid[layer]``, [1, N, d]) and site outputs (``acts[(site, layer)]``, [1, N, d])."""
+
+    scores: Tensor  # [choices] float64
+    resid: list[Tensor] | None = None
+    acts: dict[tuple[str, int], Tensor] | None = None
+
+
+class _Runner:
+    """The blocks of one model on one packed item; conditions side by side as batch rows."""
+
+    def __init__(self, model: LoadedModel, item: ItemRows):
+        self.model, self.item = model, item
+        self.stack = BlockStack(model)
+        dev = model.device
+        full = self.stack.embed_input(item.rows.to(dev))
+        h0 = full[item.gather[:, 0].to(dev), item.gather[:, 1].to(dev)][None]
+        self.h0 = h0
+        self.kw = {"attention_mask": item.mask(h0.dtype).to(dev)}
+        if self.stack.rotary is not None:
+            pos = item.positions.to(dev)[None]
+            self.kw["position_embeddings"] = self.stack.rotary(h0, pos)
+            self.kw["position_ids"] = pos
+
+    def layer(self, layer: int, h: Tensor, fns: dict | None = None) -> Tensor:
+        with hooked(self.model, fns or {}):
+            return self.stack.layer(layer, h, PrefixKV(), self.kw)
+
+    def scores(self, h: Tensor) -> Float[Tensor, "conditions choices"]:
+        """Summed log-probability of each choice's tokens, per batch row (float64)."""
+        tgt = self.item.target.to(h.device)
+        logits = self.stack.logits(h[:, tgt[:, 0]])  # [n, targets, vocab]
+        lp = torch.log_softmax(logits.float(), dim=-1)
+        lp = lp.gather(2, tgt[:, 1].expand(h.shape[0], -1)[..., None])[..., 0]
+        out = torch.zeros(h.shape[0], self.item.n_choices, dtype=torch.float64)
+        out.index_add_(1, self.item.choice, lp.double().cpu())
+        return out
+
+
+@torch.inference_mode()
+def item_reference(model: LoadedModel, item: ItemRows, record_resid: bool = False,
+                   capture_sites: Sequence[str] = ()) -> ItemReference:
+    """The unpatched choice log-likelihoods of ``item`` through the sweep's own blocks; optionally
+    the input of every block (for a variant) and ``capture_sites`` outputs (for the base)."""
+    with model.fused_attention():
+        return _reference(model, item, record_resid, capture_sites)
+
+
+def _reference(model, item, record_resid, capture_sites) -> ItemReference:
+    run = _Runner(model, item)
+    h = run.h0
+    resid: list[Tensor] = []
+    acts: dict = {}
+
+    def saver(key):
+        def fn(act):
+            acts[key] = act.detach().clone()
+        return fn
+
+    for layer in range(model.n_layers):
+        if record_resid:
+            resid.append(h)
+        h = run.layer(layer, h, {(s, layer): saver((s, layer)) for s in capture_sites})
+    return ItemReference(run.scores(h)[0], resid if record_resid else None,
+                         acts if capture_sites else None)
+
+
+@torch.inference_mode()
+def condition_sweep(base: LoadedModel, variant: LoadedModel, item: ItemRows,
+                    conditions: Sequence[Condition], base_ref: ItemReference,
+                    variant_ref: ItemReference, token_budget: int = 8192,
+                    matrices: Sequence[str] | None = None,
+                    ) -> Float[Tensor, "conditions choices"]:
+    """The variant's choice log-likelihoods on ``item`` under each condition.
+
+    ``base`` is the model whose activations are patched in and whose MLP weights a revert copies;
+    ``variant`` the model they go into (swap the two, and their references, for noising).
+    ``base_ref`` must hold the base's output of every patched site (``capture_sites``) and
+    ``variant_ref`` the variant's block inputs (``record_resid``), both from
+    :func:`item_reference` on this item. Conditions run side by side as batch rows, sorted by
+    their first changed block: a condition joins the batch at that block with the variant's
+    recorded input, so nothing before it is recomputed. Rows per pass: ``token_budget`` tokens
+    (:attr:`ItemRows.n_tokens` per condition). Attention runs fused (SDPA), as in
+    :func:`item_reference` and in the evals' scoring; the hooks see the same module outputs."""
+    with variant.fused_attention():
+        return _sweep(base, variant, item, conditions, base_ref, variant_ref, token_budget,
+                      tuple(matrices or mlp_matrices(variant)))
+
+
+def _sweep(base, variant, item, conditions, base_ref, variant_ref, token_budget, matrices):
+    run = _Runner(variant, item)
+    resid, acts = variant_ref.resid, base_ref.acts
+    order = sorted(range(len(conditions)), key=lambda c: conditions[c].start)
+    per_pass = max(1, token_budget // max(1, item.n_tokens))
+    out = torch.empty(len(conditions), item.n_choices, dtype=torch.float64)
+    for lo in range(0, len(order), per_pass):
+        chunk = [conditions[c] for c in order[lo:lo + per_pass]]
+        starts = [c.start for c in chunk]
+        h = torch.cat([resid[s] for s in starts])
+        for layer in range(starts[0], variant.n_layers):
+            k = sum(s <= layer for s in starts)  # active rows (sorted by start)
+            plain = [c for c in range(k) if layer not in chunk[c].revert]
+            rev = [c for c in range(k) if layer in chunk[c].revert]
+            for members, reverting in ((plain, False), (rev, True)):
+                if not members:
+                    continue
+                patches = []
+                for s in sorted({s for c in members for s, la in chunk[c].patch if la == layer}):
+                    rows = [j for j, c in enumerate(members) if (s, layer) in chunk[c].patch]
+                    patches.append(Patch(s, layer, acts[(s, layer)],
+                                         rows=torch.tensor(rows, device=h.device)))
+                whole = len(members) == k and not rev
+                sub = h[:k] if whole else h[torch.tensor(members, device=h.device)]
+                with reverted(variant, base, [layer], matrices) if reverting else nullcontext():
+                    new = run.layer(layer, sub, patch_fns(patches))
+                if whole:
+                    h[:k] = new
+                else:
+                    h[torch.tensor(members, device=h.device)] = new
+        out[order[lo:lo + per_pass]] = run.scores(h)
     return out
+
+
+@dataclass
+class TwoWaySweep:
+    """One item patched both ways: the unpatched scores and, per condition, the patched ones."""
+
+    base: Tensor  # [choices] the base's unpatched scores
+    variant: Tensor  # [choices] the variant's
+    denoise: Tensor  # [conditions, choices]: the base's activations patched into the variant
+    noise: Tensor  # [conditions, choices]: the variant's patched into the base
+
+
+def patch_both_ways(base: LoadedModel, variant: LoadedModel, item: ItemRows,
+                    conditions: Sequence[Condition], token_budget: int = 8192) -> TwoWaySweep:
+    """:func:`condition_sweep` of ``conditions`` (patches only) base into variant and variant into
+    base, from one reference run of each model."""
+    sites = sorted({s for c in conditions for s, _ in c.patch})
+    ref_b = item_reference(base, item, record_resid=True, capture_sites=sites)
+    ref_v = item_reference(variant, item, record_resid=True, capture_sites=sites)
+    return TwoWaySweep(ref_b.scores, ref_v.scores,
+                       condition_sweep(base, variant, item, conditions, ref_b, ref_v, token_budget),
+                       condition_sweep(variant, base, item, conditions, ref_v, ref_b, token_budget))
 
 
 def last_positions(attention_mask: Int[Tensor, "batch pos"]) -> Int[Tensor, " batch"]:
     """Index of the last real token of each row (works for left or right padding)."""
     T = attention_mask.shape[1]
     return T - 1 - attention_mask.flip(1).long().argmax(1)
-
-
-def answer_logprobs(logits: Float[Tensor, "batch pos vocab"], positions: Tensor,
-                    answer_ids: Tensor) -> Float[Tensor, " batch"]:
-    rows = torch.arange(logits.shape[0], device=logits.device)
-    lp = logits[rows, positions.to(logits.device)].float().log_softmax(-1)
-    return lp[rows, answer_ids.to(logits.device)]
-
-
-@torch.no_grad()
-def row_group_sweep(source: LoadedModel, target: LoadedModel, input_ids: Int[Tensor, "row pos"],
-                    attention_mask: Int[Tensor, "row pos"] | None, site: str,
-                    layers_or_windows: Sequence[Condition], per_pass: int,
-                    run_groups: Callable[[list[Patch], int], Tensor]) -> Tensor:
-    """The cross-model patching engine: ``source``'s ``site`` patched into ``target``.
-
-    The source's activation at every layer the conditions need is captured in one forward pass of
-    ``source`` on the rows. Conditions then go ``per_pass`` at a time to ``run_groups(patches,
-    n)``, which must run ``target`` on its rows repeated ``n`` times under ``patches`` (condition
-    ``c`` of the pass carries the source's activation at each of its layers on rows ``c*R ..
-    (c+1)*R - 1``, all positions) and return one entry per condition (dim 0); those are
-    concatenated in condition order. ``run_groups`` decides the metric.
-    """
-    if site not in SITES:
-        raise UserError(f"unknown site {site!r}", f"use one of {', '.join(SITES)}")
-    if source.n_layers != target.n_layers:
-        raise UserError(f"{source.name} has {source.n_layers} layers, {target.name} "
-                        f"{target.n_layers}", "patch between models of one architecture")
-    groups = as_layer_groups(layers_or_windows)
-    needed = sorted({layer for g in groups for layer in g})
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    _, acts = capture(source, input_ids.to(source.device), attention_mask.to(source.device),
-                      [(site, layer) for layer in needed])
-    acts = {k: v.to(target.device) for k, v in acts.items()}
-    R = input_ids.shape[0]
-    out = []
-    for a in range(0, len(groups), per_pass):
-        chunk = groups[a:a + per_pass]
-        patches = []
-        for c, group in enumerate(chunk):
-            rows = torch.arange(c * R, (c + 1) * R, device=target.device)
-            patches += [Patch(site, layer, acts[(site, layer)], rows=rows) for layer in group]
-        out.append(run_groups(patches, len(chunk)))
-    return torch.cat(out)
-
-
-@torch.no_grad()
-def cross_model_patch_sweep(
-    source: LoadedModel,
-    target: LoadedModel,
-    input_ids: Int[Tensor, "item pos"],
-    attention_mask: Int[Tensor, "item pos"] | None,
-    site: str,
-    layers_or_windows: Sequence[Condition],
-    metric_positions: Int[Tensor, " item"],
-    answer_ids: Int[Tensor, " item"],
-    max_tokens: int = 8192,
-) -> Float[Tensor, "condition item"]:
-    """Log-prob of ``answer_ids`` in ``target`` with ``source``'s ``site`` patched in, per condition.
-
-    ``site`` is one of ``resid_pre attn_out mlp_out resid_post``; each condition is a layer or a
-    window (sequence) of layers, patched at every position. ``max_tokens`` bounds rows x positions
-    per forward pass (conditions are grouped to fit). :func:`row_group_sweep` with the answer
-    token's log-probability at ``metric_positions`` as the metric.
-    """
-    B, T = input_ids.shape
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    ids, mask = input_ids.to(target.device), attention_mask.to(target.device)
-
-    def run_groups(patches: list[Patch], n: int) -> Tensor:
-        logits = run_patched(target, ids.repeat(n, 1), mask.repeat(n, 1), patches)
-        lp = answer_logprobs(logits, metric_positions.repeat(n), answer_ids.repeat(n))
-        return lp.view(n, B).cpu()
-
-    return row_group_sweep(source, target, input_ids, attention_mask, site, layers_or_windows,
-                           max(1, max_tokens // max(1, B * T)), run_groups)
-
-
-@torch.no_grad()
-def plain_logprobs(model: LoadedModel, input_ids: Tensor, attention_mask: Tensor | None,
-                   metric_positions: Tensor, answer_ids: Tensor) -> Float[Tensor, " item"]:
-    """The unpatched metric of ``model`` (the reference ends of a recovery scale)."""
-    logits = model_logits(model, input_ids.to(model.device),
-                          None if attention_mask is None else attention_mask.to(model.device))
-    return answer_logprobs(logits, metric_positions, answer_ids).cpu()
 
 
 def normalised_recovery(patched: Tensor, m_base: Tensor, m_variant: Tensor,

@@ -153,13 +153,7 @@ def fused_chunk_stats(b: torch.Tensor, v: torch.Tensor, edges: np.ndarray, spars
     """
     lib = _library()
     fn = getattr(lib, _FUNCS[b.dtype])
-    n = b.numel()
-    threads = threads or default_threads()
-    parts = max(1, min(threads, n // MIN_PART))
-    bounds = [n * k // parts for k in range(parts + 1)]
-    sq = np.zeros((parts, 2), np.float64)
-    changed = np.zeros(parts, np.int64)
-    counts = np.zeros((parts, N_COUNTS), np.int64) if sparsity else None
+    parts, bounds, sq, changed, counts = _split(b.numel(), threads, sparsity)
     item = b.element_size()
     bp, vp = b.data_ptr(), v.data_ptr()
     lut_p = bin_table(tuple(edges.tolist())).data_ptr() if sparsity else None
@@ -175,6 +169,16 @@ def fused_chunk_stats(b: torch.Tensor, v: torch.Tensor, edges: np.ndarray, spars
     else:
         list(_pool(parts).map(run, range(parts)))
     return _merge(sq, changed, counts)
+
+
+def _split(n: int, threads: int | None, sparsity: bool):
+    """``n`` entries in parts of at least ``MIN_PART`` (at most one per thread): ``(parts,
+    bounds, sum-of-squares buffers [part, 2], changed counts [part], bin counts [part, 102] or
+    None)``, each part's buffers written by its own kernel call and merged by :func:`_merge`."""
+    parts = max(1, min(threads or default_threads(), n // MIN_PART))
+    bounds = [n * k // parts for k in range(parts + 1)]
+    counts = np.zeros((parts, N_COUNTS), np.int64) if sparsity else None
+    return parts, bounds, np.zeros((parts, 2), np.float64), np.zeros(parts, np.int64), counts
 
 
 def _merge(sq: np.ndarray, changed: np.ndarray, counts: np.ndarray | None):
@@ -196,12 +200,7 @@ def fused_file_stats(dtype: torch.dtype, base: tuple[Path, int], variant: tuple[
     ``compute=False`` only reads (zero statistics): the benchmark's read/compute split.
     """
     lib = _library()
-    threads = threads or default_threads()
-    parts = max(1, min(threads, n // MIN_PART))
-    bounds = [n * k // parts for k in range(parts + 1)]
-    sq = np.zeros((parts, 2), np.float64)
-    changed = np.zeros(parts, np.int64)
-    counts = np.zeros((parts, N_COUNTS), np.int64) if sparsity else None
+    parts, bounds, sq, changed, counts = _split(n, threads, sparsity)
     item = torch.empty((), dtype=dtype).element_size()
     lut_p = bin_table(tuple(edges.tolist())).data_ptr() if sparsity else None
     kind = _KIND[dtype] + (0 if compute else 8)

@@ -26,6 +26,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from transformers import get_scheduler
+
+from ..models.lineage import find_train_config
 
 BLOCK = 4096  # entries per replicate block
 REPLICATES = 16  # replicate blocks, one seed each
@@ -80,8 +84,6 @@ def run_metadata(folder: Path | str) -> dict[str, Any] | None:
     """``{"config": train-config.json, "summary": train-summary.json or {}, "run": folder}`` of
     the training run ``folder`` (a run's output or one of its checkpoints) belongs to, or None for
     a model no run of ours made."""
-    from ..models.lineage import find_train_config
-
     path = find_train_config(folder)
     if path is None:
         return None
@@ -122,9 +124,6 @@ def simulate(s: OptimizerSettings, at_steps: list[int] | None = None, block: int
     interval over blocks (a matrix larger than one block spreads less). ``constant_gradient``:
     one fixed gradient per block instead of noise (the sign-step ceiling: both measures reach 1).
     """
-    import torch
-    from transformers import get_scheduler
-
     steps = sorted(set(at_steps or [s.max_steps]))
     if steps[0] < 1 or steps[-1] > s.max_steps:
         raise ValueError(f"steps {steps} outside 1..{s.max_steps}")

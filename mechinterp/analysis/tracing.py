@@ -45,10 +45,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from accelerate.utils import align_module_device
 from jaxtyping import Float
 from torch import Tensor
 
 from ..errors import UserError
+from ..evals.stats import t_quantile
 from ..models.loaded import LoadedModel
 from .blocks import BlockStack, PackedBlocks, PrefixKV, packed_unsupported
 from .patching import Patch, capture, hooked, run_patched
@@ -135,8 +137,6 @@ def answer_token_ids(tokenizer, prompt: str, answer: str, name: str = "an item")
 
 def embedding_std(model: LoadedModel, facts: list[FactInput]) -> float:
     """Standard deviation of the input embeddings of all subject tokens of ``facts`` (ROME)."""
-    from accelerate.utils import align_module_device
-
     module = model.hf.get_input_embeddings()
     ids = [i for f in facts for i in f.input_ids[f.subject[0]:f.subject[1]]]
     with align_module_device(module):  # onloaded for the duration when accelerate offloaded it
@@ -288,6 +288,29 @@ def _start_vectors(packed: PackedBlocks, rec: Recording, rows: _Rows) -> Float[T
 
 
 @torch.no_grad()
+def _finish_block(packed: PackedBlocks, layer: int, x: Tensor, o: Tensor, rows: _Rows, k: int,
+                  sel_at: Tensor | None, T: int, patched: dict[str, Tensor]) -> None:
+    """The rest of block ``layer`` after the attention core, in place on ``x`` (the first ``k``
+    rows' packed tokens; only their last position when ``sel_at`` is None, the top block):
+    attention output, then MLP, each added to ``x``. Rows whose restored window still covers
+    the layer get the clean output at their restore position (``sel_at``: the packed index of
+    each row's token t)."""
+    top = sel_at is None
+    outs = {"attn_out": packed.attn_out(layer, o)}
+    live = (rows.lo[:k] < layer) & (rows.hi[:k] > layer)
+    if top:
+        live &= rows.token[:k] == T - 1
+    for kind, site in ((2, "attn_out"), (1, "mlp_out")):
+        if site == "mlp_out":
+            x.add_(outs["attn_out"])
+            outs[site] = packed.mlp_out(layer, x)
+        sel = (live & (rows.kind[:k] == kind)).nonzero().flatten()
+        if len(sel):
+            at = sel if top else sel_at[sel]
+            outs[site][at] = patched[site][layer, rows.token[sel]]
+    x.add_(outs["mlp_out"])
+
+
 def _restore_rows(packed: PackedBlocks, rec: Recording, rows: _Rows, n_tokens: int,
                   answer_id: int) -> Tensor:
     """Answer probability for each row (sorted by entry) after restoring its condition.
@@ -333,20 +356,8 @@ def _restore_rows(packed: PackedBlocks, rec: Recording, rows: _Rows, n_tokens: i
         q_buf[q_row, :, q_pos] = packed.queries(layer, xn[q_idx], q_pos)
         o = packed.attend(layer, q_buf[:k], k_buf[:k], v_buf[:k])[q_row, :, q_pos]
         x = h[q_idx] if top else h[:A]
-        outs = {"attn_out": packed.attn_out(layer, o)}
-        # still-patched window rows: their output at t is the clean one (written in place)
-        live = (rows.lo[:k] < layer) & (rows.hi[:k] > layer)
-        if top:
-            live &= rows.token[:k] == T - 1
-        for kind, site in ((2, "attn_out"), (1, "mlp_out")):
-            if site == "mlp_out":
-                x.add_(outs["attn_out"])
-                outs[site] = packed.mlp_out(layer, x)
-            sel = (live & (rows.kind[:k] == kind)).nonzero().flatten()
-            if len(sel):
-                at = sel if top else first[sel]
-                outs[site][at] = patched[site][layer, rows.token[sel]]
-        x.add_(outs["mlp_out"])
+        _finish_block(packed, layer, x, o, rows, k, sel_at=None if top else first, T=T,
+                      patched=patched)
         if top:
             h[q_idx] = x
     logits = packed.stack.logits(h[last]).float()
@@ -463,8 +474,6 @@ def fact_group_effects(fact: FactInput, tr: FactTrace, kind: str) -> dict[str, n
 def mean_t_interval(rows: list[np.ndarray], n_layers: int) -> dict[str, list[float] | int]:
     """``{"mean", "lo", "hi", "n"}`` per layer over ``rows`` (one per fact): Student-t 95%
     intervals, which at the handful of facts a CPU traces are much wider than normal ones."""
-    from ..evals.stats import t_quantile
-
     if not rows:
         nan = [math.nan] * n_layers
         return {"mean": nan, "lo": nan, "hi": nan, "n": 0}

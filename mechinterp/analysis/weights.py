@@ -46,6 +46,8 @@ from typing import Self
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from transformers import AutoConfig
 
 from ..errors import CorruptCheckpoint
 from ..models.naming import Family, ParamSlice, family_for, n_layers
@@ -100,8 +102,6 @@ class CheckpointReader:
 
     # whole tensors (mmap) ------------------------------------------------------------------
     def get(self, name: str) -> torch.Tensor:
-        from safetensors import safe_open
-
         path = self._entry(name)[0]
         if path not in self._handles:
             self._handles[path] = self._stack.enter_context(safe_open(str(path), framework="pt"))
@@ -181,8 +181,6 @@ class CheckpointReader:
 
 
 def load_config(folder: Path):
-    from transformers import AutoConfig
-
     return AutoConfig.from_pretrained(str(folder))
 
 
@@ -510,12 +508,6 @@ def _diff_refs(base: CheckpointReader, variants: dict[str, CheckpointReader],
             if progress is not None and last_job[k] == i:
                 progress()
     return out
-
-
-def stream_stats(base: CheckpointReader, variants: dict[str, CheckpointReader], ref: ParamSlice,
-                 sparsity: bool = True) -> dict[str, DiffStats]:
-    """Stats of one (sliced) parameter for every variant; the base rows are read once."""
-    return _diff_refs(base, variants, [ref], sparsity)[0]
 
 
 # ----- whole checkpoints -----------------------------------------------------------------------

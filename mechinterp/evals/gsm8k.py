@@ -10,6 +10,7 @@ generation prompt. The answer is extracted with :func:`mechinterp.data.gsm8k.ext
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 
 import torch
@@ -51,8 +52,6 @@ def sample_shots(pool: Sequence[GSM8KItem], n_items: int, k: int, sampler: str =
     (its default sampler) draws ``k`` train items per question from one ``random.Random(seed)``
     (lm-eval's ``fewshot_random_seed`` is 1234), in question order; ``first`` gives every
     question the first ``k``."""
-    import random
-
     if k == 0:
         return [[] for _ in range(n_items)]
     if k > len(pool):

@@ -17,12 +17,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 
-import torch
-
 from ..models.loaded import LoadedModel
 from ..progress import task
 from .prefix import best_plan, plan_groups, shared_jobs
-from .rows import Row, add_target_logprobs, body, hidden_logprobs, pad_rows
+from .rows import Row, add_target_logprobs, body, pad_rows
 from .workers import cpu_workers, run_jobs
 
 
@@ -117,13 +115,6 @@ def score(model: LoadedModel, requests: Sequence[Request], token_budget: int = 5
                             token_budget, kv_budget, advance)
         run_jobs(jobs, n_workers)
     return out, n_fast
-
-
-def target_logprobs(model: LoadedModel, ids: torch.Tensor, mask: torch.Tensor,
-                    sel: torch.Tensor) -> torch.Tensor:
-    """Log-probabilities ``log p(tok | prefix)`` at ``sel`` = rows of (batch row, position, token)."""
-    hidden = body(model, ids, mask, use_cache=False).last_hidden_state
-    return hidden_logprobs(model, hidden, sel)
 
 
 def _score_batch(model: LoadedModel, batch: list[Row], out: list[list[float]],

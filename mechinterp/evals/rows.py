@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from ..models.loaded import LoadedModel
-from ..models.unembed import logits_fp32
+from .answers import log_probs_at
 
 
 @dataclass
@@ -39,9 +39,8 @@ def body(model: LoadedModel, ids: torch.Tensor, mask: torch.Tensor, **kw):
 def hidden_logprobs(model: LoadedModel, hidden: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
     """``log p(tok)`` read from final hidden states at ``sel`` = rows of (batch row, position, token):
     only the selected positions go through the unembedding and the log-softmax."""
-    sel = sel.to(hidden.device)
-    logits = logits_fp32(model.hf, hidden[sel[:, 0], sel[:, 1]])  # float32 whatever the dtype
-    return torch.log_softmax(logits, dim=-1).gather(1, sel[:, 2:3])[:, 0]
+    lp = log_probs_at(model, hidden, (sel[:, 0], sel[:, 1]))  # float32 whatever the dtype
+    return lp.gather(1, sel[:, 2:3].to(lp.device))[:, 0]
 
 
 def add_target_logprobs(model: LoadedModel, hidden: torch.Tensor, rows: Sequence[Row],

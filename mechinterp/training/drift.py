@@ -1,73 +1,48 @@
 """How far training has moved the model: teacher-forced KL from the base on a fixed held-out set.
 
-Definition (the paper's, computed by ``mechinterp.analysis.divergence``): for each item, the mean over its answer positions of
-``sum_v p_base(v) (log p_base(v) - log p_ft(v))``, then the mean over items. "Answer positions" are
-the positions whose next token is part of the rendered reference answer (the assistant turn), so the
-prompt is context only.
+Definition (the paper's, computed by ``mechinterp.analysis.divergence``): for each item, the mean
+over its answer positions of ``sum_v p_base(v) (log p_base(v) - log p_ft(v))``, then the mean over
+items. "Answer positions" are the positions whose next token is one of the reference answer's own
+tokens (:mod:`mechinterp.evals.answers`: not the end-of-turn tokens the chat template appends), so
+the prompt is context only and ``kl-drift`` reads the same span.
 
-The base distributions are computed once (:func:`base_logprobs`) and kept only at answer positions,
+The base distributions are computed once (:func:`answer_logprobs`) and kept only at answer positions,
 so a checkpoint costs one forward pass of the fine-tuned model over the held-out set.
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Float
 from torch import Tensor
 
-from ..analysis.divergence import TokenisedItems, answer_log_probs, eval_mode, kl_rows
-
-
-@dataclass
-class HeldOut:
-    """Tokenised held-out items: ids and, per item, the answer span ``[start, stop)`` of tokens."""
-
-    input_ids: list[Int[Tensor, " pos"]]
-    spans: list[tuple[int, int]]  # stop is always len(input_ids[i])
-
-    def to_items(self) -> TokenisedItems:
-        return TokenisedItems([x.tolist() for x in self.input_ids], [a for a, _ in self.spans])
+from ..analysis.divergence import eval_mode, kl_rows
+from ..evals.answers import TokenisedItems, answer_items, answer_log_probs
 
 
 def build_heldout(tokenizer, prompts: list[list[dict]], answers: list[str],
-                  max_length: int = 512) -> HeldOut:
-    """Render prompt + reference answer through the chat template; locate the answer tokens."""
-    ids, spans = [], []
-    for messages, answer in zip(prompts, answers, strict=True):
-        prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                   tokenize=True, return_dict=False)
-        full_ids = tokenizer.apply_chat_template(
-            messages + [{"role": "assistant", "content": answer}], tokenize=True, return_dict=False)
-        prompt_ids = list(prompt_ids["input_ids"] if isinstance(prompt_ids, dict) else prompt_ids)
-        full_ids = list(full_ids["input_ids"] if isinstance(full_ids, dict) else full_ids)
-        start = len(prompt_ids)
-        if full_ids[:start] != prompt_ids:  # template re-tokenises across the boundary
-            start = next(i for i, (a, b) in enumerate(zip(prompt_ids, full_ids)) if a != b)
-        full_ids = full_ids[:max_length]
-        if start >= len(full_ids):
-            continue  # no answer left after truncation
-        ids.append(torch.tensor(full_ids))
-        spans.append((max(start, 1), len(full_ids)))
-    return HeldOut(ids, spans)
+                  max_length: int = 512) -> TokenisedItems:
+    """The held-out items: each prompt's chat messages rendered with the generation prompt, then
+    the reference answer's own tokens (:func:`~mechinterp.evals.answers.answer_items`, the span
+    ``kl-drift`` reads). Answers are cut to ``max_length`` tokens in all; an item whose prompt
+    alone fills it is left out."""
+    return answer_items(tokenizer, list(zip(prompts, answers, strict=True)),
+                        max_length=max_length, drop_long_prompts=True)
 
 
 @torch.no_grad()
-def answer_logprobs(model: torch.nn.Module, heldout: HeldOut,
+def answer_logprobs(model: torch.nn.Module, heldout: TokenisedItems,
                     batch_size: int = 4) -> list[Float[Tensor, "answer vocab"]]:
-    """Log-probabilities (float32) predicting each answer token, one tensor per item.
-
-    Batching, padding and the answer-position mask are :mod:`mechinterp.analysis.divergence`'s,
-    so training drift and the ``kl-drift`` probe compute KL the same way.
-    """
-    items = heldout.to_items()
+    """Log-probabilities (float32) predicting each answer token, one tensor per item: the batches
+    of :class:`~mechinterp.evals.answers.TokenisedItems` read by
+    :func:`~mechinterp.evals.answers.answer_log_probs`, as ``kl-drift`` reads them."""
     out: list[Tensor] = []
     with eval_mode(model):
-        for _, ids, attn, pred in items.batches(batch_size):
-            rows = answer_log_probs(model, ids, attn, pred)
-            out.extend(rows.split(pred.sum(-1).tolist()))
+        for _, ids, attn, predict in heldout.batches(batch_size):
+            rows = answer_log_probs(model, ids, attn, predict).cpu()
+            out.extend(rows.split(predict.sum(-1).tolist()))
     return out
 
 

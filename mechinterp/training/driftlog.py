@@ -22,8 +22,9 @@ import torch
 
 from ..analysis.weights import live_weight_change, matrix_refs, tensor_stats
 from ..store.drift_log import DRIFT_LOG
+from ..evals.answers import TokenisedItems
 from ..store.results import Result, read_result, write_result
-from .drift import HeldOut, answer_logprobs, kl_from_base, kl_per_item, without_autocast
+from .drift import answer_logprobs, kl_from_base, kl_per_item, without_autocast
 
 PROBE_NAME = DRIFT_LOG
 
@@ -133,7 +134,7 @@ def drift_scalars(rec: dict[str, Any]) -> dict[str, float]:
 class DriftLogger:
     """Relative change per layer and matrix (live weights vs the base folder) and held-out KL."""
 
-    def __init__(self, out: Path, base_folder: Path, family, config, heldout: HeldOut | None,
+    def __init__(self, out: Path, base_folder: Path, family, config, heldout: TokenisedItems | None,
                  base_lp: list[torch.Tensor] | None, meta: dict[str, Any],
                  provenance: dict[str, Any]):
         self.folder = Path(out) / PROBE_NAME
