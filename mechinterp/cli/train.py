@@ -16,8 +16,9 @@ from typing import Annotated, Any
 
 import typer
 
-from .options import Base, DataDir, Device, Dtype
 from ..errors import UserError
+from .entry import run_app
+from .options import Base, DataDir, Device, Dtype
 
 train_app = typer.Typer(
     rich_markup_mode=None,  # plain help: rich markup would eat "[paper: 571]" and "[@REV]"
@@ -88,6 +89,7 @@ def _extra(items: list[str] | None) -> dict[str, Any] | None:
 
 def _run(algorithm: str, out: Path, preset: str | None, resume: bool, data_dir: Path | None,
          skip_disk_check: bool, overrides: dict[str, Any]) -> None:
+    # deferred: the training runner imports transformers' Trainer (slow; only train needs it)
     from ..training.runner import resume_settings, summarise, train
     from ..training.settings import resolve_settings, validate
 
@@ -177,10 +179,15 @@ def grpo(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point for ``python -m mechinterp.cli.train`` (e.g. under ``accelerate launch``)."""
-    from . import main as cli_main
+    """Entry point for ``python -m mechinterp.cli.train`` (e.g. under ``accelerate launch``).
 
-    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
+    Args:
+        argv: ``sft|grpo`` and its options (None: ``sys.argv[1:]``).
+
+    Returns:
+        The exit code (2 for a user error).
+    """
+    return run_app(train_app, sys.argv[1:] if argv is None else argv, "mechinterp train")
 
 
 if __name__ == "__main__":  # pragma: no cover
