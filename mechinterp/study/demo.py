@@ -32,7 +32,12 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
+from ..models.lineage import read_run_json
 from ..models.zoo import DEFAULT_MODEL, fetch
+from ..store.results import check_out
+from .claims import verdict_line
+from .compare import compare
+from .folder import STUDY_FILE
 
 #: The run kinds of the study: (name of the first seed's run, algorithm, freeze preset)
 RUNS = (("sft", "sft", None), ("grpo", "grpo", None), ("sft-frozen", "sft", "paper-mid-mlp"))
@@ -78,7 +83,7 @@ DEMO_PRESETS: dict[str, DemoPreset] = {
 
 def _train_one(run: DemoRun, preset: DemoPreset, out: Path, data_dir, device: str, dtype: str,
                echo, keep_checkpoints: bool = False) -> Path:
-    from ..models.lineage import read_run_json
+    # deferred: the training modules import transformers' Trainer (only a demo that trains needs it)
     from ..training.callbacks import prune_finished
     from ..training.runner import CONFIG_FILE, SUMMARY_FILE, train
     from ..training.settings import resolve_settings, settings_differ
@@ -113,10 +118,6 @@ def _train_one(run: DemoRun, preset: DemoPreset, out: Path, data_dir, device: st
 def run_demo(out: Path, preset: str = "default", data_dir=None, device: str = "auto",
              dtype: str = "auto", echo=print, keep_checkpoints: bool = False,
              overwrite: bool = False):
-    from .claims import verdict_line
-    from .compare import compare
-    from ..store.results import check_out
-
     if preset not in DEMO_PRESETS:
         raise UserError(f"unknown demo preset {preset!r}", f"use one of {', '.join(DEMO_PRESETS)}")
     check_out(out)
@@ -147,8 +148,6 @@ def ensure_demo(folder: Path | str = "results", preset: str = "smoke", echo=prin
     """The demo's output folder, for notebooks: used as it is when it holds a finished study
     (``study.json``), else built there with ``preset`` (``smoke``: a few minutes on a CPU; run
     ``mechinterp demo --out DIR`` for the default study)."""
-    from .compare import STUDY_FILE
-
     folder = Path(folder)
     if not (folder / STUDY_FILE).is_file():
         echo(f"no finished demo in {folder}: building it with the {preset} preset")

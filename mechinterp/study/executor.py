@@ -34,7 +34,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..core.probe import get_probe, make_config
+from ..core.runner import run_probe
+from ..data import DataSource
 from ..errors import UserError
+from ..models.modelset import ModelSet
+from ..store.locking import adopt, holder_text
 
 EXECUTORS = ("serial", "local", "slurm")
 
@@ -81,8 +86,6 @@ class Job:
 
 
 def _model_set(job: Job, cache: dict | None):
-    from ..models.modelset import ModelSet
-
     key = (job.base, repr(sorted(job.variants.items())), job.check, repr(sorted(job.model_kw.items())))
     if cache is not None and key in cache:
         return cache[key]
@@ -103,10 +106,6 @@ def run_job(job: Job, echo: Callable[[str], None] = print, cache: dict | None = 
     Returns:
         ``{"probe", "reused", "wall_s"}``.
     """
-    from ..data import DataSource
-    from ..core.probe import get_probe, make_config
-    from ..core.runner import run_probe
-
     start = time.perf_counter()
     probe = get_probe(job.probe)
     models = _model_set(job, cache)
@@ -125,10 +124,8 @@ def run_job(job: Job, echo: Callable[[str], None] = print, cache: dict | None = 
 def _worker(job: Job, threads: int | None = None) -> dict:
     """Entry point of a worker process (local or Slurm): progress goes to the job's log.
     ``threads``: torch threads of this worker (local workers share the machine's cores)."""
-    from ..store.locking import adopt
-
     if threads:
-        import torch
+        import torch  # deferred: torch only in a worker process that sets its threads
 
         torch.set_num_threads(threads)
     scope = adopt(job.out, job.lock_holder) if job.lock_holder else contextlib.nullcontext()
@@ -194,7 +191,7 @@ def execute(jobs: list[Job], executor: str = "serial", workers: int = 1,
 
 
 def _submitit_executor(kind: str, folder: Path, workers: int, options: dict):
-    import submitit
+    import submitit  # deferred: submitit only for the local and Slurm executors
 
     if kind == "local":
         ex = submitit.LocalExecutor(folder=folder)
@@ -213,8 +210,6 @@ def _execute_submitit(jobs: list[Job], kind: str, workers: int, folder: Path, op
         import submitit  # noqa: F401 - fail early, with the fix, when it is missing
     except ImportError:
         raise UserError(f"--executor {kind} needs submitit", "pip install submitit") from None
-    from ..store.locking import holder_text
-
     ex = _submitit_executor(kind, folder, workers, dict(options))
     threads = max(1, (os.cpu_count() or 1) // workers) if kind == "local" else None
     pending = list(enumerate(jobs))
