@@ -149,11 +149,11 @@ def replicates(study, kind: str) -> list[str]:
 def pairs(study, a: str, b: str) -> list[tuple[str, str]] | str:
     """Replicate i of kind ``a`` with replicate i of kind ``b`` (as many pairs as both have), or
     a message naming the kind that is missing."""
-    ra, rb = replicates(study, a), replicates(study, b)
-    for kind, r in ((a, ra), (b, rb)):
-        if not r:
+    first, second = replicates(study, a), replicates(study, b)
+    for kind, names in ((a, first), (b, second)):
+        if not names:
             return f"no {kind} variant (kinds come from train-config.json or the variant's name)"
-    return list(zip(ra, rb))
+    return list(zip(first, second))
 
 
 def single_seed(n_seeds: int) -> list[str]:

@@ -96,6 +96,31 @@ def _weights(study):
     return res.data, None
 
 
+def _per_seed(study, data: dict, pr: list[tuple[str, str]]):
+    """Per (SFT, GRPO) replicate pair: the (layer, matrix) entries' update scales ``[entries, 2]``,
+    mean coherence and mean relative change of both, and the final models' names; or a message
+    naming what is missing."""
+    groups, coherence, relative, names = [], [], [], []
+    relative_change = data.get("relative_change", {})
+    for sft, grpo in pr:
+        pair = tuple(study.final_name(v, "weight-change") for v in (sft, grpo))
+        sft_scale, grpo_scale = (get(data, "update_scale", n) for n in pair)
+        if sft_scale is None or grpo_scale is None:
+            return f"no update_scale for {pair[0] if sft_scale is None else pair[1]}"
+        rows = [(a, b) for m in sft_scale if m in grpo_scale
+                for a, b in zip(floats(sft_scale[m]), floats(grpo_scale[m]))
+                if np.isfinite(a) and np.isfinite(b) and a > 0 and b > 0]
+        if not rows:
+            return (f"update_scale of {pair[0]} / {pair[1]} is unknown (learning rate or steps not "
+                    "recorded with the run)")
+        groups.append(np.array(rows))
+        coherence.append([mean_change(get(data, "coherence", n) or {"x": [None]}) for n in pair])
+        relative.append([mean_change(relative_change[n]) if n in relative_change else math.nan
+                         for n in pair])
+        names.append(pair)
+    return groups, coherence, relative, names
+
+
 def c1_weight_change(study) -> dict:
     title = "SFT moves the weights more than GRPO (per unit of lr x steps, above the noise floor)"
     pr = pairs(study, "sft", "grpo")
@@ -104,22 +129,10 @@ def c1_weight_change(study) -> dict:
     data, why = _weights(study)
     if data is None:
         return missing("C1", title, why)
-    groups, coh, rel, names = [], [], [], []
-    for s, g in pr:
-        ns, ng = (study.final_name(v, "weight-change") for v in (s, g))
-        us, ug = get(data, "update_scale", ns), get(data, "update_scale", ng)
-        if us is None or ug is None:
-            return missing("C1", title, f"no update_scale for {ns if us is None else ng}")
-        rows = [(a, b) for m in us if m in ug for a, b in zip(floats(us[m]), floats(ug[m]))
-                if np.isfinite(a) and np.isfinite(b) and a > 0 and b > 0]
-        if not rows:
-            return missing("C1", title, f"update_scale of {ns} / {ng} is unknown (learning rate "
-                                        "or steps not recorded with the run)")
-        groups.append(np.array(rows))
-        coh.append([mean_change(get(data, "coherence", n) or {"x": [None]}) for n in (ns, ng)])
-        rc = data.get("relative_change", {})
-        rel.append([mean_change(rc[n]) if n in rc else math.nan for n in (ns, ng)])
-        names.append((ns, ng))
+    gathered = _per_seed(study, data, pr)
+    if isinstance(gathered, str):
+        return missing("C1", title, gathered)
+    groups, coherence, relative, names = gathered
     point, reps = stats.hier_bootstrap(groups)
 
     def log_ratio(m):
@@ -129,39 +142,42 @@ def c1_weight_change(study) -> dict:
                 "log(update_scale SFT / update_scale GRPO)", float(log_ratio(point)),
                 log_ratio(reps), needed=math.log(1.5), n=len(groups[0]), n_seeds=len(pr),
                 units="log ratio")
-    ratio, (rlo, rhi) = math.exp(p["effect"]), (math.exp(x) for x in p["ci95"])
-    coh = np.array(coh, float)
-    fl = {k: float(np.nanmean([floor_hi(data, n, k) for n, _ in names]))
-          for k in ("coherence", "update_scale")}
-    fl_g = np.nanmean([floor_hi(data, n, "coherence") for _, n in names])
-    floor_us = np.nanmean([floor_mean(data, n, "update_scale") for n, _ in names])
-    sft_coh, grpo_coh = float(np.nanmean(coh[:, 0])), float(np.nanmean(coh[:, 1]))
-    gates = [floor_gate(sft_coh, fl["coherence"], "SFT's update coherence",
+    ratio, (ratio_lo, ratio_hi) = math.exp(p["effect"]), (math.exp(x) for x in p["ci95"])
+    sft_coherence, grpo_coherence = np.nanmean(np.array(coherence, float), axis=0).tolist()
+    floor_hi_mean = {k: float(np.nanmean([floor_hi(data, n, k) for n, _ in names]))
+                     for k in ("coherence", "update_scale")}
+    grpo_floor = np.nanmean([floor_hi(data, n, "coherence") for _, n in names])
+    floor_scale = np.nanmean([floor_mean(data, n, "update_scale") for n, _ in names])
+    gates = [floor_gate(sft_coherence, floor_hi_mean["coherence"], "SFT's update coherence",
                         ": a noise-driven run cannot support 'moves more'")]
-    sft_us, grpo_us = (float(x) for x in point)
-    ceiling = 1.0 / grpo_us if grpo_us > 0 else math.inf
-    rel_a = np.array(rel, float)
-    rel_ratio = float(np.nanmean(rel_a[:, 0]) / np.nanmean(rel_a[:, 1]))
-    numbers = {"sft_update_scale": sft_us, "grpo_update_scale": grpo_us,
-               "ratio_sft_over_grpo": ratio, "ratio_ci95": [rlo, rhi],
-               "noise_floor_update_scale": floor_us, "noise_floor_update_scale_hi": fl["update_scale"],
-               "sft_coherence": sft_coh, "grpo_coherence": grpo_coh,
-               "noise_floor_coherence_hi": fl["coherence"], "grpo_noise_floor_coherence_hi": fl_g,
-               "ceiling_ratio_over_grpo": ceiling, "paper_matched_lr_ratio": PAPER_MATCHED_LR_RATIO,
-               "sft_mean_relative_change": float(np.nanmean(rel_a[:, 0])),
-               "grpo_mean_relative_change": float(np.nanmean(rel_a[:, 1])),
-               "relative_change_ratio_sft_over_grpo": rel_ratio, "models": names}
+    sft_scale, grpo_scale = (float(x) for x in point)
+    ceiling = 1.0 / grpo_scale if grpo_scale > 0 else math.inf
+    sft_relative, grpo_relative = np.nanmean(np.array(relative, float), axis=0).tolist()
+    relative_ratio = float(np.divide(sft_relative, grpo_relative))
+    numbers = {"sft_update_scale": sft_scale, "grpo_update_scale": grpo_scale,
+               "ratio_sft_over_grpo": ratio, "ratio_ci95": [ratio_lo, ratio_hi],
+               "noise_floor_update_scale": floor_scale,
+               "noise_floor_update_scale_hi": floor_hi_mean["update_scale"],
+               "sft_coherence": sft_coherence, "grpo_coherence": grpo_coherence,
+               "noise_floor_coherence_hi": floor_hi_mean["coherence"],
+               "grpo_noise_floor_coherence_hi": grpo_floor, "ceiling_ratio_over_grpo": ceiling,
+               "paper_matched_lr_ratio": PAPER_MATCHED_LR_RATIO,
+               "sft_mean_relative_change": sft_relative,
+               "grpo_mean_relative_change": grpo_relative,
+               "relative_change_ratio_sft_over_grpo": relative_ratio,
+               "models": names}
     statement = (
         f"update per unit of lr x steps (RMS(dW) / (lr x steps); the optimizer's ceiling is about "
-        f"1: AdamW moves an entry at most about lr per step): SFT {sft_us:.3g}, GRPO {grpo_us:.3g} "
-        f"(noise floor {floor_us:.3g}); SFT/GRPO = {ratio:.3g}x [{rlo:.3g}, {rhi:.3g}] over "
-        f"{len(pr)} seed(s); at this step count the ceiling allows at most {ceiling:.3g}x over "
-        f"GRPO; the paper at matched lr: {PAPER_MATCHED_LR_RATIO}. Coherence SFT {sft_coh:.3g}, "
-        f"GRPO {grpo_coh:.3g} (noise floor up to {fl['coherence']:.3g}"
-        + (", GRPO within it" if grpo_coh <= fl_g else "") + f"). Beside: relative change "
-        f"SFT/GRPO {rel_ratio:.3g}x")
-    cav = single_seed(len(pr)) + confound_caveats(data, [n for pair in names for n in pair])
-    return claim("C1", title, statement, numbers, p, gates, cav)
+        f"1: AdamW moves an entry at most about lr per step): SFT {sft_scale:.3g}, GRPO "
+        f"{grpo_scale:.3g} (noise floor {floor_scale:.3g}); SFT/GRPO = {ratio:.3g}x "
+        f"[{ratio_lo:.3g}, {ratio_hi:.3g}] over {len(pr)} seed(s); at this step count the ceiling "
+        f"allows at most {ceiling:.3g}x over GRPO; the paper at matched lr: "
+        f"{PAPER_MATCHED_LR_RATIO}. Coherence SFT {sft_coherence:.3g}, GRPO {grpo_coherence:.3g} "
+        f"(noise floor up to {floor_hi_mean['coherence']:.3g}"
+        + (", GRPO within it" if grpo_coherence <= grpo_floor else "")
+        + f"). Beside: relative change SFT/GRPO {relative_ratio:.3g}x")
+    caveats = single_seed(len(pr)) + confound_caveats(data, [n for pair in names for n in pair])
+    return claim("C1", title, statement, numbers, p, gates, caveats)
 
 
 def _layer_matrix(data: dict, key: str, model: str, matrices: list[str]) -> np.ndarray:
