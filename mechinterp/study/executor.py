@@ -134,7 +134,12 @@ def _worker(job: Job, threads: int | None = None) -> dict:
 
 
 def check_executor(name: str, workers: int) -> None:
-    """Refuse an unknown executor or a worker count below 1 before any work."""
+    """Refuse an unknown executor or a worker count below 1 before any work.
+
+    Args:
+        name: ``serial``, ``local`` or ``slurm``.
+        workers: jobs running at once.
+    """
     if name not in EXECUTORS:
         raise UserError(f"unknown executor {name!r}", f"use one of {', '.join(EXECUTORS)}")
     if workers < 1:
@@ -142,8 +147,14 @@ def check_executor(name: str, workers: int) -> None:
 
 
 def parse_executor_options(pairs: list[str]) -> dict[str, Any]:
-    """``["slurm_partition=gpu", "mem_gb=64"]`` -> ``{"slurm_partition": "gpu", "mem_gb": 64}``
-    (integers and floats become numbers)."""
+    """Parse ``--executor-option`` items.
+
+    Args:
+        pairs: ``KEY=VALUE`` items, e.g. ``["slurm_partition=gpu", "mem_gb=64"]``.
+
+    Returns:
+        ``{"slurm_partition": "gpu", "mem_gb": 64}``: integers and floats become numbers.
+    """
     out: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")

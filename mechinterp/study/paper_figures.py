@@ -178,7 +178,14 @@ def kl_figures(study) -> dict:
 
 
 def paper_figures(folder: Path | str) -> list[Path]:
-    """Write the set into ``folder/paper/``; returns the files written."""
+    """Write the paper's figure set (and ours) as numbered PNG + PDF files.
+
+    Args:
+        folder: a compare or demo folder; the files go to ``folder/paper/``.
+
+    Returns:
+        The files written.
+    """
     # deferred: matplotlib only when drawing
     import matplotlib.pyplot as plt
 

@@ -36,8 +36,15 @@ HOLM = ("Holm's step-down correction across the primary tests of the claims that
 
 
 def decide_all(study) -> list[dict]:
-    """Every claim, Holm-corrected across their primary tests; a claim whose computation fails is
-    reported as not measured, with why."""
+    """Every claim of :data:`CLAIMS`, Holm-corrected across their primary tests.
+
+    Args:
+        study: the :class:`~mechinterp.study.folder.Study`.
+
+    Returns:
+        One decided claim dict per claim; a claim whose computation fails is reported as not
+        measured, with why.
+    """
     out = []
     for fn in CLAIMS:
         cid = fn.__name__.split("_", 1)[0].upper()

@@ -149,6 +149,14 @@ def _logprob_claim(study, cid: str, title: str, kinds: tuple[str, str], who: str
 
 
 def c2_kl(study) -> dict:
+    """C2: KL from the base on held-out problems, SFT against GRPO, paired by item.
+
+    Args:
+        study: the :class:`~mechinterp.study.folder.Study`.
+
+    Returns:
+        The decided claim, or a not-measured one naming what the study lacks.
+    """
     title = ("SFT drifts further from the base than GRPO (KL on held-out problems with neutral "
              "reference solutions)")
     pr, res = pairs(study, "sft", "grpo"), result(study, "kl-drift")
@@ -197,6 +205,14 @@ def c2_kl(study) -> dict:
 
 
 def c5_mmlu(study) -> dict:
+    """C5: change of MMLU gold-answer log-probability, GRPO minus SFT, paired by item.
+
+    Args:
+        study: the :class:`~mechinterp.study.folder.Study`.
+
+    Returns:
+        The decided claim, or a not-measured one naming what the study lacks.
+    """
     title = "SFT loses more MMLU than GRPO (gold-answer log-probability, cloze)"
     base = mmlu_logprob(study, "base")
     got = _logprob_claim(study, "C5", title, ("sft", "grpo"), "base, SFT and GRPO",
@@ -245,6 +261,14 @@ def frozen_mlp_layers(study, name: str) -> list[int] | None:
 
 
 def c6_freezing(study) -> dict:
+    """C6: MMLU gold-answer log-probability, frozen minus unfrozen SFT, paired by item.
+
+    Args:
+        study: the :class:`~mechinterp.study.folder.Study`.
+
+    Returns:
+        The decided claim, or a not-measured one naming what the study lacks.
+    """
     title = ("Freezing SFT's mid-layer MLPs keeps more MMLU (primary: gold-answer log-prob, frozen "
              "minus unfrozen SFT)")
     got = _logprob_claim(study, "C6", title, ("sft-frozen", "sft"), "SFT and frozen SFT",
@@ -295,7 +319,35 @@ def _span(layers: list[int]) -> str:
     return ",".join(map(str, layers))
 
 
+def _razor_points(study, kl_items: dict, weights: dict) -> list[dict]:
+    """Every checkpoint with all three of C7's measures: its run, model name, seed index, MMLU
+    gold log-probs, per-item KL and mean relative weight change."""
+    kinds = {n: v.kind for n, v in study.variants.items()}
+    seed_of = {n: replicates(study, k).index(n) for n, k in kinds.items() if k}
+    points = []
+    for run, names in study.runs.items():
+        for name in names:
+            logprob = mmlu_logprob(study, name)
+            kl_values = kl_items.get(name)
+            rel = get(weights, "relative_change", name)
+            if logprob is None or kl_values is None or rel is None:
+                continue
+            points.append({"run": run, "model": name, "seed": seed_of.get(run, 0),
+                           "lp": logprob, "kl": floats(kl_values),
+                           "weight_change": mean_change(rel)})
+    return points
+
+
 def c7_razor(study, n_boot: int = 1000) -> dict:
+    """C7 (RL's Razor): whether MMLU forgetting over checkpoints tracks KL more than weight change.
+
+    Args:
+        study: the :class:`~mechinterp.study.folder.Study`.
+        n_boot: bootstrap replicates over seeds and items.
+
+    Returns:
+        The decided claim, or a not-measured one naming what the study lacks.
+    """
     title = "Forgetting tracks KL more than weight change (RL's Razor)"
     wc, kl = result(study, "weight-change"), result(study, "kl-drift")
     base = mmlu_logprob(study, "base")
@@ -303,18 +355,7 @@ def c7_razor(study, n_boot: int = 1000) -> dict:
         return missing("C7", title, "weight-change, kl-drift and MMLU log-likelihoods over "
                                     "checkpoints")
     kl_key = "kl_reference_items" if "kl_reference_items" in kl.data else "kl_items"
-    kinds = {n: v.kind for n, v in study.variants.items()}
-    seed_of = {n: replicates(study, k).index(n) for n, k in kinds.items() if k}
-    points = []
-    for run, names in study.runs.items():
-        for name in names:
-            lp = mmlu_logprob(study, name)
-            kl_values = get(kl.data, kl_key, name)
-            rel = get(wc.data, "relative_change", name)
-            if lp is None or kl_values is None or rel is None:
-                continue
-            points.append({"run": run, "model": name, "seed": seed_of.get(run, 0),
-                           "lp": lp, "kl": floats(kl_values), "weight_change": mean_change(rel)})
+    points = _razor_points(study, get(kl.data, kl_key) or {}, wc.data)
     if len(points) < 4:
         return missing("C7", title, f"only {len(points)} checkpoints with all three measures")
     keys = sorted(set(base).intersection(*(set(p["lp"]) for p in points)), key=str)

@@ -41,6 +41,14 @@ def _param_bootstrap(means: np.ndarray, ses: np.ndarray, stat, n_boot: int = sta
 
 
 def c8_damage_mid_mlp(study) -> dict:
+    """C8: the mid third's weight-revert recovery of SFT's MMLU damage against the best other third.
+
+    Args:
+        study: the :class:`~mechinterp.study.folder.Study`.
+
+    Returns:
+        The decided claim, or a not-measured one naming what the study lacks.
+    """
     title = "SFT's MMLU damage originates in the mid-layer MLPs (weight revert by thirds)"
     names, res = replicates(study, "sft"), result(study, "damage-attribution")
     if not names or res is None:

@@ -122,6 +122,14 @@ def _per_seed(study, data: dict, pr: list[tuple[str, str]]):
 
 
 def c1_weight_change(study) -> dict:
+    """C1: update per unit of lr x steps, SFT over GRPO, above the noise floor.
+
+    Args:
+        study: the :class:`~mechinterp.study.folder.Study`.
+
+    Returns:
+        The decided claim, or a not-measured one naming what the study lacks.
+    """
     title = "SFT moves the weights more than GRPO (per unit of lr x steps, above the noise floor)"
     pr = pairs(study, "sft", "grpo")
     if isinstance(pr, str):
@@ -166,18 +174,24 @@ def c1_weight_change(study) -> dict:
                "grpo_mean_relative_change": grpo_relative,
                "relative_change_ratio_sft_over_grpo": relative_ratio,
                "models": names}
-    statement = (
-        f"update per unit of lr x steps (RMS(dW) / (lr x steps); the optimizer's ceiling is about "
-        f"1: AdamW moves an entry at most about lr per step): SFT {sft_scale:.3g}, GRPO "
-        f"{grpo_scale:.3g} (noise floor {floor_scale:.3g}); SFT/GRPO = {ratio:.3g}x "
-        f"[{ratio_lo:.3g}, {ratio_hi:.3g}] over {len(pr)} seed(s); at this step count the ceiling "
-        f"allows at most {ceiling:.3g}x over GRPO; the paper at matched lr: "
-        f"{PAPER_MATCHED_LR_RATIO}. Coherence SFT {sft_coherence:.3g}, GRPO {grpo_coherence:.3g} "
-        f"(noise floor up to {floor_hi_mean['coherence']:.3g}"
-        + (", GRPO within it" if grpo_coherence <= grpo_floor else "")
-        + f"). Beside: relative change SFT/GRPO {relative_ratio:.3g}x")
     caveats = single_seed(len(pr)) + confound_caveats(data, [n for pair in names for n in pair])
-    return claim("C1", title, statement, numbers, p, gates, caveats)
+    return claim("C1", title, _c1_statement(numbers, len(pr)), numbers, p, gates, caveats)
+
+
+def _c1_statement(n: dict, n_seeds: int) -> str:
+    """C1's statement from its numbers ``n``."""
+    within = n["grpo_coherence"] <= n["grpo_noise_floor_coherence_hi"]
+    return (
+        f"update per unit of lr x steps (RMS(dW) / (lr x steps); the optimizer's ceiling is about "
+        f"1: AdamW moves an entry at most about lr per step): SFT {n['sft_update_scale']:.3g}, "
+        f"GRPO {n['grpo_update_scale']:.3g} (noise floor {n['noise_floor_update_scale']:.3g}); "
+        f"SFT/GRPO = {n['ratio_sft_over_grpo']:.3g}x [{n['ratio_ci95'][0]:.3g}, "
+        f"{n['ratio_ci95'][1]:.3g}] over {n_seeds} seed(s); at this step count the ceiling "
+        f"allows at most {n['ceiling_ratio_over_grpo']:.3g}x over GRPO; the paper at matched lr: "
+        f"{PAPER_MATCHED_LR_RATIO}. Coherence SFT {n['sft_coherence']:.3g}, GRPO "
+        f"{n['grpo_coherence']:.3g} (noise floor up to {n['noise_floor_coherence_hi']:.3g}"
+        + (", GRPO within it" if within else "")
+        + f"). Beside: relative change SFT/GRPO {n['relative_change_ratio_sft_over_grpo']:.3g}x")
 
 
 def _layer_matrix(data: dict, key: str, model: str, matrices: list[str]) -> np.ndarray:
@@ -188,6 +202,14 @@ def _layer_matrix(data: dict, key: str, model: str, matrices: list[str]) -> np.n
 
 
 def c3_qk_most_changed(study) -> dict:
+    """C3: whether q and k are the two most-changed matrix kinds.
+
+    Args:
+        study: the :class:`~mechinterp.study.folder.Study`.
+
+    Returns:
+        The decided claim, or a not-measured one naming what the study lacks.
+    """
     title = "q and k are the two most-changed matrix kinds (update scale / coherence)"
     kinds = {k: replicates(study, k) for k in ("sft", "grpo") if replicates(study, k)}
     if not kinds:
@@ -241,7 +263,42 @@ def c3_qk_most_changed(study) -> dict:
     return redecide(c)
 
 
+def _mid_layer_groups(data: dict, key: str, names: list[str]):
+    """Per SFT replicate, the MLP profile over layers (``key`` averaged over the MLP matrices) and
+    the columns C4's ratio is computed from: ``[value x mid, mid, value x rest, rest]`` per layer
+    with a finite value. Returns ``(groups, profiles)``."""
+    groups, profiles = [], []
+    for name in names:
+        profile = np.nanmean(np.stack([floats(data[key][name][m]) for m in MLP]), axis=0)
+        profiles.append(profile)
+        mid = np.zeros(len(profile), bool)
+        mid[list(mid_layers(len(profile)))] = True
+        finite = np.isfinite(profile)
+        value, is_mid = profile[finite], mid[finite].astype(float)
+        groups.append(np.stack([value * is_mid, is_mid, value * (1 - is_mid), 1 - is_mid], axis=1))
+    return groups, profiles
+
+
+def _relative_by_third(rel: dict | None, span: range) -> tuple[int | None, list | None]:
+    """Beside C4's primary: the layer where the MLPs' relative change peaks and its mean in the
+    early, mid and late thirds; ``(None, None)`` without relative change."""
+    if not rel:
+        return None, None
+    profile = np.nanmean(np.stack([floats(rel[m]) for m in MLP]), axis=0)
+    bounds = ((0, span.start), (span.start, span.stop), (span.stop, len(profile)))
+    return int(np.nanargmax(profile)), [float(np.nanmean(profile[a:b])) if b > a else math.nan
+                                        for a, b in bounds]
+
+
 def c4_sft_mid_mlp(study) -> dict:
+    """C4: whether SFT's MLP change concentrates in the mid layers.
+
+    Args:
+        study: the :class:`~mechinterp.study.folder.Study`.
+
+    Returns:
+        The decided claim, or a not-measured one naming what the study lacks.
+    """
     title = "SFT's MLP change is highest in the mid layers (update scale / coherence)"
     reps_ = replicates(study, "sft")
     if not reps_:
@@ -253,17 +310,8 @@ def c4_sft_mid_mlp(study) -> dict:
     key = measure_name(data, ns)
     if key is None:
         return missing("C4", title, "neither update_scale nor coherence for the SFT runs")
-    groups, profiles = [], []
-    for n in ns:
-        prof = np.nanmean(np.stack([floats(data[key][n][m]) for m in MLP]), axis=0)
-        profiles.append(prof)
-        mid = np.zeros(len(prof), bool)
-        mid[list(mid_layers(len(prof)))] = True
-        ok = np.isfinite(prof)
-        v, m = prof[ok], mid[ok].astype(float)
-        groups.append(np.stack([v * m, m, v * (1 - m), 1 - m], axis=1))
-    n_layers = len(profiles[0])
-    span = mid_layers(n_layers)
+    groups, profiles = _mid_layer_groups(data, key, ns)
+    span = mid_layers(len(profiles[0]))
 
     def log_ratio(m):
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -278,13 +326,7 @@ def c4_sft_mid_mlp(study) -> dict:
     floor = float(np.nanmean([floor_hi(data, n, key) for n in ns]))
     gates = [floor_gate(mid_mean, floor, f"SFT's mid-layer MLP {key}")]
     profile = np.nanmean(np.stack(profiles), axis=0)
-    rel = data.get("relative_change", {}).get(ns[0])
-    rel_peak = rel_thirds = None
-    if rel:
-        rp = np.nanmean(np.stack([floats(rel[m]) for m in MLP]), axis=0)
-        rel_peak = int(np.nanargmax(rp))
-        rel_thirds = [float(np.nanmean(rp[a:b])) if b > a else math.nan
-                      for a, b in ((0, span.start), (span.start, span.stop), (span.stop, len(rp)))]
+    rel_peak, rel_thirds = _relative_by_third(data.get("relative_change", {}).get(ns[0]), span)
     ratio, (lo, hi) = math.exp(p["effect"]), (math.exp(x) for x in p["ci95"])
     numbers = {"measure": key, "mid_layers": [span.start, span.stop - 1],
                "mid_layers_rule": MID_LAYERS_RULE, "mid_mean": mid_mean, "rest_mean": rest_mean,
