@@ -118,6 +118,7 @@ def claim_cells(c: dict) -> tuple[str, str]:
 
 
 def decision_text(claims: list[dict]) -> str:
+    """The report's paragraph on how a verdict is decided (with the Holm family's size)."""
     m = max([(c.get("primary") or {}).get("holm_family") or 0 for c in claims] + [0])
     return ("Verdicts: held = the 95% interval excludes 0 on the claimed side and the primary "
             "test's p is below 0.05 after " + HOLM.format(m=m) + "; not held = significant the "

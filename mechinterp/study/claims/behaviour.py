@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from ...evals.mmlu import rows_from_jsonl
 from ...evals.stats import bootstrap_diff, mcnemar, spearman
 from ...models.depth import MID_LAYERS_RULE, mid_layers
 from . import stats
@@ -34,8 +35,7 @@ def gold_logprob(row: dict) -> float:
 
 
 def mmlu_rows(study, name: str) -> list[dict] | None:
-    from ...evals.mmlu import rows_from_jsonl
-
+    """The MMLU cloze item rows of model ``name`` (None when the study has none)."""
     res = result(study, "mmlu")
     key = f"items_{name}_cloze.jsonl"
     if res is None or key not in res.files:
@@ -44,6 +44,8 @@ def mmlu_rows(study, name: str) -> list[dict] | None:
 
 
 def mmlu_logprob(study, name: str) -> dict[tuple, float] | None:
+    """``{(subject, index): gold log-prob}`` of model ``name`` (None without per-choice
+    log-likelihoods)."""
     rows = mmlu_rows(study, name)
     if rows is None or any("loglik" not in r for r in rows):
         return None
@@ -51,12 +53,14 @@ def mmlu_logprob(study, name: str) -> dict[tuple, float] | None:
 
 
 def mmlu_correct(study, name: str) -> dict[tuple, bool] | None:
+    """``{(subject, index): answered right}`` of model ``name`` on MMLU cloze (None: no rows)."""
     rows = mmlu_rows(study, name)
     return None if rows is None else {(r["subject"], r["index"]): r["pred"] == r["gold"]
                                       for r in rows}
 
 
 def task_correct(study, name: str) -> dict[Any, bool] | None:
+    """``{index: answered right}`` of model ``name`` on the in-domain task (None: no rows)."""
     res = result(study, "task-accuracy")
     key = f"items_{name}.jsonl"
     if res is None or key not in res.files:

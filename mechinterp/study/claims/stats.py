@@ -101,6 +101,7 @@ def interval(replicates: np.ndarray) -> list[float]:
 
 
 def normal_cdf(x: float) -> float:
+    """The standard normal distribution function at ``x``."""
     return 0.5 * math.erfc(-x / math.sqrt(2.0))
 
 

@@ -62,6 +62,7 @@ def floor_hi(data: dict, model: str, key: str) -> float:
 
 
 def floor_mean(data: dict, model: str, key: str) -> float:
+    """The mean noise floor of measure ``key`` for ``model`` (NaN when not recorded)."""
     v = get(data, "noise_floor", model, key)
     return math.nan if v is None else float(v)
 
