@@ -74,7 +74,7 @@ class Study:
     preset: str = "default"
     runs: dict[str, list[str]] = field(default_factory=dict)  # variant -> checkpoint model names
     claims: list[dict] = field(default_factory=list)  # decided by compare (claims.decide_all)
-    plan: list[str] | None = None  # the probes compare set out to run (None: an older folder)
+    plan: list[str] | None = None  # the probes compare set out to run (None: not recorded)
 
     def role(self, kind: str) -> str | None:
         """The first variant of a kind (``sft``, ``grpo``, ``sft-frozen``), by training metadata."""
