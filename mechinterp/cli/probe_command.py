@@ -13,7 +13,6 @@ import typer
 from ..core.probe import get_probe, make_config
 from ..core.runner import run_probe
 from ..data import DataSource
-from ..errors import UserError
 from ..models.modelset import ModelSet
 from ..store.results import Result, check_out
 
@@ -21,24 +20,6 @@ from ..store.results import Result, check_out
 def echo_err(message: str) -> None:
     """Print a progress line on stderr (stdout keeps the command's result lines)."""
     typer.echo(message, err=True)
-
-
-def parse_sets(sets: list[str] | None) -> dict[str, str]:
-    """``--set KEY=VALUE`` items as ``{KEY: VALUE}`` (strings; the probe's config coerces them).
-
-    Args:
-        sets: the items as given (None: none).
-
-    Returns:
-        The options, keys and values stripped.
-    """
-    out = {}
-    for item in sets or []:
-        if "=" not in item:
-            raise UserError(f"--set {item!r} is not KEY=VALUE", "e.g. --set n_samples=5")
-        key, value = item.split("=", 1)
-        out[key.strip()] = value.strip()
-    return out
 
 
 def run_probe_command(probe_name: str, options: dict[str, Any], *, base: str,

@@ -28,8 +28,9 @@ from .options import (
     Overwrite,
     Seed,
     Variant,
+    key_values,
 )
-from .probe_command import parse_sets, run_probe_command
+from .probe_command import run_probe_command
 
 probes_app = typer.Typer(rich_markup_mode=None,
                          help="Probes: one experiment each.", no_args_is_help=True)
@@ -80,7 +81,7 @@ def run(
     overwrite: Overwrite = False,
 ) -> None:
     """Run one probe on a base model and its variants; write OUT/<probe>/result.json + figures."""
-    run_probe_command(probe, parse_sets(set_), base=base, variants=variant, out=out,
+    run_probe_command(probe, key_values(set_, "--set", "n_samples=5"), base=base, variants=variant, out=out,
                       data_dir=data_dir, device=device, dtype=dtype, limit=limit, seed=seed,
                       device_map=device_map, max_memory=max_memory, draw=not no_figures,
                       overwrite=overwrite)

@@ -16,9 +16,8 @@ from typing import Annotated, Any
 
 import typer
 
-from ..errors import UserError
 from .entry import run_app
-from .options import Base, DataDir, Device, Dtype
+from .options import Base, DataDir, Device, Dtype, key_values
 
 train_app = typer.Typer(
     rich_markup_mode=None,  # plain help: rich markup would eat "[paper: 571]" and "[@REV]"
@@ -72,19 +71,18 @@ Extra = Annotated[list[str] | None, Opt("--trl", help="Extra TRL config field KE
                                            "adam_beta2=0.95.")]
 
 
+def _json_or_text(value: str) -> Any:
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return value
+
+
 def _extra(items: list[str] | None) -> dict[str, Any] | None:
+    """``--trl KEY=VALUE`` items as TRL config fields (JSON values, else the text)."""
     if not items:
         return None
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise UserError(f"--trl {item!r} is not KEY=VALUE", "e.g. --trl adam_beta2=0.95")
-        k, v = item.split("=", 1)
-        try:
-            out[k.strip()] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k.strip()] = v
-    return out
+    return {k: _json_or_text(v) for k, v in key_values(items, "--trl", "adam_beta2=0.95").items()}
 
 
 def _run(algorithm: str, out: Path, preset: str | None, resume: bool, data_dir: Path | None,
