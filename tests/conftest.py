@@ -42,6 +42,24 @@ def tiny_model(request):
     return load(request.param, device="cpu", dtype="float32")
 
 
+@pytest.fixture(scope="session")
+def planted_variants(tmp_path_factory):
+    """``{"sft": folder, "grpo": folder}``: tiny Llamas with planted changes of known size in the
+    q, k and gate matrices of every layer (relative change 0.2 for sft, 0.01 for grpo; gate 1.5x),
+    for the tests that compare them with the base."""
+    from mechinterp.models import load
+    from mechinterp.models.edit import plant_change
+
+    root = tmp_path_factory.mktemp("planted")
+    out = {}
+    for name, rel in (("sft", 0.2), ("grpo", 0.01)):
+        model = load("tiny-random-llama", device="cpu", dtype="float32")
+        edits = {(layer, m): rel * (1.5 if m == "gate" else 1.0)
+                 for layer in range(model.n_layers) for m in ("q", "k", "gate")}
+        out[name] = str(plant_change(model, root / name, edits, seed=1))
+    return out
+
+
 @pytest.fixture
 def fresh_tiny_llama():
     """A tiny Llama you may edit in place."""

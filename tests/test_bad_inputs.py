@@ -239,8 +239,9 @@ def test_report_md_table_cells_are_escaped(tmp_path):
     import re
 
     from mechinterp.study.claims import decide_all
-    from mechinterp.study.compare import Study
-    from mechinterp.study.report import build_markdown, md_cell
+    from mechinterp.study.document import md_cell
+    from mechinterp.study.folder import Study
+    from mechinterp.study.report import build_markdown
 
     claims = decide_all(Study(tmp_path, "b", {}, {}))
     claims[0] = {**claims[0], "statement": "mean ||dW||/||W|| = 0.1\nover layers", "title": "a|b"}
@@ -279,8 +280,8 @@ def test_weight_change_records_where_it_computed(tmp_path):
 def test_claim_tests_fail_on_a_killed_compare_folder(tmp_path):
     """study.json written, some planned results missing: the claim tests fail naming them (they
     reported '8 skipped' and exit 0)."""
-    from mechinterp.study.compare import STUDY_FILE, Study, VariantInfo
     from mechinterp.store.results import Result, write_result
+    from mechinterp.study.folder import STUDY_FILE, Study, VariantInfo
 
     variants = {n: VariantInfo(n, "tiny-random-llama", ["tiny-random-llama"], n, "")
                 for n in ("sft", "grpo")}

@@ -20,10 +20,10 @@ from test_claims_planted import (
     weight_results,
 )
 
-from mechinterp.study.claims import CLAIMS, decide_all, verdict_line
-from mechinterp.study.claims.caveats import saturation
-from mechinterp.study.compare import Study, VariantInfo, write_claims
 from mechinterp.store.results import Result
+from mechinterp.study.claims import CLAIMS, decide_all, verdict_line, write_claims
+from mechinterp.study.claims.caveats import saturation
+from mechinterp.study.folder import Study, VariantInfo
 
 
 def test_decide_all_on_an_empty_study_measures_nothing(tmp_path):
@@ -162,8 +162,9 @@ def test_pytest_claims_map_verdicts_to_outcomes(study, tmp_path):
     import subprocess
     import sys
 
-    from mechinterp.study.compare import STUDY_FILE, write_claims
     from mechinterp.store.results import write_result
+    from mechinterp.study.claims import write_claims
+    from mechinterp.study.folder import STUDY_FILE
 
     out = tmp_path / "stored"
     out.mkdir()

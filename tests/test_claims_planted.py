@@ -17,6 +17,8 @@ import math
 import numpy as np
 import pytest
 
+from mechinterp.evals.stats import mcnemar, mean_ci, spearman
+from mechinterp.store.results import Result
 from mechinterp.study.claims import (
     c1_weight_change,
     c2_kl,
@@ -29,9 +31,7 @@ from mechinterp.study.claims import (
     decide_all,
 )
 from mechinterp.study.claims.stats import hier_bootstrap, holm, sign_flip_p
-from mechinterp.study.compare import Study, VariantInfo
-from mechinterp.evals.stats import mcnemar, mean_ci, spearman
-from mechinterp.store.results import Result
+from mechinterp.study.folder import Study, VariantInfo
 
 N_LAYERS = 9  # mid layers 3-5
 MATS = ("q", "k", "v", "o", "gate", "up", "down")

@@ -7,31 +7,18 @@ import json
 
 import pytest
 
-from mechinterp.study.compare import compare, load_study
 from mechinterp.errors import UserError
+from mechinterp.study.compare import compare
+from mechinterp.study.folder import load_study
 
 PROBES = ["weight-change", "kl-drift", "task-accuracy", "mmlu"]
 
 
-@pytest.fixture(scope="module")
-def variants(tmp_path_factory):
-    from mechinterp.models import load
-    from mechinterp.models.edit import plant_change
-
-    root = tmp_path_factory.mktemp("cmp")
-    out = {}
-    for name, rel in (("sft", 0.2), ("grpo", 0.01)):
-        model = load("tiny-random-llama", device="cpu", dtype="float32")
-        edits = {(layer, m): rel * (1.5 if m == "gate" else 1.0)
-                 for layer in range(model.n_layers) for m in ("q", "k", "gate")}
-        out[name] = str(plant_change(model, root / name, edits, seed=1))
-    return out
-
-
-def test_compare_decides_weight_claims_and_reuses(variants, tmp_path, data_source, one_thread):
+def test_compare_decides_weight_claims_and_reuses(planted_variants, tmp_path, data_source,
+                                                  one_thread):
     said: list[str] = []
-    study = compare("tiny-random-llama", variants, tmp_path, preset="smoke", probes=PROBES,
-                    echo=said.append)
+    study = compare("tiny-random-llama", planted_variants, tmp_path, preset="smoke",
+                    probes=PROBES, echo=said.append)
     claims = {c["id"]: c for c in study.claims}
     # planted q, k (and gate 1.5x) moved by 0.2 vs 0.01 in every layer: relative change says 20x,
     # but a plain model spec records no learning rate or steps, so the update per unit of
@@ -44,17 +31,17 @@ def test_compare_decides_weight_claims_and_reuses(variants, tmp_path, data_sourc
     assert stored["C1"]["verdict"] == "not measured" and stored["C6"]["held"] is None
     assert (tmp_path / "report.html").exists() and (tmp_path / "report.md").exists()
     again: list[str] = []
-    compare("tiny-random-llama", variants, tmp_path, preset="smoke", probes=PROBES,
+    compare("tiny-random-llama", planted_variants, tmp_path, preset="smoke", probes=PROBES,
             echo=again.append)
     assert sum("reusing" in m for m in again) == len(PROBES)
     loaded = load_study(tmp_path)
     assert set(loaded.results) == set(PROBES) and loaded.role("grpo") == "grpo"
 
 
-def test_compare_refuses_bad_input(variants, tmp_path, data_source):
+def test_compare_refuses_bad_input(planted_variants, tmp_path, data_source):
     with pytest.raises(UserError, match="at least one --variant"):
         compare("tiny-random-llama", {}, tmp_path)
     with pytest.raises(UserError, match="unknown compare preset"):
-        compare("tiny-random-llama", variants, tmp_path, preset="huge")
+        compare("tiny-random-llama", planted_variants, tmp_path, preset="huge")
     with pytest.raises(UserError, match="no step"):
-        compare("tiny-random-llama", variants, tmp_path, probes=["weight-chnge"])
+        compare("tiny-random-llama", planted_variants, tmp_path, probes=["weight-chnge"])

@@ -7,15 +7,9 @@ from __future__ import annotations
 import pytest
 from huggingface_hub import GitRefInfo, GitRefs
 
-from mechinterp.study.compare import (
-    PAPER_BASE,
-    PAPER_RELEASE_PLAN,
-    PAPER_RUNS,
-    PLANS,
-    paper_variants,
-    step_revisions,
-)
 from mechinterp.errors import UserError
+from mechinterp.study.paper_release import PAPER_BASE, PAPER_RUNS, paper_variants, step_revisions
+from mechinterp.study.presets import PAPER_RELEASE_PLAN, PLANS
 
 
 def _refs(branches, tags=()):

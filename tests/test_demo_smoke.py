@@ -130,7 +130,7 @@ def test_there_are_six_study_notebooks():
 
 @slow
 def test_paper_figure_set_is_written_and_its_table_reads_the_results(demo_dir):
-    from mechinterp.study.compare import load_study
+    from mechinterp.study.folder import load_study
     from mechinterp.study.paper_figures import PAPER_SET, benchmark_table
 
     assert main(["figures", str(demo_dir), "--paper"]) == 0
@@ -177,8 +177,8 @@ def test_demo_runs_name_seeds_and_keep_the_trajectory_of_the_first():
 def test_each_seed_trains_with_its_seed_and_compare_reads_it_back(tmp_path):
     """The seed a run is trained with is the one in its train-config.json, which compare's
     describe_variant reads into VariantInfo.seed and Study.replicates orders by."""
-    from mechinterp.study.compare import Study, describe_variant
     from mechinterp.study.demo import DEMO_PRESETS, demo_runs
+    from mechinterp.study.folder import Study, describe_variant
     from mechinterp.training.runner import CONFIG_FILE
     from mechinterp.training.settings import resolve_settings, save_settings
 
@@ -200,8 +200,9 @@ def test_each_seed_trains_with_its_seed_and_compare_reads_it_back(tmp_path):
 
 
 def test_claims_probes_run_on_every_seed_single_model_probes_on_the_first():
-    from mechinterp.study.compare import PLANS, Study, VariantInfo, step_variants
     from mechinterp.study.demo import demo_runs
+    from mechinterp.study.folder import Study, VariantInfo
+    from mechinterp.study.presets import PLANS, step_variants
 
     variants = {r.name: VariantInfo(r.name, r.name, [r.name], r.algorithm,
                                     "paper-mid-mlp" if r.freeze else "", seed=r.seed)
@@ -241,10 +242,10 @@ def test_finished_runs_keep_what_the_docstring_says(tmp_path, one_thread):
     weights the run had at that step (the drift log's weight change, computed in memory while
     training, equals the one recomputed from the loaded checkpoint)."""
     from mechinterp.analysis.weights import weight_change
-    from mechinterp.study.compare import describe_variant
-    from mechinterp.study.demo import DemoPreset, DemoRun, _train_one
     from mechinterp.models import load, resolve
     from mechinterp.store.results import read_result
+    from mechinterp.study.demo import DemoPreset, DemoRun, _train_one
+    from mechinterp.study.folder import describe_variant
 
     preset = DemoPreset(None, "smoke", TINY_DEMO)
     out = tmp_path / "demo"

@@ -7,26 +7,12 @@ import json
 
 import pytest
 
-from mechinterp.study.compare import compare
 from mechinterp.errors import UserError
-from mechinterp.study.executor import Job, execute, parse_executor_options
 from mechinterp.store.results import find_results, read_result
+from mechinterp.study.compare import compare
+from mechinterp.study.executor import Job, execute, parse_executor_options
 
 PROBES = ["weight-change", "kl-drift", "task-accuracy", "mmlu"]
-
-
-@pytest.fixture(scope="module")
-def variants(tmp_path_factory):
-    from mechinterp.models import load
-    from mechinterp.models.edit import plant_change
-
-    root = tmp_path_factory.mktemp("exe")
-    out = {}
-    for name, rel in (("sft", 0.2), ("grpo", 0.01)):
-        model = load("tiny-random-llama", device="cpu", dtype="float32")
-        edits = {(layer, m): rel for layer in range(model.n_layers) for m in ("q", "k", "gate")}
-        out[name] = str(plant_change(model, root / name, edits, seed=1))
-    return out
 
 
 def _stored(folder) -> dict:
@@ -34,12 +20,13 @@ def _stored(folder) -> dict:
 
 
 @pytest.mark.slow
-def test_two_local_workers_equal_the_serial_run(variants, tmp_path, data_source, one_thread):
+def test_two_local_workers_equal_the_serial_run(planted_variants, tmp_path, data_source,
+                                                one_thread):
     serial, local = tmp_path / "serial", tmp_path / "local"
     said: list[str] = []
-    compare("tiny-random-llama", variants, serial, preset="smoke", probes=PROBES,
+    compare("tiny-random-llama", planted_variants, serial, preset="smoke", probes=PROBES,
             echo=lambda m: None)
-    compare("tiny-random-llama", variants, local, preset="smoke", probes=PROBES,
+    compare("tiny-random-llama", planted_variants, local, preset="smoke", probes=PROBES,
             executor="local", workers=2, echo=said.append)
     assert sum("submitted (local job" in m for m in said) == len(PROBES)
     assert _stored(local) == _stored(serial)

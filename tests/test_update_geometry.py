@@ -267,12 +267,12 @@ def test_probe_over_a_run_against_direct_computation(tmp_path, monkeypatch):
     monkeypatch.setattr(W, "CHUNK_ELEMENTS", 1000)  # the precision counts over several chunks
     from safetensors.torch import load_file
 
-    from mechinterp.models.modelset import ModelSet
-    from mechinterp.models.zoo import fetch
     from mechinterp.core.options import make_config
     from mechinterp.core.registry import get_probe
-    from mechinterp.store.results import read_result
     from mechinterp.core.runner import run_probe
+    from mechinterp.models.modelset import ModelSet
+    from mechinterp.models.zoo import fetch
+    from mechinterp.store.results import read_result
 
     def rank1(scale):
         def edit(model):
@@ -346,9 +346,9 @@ def test_probe_over_a_run_against_direct_computation(tmp_path, monkeypatch):
 
 
 def test_bad_options_are_user_errors():
-    from mechinterp.errors import UserError
     from mechinterp.core.options import make_config
     from mechinterp.core.registry import get_probe
+    from mechinterp.errors import UserError
 
     probe = get_probe("update-geometry")
     with pytest.raises(UserError, match="k_fraction"):
@@ -360,7 +360,7 @@ def test_bad_options_are_user_errors():
 # ----- the study: report lines over seeds, forgetting against KL ------------------------------------
 
 def _study(tmp_path, results: dict, variants: dict, runs: dict):
-    from mechinterp.study.compare import Study, VariantInfo
+    from mechinterp.study.folder import Study, VariantInfo
 
     info = {n: VariantInfo(n, n, runs[n], algorithm=a, freeze="", seed=s)
             for n, (a, s) in variants.items()}
@@ -397,8 +397,8 @@ def test_report_lines_give_a_t_interval_over_seeds(tmp_path):
 def test_forgetting_vs_kl_plots_every_checkpoint(tmp_path):
     import matplotlib.pyplot as plt
 
-    from mechinterp.study.paper_figures import forgetting_vs_kl
     from mechinterp.store.results import Result
+    from mechinterp.study.paper_figures import forgetting_vs_kl
 
     runs = {"sft": ["sft@step-1", "sft@step-2"], "grpo": ["grpo@step-1", "grpo@step-2"]}
     acc = {"base": 0.5, "sft@step-1": 0.45, "sft@step-2": 0.40, "grpo@step-1": 0.5,
@@ -426,9 +426,9 @@ def test_compare_runs_update_geometry_and_reports_it(tmp_path, data_source):
     """compare's default plan runs the probe (spectral measures on); the report carries its key
     numbers, equal to the probe's own means; dense random updates sit about where a random
     update would (share / random share near 1) and are dense at every precision."""
-    from mechinterp.study.compare import compare
     from mechinterp.models import load
     from mechinterp.models.edit import plant_change
+    from mechinterp.study.compare import compare
     from probes.update_geometry import final_means
 
     variants = {}

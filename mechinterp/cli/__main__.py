@@ -1,3 +1,7 @@
-from . import main
+"""``python -m mechinterp.cli`` = the ``mechinterp`` command."""
 
-main()
+import sys
+
+from .app import main
+
+sys.exit(main())

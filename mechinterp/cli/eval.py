@@ -12,8 +12,10 @@ from typing import Annotated
 
 import typer
 
-from .options import DataDir, Device, Dtype, Limit, Out, Overwrite, Seed, Variant
 from ..errors import UserError
+from ..store.results import Result
+from .options import DataDir, Device, Dtype, Limit, Out, Overwrite, Seed, Variant
+from .probe_command import run_probe_command
 
 eval_app = typer.Typer(rich_markup_mode=None,
                       help="Benchmarks: MMLU (lm-eval letter format, cloze), GSM8K, and the "
@@ -24,34 +26,25 @@ Model = Annotated[str, typer.Option("--model", "-m", help="Model spec: zoo name,
                                     "file, or hub ORG/NAME[@REV].")]
 
 
-def _run(probe_name: str, model: str, variant, data_dir, out, device, dtype, limit, seed,
-         options: dict, overwrite: bool = False) -> None:
-    from ..data import DataSource
-    from ..models.modelset import ModelSet
-    from ..core.options import make_config
-    from ..core.registry import get_probe
-    from ..store.results import check_out
-    from ..core.runner import run_probe
-
-    if limit is not None and limit <= 0:
-        raise UserError(f"--limit {limit} must be positive", "omit it to use all items")
-    probe = get_probe(probe_name)
-    config = make_config(probe, options, seed=seed, limit=limit)
-    check_out(out)
-    data = DataSource.from_option(data_dir)
-    models = ModelSet.from_args(model, variant or [], device=device, dtype=dtype)
-    result = run_probe(probe, models, data, config, out=out, overwrite=overwrite,
-                       echo=lambda m: typer.echo(m, err=True))
-    d = result.data
-    for name in d["models"]:
-        acc, ci = d["accuracy"][name], d["ci95"][name]
+def _accuracy_lines(result: Result) -> list[str]:
+    """One line per model (and format, for MMLU): accuracy and its 95% interval."""
+    data, lines = result.data, []
+    for name in data["models"]:
+        acc, ci = data["accuracy"][name], data["ci95"][name]
         if isinstance(acc, dict):
-            for fmt, a in acc.items():
-                typer.echo(f"{name:>12} {fmt:<16} {a:.4f}  [{ci[fmt][0]:.4f}, {ci[fmt][1]:.4f}]")
+            lines += [f"{name:>12} {fmt:<16} {a:.4f}  [{ci[fmt][0]:.4f}, {ci[fmt][1]:.4f}]"
+                      for fmt, a in acc.items()]
         else:
-            typer.echo(f"{name:>12} accuracy {acc:.4f}  [{ci[0]:.4f}, {ci[1]:.4f}]")
-    typer.echo(f"{probe_name}: wrote {out / probe_name / 'result.json'} "
-               f"({result.provenance['wall_time_s']:.1f} s)")
+            lines.append(f"{name:>12} accuracy {acc:.4f}  [{ci[0]:.4f}, {ci[1]:.4f}]")
+    return lines
+
+
+def _run(probe_name: str, model: str, variant: list[str] | None, data_dir: Path | None, out: Path,
+         device: str, dtype: str, limit: int | None, seed: int, options: dict,
+         overwrite: bool) -> None:
+    run_probe_command(probe_name, options, base=model, variants=variant, out=out,
+                      data_dir=data_dir, device=device, dtype=dtype, limit=limit, seed=seed,
+                      overwrite=overwrite, summary=_accuracy_lines)
 
 
 @eval_app.command("mmlu")

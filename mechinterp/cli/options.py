@@ -10,6 +10,8 @@ from typing import Annotated
 
 import typer
 
+from ..errors import UserError
+
 Base = Annotated[str | None, typer.Option("--base", "-b", help="Base model spec: zoo name, "
                                           "folder, .gguf file, or hub ORG/NAME[@REV].")]
 Variant = Annotated[list[str] | None, typer.Option(
@@ -40,3 +42,23 @@ Overwrite = Annotated[bool, typer.Option(
     "--overwrite", help="Replace a stored result of other models (other names or specs) in OUT; "
     "without it such a result is never replaced. Results of the same models are recomputed "
     "whenever their inputs changed, with or without it.")]
+
+
+def key_values(items: list[str] | None, option: str, example: str) -> dict[str, str]:
+    """Repeatable ``KEY=VALUE`` options as a dict.
+
+    Args:
+        items: the values given (None: none).
+        option: the option's flag, for the error line (``--set``).
+        example: a ``KEY=VALUE`` that would do, for the error line.
+
+    Returns:
+        ``{KEY: VALUE}``, both stripped; an item without ``=`` is a :class:`UserError`.
+    """
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise UserError(f"{option} {item!r} is not KEY=VALUE", f"e.g. {option} {example}")
+        key, value = item.split("=", 1)
+        out[key.strip()] = value.strip()
+    return out

@@ -16,8 +16,8 @@ from typing import Annotated, Any
 
 import typer
 
-from .options import Base, DataDir, Device, Dtype
-from ..errors import UserError
+from .entry import run_app
+from .options import Base, DataDir, Device, Dtype, key_values
 
 train_app = typer.Typer(
     rich_markup_mode=None,  # plain help: rich markup would eat "[paper: 571]" and "[@REV]"
@@ -71,23 +71,23 @@ Extra = Annotated[list[str] | None, Opt("--trl", help="Extra TRL config field KE
                                            "adam_beta2=0.95.")]
 
 
+def _json_or_text(value: str) -> Any:
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return value
+
+
 def _extra(items: list[str] | None) -> dict[str, Any] | None:
+    """``--trl KEY=VALUE`` items as TRL config fields (JSON values, else the text)."""
     if not items:
         return None
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise UserError(f"--trl {item!r} is not KEY=VALUE", "e.g. --trl adam_beta2=0.95")
-        k, v = item.split("=", 1)
-        try:
-            out[k.strip()] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k.strip()] = v
-    return out
+    return {k: _json_or_text(v) for k, v in key_values(items, "--trl", "adam_beta2=0.95").items()}
 
 
 def _run(algorithm: str, out: Path, preset: str | None, resume: bool, data_dir: Path | None,
          skip_disk_check: bool, overrides: dict[str, Any]) -> None:
+    # deferred: the training runner imports transformers' Trainer (slow; only train needs it)
     from ..training.runner import resume_settings, summarise, train
     from ..training.settings import resolve_settings, validate
 
@@ -177,10 +177,15 @@ def grpo(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point for ``python -m mechinterp.cli.train`` (e.g. under ``accelerate launch``)."""
-    from . import main as cli_main
+    """Entry point for ``python -m mechinterp.cli.train`` (e.g. under ``accelerate launch``).
 
-    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
+    Args:
+        argv: ``sft|grpo`` and its options (None: ``sys.argv[1:]``).
+
+    Returns:
+        The exit code (2 for a user error).
+    """
+    return run_app(train_app, sys.argv[1:] if argv is None else argv, "mechinterp train")
 
 
 if __name__ == "__main__":  # pragma: no cover

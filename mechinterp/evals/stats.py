@@ -149,12 +149,26 @@ def ratio_of_means(num: np.ndarray, den: np.ndarray, rng: np.random.Generator | 
     return est, np.stack([lo, hi], -1)
 
 
+def bootstrap_means(x: np.ndarray, rng: np.random.Generator, n_boot: int) -> np.ndarray:
+    """Bootstrap replicates of the mean over the first axis of ``x``.
+
+    Args:
+        x: ``[items]`` or ``[items, k]``.
+        rng: the generator the resamples are drawn from.
+        n_boot: replicates.
+
+    Returns:
+        ``[n_boot]`` or ``[n_boot, k]``: the mean of each resample of the items (with replacement).
+    """
+    return x[rng.integers(0, len(x), (n_boot, len(x)))].mean(1)
+
+
 def mean_ci(x: np.ndarray, rng: np.random.Generator, n_boot: int) -> tuple[float, list[float]]:
     """Mean and percentile bootstrap 95% interval."""
     x = np.asarray(x, float)
     if x.size == 0:
         return math.nan, [math.nan, math.nan]
-    boot = x[rng.integers(0, x.size, (max(1, n_boot), x.size))].mean(-1)
+    boot = bootstrap_means(x, rng, max(1, n_boot))
     return float(x.mean()), [float(v) for v in np.percentile(boot, [2.5, 97.5])]
 
 

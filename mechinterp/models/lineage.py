@@ -17,6 +17,8 @@ TRAIN_CONFIG = "train-config.json"  # mechinterp.training.runner.CONFIG_FILE (no
 
 
 def find_train_config(folder: Path | str) -> Path | None:
+    """The ``train-config.json`` of the run ``folder`` belongs to (the final model, or a
+    checkpoint one or two levels below it); None when there is none."""
     folder = Path(folder)
     for up in (folder, folder.parent, folder.parent.parent):
         if (up / TRAIN_CONFIG).is_file():
@@ -48,13 +50,45 @@ def read_run_json(path: Path | str) -> dict:
     return cfg
 
 
-def kind_of(cfg: dict) -> str | None:
-    """``sft`` / ``grpo``, with ``-frozen`` when any part was frozen; None without an algorithm."""
-    algo = cfg.get("algorithm")
-    if not algo:
+#: the fields of a run's train-config.json that say what was frozen
+FREEZE_FIELDS = ("freeze", "freeze_preset")
+
+
+def run_kind(algorithm: str | None, frozen: bool) -> str | None:
+    """The one rule that names a run's kind.
+
+    Args:
+        algorithm: ``sft`` / ``grpo`` (None or empty: unknown).
+        frozen: whether any part of the model was frozen in training.
+
+    Returns:
+        ``sft``, ``grpo``, ``sft-frozen``, ``grpo-frozen``; None without an algorithm.
+    """
+    if not algorithm:
         return None
-    frozen = any(cfg.get(k) for k in ("freeze", "freeze_preset"))
-    return algo + ("-frozen" if frozen else "")
+    return algorithm + ("-frozen" if frozen else "")
+
+
+def freeze_text(cfg: dict) -> str:
+    """What a run froze, from its train-config fields (``freeze`` and ``freeze_preset`` joined by a
+    comma), ``""`` when nothing was frozen."""
+    return ",".join(cfg[k] for k in FREEZE_FIELDS if cfg.get(k))
+
+
+def kind_of(cfg: dict) -> str | None:
+    """The kind of the run a train-config dict describes (:func:`run_kind`)."""
+    return run_kind(cfg.get("algorithm"), bool(freeze_text(cfg)))
+
+
+def role_from_name(name: str) -> dict[str, str]:
+    """A model named ``sft...``, ``grpo...`` (``...frozen...``) but without training metadata:
+    ``{"algorithm", "freeze"}`` read from the name (``freeze`` is ``"frozen"`` or ``""``), ``{}``
+    when the name says neither."""
+    low = name.lower()
+    for algorithm in ("grpo", "sft"):
+        if low.startswith(algorithm):
+            return {"algorithm": algorithm, "freeze": "frozen" if "frozen" in low else ""}
+    return {}
 
 
 def training_kind(folder: Path | str) -> str | None:

@@ -118,16 +118,16 @@ class Result:
             return self.probe_object().plot(self)
 
 
-def _jsonable(obj: Any, path: tuple = (), nonfinite: list | None = None) -> Any:
+def jsonable(obj: Any, path: tuple = (), nonfinite: list | None = None) -> Any:
     """Convert numpy/torch scalars and arrays to JSON values. JSON has no NaN or infinity: such a
     float becomes ``null`` and, when ``nonfinite`` is given, its path and value are appended to it
     so that :func:`read_result` can put it back (a stored NaN reads as NaN, not ``None``)."""
     if isinstance(obj, dict):
-        return {str(k): _jsonable(v, path + (str(k),), nonfinite) for k, v in obj.items()}
+        return {str(k): jsonable(v, path + (str(k),), nonfinite) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v, path + (i,), nonfinite) for i, v in enumerate(obj)]
+        return [jsonable(v, path + (i,), nonfinite) for i, v in enumerate(obj)]
     if hasattr(obj, "tolist") and not isinstance(obj, (str, bytes)):
-        return _jsonable(obj.tolist(), path, nonfinite)
+        return jsonable(obj.tolist(), path, nonfinite)
     if isinstance(obj, float) and not math.isfinite(obj):
         if nonfinite is not None:
             nonfinite.append([list(path), repr(obj)])  # 'nan', 'inf' or '-inf'
@@ -138,7 +138,7 @@ def _jsonable(obj: Any, path: tuple = (), nonfinite: list | None = None) -> Any:
 
 
 def _restore_nonfinite(section: Any, entries: list) -> None:
-    """Put the non-finite floats recorded by :func:`_jsonable` back into ``section``."""
+    """Put the non-finite floats recorded by :func:`jsonable` back into ``section``."""
     for path, text in entries:
         node = section
         for key in path[:-1]:
@@ -249,8 +249,8 @@ def _write_result(result: Result, folder: Path, figures: dict[str, Any] | None) 
         frames.write_parquet(result, tmp)  # the long table beside result.json (when the probe has one)
         nonfinite: dict[str, list] = {"data": [], "provenance": []}
         payload = {"probe": result.probe,
-                   "data": _jsonable(result.data, (), nonfinite["data"]),
-                   "provenance": _jsonable(result.provenance, (), nonfinite["provenance"]),
+                   "data": jsonable(result.data, (), nonfinite["data"]),
+                   "provenance": jsonable(result.provenance, (), nonfinite["provenance"]),
                    "arrays": sorted(result.arrays), "store": STORE_VERSION}
         if any(nonfinite.values()):
             # JSON readers see null; read_result restores NaN / inf from these paths

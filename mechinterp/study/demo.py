@@ -32,7 +32,12 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
+from ..models.lineage import read_run_json
 from ..models.zoo import DEFAULT_MODEL, fetch
+from ..store.results import check_out
+from .claims import verdict_line
+from .compare import compare
+from .folder import STUDY_FILE
 
 #: The run kinds of the study: (name of the first seed's run, algorithm, freeze preset)
 RUNS = (("sft", "sft", None), ("grpo", "grpo", None), ("sft-frozen", "sft", "paper-mid-mlp"))
@@ -50,8 +55,14 @@ class DemoRun:
 
 
 def demo_runs(seeds: int) -> list[DemoRun]:
-    """The runs of a demo with ``seeds`` seeds, seed by seed (an interrupted demo has whole
-    seeds): seed 0 is named by its kind, seed i > 0 ``KIND-si``."""
+    """The runs of a demo, seed by seed (an interrupted demo has whole seeds).
+
+    Args:
+        seeds: training seeds per run kind (at least 1).
+
+    Returns:
+        One run per kind and seed: seed 0 named by its kind, seed i > 0 ``KIND-si``.
+    """
     if seeds < 1:
         raise UserError(f"a demo needs at least one seed (got {seeds})", "use seeds >= 1")
     return [DemoRun(name + (f"-s{i}" if i else ""), algo, freeze, i,
@@ -78,7 +89,7 @@ DEMO_PRESETS: dict[str, DemoPreset] = {
 
 def _train_one(run: DemoRun, preset: DemoPreset, out: Path, data_dir, device: str, dtype: str,
                echo, keep_checkpoints: bool = False) -> Path:
-    from ..models.lineage import read_run_json
+    # deferred: the training modules import transformers' Trainer (only a demo that trains needs it)
     from ..training.callbacks import prune_finished
     from ..training.runner import CONFIG_FILE, SUMMARY_FILE, train
     from ..training.settings import resolve_settings, settings_differ
@@ -113,10 +124,20 @@ def _train_one(run: DemoRun, preset: DemoPreset, out: Path, data_dir, device: st
 def run_demo(out: Path, preset: str = "default", data_dir=None, device: str = "auto",
              dtype: str = "auto", echo=print, keep_checkpoints: bool = False,
              overwrite: bool = False):
-    from .claims import verdict_line
-    from .compare import compare
-    from ..store.results import check_out
+    """Train the study's fine-tunes, compare them with the base, print the verdict.
 
+    Args:
+        out: the demo folder (runs in ``out/models/``, the study's results beside them).
+        preset: a preset of :data:`DEMO_PRESETS`.
+        data_dir: the data root (None: ``$MECHINTERP_DATA``).
+        device, dtype: where and in what precision the models train and run.
+        echo: print-like function for progress.
+        keep_checkpoints: keep every checkpoint of every run and the optimizer state.
+        overwrite: replace stored results of other models.
+
+    Returns:
+        ``(study, claims)``.
+    """
     if preset not in DEMO_PRESETS:
         raise UserError(f"unknown demo preset {preset!r}", f"use one of {', '.join(DEMO_PRESETS)}")
     check_out(out)
@@ -144,11 +165,17 @@ def run_demo(out: Path, preset: str = "default", data_dir=None, device: str = "a
 
 
 def ensure_demo(folder: Path | str = "results", preset: str = "smoke", echo=print) -> Path:
-    """The demo's output folder, for notebooks: used as it is when it holds a finished study
-    (``study.json``), else built there with ``preset`` (``smoke``: a few minutes on a CPU; run
-    ``mechinterp demo --out DIR`` for the default study)."""
-    from .compare import STUDY_FILE
+    """The demo's output folder, for notebooks.
 
+    Args:
+        folder: used as it is when it holds a finished study (``study.json``), else built there.
+        preset: the preset it is built with (``smoke``: a few minutes on a CPU; run
+            ``mechinterp demo --out DIR`` for the default study).
+        echo: print-like function for progress.
+
+    Returns:
+        The folder.
+    """
     folder = Path(folder)
     if not (folder / STUDY_FILE).is_file():
         echo(f"no finished demo in {folder}: building it with the {preset} preset")

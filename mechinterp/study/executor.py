@@ -34,7 +34,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..core.options import make_config
+from ..core.registry import get_probe
+from ..core.runner import run_probe
+from ..data import DataSource
 from ..errors import UserError
+from ..models.modelset import ModelSet
+from ..store.locking import adopt, holder_text
 
 EXECUTORS = ("serial", "local", "slurm")
 
@@ -81,8 +87,6 @@ class Job:
 
 
 def _model_set(job: Job, cache: dict | None):
-    from ..models.modelset import ModelSet
-
     key = (job.base, repr(sorted(job.variants.items())), job.check, repr(sorted(job.model_kw.items())))
     if cache is not None and key in cache:
         return cache[key]
@@ -103,11 +107,6 @@ def run_job(job: Job, echo: Callable[[str], None] = print, cache: dict | None = 
     Returns:
         ``{"probe", "reused", "wall_s"}``.
     """
-    from ..data import DataSource
-    from ..core.options import make_config
-    from ..core.registry import get_probe
-    from ..core.runner import run_probe
-
     start = time.perf_counter()
     probe = get_probe(job.probe)
     models = _model_set(job, cache)
@@ -126,10 +125,8 @@ def run_job(job: Job, echo: Callable[[str], None] = print, cache: dict | None = 
 def _worker(job: Job, threads: int | None = None) -> dict:
     """Entry point of a worker process (local or Slurm): progress goes to the job's log.
     ``threads``: torch threads of this worker (local workers share the machine's cores)."""
-    from ..store.locking import adopt
-
     if threads:
-        import torch
+        import torch  # deferred: torch only in a worker process that sets its threads
 
         torch.set_num_threads(threads)
     scope = adopt(job.out, job.lock_holder) if job.lock_holder else contextlib.nullcontext()
@@ -138,7 +135,12 @@ def _worker(job: Job, threads: int | None = None) -> dict:
 
 
 def check_executor(name: str, workers: int) -> None:
-    """Refuse an unknown executor or a worker count below 1 before any work."""
+    """Refuse an unknown executor or a worker count below 1 before any work.
+
+    Args:
+        name: ``serial``, ``local`` or ``slurm``.
+        workers: jobs running at once.
+    """
     if name not in EXECUTORS:
         raise UserError(f"unknown executor {name!r}", f"use one of {', '.join(EXECUTORS)}")
     if workers < 1:
@@ -146,8 +148,14 @@ def check_executor(name: str, workers: int) -> None:
 
 
 def parse_executor_options(pairs: list[str]) -> dict[str, Any]:
-    """``["slurm_partition=gpu", "mem_gb=64"]`` -> ``{"slurm_partition": "gpu", "mem_gb": 64}``
-    (integers and floats become numbers)."""
+    """Parse ``--executor-option`` items.
+
+    Args:
+        pairs: ``KEY=VALUE`` items, e.g. ``["slurm_partition=gpu", "mem_gb=64"]``.
+
+    Returns:
+        ``{"slurm_partition": "gpu", "mem_gb": 64}``: integers and floats become numbers.
+    """
     out: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
@@ -195,7 +203,7 @@ def execute(jobs: list[Job], executor: str = "serial", workers: int = 1,
 
 
 def _submitit_executor(kind: str, folder: Path, workers: int, options: dict):
-    import submitit
+    import submitit  # deferred: submitit only for the local and Slurm executors
 
     if kind == "local":
         ex = submitit.LocalExecutor(folder=folder)
@@ -214,8 +222,6 @@ def _execute_submitit(jobs: list[Job], kind: str, workers: int, folder: Path, op
         import submitit  # noqa: F401 - fail early, with the fix, when it is missing
     except ImportError:
         raise UserError(f"--executor {kind} needs submitit", "pip install submitit") from None
-    from ..store.locking import holder_text
-
     ex = _submitit_executor(kind, folder, workers, dict(options))
     threads = max(1, (os.cpu_count() or 1) // workers) if kind == "local" else None
     pending = list(enumerate(jobs))

@@ -14,7 +14,12 @@ histograms. Every figure comes from stored results; no model is loaded.
 from __future__ import annotations
 
 import fnmatch
+import itertools
 from pathlib import Path
+
+from ..store.results import save_figures
+from .claims import decide_all
+from .folder import load_study
 
 #: (probe, figure-name pattern), in the order of the set
 PAPER_SET: list[tuple[str, str]] = [
@@ -54,7 +59,7 @@ def _ci(ci) -> str:
 
 
 def _table_figure(title: str, header: list[str], rows: list[list[str]], note: str):
-    from ..plotting.style import new_axes
+    from ..plotting.style import new_axes  # deferred: matplotlib only when drawing
 
     fig, ax = new_axes(width=max(6.0, 1.6 * len(header)), height=0.45 * len(rows) + 1.3)
     ax.axis("off")
@@ -123,7 +128,7 @@ def forgetting_vs_kl(study):
     """MMLU change from the base (paired 95% interval) against KL(base || model) reached, every
     checkpoint of every run and seed: does forgetting follow the KL spent (RL's Razor, arXiv
     2509.04259) whatever the algorithm? Colour by run kind, one line per run in step order."""
-    from ..plotting.style import PALETTE, new_axes
+    from ..plotting.style import PALETTE, new_axes  # deferred: matplotlib only when drawing
 
     mm, kl = study.results.get("mmlu"), study.results.get("kl-drift")
     if mm is None or kl is None:
@@ -164,7 +169,7 @@ def kl_figures(study) -> dict:
     geo, kl = study.results.get("update-geometry"), study.results.get("kl-drift")
     runs = (geo.data.get("runs") or {}) if geo is not None else {}
     if kl is not None and any(len(n) > 1 for n in runs.values()):
-        from probes.update_geometry import trajectory_figure
+        from probes.update_geometry import trajectory_figure  # deferred: imports torch
 
         figs["geometry_vs_kl"] = trajectory_figure(geo.data, runs,
                                                    geo.provenance.get("run_kinds") or {},
@@ -173,23 +178,26 @@ def kl_figures(study) -> dict:
 
 
 def paper_figures(folder: Path | str) -> list[Path]:
-    """Write the set into ``folder/paper/``; returns the files written."""
-    from .claims import decide_all
-    from .compare import load_study
+    """Write the paper's figure set (and ours) as numbered PNG + PDF files.
+
+    Args:
+        folder: a compare or demo folder; the files go to ``folder/paper/``.
+
+    Returns:
+        The files written.
+    """
+    # deferred: matplotlib only when drawing
+    import matplotlib.pyplot as plt
+
     from ..plotting.style import house_style
-    from ..store.results import save_figures
 
     study = load_study(Path(folder))
     study.claims = decide_all(study)  # from the stored results, as compare decided them
     kinds = {name: info.kind for name, info in study.variants.items()}
-    for res in study.results.values():  # results stored before run kinds were recorded
+    for res in study.results.values():  # a result that records no run kinds gets the study's
         res.provenance.setdefault("run_kinds", kinds)
     out = Path(folder) / "paper"
     out.mkdir(exist_ok=True)
-    import itertools
-
-    import matplotlib.pyplot as plt
-
     written: list[Path] = []
     number = itertools.count(1)
     # entries of one probe are contiguous: draw its figures once, save what the set takes, close

@@ -2,16 +2,17 @@
 
 The page opens with the verdict (one row per claim), then how each model was trained and whether
 it learned, then a section per probe: what was measured in plain words, the key numbers with their
-intervals, the figures, and provenance. Figures are embedded in the HTML as base64 PNG, so the file
-makes no network request and can be mailed as it is. Nothing here loads a model.
+intervals, the figures, and provenance. The report is one
+:class:`~mechinterp.study.document.Document` built by the functions of :data:`SECTIONS` in turn and
+rendered twice, as Markdown and as HTML (figures embedded as base64 PNG, so the file makes no
+network request and can be mailed as it is).
+Nothing here loads a model.
 """
 
 from __future__ import annotations
 
-import base64
-import html
 import json
-import re
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +20,23 @@ import numpy as np
 from ..core.summary import fmt as _fmt
 from ..core.summary import interval as _ci
 from ..errors import UserError
-from .claims import HOLM
+from ..store.results import jsonable
+from .claims import HOLM, verdict_word
 from .claims.caveats import mid_layer_line, study_caveats
+from .document import (
+    BREAK,
+    Block,
+    Bold,
+    Bullets,
+    Code,
+    Document,
+    Figure,
+    Heading,
+    Paragraph,
+    Table,
+    render_html,
+    render_markdown,
+)
 
 def _seconds(x) -> str:
     return "n/a" if not isinstance(x, (int, float)) else f"{x:.0f}"
@@ -29,10 +45,6 @@ def _seconds(x) -> str:
 # ----- the verdict -----------------------------------------------------------------------------
 
 VERDICT_CLASS = {"held": "yes", "not held": "no", "inconclusive": "inc", "not measured": "na"}
-
-
-def verdict_word(c: dict) -> str:
-    return c.get("verdict") or {True: "held", False: "not held", None: "not measured"}[c["held"]]
 
 
 def claim_cells(c: dict) -> tuple[str, str]:
@@ -52,6 +64,7 @@ def claim_cells(c: dict) -> tuple[str, str]:
 
 
 def decision_text(claims: list[dict]) -> str:
+    """The report's paragraph on how a verdict is decided (with the Holm family's size)."""
     m = max([(c.get("primary") or {}).get("holm_family") or 0 for c in claims] + [0])
     return ("Verdicts: held = the 95% interval excludes 0 on the claimed side and the primary "
             "test's p is below 0.05 after " + HOLM.format(m=m) + "; not held = significant the "
@@ -62,7 +75,7 @@ def decision_text(claims: list[dict]) -> str:
             "that does not hold on this model is a finding, not a failure of the suite.")
 
 
-# ----- what each probe says of its result (the probe declares it) -----------------------------
+# ----- key numbers per probe (one markdown bullet each) ------------------------------------------
 
 def _probe_of(res):
     """The probe that made a stored result; None when it is not installed."""
@@ -120,7 +133,7 @@ def _training_figures(study) -> list[tuple[str, Path]]:
     return figs
 
 
-# ----- writing ---------------------------------------------------------------------------------
+# ----- the document ---------------------------------------------------------------------------
 
 def _provenance(res) -> str:
     p = res.provenance
@@ -136,45 +149,6 @@ def _config_text(res) -> str:
     return ", ".join(f"{k}={v}" for k, v in cfg.items() if v not in (None, [], {}))
 
 
-def md_cell(value) -> str:
-    """A value as one Markdown table cell: a ``|`` (as in ``||dW||``) would end the cell and a
-    line break the row, so pipes are escaped and line breaks become spaces."""
-    return " ".join(str(value).split()).replace("|", "\\|")
-
-
-def build_markdown(study, claims: list[dict]) -> str:
-    lines = [f"# SFT vs GRPO: {study.base}", "",
-             f"Compare folder `{study.out}`, preset `{study.preset}`. Variants: "
-             + ", ".join(f"`{n}` ({v.kind or 'unknown kind'}: {v.final})"
-                         for n, v in study.variants.items()), "", "## Verdict", "",
-             "| claim | verdict | effect [95% CI] | primary test | statement |",
-             "|---|---|---|---|---|"]
-    for c in claims:
-        effect, test = claim_cells(c)
-        lines.append(f"| **{c['id']}** {md_cell(c['title'])} | {verdict_word(c)} | "
-                     f"{md_cell(effect)} | {md_cell(test)} | {md_cell(c['statement'])} |")
-    lines += ["", decision_text(claims), "", "## Caveats", ""]
-    lines += [f"- {x}" for x in study_caveats(study, claims)] or ["- none generated from the data"]
-    lines += ["", mid_layer_line(study), "",
-              "## Training: did each run learn?", "",
-              "| variant | algorithm | frozen | steps | wall time (s) | in-domain before | after | "
-              "gain [95% CI] | n |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in training_rows(study):
-        lines.append(f"| {md_cell(r['variant'])} | {md_cell(r['algorithm'])} | "
-                     f"{md_cell(r['freeze'])} | {_fmt(r['steps'])} | "
-                     f"{_seconds(r['wall_time_s'])} | {_fmt(r.get('before'))} | {_fmt(r.get('after'))} | "
-                     f"{_fmt(r.get('gain'))} {_ci(r.get('gain_ci95'))} | {_fmt(r.get('n'))} |")
-    for cap, path in _training_figures(study):
-        lines += ["", f"![{cap}]({_rel(path, study.out)})"]
-    for probe, res in study.results.items():
-        lines += ["", f"## {probe}", "", plain_text(study, probe, res.provenance.get("probe", "")), ""]
-        lines += [f"- {x}" for x in key_numbers(study, probe)]
-        for png in sorted((study.out / probe).glob("*.png")):
-            lines += ["", f"![{png.stem}]({probe}/{png.name})"]
-        lines += ["", f"<sub>Options: {_config_text(res)}. Provenance: {_provenance(res)}</sub>"]
-    return "\n".join(lines) + "\n"
-
-
 def _rel(path: Path, root: Path) -> str:
     try:
         return str(Path(path).resolve().relative_to(Path(root).resolve()))
@@ -182,70 +156,103 @@ def _rel(path: Path, root: Path) -> str:
         return str(Path(path).resolve())
 
 
-_CSS = """body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1100px;margin:2em auto;
-padding:0 1em;color:#222;line-height:1.45}h1{font-size:1.6em}h2{border-bottom:1px solid #ddd;
-padding-bottom:.2em;margin-top:2em}table{border-collapse:collapse;margin:1em 0;font-size:.92em}
-td,th{border:1px solid #ccc;padding:.35em .6em;vertical-align:top}th{background:#f3f3f3}
-.yes{background:#e3f4e3}.no{background:#fbe6e6}.inc{background:#fdf5d8}.na{background:#eee}img{max-width:100%;
-border:1px solid #eee;margin:.5em 0}figure{margin:1em 0}figcaption{color:#555;font-size:.9em}
-.prov{color:#666;font-size:.8em}code{background:#f5f5f5;padding:0 .2em}"""
+def _intro(study, claims: list[dict]) -> list[Block]:
+    variants: list = []
+    for name, v in study.variants.items():
+        variants += [", "] if variants else []
+        variants += [Code(name), f" ({v.kind or 'unknown kind'}: {v.final})"]
+    return [Heading(1, f"SFT vs GRPO: {study.base}"),
+            Paragraph(("Compare folder ", Code(str(study.out)), ", preset ", Code(study.preset),
+                       ". Variants: ", *variants))]
 
 
-def _img(path: Path, caption: str) -> str:
-    data = base64.b64encode(Path(path).read_bytes()).decode()
-    return (f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}">'
-            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+def _verdict(study, claims: list[dict]) -> list[Block]:
+    rows = []
+    for c in claims:
+        effect, test = claim_cells(c)
+        rows.append(((Bold(c["id"]), f" {c['title']}"), (verdict_word(c),), (effect,), (test,),
+                     (c["statement"],)))
+    return [Heading(2, "Verdict"),
+            Table(("claim", "verdict", "effect [95% CI]", "primary test", "statement"),
+                  tuple(rows), tuple(VERDICT_CLASS[verdict_word(c)] for c in claims)),
+            Paragraph((decision_text(claims),))]
+
+
+def _caveats(study, claims: list[dict]) -> list[Block]:
+    return [Heading(2, "Caveats"),
+            Bullets(tuple(study_caveats(study, claims)), empty="none generated from the data"),
+            Paragraph((mid_layer_line(study),))]
+
+
+def _training(study, claims: list[dict]) -> list[Block]:
+    rows = tuple(tuple((cell,) for cell in (
+        r["variant"], r["algorithm"], r["freeze"], _fmt(r["steps"]), _seconds(r["wall_time_s"]),
+        _fmt(r.get("before")), _fmt(r.get("after")),
+        f"{_fmt(r.get('gain'))} {_ci(r.get('gain_ci95'))}", _fmt(r.get("n"))))
+        for r in training_rows(study))
+    header = ("variant", "algorithm", "frozen", "steps", "wall time (s)", "in-domain before",
+              "after", "gain [95% CI]", "n")
+    return [Heading(2, "Training: did each run learn?"), Table(header, rows),
+            *(Figure(path, cap, _rel(path, study.out)) for cap, path in _training_figures(study))]
+
+
+def _probes(study, claims: list[dict]) -> list[Block]:
+    blocks: list[Block] = []
+    for probe, res in study.results.items():
+        blocks += [Heading(2, probe, anchor=True),
+                   Paragraph((plain_text(study, probe, res.provenance.get("probe", "")),)),
+                   Bullets(tuple(key_numbers(study, probe)))]
+        blocks += [Figure(png, png.stem.replace("_", " "), f"{probe}/{png.name}")
+                   for png in sorted((study.out / probe).glob("*.png"))]
+        blocks.append(Paragraph((f"Options: {_config_text(res)}.", BREAK,
+                                 f"Provenance: {_provenance(res)}"), small=True))
+    return blocks
+
+
+#: The report's sections in order: each builds its blocks from the study and the decided claims.
+#: A new section is a function appended (or inserted) here.
+SECTIONS: list[Callable[..., list[Block]]] = [_intro, _verdict, _caveats, _training, _probes]
+
+
+def build_document(study, claims: list[dict]) -> Document:
+    """The report as a document.
+
+    Args:
+        study: the :class:`~mechinterp.study.folder.Study`.
+        claims: its decided claims.
+
+    Returns:
+        A document with the blocks of every section of :data:`SECTIONS`.
+    """
+    return Document(f"SFT vs GRPO: {study.base}",
+                    [block for section in SECTIONS for block in section(study, claims)])
+
+
+def build_markdown(study, claims: list[dict]) -> str:
+    """The report as Markdown (figures linked relative to the study folder)."""
+    return render_markdown(build_document(study, claims))
 
 
 def build_html(study, claims: list[dict]) -> str:
-    e = html.escape
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>SFT vs GRPO: {e(study.base)}"
-             f"</title><style>{_CSS}</style></head><body>",
-             f"<h1>SFT vs GRPO on {e(study.base)}</h1>",
-             f"<p>Compare folder <code>{e(str(study.out))}</code>, preset <code>{e(study.preset)}"
-             "</code>. Variants: " + ", ".join(f"<code>{e(n)}</code> ({e(v.kind or 'unknown kind')})"
-                                                for n, v in study.variants.items()) + ".</p>",
-             "<h2>Verdict</h2><table><tr><th>claim</th><th>verdict</th><th>effect [95% CI]</th>"
-             "<th>primary test</th><th>numbers</th></tr>"]
-    for c in claims:
-        effect, test = claim_cells(c)
-        parts.append(f"<tr class='{VERDICT_CLASS[verdict_word(c)]}'><td><b>{e(c['id'])}</b> "
-                     f"{e(c['title'])}</td><td>{e(verdict_word(c))}</td><td>{e(effect)}</td>"
-                     f"<td>{e(test)}</td><td>{e(c['statement'])}</td></tr>")
-    parts.append(f"</table><p>{e(decision_text(claims))}</p><h2>Caveats</h2><ul>")
-    parts += [f"<li>{e(x)}</li>" for x in study_caveats(study, claims)] or [
-        "<li>none generated from the data</li>"]
-    parts.append(f"</ul><p>{e(mid_layer_line(study))}</p>")
-    parts.append("<h2>Training: did each run learn?</h2><table><tr><th>variant</th><th>algorithm"
-                 "</th><th>frozen</th><th>steps</th><th>wall time (s)</th><th>in-domain before</th>"
-                 "<th>after</th><th>gain [95% CI]</th><th>n</th></tr>")
-    for r in training_rows(study):
-        parts.append("<tr>" + "".join(f"<td>{e(str(x))}</td>" for x in (
-            r["variant"], r["algorithm"], r["freeze"], _fmt(r["steps"]), _seconds(r["wall_time_s"]),
-            _fmt(r.get("before")), _fmt(r.get("after")),
-            f"{_fmt(r.get('gain'))} {_ci(r.get('gain_ci95'))}", _fmt(r.get("n")))) + "</tr>")
-    parts.append("</table>")
-    parts += [_img(p, cap) for cap, p in _training_figures(study)]
-    for probe, res in study.results.items():
-        parts.append(f"<h2 id='{e(probe)}'>{e(probe)}</h2><p>{e(plain_text(study, probe))}</p><ul>")
-        parts += [f"<li>{e(x)}</li>" for x in key_numbers(study, probe)]
-        parts.append("</ul>")
-        parts += [_img(p, p.stem.replace("_", " ")) for p in sorted((study.out / probe).glob("*.png"))]
-        parts.append(f"<p class='prov'>Options: {e(_config_text(res))}.<br>"
-                     f"Provenance: {e(_provenance(res))}</p>")
-    parts.append("</body></html>")
-    page = "\n".join(parts)
-    assert not re.search(r"""(src|href)=["']https?:""", page), "the report must not fetch anything"
-    return page
+    """The report as one self-contained HTML page."""
+    return render_html(build_document(study, claims))
 
 
 def write_report(study, claims: list[dict]) -> tuple[Path, Path]:
+    """Write ``OUT/report.md``, ``OUT/report.html`` and ``OUT/training.json``.
+
+    Args:
+        study: the study (its ``out`` is where the files go).
+        claims: its decided claims.
+
+    Returns:
+        ``(report.md, report.html)`` paths.
+    """
+    doc = build_document(study, claims)
     md = study.out / "report.md"
     page = study.out / "report.html"
-    md.write_text(build_markdown(study, claims))
-    page.write_text(build_html(study, claims))
-    from ..store.results import _jsonable
-
+    md.write_text(render_markdown(doc))
+    page.write_text(render_html(doc))
     (study.out / "training.json").write_text(json.dumps(
-        _jsonable(training_rows(study)), indent=1, allow_nan=False) + "\n")
+        jsonable(training_rows(study)), indent=1, allow_nan=False) + "\n")
     return md, page

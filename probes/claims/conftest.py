@@ -7,10 +7,11 @@ import pytest
 
 @pytest.fixture(scope="session")
 def study(request, tmp_path_factory):
-    from mechinterp.study.compare import STUDY_FILE, compare, load_study
     from mechinterp.errors import UserError
     from mechinterp.models.modelset import parse_variant_args
     from mechinterp.models.zoo import DEFAULT_MODEL
+    from mechinterp.study.compare import compare
+    from mechinterp.study.folder import STUDY_FILE, load_study
 
     opt = request.config.getoption
     results = opt("--mi-results")

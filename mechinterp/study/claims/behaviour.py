@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from ...evals.mmlu import rows_from_jsonl
 from ...evals.stats import bootstrap_diff, mcnemar, spearman
 from ...models.depth import MID_LAYERS_RULE, mid_layers
 from . import stats
@@ -34,8 +35,7 @@ def gold_logprob(row: dict) -> float:
 
 
 def mmlu_rows(study, name: str) -> list[dict] | None:
-    from ...evals.mmlu import rows_from_jsonl
-
+    """The MMLU cloze item rows of model ``name`` (None when the study has none)."""
     res = result(study, "mmlu")
     key = f"items_{name}_cloze.jsonl"
     if res is None or key not in res.files:
@@ -44,6 +44,8 @@ def mmlu_rows(study, name: str) -> list[dict] | None:
 
 
 def mmlu_logprob(study, name: str) -> dict[tuple, float] | None:
+    """``{(subject, index): gold log-prob}`` of model ``name`` (None without per-choice
+    log-likelihoods)."""
     rows = mmlu_rows(study, name)
     if rows is None or any("loglik" not in r for r in rows):
         return None
@@ -51,12 +53,14 @@ def mmlu_logprob(study, name: str) -> dict[tuple, float] | None:
 
 
 def mmlu_correct(study, name: str) -> dict[tuple, bool] | None:
+    """``{(subject, index): answered right}`` of model ``name`` on MMLU cloze (None: no rows)."""
     rows = mmlu_rows(study, name)
     return None if rows is None else {(r["subject"], r["index"]): r["pred"] == r["gold"]
                                       for r in rows}
 
 
 def task_correct(study, name: str) -> dict[Any, bool] | None:
+    """``{index: answered right}`` of model ``name`` on the in-domain task (None: no rows)."""
     res = result(study, "task-accuracy")
     key = f"items_{name}.jsonl"
     if res is None or key not in res.files:
@@ -114,7 +118,49 @@ def _diff(a: dict, b: dict) -> dict:
     return {k: float(b[k]) - float(a[k]) for k in set(a) & set(b)}
 
 
+def _logprob_claim(study, cid: str, title: str, kinds: tuple[str, str], who: str,
+                   measure: str, first_minus_second: bool, required: tuple = ()):
+    """The primary test shared by C5 and C6: gold-answer log-probabilities of the final models of
+    two kinds, paired item by item per seed (:func:`paired_test`).
+
+    Args:
+        study: the study.
+        cid, title: the claim's id and title (for a not-measured claim).
+        kinds: the two kinds, paired replicate by replicate.
+        who: the models named when their log-likelihoods are missing.
+        measure: what the difference is, in words.
+        first_minus_second: the difference is the first kind's minus the second's (else the
+            reverse).
+        required: further log-prob dicts the claim reads (missing: None).
+
+    Returns:
+        ``(pairs, logprobs, primary, extra)``: the replicate pairs, ``(first, second)``
+        log-prob dicts per pair, the primary test and its per-seed numbers; or a not-measured
+        claim.
+    """
+    pr = pairs(study, *kinds)
+    if isinstance(pr, str):
+        return missing(cid, title, pr)
+    lp = [tuple(mmlu_logprob(study, study.final_name(v, "mmlu")) for v in pair) for pair in pr]
+    if any(x is None for x in required) or any(None in pair for pair in lp):
+        return missing(cid, title, f"MMLU cloze rows with per-choice log-likelihoods of {who} "
+                                   "(re-run compare if they predate loglik)")
+    diffs = [_diff(b, a) if first_minus_second else _diff(a, b) for a, b in lp]
+    got = paired_test(diffs, SIGN_FLIP, measure, NEEDED_LOGPROB, "nats")
+    if isinstance(got, str):
+        return missing(cid, title, got)
+    return (pr, lp, *got)
+
+
 def c2_kl(study) -> dict:
+    """C2: KL from the base on held-out problems, SFT against GRPO, paired by item.
+
+    Args:
+        study: the :class:`~mechinterp.study.folder.Study`.
+
+    Returns:
+        The decided claim, or a not-measured one naming what the study lacks.
+    """
     title = ("SFT drifts further from the base than GRPO (KL on held-out problems with neutral "
              "reference solutions)")
     pr, res = pairs(study, "sft", "grpo"), result(study, "kl-drift")
@@ -163,42 +209,48 @@ def c2_kl(study) -> dict:
 
 
 def c5_mmlu(study) -> dict:
+    """C5: change of MMLU gold-answer log-probability, GRPO minus SFT, paired by item.
+
+    Args:
+        study: the :class:`~mechinterp.study.folder.Study`.
+
+    Returns:
+        The decided claim, or a not-measured one naming what the study lacks.
+    """
     title = "SFT loses more MMLU than GRPO (gold-answer log-probability, cloze)"
-    pr = pairs(study, "sft", "grpo")
-    if isinstance(pr, str):
-        return missing("C5", title, pr)
     base = mmlu_logprob(study, "base")
-    lp = [tuple(mmlu_logprob(study, study.final_name(v, "mmlu")) for v in pair) for pair in pr]
-    if base is None or any(None in pair for pair in lp):
-        return missing("C5", title, "MMLU cloze rows with per-choice log-likelihoods of base, SFT "
-                                    "and GRPO (re-run compare if they predate loglik)")
-    got = paired_test([_diff(s, g) for s, g in lp], SIGN_FLIP,
-                      "gold log-prob change, GRPO minus SFT (nats)", NEEDED_LOGPROB, "nats")
-    if isinstance(got, str):
-        return missing("C5", title, got)
-    p, extra = got
-    ds, cs = _mean_ci([_diff(base, s) for s, _ in lp])
-    dg, cg = _mean_ci([_diff(base, g) for _, g in lp])
-    s0, g0 = (study.final_name(v, "mmlu") for v in pr[0])
-    acc = paired_delta(mmlu_correct(study, s0), mmlu_correct(study, g0))
-    ls = paired_delta(mmlu_correct(study, "base"), mmlu_correct(study, s0))
-    lg = paired_delta(mmlu_correct(study, "base"), mmlu_correct(study, g0))
-    numbers = {"sft_minus_base_logprob": ds, "sft_minus_base_logprob_ci95": cs,
-               "grpo_minus_base_logprob": dg, "grpo_minus_base_logprob_ci95": cg,
+    got = _logprob_claim(study, "C5", title, ("sft", "grpo"), "base, SFT and GRPO",
+                         "gold log-prob change, GRPO minus SFT (nats)", first_minus_second=False,
+                         required=(base,))
+    if isinstance(got, dict):
+        return got
+    pr, lp, p, extra = got
+    sft_change, sft_change_ci = _mean_ci([_diff(base, s) for s, _ in lp])
+    grpo_change, grpo_change_ci = _mean_ci([_diff(base, g) for _, g in lp])
+    sft_final, grpo_final = (study.final_name(v, "mmlu") for v in pr[0])
+    sft_vs_grpo = paired_delta(mmlu_correct(study, sft_final), mmlu_correct(study, grpo_final))
+    base_vs_sft = paired_delta(mmlu_correct(study, "base"), mmlu_correct(study, sft_final))
+    base_vs_grpo = paired_delta(mmlu_correct(study, "base"), mmlu_correct(study, grpo_final))
+    flips = sft_vs_grpo["flips"]
+    numbers = {"sft_minus_base_logprob": sft_change, "sft_minus_base_logprob_ci95": sft_change_ci,
+               "grpo_minus_base_logprob": grpo_change,
+               "grpo_minus_base_logprob_ci95": grpo_change_ci,
                "grpo_minus_sft_logprob": p["effect"], "grpo_minus_sft_logprob_ci95": p["ci95"],
                "n_items": p["n"], "per_seed_difference": extra["per_seed"],
-               "base": ls["a"], "sft": acc["a"], "grpo": acc["b"],
-               "sft_minus_base": ls["difference"], "grpo_minus_base": lg["difference"],
-               "grpo_minus_sft": acc["difference"], "grpo_minus_sft_ci95": acc["ci95"],
-               "mcnemar_p": acc["mcnemar_p"], "flips_sft_right_grpo_wrong": acc["flips"][0],
-               "flips_sft_wrong_grpo_right": acc["flips"][1]}
+               "base": base_vs_sft["a"], "sft": sft_vs_grpo["a"], "grpo": sft_vs_grpo["b"],
+               "sft_minus_base": base_vs_sft["difference"],
+               "grpo_minus_base": base_vs_grpo["difference"],
+               "grpo_minus_sft": sft_vs_grpo["difference"],
+               "grpo_minus_sft_ci95": sft_vs_grpo["ci95"], "mcnemar_p": sft_vs_grpo["mcnemar_p"],
+               "flips_sft_right_grpo_wrong": flips[0], "flips_sft_wrong_grpo_right": flips[1]}
     statement = (f"gold-answer log-prob (normalised over choices) on {p['n']} MMLU items, change "
-                 f"from base: SFT {ds:+.3g} [{cs[0]:+.3g}, {cs[1]:+.3g}], GRPO {dg:+.3g} "
-                 f"[{cg[0]:+.3g}, {cg[1]:+.3g}] nats; GRPO - SFT {p['effect']:+.3g} "
+                 f"from base: SFT {sft_change:+.3g} [{sft_change_ci[0]:+.3g}, "
+                 f"{sft_change_ci[1]:+.3g}], GRPO {grpo_change:+.3g} [{grpo_change_ci[0]:+.3g}, "
+                 f"{grpo_change_ci[1]:+.3g}] nats; GRPO - SFT {p['effect']:+.3g} "
                  f"[{p['ci95'][0]:+.3g}, {p['ci95'][1]:+.3g}] over {len(pr)} seed(s). Beside, "
-                 f"accuracy (seed 1): base {ls['a']:.3f}, SFT {acc['a']:.3f}, GRPO {acc['b']:.3f};"
-                 f" flips SFT-only-right {acc['flips'][0]} / GRPO-only-right {acc['flips'][1]}, "
-                 f"exact McNemar p = {acc['mcnemar_p']:.3g}")
+                 f"accuracy (seed 1): base {base_vs_sft['a']:.3f}, SFT {sft_vs_grpo['a']:.3f}, "
+                 f"GRPO {sft_vs_grpo['b']:.3f}; flips SFT-only-right {flips[0]} / GRPO-only-right "
+                 f"{flips[1]}, exact McNemar p = {sft_vs_grpo['mcnemar_p']:.3g}")
     return claim("C5", title, statement, numbers, p, [], single_seed(len(pr)))
 
 
@@ -213,51 +265,54 @@ def frozen_mlp_layers(study, name: str) -> list[int] | None:
 
 
 def c6_freezing(study) -> dict:
+    """C6: MMLU gold-answer log-probability, frozen minus unfrozen SFT, paired by item.
+
+    Args:
+        study: the :class:`~mechinterp.study.folder.Study`.
+
+    Returns:
+        The decided claim, or a not-measured one naming what the study lacks.
+    """
     title = ("Freezing SFT's mid-layer MLPs keeps more MMLU (primary: gold-answer log-prob, frozen "
              "minus unfrozen SFT)")
-    pr = pairs(study, "sft-frozen", "sft")
-    if isinstance(pr, str):
-        return missing("C6", title, pr)
-    lp = [tuple(mmlu_logprob(study, study.final_name(v, "mmlu")) for v in pair) for pair in pr]
-    if any(None in pair for pair in lp):
-        return missing("C6", title, "MMLU cloze rows with per-choice log-likelihoods of SFT and "
-                                    "frozen SFT (re-run compare if they predate loglik)")
-    got = paired_test([_diff(s, f) for f, s in lp], SIGN_FLIP,
-                      "gold log-prob, frozen minus unfrozen SFT (nats)", NEEDED_LOGPROB, "nats")
-    if isinstance(got, str):
-        return missing("C6", title, got)
-    p, extra = got
-    f0, s0 = (study.final_name(v, "mmlu") for v in pr[0])
+    got = _logprob_claim(study, "C6", title, ("sft-frozen", "sft"), "SFT and frozen SFT",
+                         "gold log-prob, frozen minus unfrozen SFT (nats)", first_minus_second=True)
+    if isinstance(got, dict):
+        return got
+    pr, _, p, extra = got
+    frozen_final, sft_final = (study.final_name(v, "mmlu") for v in pr[0])
     numbers = {"mmlu_logprob_frozen_minus_sft": p["effect"], "mmlu_logprob_ci95": p["ci95"],
                "n_items": p["n"], "per_seed_difference": extra["per_seed"]}
     beside = []
-    m = paired_delta(mmlu_correct(study, s0), mmlu_correct(study, f0))
-    numbers |= {"mmlu_frozen_minus_sft": m["difference"], "mmlu_ci95": m["ci95"], "mmlu_n": m["n"],
-                "mmlu_mcnemar_p": m["mcnemar_p"]}
-    beside.append(f"MMLU accuracy {m['difference']:+.3f} [{m['ci95'][0]:+.3f}, "
-                  f"{m['ci95'][1]:+.3f}], McNemar p = {m['mcnemar_p']:.3g}")
-    ts, tf = (task_correct(study, study.final_name(v, "task-accuracy")) for v in (pr[0][1], pr[0][0]))
-    if ts is not None and tf is not None:
-        t = paired_delta(ts, tf)
-        numbers |= {"task_frozen_minus_sft": t["difference"], "task_ci95": t["ci95"],
-                    "task_n": t["n"], "task_mcnemar_p": t["mcnemar_p"]}
-        beside.append(f"in-domain accuracy {t['difference']:+.3f} [{t['ci95'][0]:+.3f}, "
-                      f"{t['ci95'][1]:+.3f}] (n={t['n']}), McNemar p = {t['mcnemar_p']:.3g}")
+    mmlu = paired_delta(mmlu_correct(study, sft_final), mmlu_correct(study, frozen_final))
+    numbers |= {"mmlu_frozen_minus_sft": mmlu["difference"], "mmlu_ci95": mmlu["ci95"],
+                "mmlu_n": mmlu["n"], "mmlu_mcnemar_p": mmlu["mcnemar_p"]}
+    beside.append(f"MMLU accuracy {mmlu['difference']:+.3f} [{mmlu['ci95'][0]:+.3f}, "
+                  f"{mmlu['ci95'][1]:+.3f}], McNemar p = {mmlu['mcnemar_p']:.3g}")
+    task_sft, task_frozen = (task_correct(study, study.final_name(v, "task-accuracy"))
+                             for v in (pr[0][1], pr[0][0]))
+    if task_sft is not None and task_frozen is not None:
+        task = paired_delta(task_sft, task_frozen)
+        numbers |= {"task_frozen_minus_sft": task["difference"], "task_ci95": task["ci95"],
+                    "task_n": task["n"], "task_mcnemar_p": task["mcnemar_p"]}
+        beside.append(f"in-domain accuracy {task['difference']:+.3f} [{task['ci95'][0]:+.3f}, "
+                      f"{task['ci95'][1]:+.3f}] (n={task['n']}), McNemar p = "
+                      f"{task['mcnemar_p']:.3g}")
     frozen = frozen_mlp_layers(study, pr[0][0])
-    cav = single_seed(len(pr))
+    caveats = single_seed(len(pr))
     if frozen is not None:
-        wc = result(study, "weight-change")
-        n_layers = wc.data.get("n_layers") or len(wc.data["relative_change"][
+        weights = result(study, "weight-change").data
+        n_layers = weights.get("n_layers") or len(weights["relative_change"][
             study.final_name(pr[0][0], "weight-change")]["gate"])
         span = list(mid_layers(n_layers))
         numbers |= {"frozen_mlp_layers": frozen, "mid_layers": [span[0], span[-1]]}
         if frozen != span:
-            cav.append(f"the frozen run's unchanged MLP layers {_span(frozen)} are not the mid "
-                       f"layers {_span(span)} ({MID_LAYERS_RULE}) that C4 and C8 test")
+            caveats.append(f"the frozen run's unchanged MLP layers {_span(frozen)} are not the "
+                           f"mid layers {_span(span)} ({MID_LAYERS_RULE}) that C4 and C8 test")
     statement = (f"pre-specified primary: gold-answer log-prob on {p['n']} MMLU items, frozen minus "
                  f"unfrozen SFT {p['effect']:+.3g} [{p['ci95'][0]:+.3g}, {p['ci95'][1]:+.3g}] "
                  f"nats over {len(pr)} seed(s); beside (seed 1, frozen - SFT): " + "; ".join(beside))
-    return claim("C6", title, statement, numbers, p, [], cav)
+    return claim("C6", title, statement, numbers, p, [], caveats)
 
 
 def _span(layers: list[int]) -> str:
@@ -268,7 +323,35 @@ def _span(layers: list[int]) -> str:
     return ",".join(map(str, layers))
 
 
+def _razor_points(study, kl_items: dict, weights: dict) -> list[dict]:
+    """Every checkpoint with all three of C7's measures: its run, model name, seed index, MMLU
+    gold log-probs, per-item KL and mean relative weight change."""
+    kinds = {n: v.kind for n, v in study.variants.items()}
+    seed_of = {n: replicates(study, k).index(n) for n, k in kinds.items() if k}
+    points = []
+    for run, names in study.runs.items():
+        for name in names:
+            logprob = mmlu_logprob(study, name)
+            kl_values = kl_items.get(name)
+            rel = get(weights, "relative_change", name)
+            if logprob is None or kl_values is None or rel is None:
+                continue
+            points.append({"run": run, "model": name, "seed": seed_of.get(run, 0),
+                           "lp": logprob, "kl": floats(kl_values),
+                           "weight_change": mean_change(rel)})
+    return points
+
+
 def c7_razor(study, n_boot: int = 1000) -> dict:
+    """C7 (RL's Razor): whether MMLU forgetting over checkpoints tracks KL more than weight change.
+
+    Args:
+        study: the :class:`~mechinterp.study.folder.Study`.
+        n_boot: bootstrap replicates over seeds and items.
+
+    Returns:
+        The decided claim, or a not-measured one naming what the study lacks.
+    """
     title = "Forgetting tracks KL more than weight change (RL's Razor)"
     wc, kl = result(study, "weight-change"), result(study, "kl-drift")
     base = mmlu_logprob(study, "base")
@@ -276,18 +359,7 @@ def c7_razor(study, n_boot: int = 1000) -> dict:
         return missing("C7", title, "weight-change, kl-drift and MMLU log-likelihoods over "
                                     "checkpoints")
     kl_key = "kl_reference_items" if "kl_reference_items" in kl.data else "kl_items"
-    kinds = {n: v.kind for n, v in study.variants.items()}
-    seed_of = {n: replicates(study, k).index(n) for n, k in kinds.items() if k}
-    points = []
-    for run, names in study.runs.items():
-        for name in names:
-            lp = mmlu_logprob(study, name)
-            kli = get(kl.data, kl_key, name)
-            rel = get(wc.data, "relative_change", name)
-            if lp is None or kli is None or rel is None:
-                continue
-            points.append({"run": run, "model": name, "seed": seed_of.get(run, 0),
-                           "lp": lp, "kl": floats(kli), "weight_change": mean_change(rel)})
+    points = _razor_points(study, get(kl.data, kl_key) or {}, wc.data)
     if len(points) < 4:
         return missing("C7", title, f"only {len(points)} checkpoints with all three measures")
     keys = sorted(set(base).intersection(*(set(p["lp"]) for p in points)), key=str)
@@ -295,14 +367,15 @@ def c7_razor(study, n_boot: int = 1000) -> dict:
     if not keys or n_kl == 0:
         return missing("C7", title, "no MMLU or KL item common to every checkpoint")
     loss = np.array([[base[k] - p["lp"][k] for k in keys] for p in points])  # [points, items]
-    klm = np.array([p["kl"][:n_kl] for p in points])
-    wch = np.array([p["weight_change"] for p in points])
+    kl_items = np.array([p["kl"][:n_kl] for p in points])
+    weight_changes = np.array([p["weight_change"] for p in points])
     seeds = np.array([p["seed"] for p in points])
     uniq = np.unique(seeds)
 
     def diff(li, ki, sel):
-        lo_, kl_ = loss[sel][:, li].mean(1), np.nanmean(klm[sel][:, ki], 1)
-        return spearman(lo_, kl_) - spearman(lo_, wch[sel]), lo_, kl_
+        loss_mean, kl_mean = loss[sel][:, li].mean(1), np.nanmean(kl_items[sel][:, ki], 1)
+        rho_gap = spearman(loss_mean, kl_mean) - spearman(loss_mean, weight_changes[sel])
+        return rho_gap, loss_mean, kl_mean
 
     point, lo_all, kl_all = diff(np.arange(len(keys)), np.arange(n_kl), np.arange(len(points)))
     rng = np.random.default_rng(0)
@@ -314,15 +387,16 @@ def c7_razor(study, n_boot: int = 1000) -> dict:
     p = primary("bootstrap over seeds and items (MMLU and KL items resampled)",
                 "Spearman(MMLU loss, KL) - Spearman(MMLU loss, weight change) over checkpoints",
                 float(point), reps, NEEDED_RHO, len(points), int(uniq.size), units="rho")
-    r_kl, r_w = spearman(lo_all, kl_all), spearman(lo_all, wch)
-    numbers = {"spearman_loss_kl": r_kl, "spearman_loss_weight_change": r_w,
+    rho_kl, rho_weights = spearman(lo_all, kl_all), spearman(lo_all, weight_changes)
+    numbers = {"spearman_loss_kl": rho_kl, "spearman_loss_weight_change": rho_weights,
                "difference": p["effect"], "difference_ci95": p["ci95"], "kl_key": kl_key,
                "n_checkpoints": len(points), "n_mmlu_items": len(keys), "n_kl_items": n_kl,
                "points": [{"run": q["run"], "model": q["model"], "mmlu_loss": float(lo_all[i]),
-                           "kl": float(kl_all[i]), "weight_change": float(wch[i])}
+                           "kl": float(kl_all[i]), "weight_change": float(weight_changes[i])}
                           for i, q in enumerate(points)]}
-    statement = (f"over {len(points)} checkpoints ({uniq.size} seed(s)): Spearman(MMLU gold log-prob "
-                 f"loss, KL) = {r_kl:.2f}, Spearman(loss, mean relative weight change) = {r_w:.2f};"
-                 f" difference {p['effect']:.2f} [{p['ci95'][0]:.2f}, {p['ci95'][1]:.2f}] "
+    statement = (f"over {len(points)} checkpoints ({uniq.size} seed(s)): Spearman(MMLU gold "
+                 f"log-prob loss, KL) = {rho_kl:.2f}, Spearman(loss, mean relative weight "
+                 f"change) = {rho_weights:.2f}; difference {p['effect']:.2f} "
+                 f"[{p['ci95'][0]:.2f}, {p['ci95'][1]:.2f}] "
                  f"({kl_key})")
     return claim("C7", title, statement, numbers, p, [], single_seed(int(uniq.size)))

@@ -54,6 +54,7 @@ def saturation(variant) -> str | None:
 
 
 def n_layers(study) -> int | None:
+    """The model's layer count, from the weight-change result (None without one)."""
     res = study.results.get("weight-change")
     if res is None:
         return None
@@ -66,6 +67,7 @@ def n_layers(study) -> int | None:
 
 
 def mid_layer_line(study) -> str:
+    """The report's line saying which layers are the mid layers the claims test."""
     n = n_layers(study)
     if n is None:
         return f"Mid layers: {MID_LAYERS_RULE} (C4, C6, C8 and the paper-mid-mlp freeze preset)."

@@ -22,14 +22,11 @@ from typing import Any
 
 import numpy as np
 
+from ...core.summary import floats
 from . import stats
 
 ALPHA = 0.05
 VERDICTS = ("held", "not held", "inconclusive", "not measured")
-
-
-def floats(values) -> np.ndarray:
-    return np.array([np.nan if v is None else float(v) for v in values], dtype=float)
 
 
 def claim(cid: str, title: str, statement: str, numbers: dict | None = None,
@@ -46,6 +43,7 @@ def claim(cid: str, title: str, statement: str, numbers: dict | None = None,
 
 
 def missing(cid: str, title: str, what: str) -> dict:
+    """A not-measured claim whose statement and ``why`` say what the study lacks."""
     c = claim(cid, title, f"not measured: {what}")
     c["why"] = what
     return c
@@ -124,6 +122,7 @@ def gate(ok: bool, reason: str, blocks: str = "held") -> dict:
 
 
 def ci_text(p: dict, digits: int = 3) -> str:
+    """A primary test's 95% interval as ``[lo, hi]`` to ``digits`` significant digits."""
     lo, hi = p["ci95"]
     return f"[{lo:.{digits}g}, {hi:.{digits}g}]"
 
@@ -138,10 +137,13 @@ def test_text(p: dict) -> str:
 # ----- look-ups ------------------------------------------------------------------------------
 
 def result(study, probe: str):
+    """The study's result of ``probe``, or None."""
     return study.results.get(probe)
 
 
 def replicates(study, kind: str) -> list[str]:
+    """The variants of ``kind``, one per seed (:meth:`~mechinterp.study.folder.Study.replicates`;
+    study order for a study-like object without it)."""
     return list(study.replicates(kind)) if hasattr(study, "replicates") else [
         n for n, v in study.variants.items() if v.kind == kind]
 
@@ -149,19 +151,21 @@ def replicates(study, kind: str) -> list[str]:
 def pairs(study, a: str, b: str) -> list[tuple[str, str]] | str:
     """Replicate i of kind ``a`` with replicate i of kind ``b`` (as many pairs as both have), or
     a message naming the kind that is missing."""
-    ra, rb = replicates(study, a), replicates(study, b)
-    for kind, r in ((a, ra), (b, rb)):
-        if not r:
+    first, second = replicates(study, a), replicates(study, b)
+    for kind, names in ((a, first), (b, second)):
+        if not names:
             return f"no {kind} variant (kinds come from train-config.json or the variant's name)"
-    return list(zip(ra, rb))
+    return list(zip(first, second))
 
 
 def single_seed(n_seeds: int) -> list[str]:
+    """The single-seed caveat when ``n_seeds`` is below 2, else none."""
     return (["single seed: the interval reflects item-to-item variation only, not seed-to-seed"]
             if n_seeds < 2 else [])
 
 
 def get(d: dict | None, *keys, default: Any = None) -> Any:
+    """``d[k1][k2]...``, or ``default`` where a level is missing or not a dict."""
     for k in keys:
         if not isinstance(d, dict) or k not in d:
             return default

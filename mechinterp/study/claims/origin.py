@@ -41,6 +41,14 @@ def _param_bootstrap(means: np.ndarray, ses: np.ndarray, stat, n_boot: int = sta
 
 
 def c8_damage_mid_mlp(study) -> dict:
+    """C8: the mid third's weight-revert recovery of SFT's MMLU damage against the best other third.
+
+    Args:
+        study: the :class:`~mechinterp.study.folder.Study`.
+
+    Returns:
+        The decided claim, or a not-measured one naming what the study lacks.
+    """
     title = "SFT's MMLU damage originates in the mid-layer MLPs (weight revert by thirds)"
     names, res = replicates(study, "sft"), result(study, "damage-attribution")
     if not names or res is None:
@@ -71,46 +79,64 @@ def c8_damage_mid_mlp(study) -> dict:
                 "revert recovery of the mid third minus the best other third",
                 float(lead(win).mean()), reps, NEEDED, int(min(n_used)), len(names),
                 units="fraction of the margin drop")
-    nd = np.array([[get(d, "net_damage", n, "mean"), _se(get(d, "net_damage", n, "ci95"))]
-                   for n in names], float)
-    nd_reps = _param_bootstrap(nd[:, :1], nd[:, 1:], lambda m: m[..., 0])
-    nd_lo, nd_hi = stats.interval(nd_reps)
-    nd_p = [get(d, "net_damage", n, "p") for n in names]
-    damaged = bool(nd_lo > 0 and (len(names) > 1 or nd_p[0] is None or nd_p[0] < 0.05))
-    gates = [gate(damaged, f"net damage on the items used is not significant ({nd[:, 0].mean():.3g} "
-                           f"[{nd_lo:.3g}, {nd_hi:.3g}]): nothing to attribute", blocks="any")]
+    net, net_ci, net_p, net_gate = _net_damage(d, names)
     first = names[0]
     layers = get(d, "revert_window_recovery", first, "mid", "layers")
-    per_layer = get(d, "revert_recovery", first, "mlp")
-    n_layers = len(per_layer) if per_layer else None
-    span = mid_layers(n_layers) if n_layers else None
     numbers = {"window_recovery": {w: float(win[:, i].mean()) for i, w in enumerate(WINDOWS)},
                "window_recovery_seed1_ci95": {w: get(d, "revert_window_recovery", first, w, "ci95")
                                               for w in WINDOWS},
                "mid_window_layers": layers, "mid_layers_rule": MID_LAYERS_RULE,
-               "net_damage": float(nd[:, 0].mean()), "net_damage_ci95": [nd_lo, nd_hi],
-               "net_damage_p": nd_p, "n_used": n_used, "models": names}
+               "net_damage": net, "net_damage_ci95": net_ci, "net_damage_p": net_p,
+               "n_used": n_used, "models": names}
     where = (f"mid = layers {layers[0]}-{layers[1]}, {MID_LAYERS_RULE}" if layers
              else MID_LAYERS_RULE)
     text = ["weight revert (origin): giving the base's MLP weights back to a third of the layers "
             "recovers " + ", ".join(f"{w} {win[:, i].mean():.2f}" for i, w in enumerate(WINDOWS))
             + f" of the margin drop ({where}); mid minus the best other third {p['effect']:+.2f} "
               f"[{p['ci95'][0]:+.2f}, {p['ci95'][1]:+.2f}] over {len(names)} seed(s)"]
-    if per_layer:
-        rv = floats(per_layer)
-        if np.isfinite(rv).any():
-            top = int(np.nanargmax(rv))
-            numbers |= {"revert_by_layer": rv.tolist(), "revert_top_layer": top,
-                        "revert_mid_mean": float(np.nanmean(rv[span.start:span.stop]))}
-            text.append(f"per layer, reverting layer {top}'s MLP recovers most ({rv[top]:.2f})")
-    text.append(f"net damage (margin drop) {nd[:, 0].mean():.3g} [{nd_lo:.3g}, {nd_hi:.3g}] on "
+    text += _revert_by_layer(get(d, "revert_recovery", first, "mlp"), numbers)
+    text.append(f"net damage (margin drop) {net:.3g} [{net_ci[0]:.3g}, {net_ci[1]:.3g}] on "
                 f"{', '.join(map(str, n_used))} items used")
-    med = floats(get(d, "margin_recovery", first, "mlp_out") or [])
-    if med.size and np.isfinite(med).any():
-        top = int(np.nanargmax(med))
-        numbers |= {"mediation_patching_by_layer": med.tolist(), "mediation_top_layer": top}
-        text.append(f"beside, mediation (patching the base's mlp_out): layer {top} gives back "
-                    f"most ({med[top]:.2f}); that says which output carries the damage, not "
-                    "where it was written")
-    cav = single_seed(len(names))
-    return claim("C8", title, "; ".join(text), numbers, p, gates, cav)
+    text += _mediation(floats(get(d, "margin_recovery", first, "mlp_out") or []), numbers)
+    return claim("C8", title, "; ".join(text), numbers, p, [net_gate], single_seed(len(names)))
+
+
+def _net_damage(d: dict, names: list[str]) -> tuple[float, list[float], list, dict]:
+    """The net damage (margin drop) on the items used, over the SFT replicates ``names``: mean,
+    hierarchical 95% interval, per-seed p-values, and the gate that it is significant (else there
+    is nothing to attribute)."""
+    est = np.array([[get(d, "net_damage", n, "mean"), _se(get(d, "net_damage", n, "ci95"))]
+                    for n in names], float)
+    reps = _param_bootstrap(est[:, :1], est[:, 1:], lambda m: m[..., 0])
+    lo, hi = stats.interval(reps)
+    p_values = [get(d, "net_damage", n, "p") for n in names]
+    damaged = bool(lo > 0 and (len(names) > 1 or p_values[0] is None or p_values[0] < 0.05))
+    mean = float(est[:, 0].mean())
+    return mean, [lo, hi], p_values, gate(
+        damaged, f"net damage on the items used is not significant ({mean:.3g} "
+                 f"[{lo:.3g}, {hi:.3g}]): nothing to attribute", blocks="any")
+
+
+def _revert_by_layer(per_layer: list | None, numbers: dict) -> list[str]:
+    """Beside the primary: which single layer's MLP revert recovers most (first seed); adds its
+    numbers to ``numbers`` and returns the statement's line (none without per-layer results)."""
+    recovery = floats(per_layer or [])
+    if not recovery.size or not np.isfinite(recovery).any():
+        return []
+    span = mid_layers(len(recovery))
+    top = int(np.nanargmax(recovery))
+    numbers |= {"revert_by_layer": recovery.tolist(), "revert_top_layer": top,
+                "revert_mid_mean": float(np.nanmean(recovery[span.start:span.stop]))}
+    return [f"per layer, reverting layer {top}'s MLP recovers most ({recovery[top]:.2f})"]
+
+
+def _mediation(recovery: np.ndarray, numbers: dict) -> list[str]:
+    """Beside the primary: the layer whose patched mlp_out gives back most (mediation, first seed);
+    adds its numbers to ``numbers`` and returns the statement's line (none without results)."""
+    if not recovery.size or not np.isfinite(recovery).any():
+        return []
+    top = int(np.nanargmax(recovery))
+    numbers |= {"mediation_patching_by_layer": recovery.tolist(), "mediation_top_layer": top}
+    return [f"beside, mediation (patching the base's mlp_out): layer {top} gives back most "
+            f"({recovery[top]:.2f}); that says which output carries the damage, not where it was "
+            "written"]

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ...evals.stats import Z95
+from ...evals.stats import Z95, bootstrap_means
 
 Z80 = 0.8416212335729143  # one-sided normal quantile of 80% power
 N_BOOT = 2000
@@ -22,11 +22,16 @@ def hier_bootstrap(groups: Sequence[np.ndarray], n_boot: int = N_BOOT,
                    seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Column means averaged over seeds, and their hierarchical bootstrap replicates.
 
-    ``groups``: one array ``[items, k]`` per seed (rows: the seed's items, e.g. MMLU items or
-    (layer, matrix) entries; columns: the quantities a statistic combines). A replicate draws as
-    many seeds as there are, with replacement, and within every drawn seed its items with
-    replacement (a fresh draw each time a seed is drawn), then averages the drawn seeds' column
-    means. With one seed this is the ordinary bootstrap over items.
+    A replicate draws as many seeds as there are, with replacement, and within every drawn seed
+    its items with replacement (a fresh draw each time a seed is drawn:
+    :func:`mechinterp.evals.stats.bootstrap_means`), then averages the drawn seeds' column means.
+    With one seed this is the ordinary bootstrap over items.
+
+    Args:
+        groups: one array ``[items, k]`` per seed (rows: the seed's items, e.g. MMLU items or
+            (layer, matrix) entries; columns: the quantities a statistic combines).
+        n_boot: replicates.
+        seed: the generator's seed.
 
     Returns:
         ``(point [k], replicates [n_boot, k])``.
@@ -36,9 +41,9 @@ def hier_bootstrap(groups: Sequence[np.ndarray], n_boot: int = N_BOOT,
         raise ValueError("every seed needs at least one item")
     k = groups[0].shape[1]
     rng = np.random.default_rng(seed)
-    s = len(groups)
+    n_seeds = len(groups)
     point = np.mean([g.mean(0) for g in groups], axis=0)
-    draws = rng.integers(0, s, (n_boot, s))
+    draws = rng.integers(0, n_seeds, (n_boot, n_seeds))
     out = np.zeros((n_boot, k))
     for j, g in enumerate(groups):
         count = (draws == j).sum(1)
@@ -48,9 +53,9 @@ def hier_bootstrap(groups: Sequence[np.ndarray], n_boot: int = N_BOOT,
         means = np.empty((owner.size, k))
         for lo in range(0, owner.size, chunk):
             hi = min(owner.size, lo + chunk)
-            means[lo:hi] = g[rng.integers(0, n, (hi - lo, n))].mean(1)
+            means[lo:hi] = bootstrap_means(g, rng, hi - lo)
         np.add.at(out, owner, means)
-    return point, out / s
+    return point, out / n_seeds
 
 
 def boot_p(replicates: np.ndarray) -> float:
@@ -96,6 +101,7 @@ def interval(replicates: np.ndarray) -> list[float]:
 
 
 def normal_cdf(x: float) -> float:
+    """The standard normal distribution function at ``x``."""
     return 0.5 * math.erfc(-x / math.sqrt(2.0))
 
 

@@ -15,6 +15,7 @@ import math
 
 import numpy as np
 
+from ...core.summary import mean_change
 from ...models.depth import MID_LAYERS_RULE, mid_layers
 from . import stats
 from .core import (
@@ -34,12 +35,6 @@ from .core import (
 MLP = ("gate", "up", "down")
 PAPER_MATCHED_LR_RATIO = "about 3-5x"  # the paper's SFT/GRPO weight-change ratio at matched lr
 SCALE_CONFOUND = 0.9
-
-
-def mean_change(rel: dict[str, list], matrices=None) -> float:
-    """Mean relative change over layers and matrices (NaN entries left out)."""
-    vals = np.concatenate([floats(rel[m]) for m in (matrices or rel)])
-    return float(np.nanmean(vals)) if np.isfinite(vals).any() else math.nan
 
 
 def measure_name(data: dict, models: list[str]) -> str | None:
@@ -62,6 +57,7 @@ def floor_hi(data: dict, model: str, key: str) -> float:
 
 
 def floor_mean(data: dict, model: str, key: str) -> float:
+    """The mean noise floor of measure ``key`` for ``model`` (NaN when not recorded)."""
     v = get(data, "noise_floor", model, key)
     return math.nan if v is None else float(v)
 
@@ -96,7 +92,40 @@ def _weights(study):
     return res.data, None
 
 
+def _per_seed(study, data: dict, pr: list[tuple[str, str]]):
+    """Per (SFT, GRPO) replicate pair: the (layer, matrix) entries' update scales ``[entries, 2]``,
+    mean coherence and mean relative change of both, and the final models' names; or a message
+    naming what is missing."""
+    groups, coherence, relative, names = [], [], [], []
+    relative_change = data.get("relative_change", {})
+    for sft, grpo in pr:
+        pair = tuple(study.final_name(v, "weight-change") for v in (sft, grpo))
+        sft_scale, grpo_scale = (get(data, "update_scale", n) for n in pair)
+        if sft_scale is None or grpo_scale is None:
+            return f"no update_scale for {pair[0] if sft_scale is None else pair[1]}"
+        rows = [(a, b) for m in sft_scale if m in grpo_scale
+                for a, b in zip(floats(sft_scale[m]), floats(grpo_scale[m]))
+                if np.isfinite(a) and np.isfinite(b) and a > 0 and b > 0]
+        if not rows:
+            return (f"update_scale of {pair[0]} / {pair[1]} is unknown (learning rate or steps not "
+                    "recorded with the run)")
+        groups.append(np.array(rows))
+        coherence.append([mean_change(get(data, "coherence", n) or {"x": [None]}) for n in pair])
+        relative.append([mean_change(relative_change[n]) if n in relative_change else math.nan
+                         for n in pair])
+        names.append(pair)
+    return groups, coherence, relative, names
+
+
 def c1_weight_change(study) -> dict:
+    """C1: update per unit of lr x steps, SFT over GRPO, above the noise floor.
+
+    Args:
+        study: the :class:`~mechinterp.study.folder.Study`.
+
+    Returns:
+        The decided claim, or a not-measured one naming what the study lacks.
+    """
     title = "SFT moves the weights more than GRPO (per unit of lr x steps, above the noise floor)"
     pr = pairs(study, "sft", "grpo")
     if isinstance(pr, str):
@@ -104,22 +133,10 @@ def c1_weight_change(study) -> dict:
     data, why = _weights(study)
     if data is None:
         return missing("C1", title, why)
-    groups, coh, rel, names = [], [], [], []
-    for s, g in pr:
-        ns, ng = (study.final_name(v, "weight-change") for v in (s, g))
-        us, ug = get(data, "update_scale", ns), get(data, "update_scale", ng)
-        if us is None or ug is None:
-            return missing("C1", title, f"no update_scale for {ns if us is None else ng}")
-        rows = [(a, b) for m in us if m in ug for a, b in zip(floats(us[m]), floats(ug[m]))
-                if np.isfinite(a) and np.isfinite(b) and a > 0 and b > 0]
-        if not rows:
-            return missing("C1", title, f"update_scale of {ns} / {ng} is unknown (learning rate "
-                                        "or steps not recorded with the run)")
-        groups.append(np.array(rows))
-        coh.append([mean_change(get(data, "coherence", n) or {"x": [None]}) for n in (ns, ng)])
-        rc = data.get("relative_change", {})
-        rel.append([mean_change(rc[n]) if n in rc else math.nan for n in (ns, ng)])
-        names.append((ns, ng))
+    gathered = _per_seed(study, data, pr)
+    if isinstance(gathered, str):
+        return missing("C1", title, gathered)
+    groups, coherence, relative, names = gathered
     point, reps = stats.hier_bootstrap(groups)
 
     def log_ratio(m):
@@ -129,39 +146,48 @@ def c1_weight_change(study) -> dict:
                 "log(update_scale SFT / update_scale GRPO)", float(log_ratio(point)),
                 log_ratio(reps), needed=math.log(1.5), n=len(groups[0]), n_seeds=len(pr),
                 units="log ratio")
-    ratio, (rlo, rhi) = math.exp(p["effect"]), (math.exp(x) for x in p["ci95"])
-    coh = np.array(coh, float)
-    fl = {k: float(np.nanmean([floor_hi(data, n, k) for n, _ in names]))
-          for k in ("coherence", "update_scale")}
-    fl_g = np.nanmean([floor_hi(data, n, "coherence") for _, n in names])
-    floor_us = np.nanmean([floor_mean(data, n, "update_scale") for n, _ in names])
-    sft_coh, grpo_coh = float(np.nanmean(coh[:, 0])), float(np.nanmean(coh[:, 1]))
-    gates = [floor_gate(sft_coh, fl["coherence"], "SFT's update coherence",
+    ratio, (ratio_lo, ratio_hi) = math.exp(p["effect"]), (math.exp(x) for x in p["ci95"])
+    sft_coherence, grpo_coherence = np.nanmean(np.array(coherence, float), axis=0).tolist()
+    floor_hi_mean = {k: float(np.nanmean([floor_hi(data, n, k) for n, _ in names]))
+                     for k in ("coherence", "update_scale")}
+    grpo_floor = np.nanmean([floor_hi(data, n, "coherence") for _, n in names])
+    floor_scale = np.nanmean([floor_mean(data, n, "update_scale") for n, _ in names])
+    gates = [floor_gate(sft_coherence, floor_hi_mean["coherence"], "SFT's update coherence",
                         ": a noise-driven run cannot support 'moves more'")]
-    sft_us, grpo_us = (float(x) for x in point)
-    ceiling = 1.0 / grpo_us if grpo_us > 0 else math.inf
-    rel_a = np.array(rel, float)
-    rel_ratio = float(np.nanmean(rel_a[:, 0]) / np.nanmean(rel_a[:, 1]))
-    numbers = {"sft_update_scale": sft_us, "grpo_update_scale": grpo_us,
-               "ratio_sft_over_grpo": ratio, "ratio_ci95": [rlo, rhi],
-               "noise_floor_update_scale": floor_us, "noise_floor_update_scale_hi": fl["update_scale"],
-               "sft_coherence": sft_coh, "grpo_coherence": grpo_coh,
-               "noise_floor_coherence_hi": fl["coherence"], "grpo_noise_floor_coherence_hi": fl_g,
-               "ceiling_ratio_over_grpo": ceiling, "paper_matched_lr_ratio": PAPER_MATCHED_LR_RATIO,
-               "sft_mean_relative_change": float(np.nanmean(rel_a[:, 0])),
-               "grpo_mean_relative_change": float(np.nanmean(rel_a[:, 1])),
-               "relative_change_ratio_sft_over_grpo": rel_ratio, "models": names}
-    statement = (
+    sft_scale, grpo_scale = (float(x) for x in point)
+    ceiling = 1.0 / grpo_scale if grpo_scale > 0 else math.inf
+    sft_relative, grpo_relative = np.nanmean(np.array(relative, float), axis=0).tolist()
+    relative_ratio = float(np.divide(sft_relative, grpo_relative))
+    numbers = {"sft_update_scale": sft_scale, "grpo_update_scale": grpo_scale,
+               "ratio_sft_over_grpo": ratio, "ratio_ci95": [ratio_lo, ratio_hi],
+               "noise_floor_update_scale": floor_scale,
+               "noise_floor_update_scale_hi": floor_hi_mean["update_scale"],
+               "sft_coherence": sft_coherence, "grpo_coherence": grpo_coherence,
+               "noise_floor_coherence_hi": floor_hi_mean["coherence"],
+               "grpo_noise_floor_coherence_hi": grpo_floor, "ceiling_ratio_over_grpo": ceiling,
+               "paper_matched_lr_ratio": PAPER_MATCHED_LR_RATIO,
+               "sft_mean_relative_change": sft_relative,
+               "grpo_mean_relative_change": grpo_relative,
+               "relative_change_ratio_sft_over_grpo": relative_ratio,
+               "models": names}
+    caveats = single_seed(len(pr)) + confound_caveats(data, [n for pair in names for n in pair])
+    return claim("C1", title, _c1_statement(numbers, len(pr)), numbers, p, gates, caveats)
+
+
+def _c1_statement(n: dict, n_seeds: int) -> str:
+    """C1's statement from its numbers ``n``."""
+    within = n["grpo_coherence"] <= n["grpo_noise_floor_coherence_hi"]
+    return (
         f"update per unit of lr x steps (RMS(dW) / (lr x steps); the optimizer's ceiling is about "
-        f"1: AdamW moves an entry at most about lr per step): SFT {sft_us:.3g}, GRPO {grpo_us:.3g} "
-        f"(noise floor {floor_us:.3g}); SFT/GRPO = {ratio:.3g}x [{rlo:.3g}, {rhi:.3g}] over "
-        f"{len(pr)} seed(s); at this step count the ceiling allows at most {ceiling:.3g}x over "
-        f"GRPO; the paper at matched lr: {PAPER_MATCHED_LR_RATIO}. Coherence SFT {sft_coh:.3g}, "
-        f"GRPO {grpo_coh:.3g} (noise floor up to {fl['coherence']:.3g}"
-        + (", GRPO within it" if grpo_coh <= fl_g else "") + f"). Beside: relative change "
-        f"SFT/GRPO {rel_ratio:.3g}x")
-    cav = single_seed(len(pr)) + confound_caveats(data, [n for pair in names for n in pair])
-    return claim("C1", title, statement, numbers, p, gates, cav)
+        f"1: AdamW moves an entry at most about lr per step): SFT {n['sft_update_scale']:.3g}, "
+        f"GRPO {n['grpo_update_scale']:.3g} (noise floor {n['noise_floor_update_scale']:.3g}); "
+        f"SFT/GRPO = {n['ratio_sft_over_grpo']:.3g}x [{n['ratio_ci95'][0]:.3g}, "
+        f"{n['ratio_ci95'][1]:.3g}] over {n_seeds} seed(s); at this step count the ceiling "
+        f"allows at most {n['ceiling_ratio_over_grpo']:.3g}x over GRPO; the paper at matched lr: "
+        f"{PAPER_MATCHED_LR_RATIO}. Coherence SFT {n['sft_coherence']:.3g}, GRPO "
+        f"{n['grpo_coherence']:.3g} (noise floor up to {n['noise_floor_coherence_hi']:.3g}"
+        + (", GRPO within it" if within else "")
+        + f"). Beside: relative change SFT/GRPO {n['relative_change_ratio_sft_over_grpo']:.3g}x")
 
 
 def _layer_matrix(data: dict, key: str, model: str, matrices: list[str]) -> np.ndarray:
@@ -172,6 +198,14 @@ def _layer_matrix(data: dict, key: str, model: str, matrices: list[str]) -> np.n
 
 
 def c3_qk_most_changed(study) -> dict:
+    """C3: whether q and k are the two most-changed matrix kinds.
+
+    Args:
+        study: the :class:`~mechinterp.study.folder.Study`.
+
+    Returns:
+        The decided claim, or a not-measured one naming what the study lacks.
+    """
     title = "q and k are the two most-changed matrix kinds (update scale / coherence)"
     kinds = {k: replicates(study, k) for k in ("sft", "grpo") if replicates(study, k)}
     if not kinds:
@@ -225,7 +259,42 @@ def c3_qk_most_changed(study) -> dict:
     return redecide(c)
 
 
+def _mid_layer_groups(data: dict, key: str, names: list[str]):
+    """Per SFT replicate, the MLP profile over layers (``key`` averaged over the MLP matrices) and
+    the columns C4's ratio is computed from: ``[value x mid, mid, value x rest, rest]`` per layer
+    with a finite value. Returns ``(groups, profiles)``."""
+    groups, profiles = [], []
+    for name in names:
+        profile = np.nanmean(np.stack([floats(data[key][name][m]) for m in MLP]), axis=0)
+        profiles.append(profile)
+        mid = np.zeros(len(profile), bool)
+        mid[list(mid_layers(len(profile)))] = True
+        finite = np.isfinite(profile)
+        value, is_mid = profile[finite], mid[finite].astype(float)
+        groups.append(np.stack([value * is_mid, is_mid, value * (1 - is_mid), 1 - is_mid], axis=1))
+    return groups, profiles
+
+
+def _relative_by_third(rel: dict | None, span: range) -> tuple[int | None, list | None]:
+    """Beside C4's primary: the layer where the MLPs' relative change peaks and its mean in the
+    early, mid and late thirds; ``(None, None)`` without relative change."""
+    if not rel:
+        return None, None
+    profile = np.nanmean(np.stack([floats(rel[m]) for m in MLP]), axis=0)
+    bounds = ((0, span.start), (span.start, span.stop), (span.stop, len(profile)))
+    return int(np.nanargmax(profile)), [float(np.nanmean(profile[a:b])) if b > a else math.nan
+                                        for a, b in bounds]
+
+
 def c4_sft_mid_mlp(study) -> dict:
+    """C4: whether SFT's MLP change concentrates in the mid layers.
+
+    Args:
+        study: the :class:`~mechinterp.study.folder.Study`.
+
+    Returns:
+        The decided claim, or a not-measured one naming what the study lacks.
+    """
     title = "SFT's MLP change is highest in the mid layers (update scale / coherence)"
     reps_ = replicates(study, "sft")
     if not reps_:
@@ -237,17 +306,8 @@ def c4_sft_mid_mlp(study) -> dict:
     key = measure_name(data, ns)
     if key is None:
         return missing("C4", title, "neither update_scale nor coherence for the SFT runs")
-    groups, profiles = [], []
-    for n in ns:
-        prof = np.nanmean(np.stack([floats(data[key][n][m]) for m in MLP]), axis=0)
-        profiles.append(prof)
-        mid = np.zeros(len(prof), bool)
-        mid[list(mid_layers(len(prof)))] = True
-        ok = np.isfinite(prof)
-        v, m = prof[ok], mid[ok].astype(float)
-        groups.append(np.stack([v * m, m, v * (1 - m), 1 - m], axis=1))
-    n_layers = len(profiles[0])
-    span = mid_layers(n_layers)
+    groups, profiles = _mid_layer_groups(data, key, ns)
+    span = mid_layers(len(profiles[0]))
 
     def log_ratio(m):
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -262,13 +322,7 @@ def c4_sft_mid_mlp(study) -> dict:
     floor = float(np.nanmean([floor_hi(data, n, key) for n in ns]))
     gates = [floor_gate(mid_mean, floor, f"SFT's mid-layer MLP {key}")]
     profile = np.nanmean(np.stack(profiles), axis=0)
-    rel = data.get("relative_change", {}).get(ns[0])
-    rel_peak = rel_thirds = None
-    if rel:
-        rp = np.nanmean(np.stack([floats(rel[m]) for m in MLP]), axis=0)
-        rel_peak = int(np.nanargmax(rp))
-        rel_thirds = [float(np.nanmean(rp[a:b])) if b > a else math.nan
-                      for a, b in ((0, span.start), (span.start, span.stop), (span.stop, len(rp)))]
+    rel_peak, rel_thirds = _relative_by_third(data.get("relative_change", {}).get(ns[0]), span)
     ratio, (lo, hi) = math.exp(p["effect"]), (math.exp(x) for x in p["ci95"])
     numbers = {"measure": key, "mid_layers": [span.start, span.stop - 1],
                "mid_layers_rule": MID_LAYERS_RULE, "mid_mean": mid_mean, "rest_mean": rest_mean,
