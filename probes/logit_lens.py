@@ -76,7 +76,7 @@ class Config(BaseConfig):
 
 def task_prompts(tokenizer, spec: str, limit: int, seed: int) -> list[tuple[str, int]]:
     """In-domain items: the training prompt, then the SFT target's reasoning up to ``= ``."""
-    from mechinterp.training.prompts import load_items
+    from mechinterp.data.items import load_items
 
     if not is_task(spec):
         raise UserError(f"task={spec!r} is not an arithmetic task spec",

@@ -52,7 +52,7 @@ class TaskAccuracy:
               Table("paired", ("model", "metric")))
 
     def run(self, models, data, config: Config) -> Result:
-        from mechinterp.training.prompts import load_items
+        from mechinterp.data.items import load_items
 
         items = seeded_subset(load_items(config.items, data, "test"), config.limit, config.seed)
         if not items:

@@ -65,7 +65,8 @@ class TrainingDrift:
         from mechinterp.errors import UserError
         from mechinterp.progress import track
         from mechinterp.training.drift import answer_logprobs, build_heldout, kl_per_item
-        from mechinterp.training.prompts import load_items, pick, prompt_messages, render_target
+        from mechinterp.data.items import load_items, pick
+        from mechinterp.data.qa import prompt_messages, render_target
 
         if not models.runs:
             raise UserError("training-drift needs at least one variant",

@@ -10,8 +10,9 @@ import pytest
 
 from mechinterp.data import DataSource
 from mechinterp.data.arithmetic import ArithmeticTask, parse_task, task_items
+from mechinterp.data.items import load_items
+from mechinterp.data.qa import render_target
 from mechinterp.errors import DataError
-from mechinterp.training.prompts import load_items, render_target
 from mechinterp.training.rewards import correctness, format_reward
 
 
@@ -88,10 +89,10 @@ def test_load_items_reads_the_held_out_split():
 
 
 def test_task_accuracy_probe_on_tiny_models(tmp_path, one_thread):
-    from mechinterp.models import ModelSet
     from mechinterp.core.probe import get_probe, make_config
     from mechinterp.core.runner import run_probe
-    from mechinterp.training.rewards import final_answer
+    from mechinterp.data.qa import final_answer
+    from mechinterp.models import ModelSet
 
     probe = get_probe("task-accuracy")
     ms = ModelSet("tiny-random-llama", {"same": "tiny-random-llama"}, device="cpu")
@@ -110,9 +111,9 @@ def test_task_accuracy_probe_on_tiny_models(tmp_path, one_thread):
 
 
 def test_kl_drift_on_task_items_uses_the_training_format(one_thread):
-    from mechinterp.models import ModelSet
     from mechinterp.core.probe import get_probe, make_config
     from mechinterp.core.runner import run_probe
+    from mechinterp.models import ModelSet
 
     probe = get_probe("kl-drift")
     ms = ModelSet("tiny-random-llama", {"same": "tiny-random-llama"}, device="cpu")

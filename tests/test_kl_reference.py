@@ -71,7 +71,7 @@ def _run(pair, data_source, tmp_path, **options):
 
 
 def test_reference_template_and_text_kl_match_float64(pair, data_source, tmp_path):
-    from mechinterp.training.prompts import SYSTEM_PROMPT, render_target
+    from mechinterp.data.qa import SYSTEM_PROMPT, render_target
     from probes.activation_diff import Config as TextConfig
     from probes.activation_diff import neutral_texts
 

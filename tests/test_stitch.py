@@ -223,10 +223,10 @@ def _kl64(parent, recipe, items) -> list[float]:
 @pytest.mark.slow
 def test_probe_kl_and_accuracy_match_an_independent_copy(stitch_set, data_source, tmp_path):
     """~10 s: one recipe plus the two parents on 3 items per set."""
-    from mechinterp.evals.mmlu import score_mmlu
-    from mechinterp.evals.task import score_task
     from mechinterp.core.probe import get_probe, make_config
     from mechinterp.core.runner import run_probe
+    from mechinterp.evals.mmlu import score_mmlu
+    from mechinterp.evals.task import score_task
     from probes.stitch import CLOZE, Stitch
 
     probe = get_probe("stitch")
@@ -255,10 +255,10 @@ def test_probe_kl_and_accuracy_match_an_independent_copy(stitch_set, data_source
     assert rows["base"]["kl"]["sft"] == pytest.approx(
         np.mean(_kl64(stitch_set["sft"].hf, stitch_set.base.hf, items)), rel=1e-4)
     # accuracies: scoring the materialised copy on the same items gives the same rows
+    from mechinterp.data.items import load_items
     from mechinterp.data.mmlu import load_mmlu
     from mechinterp.data.subset import seeded_subset
     from mechinterp.evals.mmlu import stratified_sample
-    from mechinterp.training.prompts import load_items
 
     twin = copy.copy(stitch_set.base)
     twin.hf = recipe

@@ -98,11 +98,12 @@ def test_sft_freezes_exactly_and_snapshots_load(sft_run):
 
 def test_drift_log_matches_independent_computation(sft_run):
     from mechinterp.analysis.weights import weight_change
+    from mechinterp.core.runner import redraw
+    from mechinterp.data.items import load_items, pick
+    from mechinterp.data.qa import prompt_messages, render_target
     from mechinterp.models import load, resolve
     from mechinterp.store.results import read_result
-    from mechinterp.core.runner import redraw
     from mechinterp.training.drift import answer_logprobs, build_heldout, kl_per_item
-    from mechinterp.training.prompts import load_items, pick, prompt_messages, render_target
 
     out, _, _ = sft_run
     r = read_result(out / "training-drift")

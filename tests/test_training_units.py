@@ -8,11 +8,12 @@ import math
 import pytest
 import torch
 
+from mechinterp.data.items import load_items
+from mechinterp.data.qa import FORMAT_PATTERN, QAItem, final_answer, render_target
 from mechinterp.errors import UserError
 from mechinterp.training import freeze as fz
 from mechinterp.training.drift import HeldOut, answer_logprobs, kl_from_base, kl_per_item
-from mechinterp.training.prompts import QAItem, load_items, render_target
-from mechinterp.training.rewards import FORMAT_PATTERN, correctness, final_answer, format_reward
+from mechinterp.training.rewards import correctness, format_reward
 from mechinterp.training.settings import checkpoint_steps, resolve_settings
 
 

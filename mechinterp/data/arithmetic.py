@@ -5,7 +5,7 @@ is every ``a OP b`` with ``a, b`` in ``[min, max]`` and OP in ``ops`` (``+``, ``
 multiplication); a seeded shuffle splits it into disjoint train and held-out problems, so held-out
 accuracy measures the skill, not recall of a seen question. Items carry the worked reference
 solution (``7 x 8 = 56``) for SFT and the numeric answer for the GRPO reward; both are rendered in
-the think/answer format by :mod:`mechinterp.training.prompts`.
+the think/answer format by :mod:`mechinterp.data.qa`.
 
 Calibration (``benchmarks/calibrate_task.py``): the default, ``+`` and ``x`` on operands 0-19 (three
 problems in four have a two-digit operand), is solved by the default model at GRPO's sampling
@@ -24,6 +24,7 @@ import random
 from dataclasses import dataclass
 
 from ..errors import DataError
+from .qa import QAItem
 
 PREFIX = "arithmetic"
 OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "x": lambda a, b: a * b}
@@ -109,10 +110,8 @@ def solve(a: int, op: str, b: int) -> int:
     return OPS[op](a, b)
 
 
-def task_items(task: ArithmeticTask, split: str):
-    """The split's problems as :class:`~mechinterp.training.prompts.QAItem` (question, worked
-    reasoning, answer)."""
-    from ..training.prompts import QAItem
-
+def task_items(task: ArithmeticTask, split: str) -> list[QAItem]:
+    """The split's problems as :class:`~mechinterp.data.qa.QAItem` (question, worked reasoning,
+    answer)."""
     return [QAItem(question(a, op, b), f"{a} {op} {b} = {solve(a, op, b)}", str(solve(a, op, b)))
             for a, op, b in task.split(split)]

@@ -160,8 +160,10 @@ def _datasets(s: TrainSettings, data_dir, tokenizer, world: int = 1):
 
     from ..data import DataSource
     from ..data.arithmetic import is_task
+    from ..data.items import load_items, pick
+    from ..data.qa import prompt_messages, render_target
     from .drift import build_heldout
-    from .prompts import grpo_rows, load_items, pick, prompt_messages, render_target, sft_rows
+    from .prompts import grpo_rows, sft_rows
 
     source = DataSource.from_option(data_dir)
     items = pick(load_items(s.data, source, "train"), None, s.seed)
@@ -207,9 +209,9 @@ def train(s: TrainSettings, out: Path, resume: bool = False, data_dir=None, echo
     format rewards (one weight per function then goes in ``s.extra["reward_weights"]``).
     ``record=False`` trains without snapshots, drift or final model (the benchmark's baseline).
     """
+    from ..core.probe import package_versions
     from ..models import load
     from ..models.device import pick_device
-    from ..core.probe import package_versions
     from . import distributed
     from .callbacks import debug_hooks, note_write
     from .drift import answer_logprobs
