@@ -20,9 +20,15 @@ from collections.abc import Iterable, Iterator
 
 from ..errors import IncompatibleModels, SpecError
 from .loaded import LoadedModel, load, load_tokenizer
-from .origin import origin_label, quantisation_origin
+from .origin import origin_label
 from .safetensors_io import tensor_index
-from .specs import ResolvedSpec, expand_checkpoints, resolve, split_revision
+from .specs import (
+    ResolvedSpec,
+    expand_checkpoints,
+    quantisation_origin,
+    resolve,
+    split_revision,
+)
 
 BASE = "base"
 _NAME = re.compile(r"^[A-Za-z0-9][\w.-]*$")

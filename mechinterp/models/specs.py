@@ -17,6 +17,7 @@ everything downstream (loading, streaming diffs, hashing) has exactly one code p
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,8 @@ from pathlib import Path
 from ..errors import SpecError
 from ..paths import cache_dir
 from . import zoo
+from .lineage import find_train_config
+from .origin import ORIGIN_FILE, read_origin
 from .safetensors_io import file_sha256, folder_hash, model_files, weight_files, weights_identity
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -48,8 +51,6 @@ class ResolvedSpec:
         return weights_identity(self.path)
 
     def provenance(self) -> dict:
-        from .origin import quantisation_origin
-
         return {"spec": self.spec, "source": self.source, "revision": self.revision,
                 "path": str(self.path), "weights_id": self.weight_id(),
                 "files": model_files(self.path),
@@ -206,3 +207,23 @@ def resolve(spec: str) -> ResolvedSpec:
         f"zoo names: {', '.join(zoo.ZOO)}",
     )
 
+
+
+def quantisation_origin(folder: Path, _depth: int = 0) -> dict | None:
+    """The folder's origin record (:mod:`~mechinterp.models.origin`), else its training base's
+    (``OUT`` and ``OUT/checkpoints/step-N`` find ``OUT/train-config.json``, whose base spec is
+    resolved), else None (plain weights as far as we know)."""
+    folder = Path(folder)
+    if (folder / ORIGIN_FILE).is_file():
+        return read_origin(folder)
+    if _depth > 4:  # a run trained from a run trained from ...: stop somewhere
+        return None
+    cfg = find_train_config(folder)
+    if cfg is None:
+        return None
+    try:
+        base = json.loads(cfg.read_text()).get("base")
+        found = quantisation_origin(resolve(base).path, _depth + 1) if base else None
+    except Exception:  # noqa: BLE001 - a base that no longer resolves: origin unknown
+        return None
+    return None if found is None else {**found, "inherited_from": str(base)}
