@@ -26,7 +26,8 @@ import pytest
 import torch
 from test_training_runs import _weights, assert_frozen_exactly  # tests/ is on sys.path
 
-from mechinterp.training.callbacks import COMPLETE, DEBUG_DIR_ENV, POISON_ENV
+from mechinterp.models.run_folder import COMPLETE
+from mechinterp.training.callbacks import DEBUG_DIR_ENV, POISON_ENV
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]

@@ -215,7 +215,7 @@ def describe_variant(name: str, spec: str) -> VariantInfo:
     """A training output folder gives checkpoints and training metadata; anything else is one model."""
     from ..models.lineage import read_run_json
     from ..models.specs import expand_checkpoints
-    from ..training.runner import CONFIG_FILE
+    from ..models.run_folder import CONFIG_FILE
 
     folder = Path(spec).expanduser()
     if not (folder / CONFIG_FILE).is_file():

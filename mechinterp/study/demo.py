@@ -79,8 +79,9 @@ DEMO_PRESETS: dict[str, DemoPreset] = {
 def _train_one(run: DemoRun, preset: DemoPreset, out: Path, data_dir, device: str, dtype: str,
                echo, keep_checkpoints: bool = False) -> Path:
     from ..models.lineage import read_run_json
+    from ..models.run_folder import CONFIG_FILE, SUMMARY_FILE
     from ..training.callbacks import prune_finished
-    from ..training.runner import CONFIG_FILE, SUMMARY_FILE, train
+    from ..training.runner import train
     from ..training.settings import resolve_settings, settings_differ
 
     name, algorithm, freeze = run.name, run.algorithm, run.freeze

@@ -36,13 +36,11 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from ..models.run_folder import COMPLETE, SNAPSHOT_DIR, SUMMARY_FILE, TRAINER_DIR
 from ..models.specs import checkpoint_step
 from .distributed import Procs
 from .freeze import FrozenState
 
-COMPLETE = ".mechinterp-complete"
-TRAINER_DIR = "trainer-state"
-SNAPSHOT_DIR = "checkpoints"
 _MODEL_FILES = (".safetensors", ".json", ".jinja", ".txt", ".model")
 _SKIP = ("optimizer", "scheduler", "rng_state", "trainer_state", "training_args", "scaler")
 DEBUG_DIR_ENV = "MECHINTERP_TRAIN_DEBUG_DIR"
@@ -116,8 +114,6 @@ def prune_finished(out: Path, keep_checkpoints: bool = False,
     moments and RNG state for ``--resume``: three times the model's size; a finished run has
     nothing to resume) and, unless ``keep_checkpoints``, every snapshot before the last. A run that
     has not finished is left as it is (its checkpoints are what ``--resume`` needs)."""
-    from .runner import SUMMARY_FILE
-
     out = Path(out)
     if not (out / SUMMARY_FILE).is_file():
         return 0

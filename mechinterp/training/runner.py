@@ -29,10 +29,9 @@ from typing import Any
 import torch
 
 from ..errors import UserError
+from ..models.run_folder import CONFIG_FILE, SNAPSHOT_DIR, SUMMARY_FILE, TRAINER_DIR
 from ..models.specs import checkpoint_step
 from .callbacks import (
-    SNAPSHOT_DIR,
-    TRAINER_DIR,
     FreezeGuard,
     Snapshots,
     StopGuard,
@@ -46,9 +45,6 @@ from .callbacks import (
 from .distributed import Procs
 from .precision import Precision
 from .settings import TrainSettings, checkpoint_steps, load_settings, save_settings, validate
-
-CONFIG_FILE = "train-config.json"
-SUMMARY_FILE = "train-summary.json"  # written last: wall time, steps, checkpoints of a finished run
 
 
 @dataclass
