@@ -168,7 +168,7 @@ def test_grpo_two_processes_one_group_across_ranks(tmp_path):
     # the weights: frozen parts bit-identical, every trainable nonzero entry of a decayed matrix
     # (the Trainer decays neither biases nor norms) shrunk
     from mechinterp.models import load
-    from mechinterp.training.freeze import plan
+    from mechinterp.models.selectors import plan
 
     lm = load("tiny-random-qwen2", device="cpu", dtype="float32")
     fp = plan(lm.hf, GRPO_FREEZE)

@@ -41,7 +41,7 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
 def assert_frozen_exactly(base_spec: str, spec: str, tuned_folder: Path, weight_decay: bool) -> int:
     """Every frozen tensor and slice bit-identical to the base; every trainable tensor moved."""
     from mechinterp.models import load
-    from mechinterp.training.freeze import plan
+    from mechinterp.models.selectors import plan
 
     lm = load(base_spec, device="cpu", dtype="float32")
     p = plan(lm.hf, spec)

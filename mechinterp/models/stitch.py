@@ -3,7 +3,7 @@
 A *recipe* names a host, a donor and which parameters come from the donor::
 
     RECIPE := [HOST "+"] DONOR ":" SPEC  |  NAME
-    SPEC   := a freeze spec (:mod:`mechinterp.training.freeze`), layers also as early|mid|late|all
+    SPEC   := a freeze spec (:mod:`mechinterp.models.selectors`), layers also as early|mid|late|all
 
 ``base+sft:mlp@mid`` is the base with SFT's MLPs in the middle third of the layers;
 ``sft+base:mlp@10-19`` SFT with the base's MLPs of layers 10..19; ``base+grpo:attn.q,attn.k``
@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import UserError
-from ..training.freeze import FreezePlan, FreezeSpecError, plan
+from .selectors import FreezePlan, FreezeSpecError, plan
 
 THIRDS = ("early", "mid", "late")
 _THIRD = re.compile(r"@(early|mid|late)(?=$|[,:])")

@@ -59,7 +59,7 @@ class TrainOutcome:
 
 
 def combined_freeze_spec(s: TrainSettings, n_layer: int) -> str | None:
-    from .freeze import FreezeSpecError, preset_spec
+    from ..models.selectors import FreezeSpecError, preset_spec
 
     parts = [p for p in (s.freeze, preset_spec(s.freeze_preset, n_layer) if s.freeze_preset else None)
              if p and p.strip()]
@@ -208,11 +208,12 @@ def train(s: TrainSettings, out: Path, resume: bool = False, data_dir=None, echo
     from ..core.probe import package_versions
     from ..models import load
     from ..models.device import pick_device
+    from ..models.selectors import plan
     from . import distributed
     from .callbacks import debug_hooks, note_write
     from .drift import answer_logprobs
     from .driftlog import DriftLogger
-    from .freeze import FrozenState, plan
+    from .freeze import FrozenState
     from .precision import choose
 
     out = Path(out)
