@@ -18,10 +18,7 @@ or a full disk part-way leaves the previous complete pair untouched.
 
 Under a multi-process launch every rank runs these callbacks at the same points; only rank 0
 writes, and the stop flags are all-reduced so that every rank stops together
-(:class:`~mechinterp.training.distributed.Procs`). Test hooks, read from the environment:
-``MECHINTERP_TRAIN_DEBUG_DIR`` (per-rank logs of the items each rank trains on and of the files it
-writes) and ``MECHINTERP_TRAIN_POISON=RANK:STEP`` (a NaN written into one weight on that rank after
-that step).
+(:class:`~mechinterp.training.distributed.Procs`).
 """
 
 from __future__ import annotations
@@ -29,7 +26,6 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -43,8 +39,6 @@ from .freeze import FrozenState
 
 _MODEL_FILES = (".safetensors", ".json", ".jinja", ".txt", ".model")
 _SKIP = ("optimizer", "scheduler", "rng_state", "trainer_state", "training_args", "scaler")
-DEBUG_DIR_ENV = "MECHINTERP_TRAIN_DEBUG_DIR"
-POISON_ENV = "MECHINTERP_TRAIN_POISON"
 
 
 class FreezeGuard(TrainerCallback):
@@ -215,7 +209,6 @@ class Snapshots(TrainerCallback):
         if not self.procs.main or not ckpt.is_dir():
             return
         snap = self.snapshot(ckpt, step)
-        note_write(self.procs, f"snapshot step-{step}")  # before COMPLETE: a kill can follow it
         if self.drift is not None:
             rec = self.drift.record(step, model, state.log_history)
             if self.report is not None:
@@ -310,50 +303,3 @@ class TrainProgress(TrainerCallback):
         if self.bar is not None:
             self.bar.stop()
             self.bar = None
-
-
-# ----- test hooks (environment variables; see the module docstring) ------------------------------
-def note_write(procs: Procs, what: str) -> None:
-    """With ``MECHINTERP_TRAIN_DEBUG_DIR`` set: append ``what`` to this rank's ``writes-rank{R}.txt``."""
-    folder = os.environ.get(DEBUG_DIR_ENV)
-    if folder:
-        with open(Path(folder) / f"writes-rank{procs.rank}.txt", "a") as f:
-            f.write(what + "\n")
-
-
-class ItemLog:
-    """A data collator that first appends the ids of its batch's items to a file (one line per
-    batch); ids come from ``keys`` (tokenised ids, or a prompt's question) and -1 if unknown."""
-
-    def __init__(self, collator, keys: dict, path: Path):
-        self.collator, self.keys, self.path = collator, keys, Path(path)
-
-    def __call__(self, examples):
-        ids = [self.keys.get(tuple(ex["input_ids"]) if "input_ids" in ex
-                             else ex["prompt"][-1]["content"], -1) for ex in examples]
-        with open(self.path, "a") as f:
-            f.write(" ".join(map(str, ids)) + "\n")
-        return self.collator(examples)
-
-
-class Poison(TrainerCallback):
-    """Writes a NaN into the first trainable weight after optimizer step ``step`` (one rank)."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_end(self, args, state, control, model=None, **kw):
-        if state.global_step == self.step:
-            p = next(p for p in model.parameters() if p.requires_grad)
-            with torch.no_grad():
-                p.view(-1)[0] = float("nan")
-
-
-def debug_hooks(procs: Procs) -> list[TrainerCallback]:
-    """The callbacks the test hooks ask for on this rank (none normally)."""
-    rank, _, step = os.environ.get(POISON_ENV, "").partition(":")
-    return [Poison(int(step))] if step and int(rank) == procs.rank else []
-
-
-def eprint(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)

@@ -42,7 +42,6 @@ from .callbacks import (
     link_or_copy,
     save_failure,
 )
-from .distributed import Procs
 from .precision import Precision
 from .settings import TrainSettings, checkpoint_steps, load_settings, save_settings, validate
 
@@ -210,7 +209,6 @@ def train(s: TrainSettings, out: Path, resume: bool = False, data_dir=None, echo
     from ..models.device import pick_device
     from ..models.selectors import plan
     from . import distributed
-    from .callbacks import debug_hooks, note_write
     from .drift import answer_logprobs
     from .driftlog import DriftLogger
     from .freeze import FrozenState
@@ -262,7 +260,6 @@ def train(s: TrainSettings, out: Path, resume: bool = False, data_dir=None, echo
         else:
             save_settings(s, out / CONFIG_FILE, {"precision": prec.record(),
                                                   "processes": procs.world})
-            note_write(procs, "config")
 
     procs.on_main(prepare_folder)
     last = None
@@ -292,7 +289,7 @@ def train(s: TrainSettings, out: Path, resume: bool = False, data_dir=None, echo
         snaps = Snapshots(out, steps, drift, echo=echo, procs=procs)
         stop = StopGuard(procs)
         cbs = [FreezeGuard(frozen), stop, *([snaps] if record else []),
-               TrainProgress(s.max_steps, s.algorithm, echo), *debug_hooks(procs), *callbacks]
+               TrainProgress(s.max_steps, s.algorithm, echo), *callbacks]
         cfg = _trl_config(s, out, lm.device, prec)
         if getattr(cfg, "mixed_precision", prec.mixed) != prec.mixed:
             raise UserError(f"training would run with mixed precision {cfg.mixed_precision!r} but "
@@ -300,7 +297,6 @@ def train(s: TrainSettings, out: Path, resume: bool = False, data_dir=None, echo
                             "make --dtype and the launcher's --mixed_precision agree")
         trainer = _trainer(s, model, cfg, train_ds, tok, cbs, reward_funcs)
         snaps.report = integration_logger(trainer)  # drift -> TensorBoard / W&B / trackio too
-        _log_items(trainer, s.algorithm, procs)
         t0 = time.perf_counter()
         try:
             trainer.train(resume_from_checkpoint=str(last) if last else None)
@@ -336,19 +332,11 @@ def train(s: TrainSettings, out: Path, resume: bool = False, data_dir=None, echo
     if not record or not procs.main:
         procs.barrier()  # leave together with rank 0, once it has written the final model
         return outcome
-    final_step = max(steps)
-    src = out / SNAPSHOT_DIR / f"step-{final_step}"
-    for f in sorted(src.iterdir()):
-        if f.is_file():
-            (out / f.name).unlink(missing_ok=True)
-            link_or_copy(f, out / f.name)
-    _draw(out)
-    (out / SUMMARY_FILE).write_text(json.dumps({
+    _write_final(out, max(steps), {
         "algorithm": s.algorithm, "preset": s.preset, "steps": outcome.steps,
         "wall_time_s": round(wall, 1), "checkpoints": outcome.checkpoints,
         "freeze": fplan.summary(), "resumed": bool(resume), "precision": prec.record(),
-        "processes": procs.world}, indent=1) + "\n")
-    note_write(procs, "final")
+        "processes": procs.world})
     procs.barrier()
     return outcome
 
@@ -386,21 +374,16 @@ def _trainer(s: TrainSettings, model, cfg, train_ds, tok, cbs: list, reward_func
     return trainer
 
 
-def _log_items(trainer, algorithm: str, procs: Procs) -> None:
-    """Test hook: with ``MECHINTERP_TRAIN_DEBUG_DIR`` set, each rank appends the ids (row numbers
-    of the training set) of the items in every batch it collates to ``items-rank{R}.txt``."""
-    from .callbacks import DEBUG_DIR_ENV, ItemLog
-
-    folder = os.environ.get(DEBUG_DIR_ENV)
-    if not folder:
-        return
-    ds = trainer.train_dataset
-    if algorithm == "sft":  # tokenised rows, in the order of ours
-        keys = {tuple(ids): i for i, ids in enumerate(ds["input_ids"])}
-    else:
-        keys = {row[-1]["content"]: i for i, row in enumerate(ds["prompt"])}
-    trainer.data_collator = ItemLog(trainer.data_collator, keys,
-                                    Path(folder) / f"items-rank{procs.rank}.txt")
+def _write_final(out: Path, final_step: int, summary: dict[str, Any]) -> None:
+    """The final model in ``out`` (hard links to the last snapshot's files), the drift figures,
+    and last the summary that marks the run finished."""
+    src = out / SNAPSHOT_DIR / f"step-{final_step}"
+    for f in sorted(src.iterdir()):
+        if f.is_file():
+            (out / f.name).unlink(missing_ok=True)
+            link_or_copy(f, out / f.name)
+    _draw(out)
+    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=1) + "\n")
 
 
 def _draw(out: Path) -> None:
