@@ -51,7 +51,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from .naming import ATTN, family_for, n_layers
+from .naming import ATTN, Family, family_for, n_layers
 
 FREEZE_PRESETS = ("paper-mid-mlp", "paper-qk-only")
 COMPONENTS = ("attn", "attn.q", "attn.k", "attn.v", "attn.o", "mlp", "mlp.<matrix>", "embed",
@@ -282,111 +282,148 @@ def _matrix(model, family, layer: int, matrix: str, sel: Selection, params, axis
         _mark(sel, bias_name, params[bias_name].shape, 0, rng)
 
 
-def _select(model, family, item: Item, spec: str, sel: Selection, notes: list[str]) -> None:
-    params = _params(model)
-    cfg = model.config
-    L = n_layers(cfg)
-    mlp_mats = tuple(m for m in family.matrices if m not in ATTN)
+_KNOWN = ("re", "attn", "mlp", "embed", "lm_head", "norm", "attn.heads", "mlp.neurons")
+_LAYERED = ("attn", "mlp", "norm", "attn.heads", "mlp.neurons")
+_INDEXED = ("attn.heads", "mlp.neurons")
+
+
+@dataclass(frozen=True)
+class _Target:
+    """What an item selects in: the model, its family and parameters, and the spec (for errors)."""
+
+    model: torch.nn.Module
+    family: Family
+    params: dict[str, torch.nn.Parameter]
+    spec: str
+
+    @property
+    def n_layer(self) -> int:
+        return n_layers(self.model.config)
+
+    @property
+    def mlp_matrices(self) -> tuple[str, ...]:
+        return tuple(m for m in self.family.matrices if m not in ATTN)
+
+
+def _check_item(item: Item, spec: str) -> None:
+    """An item names a known component, with layers and ``:`` indices only where it takes them."""
     comp = item.comp
-    known = {"re", "attn", "mlp", "embed", "lm_head", "norm", "attn.heads", "mlp.neurons"}
-    if comp not in known and not comp.startswith(("attn.", "mlp.")):
+    if comp not in _KNOWN and not comp.startswith(("attn.", "mlp.")):
         raise FreezeSpecError(f"freeze spec {spec!r}: unknown component {comp!r}",
                               f"known: {', '.join(COMPONENTS)}")
-    layered = comp in ("attn", "mlp", "norm", "attn.heads", "mlp.neurons") or \
-        comp.startswith(("attn.", "mlp."))
-    if item.layers is not None and not layered:
+    if item.layers is not None and not (comp in _LAYERED or comp.startswith(("attn.", "mlp."))):
         raise FreezeSpecError(f"freeze spec {spec!r}: {comp!r} has no layers ({item.text!r})",
                               f"write plain {comp}")
-    if (item.idx is not None or item.idx_file is not None) and comp not in ("attn.heads", "mlp.neurons"):
+    if (item.idx is not None or item.idx_file is not None) and comp not in _INDEXED:
         raise FreezeSpecError(f"freeze spec {spec!r}: {item.text!r} takes no ':' indices",
                               "only attn.heads@L:H and mlp.neurons@L:FILE do")
+
+
+def _select_regex(t: _Target, item: Item, sel: Selection, notes: list[str]) -> None:
+    hits = [n for n in t.params if re.search(item.pattern, n)]
+    if not hits:
+        raise FreezeSpecError(f"freeze spec {t.spec!r}: regex {item.pattern!r} matches no parameter",
+                              f"parameter names look like {next(iter(t.params))}")
+    for n in hits:
+        _mark(sel, n, t.params[n].shape)
+
+
+def _select_matrices(t: _Target, item: Item, sel: Selection, notes: list[str]) -> None:
+    """``attn``, ``mlp`` (every matrix of the group) or one matrix (``attn.q``, ``mlp.up``)."""
+    group, _, sub = item.comp.partition(".")
+    allowed = ATTN if group == "attn" else t.mlp_matrices
+    if sub and sub not in allowed:
+        raise FreezeSpecError(f"freeze spec {t.spec!r}: unknown component {item.comp!r} for a "
+                              f"{t.family.name} model", f"{group} has {', '.join(allowed)}")
+    for layer in _layers_of(item, t.n_layer, t.spec):
+        for mat in [sub] if sub else list(allowed):
+            _matrix(t.model, t.family, layer, mat, sel, t.params)
+
+
+def _needs_layer(item: Item, t: _Target, example: str) -> None:
+    if item.layers is None:
+        raise FreezeSpecError(f"freeze spec {t.spec!r}: {item.text!r} needs a layer",
+                              f"write {example}")
+
+
+def _select_heads(t: _Target, item: Item, sel: Selection, notes: list[str]) -> None:
+    """Query heads: their rows of q and columns of o, and the k/v rows of the KV heads they read."""
+    _needs_layer(item, t, "attn.heads@L:H,H,...")
+    cfg = t.model.config
+    n_heads = getattr(cfg, "num_attention_heads", None) or cfg.n_head
+    n_kv = getattr(cfg, "num_key_value_heads", None) or n_heads
+    head_dim = getattr(cfg, "head_dim", None) or t.family.expected_shape("q", cfg)[0] // n_heads
+    if t.family.name == "gpt2":
+        head_dim = cfg.n_embd // n_heads
+    heads = _read_indices(item, n_heads, "head", t.spec)
+    group = n_heads // n_kv
+    kv = sorted({h // group for h in heads})
+    for layer in _layers_of(item, t.n_layer, t.spec):
+        _matrix(t.model, t.family, layer, "q", sel, t.params, "out", heads, head_dim)
+        _matrix(t.model, t.family, layer, "o", sel, t.params, "in", heads, head_dim)
+        for mat in ("k", "v"):
+            _matrix(t.model, t.family, layer, mat, sel, t.params, "out", kv, head_dim)
+    if group > 1:
+        sharing = sorted({h for k in kv for h in range(k * group, (k + 1) * group)} - set(heads))
+        notes.append(f"{item.text}: query heads {heads} read KV heads {kv} (groups of {group}); "
+                     f"those k/v rows are frozen too" +
+                     (f", and are shared with query heads {sharing}" if sharing else ""))
+
+
+def _select_neurons(t: _Target, item: Item, sel: Selection, notes: list[str]) -> None:
+    """MLP neurons: their rows of gate/up (GPT-2: columns of c_fc) and columns of down."""
+    _needs_layer(item, t, "mlp.neurons@L:FILE")
+    d_mlp = t.family.expected_shape(t.mlp_matrices[0], t.model.config)
+    d_mlp = d_mlp[1] if t.family.name == "gpt2" else d_mlp[0]
+    neurons = _read_indices(item, d_mlp, "neuron", t.spec)
+    for layer in _layers_of(item, t.n_layer, t.spec):
+        for mat in t.mlp_matrices:
+            kind = "in" if mat in ("down", "out") else "out"
+            _matrix(t.model, t.family, layer, mat, sel, t.params, kind, neurons, 1)
+
+
+def _select_embed(t: _Target, item: Item, sel: Selection, notes: list[str]) -> None:
+    emb = t.model.get_input_embeddings().weight
+    names = [n for n, p in t.params.items() if p is emb]
+    if t.family.name == "gpt2":
+        names += [n for n in t.params if n.endswith("wpe.weight")]
+    for n in names:
+        _mark(sel, n, t.params[n].shape)
+
+
+def _select_lm_head(t: _Target, item: Item, sel: Selection, notes: list[str]) -> None:
+    out = t.model.get_output_embeddings().weight
+    for n in [n for n, p in t.params.items() if p is out]:
+        _mark(sel, n, t.params[n].shape)
+    if out is t.model.get_input_embeddings().weight:
+        notes.append("lm_head is tied to the input embeddings: both are one tensor")
+
+
+def _select_norm(t: _Target, item: Item, sel: Selection, notes: list[str]) -> None:
+    """The norm weights of every block named (all norms, the final one included, without ``@``)."""
     before = set(sel)
-    if comp == "re":
-        hits = [n for n in params if re.search(item.pattern, n)]
-        if not hits:
-            raise FreezeSpecError(f"freeze spec {spec!r}: regex {item.pattern!r} matches no parameter",
-                                  f"parameter names look like {next(iter(params))}")
-        for n in hits:
-            _mark(sel, n, params[n].shape)
-        return
-    if comp in ("attn", "mlp") or comp.startswith(("attn.", "mlp.")) and comp not in (
-            "attn.heads", "mlp.neurons"):
-        group, _, sub = comp.partition(".")
-        allowed = ATTN if group == "attn" else mlp_mats
-        mats = [sub] if sub else list(allowed)
-        if sub and sub not in allowed:
-            raise FreezeSpecError(f"freeze spec {spec!r}: unknown component {comp!r} for a "
-                                  f"{family.name} model", f"{group} has {', '.join(allowed)}")
-        for layer in _layers_of(item, L, spec):
-            for mat in mats:
-                _matrix(model, family, layer, mat, sel, params)
-        return
-    if comp == "attn.heads":
-        if item.layers is None:
-            raise FreezeSpecError(f"freeze spec {spec!r}: {item.text!r} needs a layer",
-                                  "write attn.heads@L:H,H,...")
-        n_heads = getattr(cfg, "num_attention_heads", None) or cfg.n_head
-        n_kv = getattr(cfg, "num_key_value_heads", None) or n_heads
-        head_dim = getattr(cfg, "head_dim", None) or family.expected_shape("q", cfg)[0] // n_heads
-        if family.name == "gpt2":
-            head_dim = cfg.n_embd // n_heads
-        heads = _read_indices(item, n_heads, "head", spec)
-        group = n_heads // n_kv
-        kv = sorted({h // group for h in heads})
-        for layer in _layers_of(item, L, spec):
-            _matrix(model, family, layer, "q", sel, params, "out", heads, head_dim)
-            _matrix(model, family, layer, "o", sel, params, "in", heads, head_dim)
-            for mat in ("k", "v"):
-                _matrix(model, family, layer, mat, sel, params, "out", kv, head_dim)
-        if group > 1:
-            sharing = sorted({h for k in kv for h in range(k * group, (k + 1) * group)} - set(heads))
-            notes.append(f"{item.text}: query heads {heads} read KV heads {kv} (groups of {group}); "
-                         f"those k/v rows are frozen too" +
-                         (f", and are shared with query heads {sharing}" if sharing else ""))
-        return
-    if comp == "mlp.neurons":
-        if item.layers is None:
-            raise FreezeSpecError(f"freeze spec {spec!r}: {item.text!r} needs a layer",
-                                  "write mlp.neurons@L:FILE")
-        d_mlp = family.expected_shape(mlp_mats[0], cfg)
-        d_mlp = d_mlp[1] if family.name == "gpt2" else d_mlp[0]
-        neurons = _read_indices(item, d_mlp, "neuron", spec)
-        for layer in _layers_of(item, L, spec):
-            for mat in mlp_mats:
-                kind = "in" if mat in ("down", "out") else "out"
-                _matrix(model, family, layer, mat, sel, params, kind, neurons, 1)
-        return
-    if comp == "embed":
-        emb = model.get_input_embeddings().weight
-        names = [n for n, p in params.items() if p is emb]
-        if family.name == "gpt2":
-            names += [n for n in params if n.endswith("wpe.weight")]
-        for n in names:
-            _mark(sel, n, params[n].shape)
-        return
-    if comp == "lm_head":
-        out = model.get_output_embeddings().weight
-        names = [n for n, p in params.items() if p is out]
-        for n in names:
-            _mark(sel, n, params[n].shape)
-        if out is model.get_input_embeddings().weight:
-            notes.append("lm_head is tied to the input embeddings: both are one tensor")
-        return
-    if comp == "norm":
-        layers = _layers_of(item, L, spec) if item.layers is not None else None
-        prefixes = [family.block(x) + "." for x in layers] if layers is not None else [""]
-        for mname, module in model.named_modules():
-            if "norm" in type(module).__name__.lower() and any(mname.startswith(p) for p in prefixes):
-                for pname, p in module.named_parameters(recurse=False):
-                    full = f"{mname}.{pname}"
-                    if full in params:
-                        _mark(sel, full, p.shape)
-        if set(sel) == before:
-            raise FreezeSpecError(f"freeze spec {spec!r}: {item.text!r} found no norm parameters",
-                                  "this model has no norm layers there")
-        return
-    raise FreezeSpecError(f"freeze spec {spec!r}: unknown component {comp!r}",
-                          f"known: {', '.join(COMPONENTS)}")
+    layers = _layers_of(item, t.n_layer, t.spec) if item.layers is not None else None
+    prefixes = [t.family.block(x) + "." for x in layers] if layers is not None else [""]
+    for mname, module in t.model.named_modules():
+        if "norm" in type(module).__name__.lower() and any(mname.startswith(p) for p in prefixes):
+            for pname, p in module.named_parameters(recurse=False):
+                full = f"{mname}.{pname}"
+                if full in t.params:
+                    _mark(sel, full, p.shape)
+    if set(sel) == before:
+        raise FreezeSpecError(f"freeze spec {t.spec!r}: {item.text!r} found no norm parameters",
+                              "this model has no norm layers there")
+
+
+_SELECTORS = {"re": _select_regex, "attn.heads": _select_heads, "mlp.neurons": _select_neurons,
+              "embed": _select_embed, "lm_head": _select_lm_head, "norm": _select_norm}
+
+
+def _select(model, family, item: Item, spec: str, sel: Selection, notes: list[str]) -> None:
+    """Add what ``item`` names to ``sel`` (notes on what it touched besides go to ``notes``)."""
+    _check_item(item, spec)
+    select = _SELECTORS.get(item.comp, _select_matrices)  # the rest: attn, mlp, attn.q, mlp.up...
+    select(_Target(model, family, _params(model), spec), item, sel, notes)
 
 
 def plan(model: torch.nn.Module, spec: str | None, family=None) -> FreezePlan:
