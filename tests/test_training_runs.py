@@ -258,7 +258,7 @@ def _fail_at_step_4(monkeypatch, where: str) -> None:
                                    "torch.save (RuntimeError, file write failed)"])
 def test_out_of_disk_stops_cleanly(tmp_path, monkeypatch, where):
     """A full disk while saving step 4 stops with one line and the step-2 checkpoint intact,
-    whichever writer hit it; the old handler caught OSError only and let the others through."""
+    whichever writer hit it (an OSError, a SafetensorError or one of torch.save's RuntimeErrors)."""
     out = tmp_path / "run"
     _fail_at_step_4(monkeypatch, where)
     s = resolve_settings("sft", None, {**TINY_SFT, "n_heldout": 0})

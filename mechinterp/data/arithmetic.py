@@ -13,9 +13,9 @@ temperature 0.6 in 30% of samples (38 of 128, 95% interval 23-38%; ``+`` 30%, ``
 32 groups of 4 differ in reward, which is what gives GRPO a gradient. Two-digit operands on both sides
 (10-99) are out of the base's reach within GRPO's 32 completion tokens: 0 of 128 samples at
 temperature 1.0, 0 of 48 held-out items greedily; operands 0-29 give 20% (14-28%) and 13 of 32 varied
-groups at 0.6. Single-digit problems (0-9, the earlier default) are
-a table SFT fits in a few steps (loss 0.03 by step 8); with 0-19 there are 600 training problems,
-more than the demo's 48 SFT examples, so neither run saturates before its last checkpoint.
+groups at 0.6. Single-digit problems (0-9) are a table SFT fits in a few steps (loss 0.03 by step
+8); with 0-19 there are 600 training problems, more than the demo's 48 SFT examples, so neither run
+saturates before its last checkpoint.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ from .qa import QAItem
 
 PREFIX = "arithmetic"
 OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "x": lambda a, b: a * b}
-OP_WORDS = {"+": "plus", "-": "minus", "x": "times"}
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import DataError
-from ..store.hashing import content_hash
 from ..paths import data_root
+from ..store.hashing import content_hash
 
 
 def read_text(path: Path) -> str:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -237,10 +236,3 @@ def load(spec: str | ResolvedSpec, device: str | None = None, dtype=None,
         n: tuple(p.shape) for n, p in hf.named_parameters()})
     return LoadedModel(resolved, hf, load_tokenizer(resolved.path), family, dev, dt, name,
                        placement, _offload_dir=own_dir)
-
-
-@functools.cache
-def _silence_warnings() -> None:  # pragma: no cover - cosmetic
-    import warnings
-
-    warnings.filterwarnings("ignore", message=".*attn_implementation.*")

@@ -14,5 +14,4 @@ CONFIG_FILE = "train-config.json"
 SUMMARY_FILE = "train-summary.json"  # written last: wall time, steps, checkpoints of a finished run
 TRAINER_DIR = "trainer-state"
 SNAPSHOT_DIR = "checkpoints"
-DRIFT_DIR = "training-drift"
 COMPLETE = ".mechinterp-complete"

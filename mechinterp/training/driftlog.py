@@ -113,7 +113,7 @@ def _copy_into(dst: torch.Tensor, src: torch.Tensor) -> None:
 
 def logged_path(run_folder: Path) -> tuple[list[int], dict[str, list[list[float]]]] | None:
     """``(steps, update_norm[matrix][i][layer])`` of a run's drift log, or None when the run
-    logged no per-step path (no drift log, or one written before the path was logged)."""
+    logged no per-step path (no drift log, or one without ``update_norm``)."""
     folder = Path(run_folder) / PROBE_NAME
     if not (folder / "result.json").exists():
         return None

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..models.selectors import FreezePlan, plan
+from ..models.selectors import FreezePlan
 
 
 class FrozenState:
@@ -36,16 +36,8 @@ class FrozenState:
         for p, flat, vals in self._saved:
             p.data.view(-1).index_copy_(0, flat, vals)
 
-    @property
-    def has_slices(self) -> bool:
-        return bool(self._saved)
-
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
 
-
-def freeze(model: torch.nn.Module, spec: str | None) -> FrozenState:
-    """Plan and apply ``spec`` in one go."""
-    return FrozenState(model, plan(model, spec))

@@ -82,7 +82,7 @@ PAPER: dict[str, dict[str, Any]] = {
 #: steps and the same learning rate (the paper's fair comparison), constant schedule with no
 #: warm-up (short runs lose nothing to it), 6 checkpoints evenly spaced (every 4 steps); GRPO
 #: samples 4 completions a prompt at the paper's temperature 0.6. The task (``+`` and ``x`` on
-#: operands 0-19, spelled out so that a run of an earlier default is never reused as this one) is
+#: operands 0-19, spelled out so that a run of another task is never reused as this one) is
 #: calibrated so that the base solves about 30% of the samples at that temperature and about half
 #: the groups of 4 differ in reward (``benchmarks/calibrate_task.py``; see
 #: :mod:`mechinterp.data.arithmetic`), so neither run saturates before its last checkpoint.
