@@ -15,15 +15,9 @@ from transformers import TrainerCallback
 from mechinterp.training.runner import train
 from mechinterp.training.settings import resolve_settings
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 LR = 1e-3  # Adam's first step moves every entry by ~LR; bf16's half-step at 1.0 is 2**-9..2**-8
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 class Watch(TrainerCallback):
@@ -110,10 +104,10 @@ def test_weight_change_across_dtypes_matches_float64(tmp_path):
     """A bf16 base against float32 weights: the chunked statistics, the training drift log and the
     weight-change probe agree with float64 and record the dtypes they compared."""
     from mechinterp.analysis import weights as W
-    from mechinterp.models import load
-    from mechinterp.models.modelset import ModelSet
     from mechinterp.core.probe import get_probe, make_config
     from mechinterp.core.runner import run_probe
+    from mechinterp.models import load
+    from mechinterp.models.modelset import ModelSet
     from mechinterp.training.driftlog import DriftLogger
 
     g = torch.Generator().manual_seed(0)

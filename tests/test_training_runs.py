@@ -17,18 +17,12 @@ from mechinterp.training import callbacks as cb_mod
 from mechinterp.training.runner import train
 from mechinterp.training.settings import resolve_settings
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TINY_SFT = dict(base="tiny-random-llama", max_steps=4, per_device_train_batch_size=2,
                 max_length=768, checkpoints=2, n_heldout=2, heldout_max_length=768,
                 learning_rate=1e-3, weight_decay=0.1, warmup_ratio=0.0, seed=0)
 SLICED = "attn.heads@1:0,mlp.neurons@2:{file},embed"
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny ops are far faster single-threaded on a shared 2-core box
-    yield
-    torch.set_num_threads(n)
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:

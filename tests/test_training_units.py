@@ -17,13 +17,7 @@ from mechinterp.training.freeze import FrozenState
 from mechinterp.training.rewards import correctness, format_reward
 from mechinterp.training.settings import checkpoint_steps, resolve_settings
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----- freeze specs --------------------------------------------------------------------------------
