@@ -98,7 +98,7 @@ class DataSource:
     def hub_dataset(self, repo: str, config: str | None, split: str):
         """A split from the hub; a clear error when offline."""
         try:
-            from datasets import load_dataset
+            from datasets import load_dataset  # deferred: datasets is heavy; only the hub needs it
 
             ds = load_dataset(repo, config, split=split)
         except Exception as exc:  # noqa: BLE001

@@ -13,13 +13,17 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import logging
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..errors import CorruptCheckpoint, UserError
+from ..paths import cache_dir
 from .device import check_device_map, input_device, parse_max_memory, pick_device, pick_dtype
 from .naming import BRIDGE_HOOKS, Family, ParamSlice, check_family, family_for, n_layers
 from .safetensors_io import tensor_index
@@ -98,6 +102,7 @@ class LoadedModel:
     def bridge(self):
         """TransformerLens view (``TransformerBridge``) sharing ``hf``'s parameters."""
         if "bridge" not in self._views:
+            # deferred: TransformerLens is heavy to import
             from transformer_lens.model_bridge import TransformerBridge
 
             logging.getLogger("transformer_lens").setLevel(logging.ERROR)
@@ -111,7 +116,7 @@ class LoadedModel:
     def lm(self):
         """nnsight view (``TransformersModel``, the successor of ``LanguageModel``) wrapping ``hf``."""
         if "lm" not in self._views:
-            from nnsight import TransformersModel
+            from nnsight import TransformersModel  # deferred: nnsight is heavy to import
 
             if self.placement and next(iter(self.placement.values())) == "disk":
                 # the transformers pipeline nnsight builds takes the first device of the map
@@ -133,6 +138,7 @@ class LoadedModel:
         offload folder of ours is deleted."""
         self._views.clear()
         if self.placement is not None:
+            # deferred: accelerate is heavy to import
             from accelerate.hooks import remove_hook_from_submodules
 
             remove_hook_from_submodules(self.hf)
@@ -160,21 +166,17 @@ def _shadow(module: torch.nn.Module) -> torch.nn.Module:
     shadow keeps the HF view's module paths and ``state_dict`` keys intact, while the weights stay
     one copy: an edit through either view is seen by both, and so is training.
     """
-    import itertools
-
     shared = {id(t): t for t in itertools.chain(module.parameters(), module.buffers())}
     return copy.deepcopy(module, memo=shared)
 
 
 def _remove(folder: str | None) -> None:
     if folder is not None:
-        import shutil
-
         shutil.rmtree(folder, ignore_errors=True)
 
 
 def load_tokenizer(path: Path):
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # deferred: transformers is heavy to import
 
     tok = AutoTokenizer.from_pretrained(str(path))
     if tok.pad_token is None:
@@ -193,7 +195,7 @@ def load(spec: str | ResolvedSpec, device: str | None = None, dtype=None,
     then ``disk`` (``offload_folder``; default a temporary folder deleted by :meth:`free`).
     Accelerate's hooks move each layer's inputs to its device. ``device`` then only picks the
     default dtype (bf16 where CUDA is present)."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # deferred: transformers is heavy to import
 
     resolved = spec if isinstance(spec, ResolvedSpec) else resolve(spec)
     dev = pick_device(device)
@@ -203,10 +205,6 @@ def load(spec: str | ResolvedSpec, device: str | None = None, dtype=None,
     placed, own_dir = {}, None
     if device_map is not None:
         if offload_folder is None:
-            import tempfile
-
-            from ..paths import cache_dir
-
             (cache_dir() / "offload").mkdir(parents=True, exist_ok=True)
             offload_folder = own_dir = tempfile.mkdtemp(prefix=f"{name}-", dir=cache_dir() / "offload")
         placed = dict(device_map=device_map, max_memory=max_memory, offload_folder=offload_folder)

@@ -13,12 +13,16 @@ mismatch stops before any expensive work. Models load lazily and can be released
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import re
 import warnings
 from collections.abc import Iterable, Iterator
 
+import torch
+
 from ..errors import IncompatibleModels, SpecError
+from .device import check_device_map, parse_max_memory, pick_device
 from .loaded import LoadedModel, load, load_tokenizer
 from .origin import origin_label
 from .safetensors_io import tensor_index
@@ -72,8 +76,6 @@ class ModelSet:
                  device: str | None = None, dtype=None, check: bool = True,
                  device_map=None, max_memory: dict | str | None = None,
                  offload_folder: str | None = None):
-        from .device import check_device_map, parse_max_memory, pick_device
-
         if device not in (None, "", "auto"):
             pick_device(device)  # --device cuda without CUDA: refused before any probe runs
         self.device, self.dtype = device, dtype
@@ -142,10 +144,6 @@ class ModelSet:
         The weights themselves are freed (:meth:`LoadedModel.free`), not just this set's
         reference, so peak memory is the base plus one variant even when the caller still holds
         the released object."""
-        import gc
-
-        import torch
-
         model = self._loaded.pop(name, None)
         if model is None:
             return

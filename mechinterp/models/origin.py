@@ -20,7 +20,7 @@ ORIGIN_FILE = "mechinterp-origin.json"
 def gguf_file_type(gguf: Path) -> str:
     """The GGUF's ``general.file_type`` as llama.cpp names it (``MOSTLY_Q4_1``); the file name's
     quantisation tag when the field is absent."""
-    import gguf as gg
+    import gguf as gg  # deferred: the gguf package is only needed for GGUF files
 
     reader = gg.GGUFReader(str(gguf))
     field = reader.fields.get("general.file_type")

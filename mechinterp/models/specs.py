@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,9 +82,6 @@ def _check_folder(folder: Path, spec: str) -> Path:
 
 def _gguf_folder(gguf: Path) -> Path:
     """Dequantise a GGUF into the cache (keyed by its checksum) and return that folder."""
-    import shutil
-    import tempfile
-
     digest = file_sha256(gguf)
     folder = cache_dir() / "gguf" / f"{gguf.stem}-{digest[:12]}"
     if (folder / "config.json").exists():
@@ -106,7 +105,7 @@ def _gguf_folder(gguf: Path) -> Path:
 
 def _hub_folder(repo: str, revision: str | None, spec: str) -> Path:
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import snapshot_download  # deferred: heavy to import; hub specs only
     except ImportError:  # pragma: no cover - transformers depends on it
         raise SpecError("huggingface_hub is not installed", "pip install huggingface_hub") from None
     patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]

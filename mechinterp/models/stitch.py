@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import UserError
+from .naming import n_layers
 from .selectors import FreezePlan, FreezeSpecError, plan
 
 THIRDS = ("early", "mid", "late")
@@ -175,8 +176,6 @@ class Stitcher:
         """:meth:`plan` without the check that its models are here (the spec alone)."""
         if recipe.donor is None:
             return FreezePlan("")
-        from .naming import n_layers
-
         spec = expand_spec(recipe.spec, n_layers(self.module.config))
         try:
             out = plan(self.module, spec)

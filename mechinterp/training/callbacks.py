@@ -23,6 +23,7 @@ writes, and the stop flags are all-reduced so that every rank stops together
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import shutil
@@ -30,11 +31,15 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import TrainerCallback
+from transformers.integrations import get_reporting_integration_callbacks
 
 from ..models.run_folder import COMPLETE, SNAPSHOT_DIR, SUMMARY_FILE, TRAINER_DIR
 from ..models.specs import checkpoint_step
+from ..progress import enabled, new_bar
 from .distributed import Procs
+from .driftlog import drift_scalars
 from .freeze import FrozenState
 
 _MODEL_FILES = (".safetensors", ".json", ".jinja", ".txt", ".model")
@@ -147,10 +152,6 @@ def save_failure(exc: BaseException, out: Path) -> str | None:
     """What a failed checkpoint write means, for the one-line stop message, or None when ``exc``
     is no failed write (then it is a bug and keeps its traceback). Read before anything is
     cleaned up: the free space then is what the writer saw."""
-    import errno
-
-    from safetensors import SafetensorError
-
     if isinstance(exc, OSError):
         return "out of disk space" if exc.errno in (errno.ENOSPC, errno.EDQUOT) \
             else f"I/O error ({exc})"
@@ -212,8 +213,6 @@ class Snapshots(TrainerCallback):
         if self.drift is not None:
             rec = self.drift.record(step, model, state.log_history)
             if self.report is not None:
-                from .driftlog import drift_scalars
-
                 self.report(drift_scalars(rec))
         (ckpt / COMPLETE).write_text(f"{snap}\n")
         for old in complete_checkpoints(self.out)[:-1]:  # keep only the newest for --resume
@@ -246,8 +245,6 @@ def integration_logger(trainer):
     of ``trainer`` (``report_to``: TensorBoard, W&B, trackio...) and to nothing else: not through
     ``trainer.log``, whose other callbacks (the stop guard's all-reduce) would wait for ranks that
     do not log. ``None`` when the trainer reports nowhere."""
-    from transformers.integrations import get_reporting_integration_callbacks
-
     kinds = tuple(get_reporting_integration_callbacks(trainer.args.report_to))
     targets = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, kinds)]
     if not targets:
@@ -264,8 +261,6 @@ class TrainProgress(TrainerCallback):
     """A progress bar with loss / reward (rich, in a terminal) or one line per log (``echo``)."""
 
     def __init__(self, total: int, desc: str, echo=None):
-        from ..progress import enabled
-
         self.total, self.desc, self.echo = total, desc, echo
         self.bar = None
         self.enabled = enabled()
@@ -276,8 +271,6 @@ class TrainProgress(TrainerCallback):
         self.first_step = state.global_step
         self.t0 = time.perf_counter()
         if self.enabled and state.is_world_process_zero:
-            from ..progress import new_bar
-
             self.bar = new_bar(transient=False)
             self.bar.start()
             self.task = self.bar.add_task(self.desc, total=self.total, completed=state.global_step)

@@ -140,7 +140,7 @@ def resolve_settings(algorithm: str, preset: str | None, overrides: dict[str, An
 
 def validate(s: TrainSettings, world: int | None = None) -> None:
     """Check ``s``; ``world`` is the number of processes (default: the launcher's ``WORLD_SIZE``)."""
-    from .distributed import launched_world
+    from .distributed import launched_world  # deferred: it imports torch, which settings avoid
 
     world = launched_world() if world is None else world
 
