@@ -32,6 +32,23 @@ from .specs import ResolvedSpec, resolve
 
 @dataclass(eq=False)
 class LoadedModel:
+    """A model loaded from a spec, with three views over one copy of its weights.
+
+    Attributes:
+        resolved: the spec and the local folder it resolved to.
+        hf: the Hugging Face module (eager attention, eval mode).
+        tokenizer: its tokenizer (a pad token set when it had none).
+        family: the component map (which parameter is ``q``, ``mlp_out``... in each layer).
+        device: where inputs go (the first layer's device under a device map).
+        dtype: the weights' dtype.
+        name: the name the model has in its :class:`~mechinterp.models.modelset.ModelSet`.
+        placement: ``{module: device}`` when loaded with a device map, else None.
+
+    ``bridge`` (TransformerLens) and ``lm`` (nnsight) are built on first access;
+    :meth:`weight`, :meth:`module` and :meth:`hook_name` address a layer's components by the
+    names every family shares.
+    """
+
     resolved: ResolvedSpec
     hf: torch.nn.Module
     tokenizer: object
@@ -189,12 +206,26 @@ def load(spec: str | ResolvedSpec, device: str | None = None, dtype=None,
          offload_folder: str | None = None) -> LoadedModel:
     """Resolve and load a model spec onto a device; checks weights and the component map.
 
-    ``device_map`` (``"auto"``, ``"balanced"``, ``"sequential"`` or ``{module: device}``) places
-    the model across devices with accelerate's big-model inference instead: its layers fill the
-    GPUs (each limited by ``max_memory``, e.g. ``{0: "70GiB", "cpu": "200GiB"}``), then the CPU,
-    then ``disk`` (``offload_folder``; default a temporary folder deleted by :meth:`free`).
-    Accelerate's hooks move each layer's inputs to its device. ``device`` then only picks the
-    default dtype (bf16 where CUDA is present)."""
+    Args:
+        spec: a spec string (see :func:`~mechinterp.models.specs.resolve`) or a resolved one.
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; None picks CUDA when present.
+        dtype: the weights' dtype; None picks bf16 where CUDA is present, else float32.
+        name: the model's name in messages and in a :class:`~mechinterp.models.modelset.ModelSet`.
+        device_map: ``"auto"``, ``"balanced"``, ``"sequential"`` or ``{module: device}`` places
+            the model across devices with accelerate's big-model inference instead: its layers
+            fill the GPUs (each limited by ``max_memory``), then the CPU, then disk. Accelerate's
+            hooks move each layer's inputs to its device; ``device`` then only picks the dtype.
+        max_memory: per-device limits for ``device_map``, e.g. ``{0: "70GiB", "cpu": "200GiB"}``.
+        offload_folder: where ``device_map`` offloads to disk (default: a temporary folder,
+            deleted by :meth:`LoadedModel.free`).
+
+    Returns:
+        The loaded model, in eval mode with eager attention.
+
+    Raises:
+        CorruptCheckpoint: a weight file or header is damaged, or the loader fails.
+        SpecError: the spec does not resolve (see :func:`~mechinterp.models.specs.resolve`).
+    """
     from transformers import AutoModelForCausalLM  # deferred: transformers is heavy to import
 
     resolved = spec if isinstance(spec, ResolvedSpec) else resolve(spec)

@@ -70,7 +70,30 @@ def _checkpoint_label(spec: str, index: int) -> str:
 
 
 class ModelSet:
-    """One base plus named variants, lazily loaded, checked comparable on construction."""
+    """One base plus named variants, lazily loaded, checked comparable on construction.
+
+    ``ms["sft"]`` loads a model (a :class:`~mechinterp.models.loaded.LoadedModel`) on first
+    access; ``ms.base`` is the base, ``ms.variants`` the variant names (a run's checkpoints each
+    one, ``sft@step-40``), ``ms.runs`` each run's checkpoints in order.
+
+    Args:
+        base: the base model's spec (a zoo name, folder, ``.gguf`` file or hub id; see
+            :func:`~mechinterp.models.specs.resolve`).
+        variants: ``{name: spec}``, or ``{name: [spec, ...]}`` for the checkpoints of one run
+            (``DIR@all`` expands to every checkpoint of a training output).
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; None picks CUDA when present.
+        dtype: the weights' dtype (``"float32"``, ``"bfloat16"``...); None picks bf16 on CUDA,
+            float32 on the CPU.
+        check: check on construction, from headers only, that every model has the base's
+            architecture, parameter names and shapes and tokenizer vocabulary.
+        device_map: accelerate's placement (``"auto"``...) for models larger than one device.
+        max_memory: per-device limits for ``device_map`` (``{0: "70GiB", "cpu": "200GiB"}``).
+        offload_folder: where ``device_map`` offloads to disk (default: a temporary folder).
+
+    Raises:
+        SpecError: a spec that does not resolve or a bad variant name.
+        IncompatibleModels: ``check`` found a variant that differs from the base.
+    """
 
     def __init__(self, base: str, variants: dict[str, str | list[str]] | None = None,
                  device: str | None = None, dtype=None, check: bool = True,

@@ -174,7 +174,19 @@ def expand_checkpoints(spec: str) -> list[str]:
 
 
 def resolve(spec: str) -> ResolvedSpec:
-    """Turn any spec string into a local folder of safetensors (downloading/converting once)."""
+    """Turn any spec string into a local folder of safetensors (downloading/converting once).
+
+    Args:
+        spec: a zoo name, ``PATH.gguf``, a checkpoint folder, ``DIR@REV`` (a training run's
+            checkpoint) or ``ORG/NAME[@REVISION]`` (see the module docstring for the grammar).
+
+    Returns:
+        The spec, its local folder, where it came from (``zoo``, ``gguf``, ``local``, ``hub``)
+        and its revision.
+
+    Raises:
+        SpecError: the spec matches no form, or its folder lacks ``config.json`` or weights.
+    """
     spec = str(spec).strip()
     if not spec:
         raise SpecError("empty model spec", "pass a zoo name, a folder, a .gguf file or a hub id")
