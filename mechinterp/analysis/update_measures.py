@@ -114,7 +114,7 @@ def model_step(name: str, folder: Path, meta: dict | None) -> int | None:
 def measures(runs: dict[str, list[str]], folders: dict[str, Path], base_folder: Path,
              diff: WeightDiff, progress: Callable[[], None] | None = None) -> dict[str, Any]:
     """The new weight-change keys for every model of ``runs`` (see the module docstring)."""
-    from ..training.driftlog import logged_path
+    from ..models.run_folder import logged_path
 
     rms = base_rms(diff)
     sq = sum(s.sq_base for per in next(iter(diff.stats.values())).values() for s in per)

@@ -23,10 +23,11 @@ import torch
 
 from ..analysis.weights import live_weight_change, matrix_refs, tensor_stats
 from ..models.naming import n_layers
+from ..models.run_folder import DRIFT_DIR
 from ..store.results import Result, read_result, write_result
 from .drift import HeldOut, answer_logprobs, kl_from_base, kl_per_item, without_autocast
 
-PROBE_NAME = "training-drift"
+PROBE_NAME = DRIFT_DIR  # the drift log is the training-drift probe's result
 
 
 def _name(dtype: torch.dtype) -> str:
@@ -109,20 +110,6 @@ def _copy_into(dst: torch.Tensor, src: torch.Tensor) -> None:
         np.copyto(dst.numpy(), src.numpy())
     else:
         dst.copy_(src)
-
-
-def logged_path(run_folder: Path) -> tuple[list[int], dict[str, list[list[float]]]] | None:
-    """``(steps, update_norm[matrix][i][layer])`` of a run's drift log, or None when the run
-    logged no per-step path (no drift log, or one without ``update_norm``)."""
-    folder = Path(run_folder) / PROBE_NAME
-    if not (folder / "result.json").exists():
-        return None
-    try:
-        data = read_result(folder).data
-    except Exception:  # noqa: BLE001 - an unreadable log: the caller falls back to checkpoints
-        return None
-    steps, norms = data.get("update_norm_steps"), data.get("update_norm")
-    return (list(steps), norms) if steps and norms else None
 
 
 def drift_scalars(rec: dict[str, Any]) -> dict[str, float]:
