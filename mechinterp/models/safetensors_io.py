@@ -103,9 +103,9 @@ def iter_tensors(folder: Path, names: list[str] | None = None) -> Iterator[tuple
         if name not in index:
             raise CorruptCheckpoint(f"{folder} has no tensor {name}", "is it the same architecture?")
         by_file.setdefault(index[name][0], []).append(name)
-    for f, ns in by_file.items():
+    for f, names_in_file in by_file.items():
         with safe_open(str(f), framework="pt") as fh:
-            for name in ns:
+            for name in names_in_file:
                 yield name, fh.get_tensor(name)
 
 
