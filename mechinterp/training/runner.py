@@ -1,14 +1,10 @@
 """Run SFT or GRPO on TRL with freezing, snapshots, drift logging, resume and clean stops.
 
 ``train(settings, out)`` is the whole job; the CLI (``mechinterp train sft|grpo``) only builds the
-settings. The output folder ends up as::
-
-    OUT/config.json, model.safetensors, tokenizer   final model: the spec OUT
-    OUT/checkpoints/step-N/                          snapshots: the specs OUT@step-N
-    OUT/training-drift/result.json (+ figures)       drift log (mechinterp figures OUT)
-    OUT/trainer-state/checkpoint-N/                  newest Trainer checkpoint, for --resume
-    OUT/train-config.json                            the resolved settings, the precision scheme
-                                                     and the number of processes
+settings. The output folder's layout is :mod:`mechinterp.models.run_folder`'s: the final model in
+``OUT``, snapshots ``OUT@step-N``, the drift log (``mechinterp figures OUT`` redraws it), the newest
+Trainer checkpoint for ``--resume``, and ``train-config.json`` with the resolved settings, the
+precision scheme and the number of processes.
 
 Under ``accelerate launch`` (N processes) every rank trains on its own device and only rank 0
 checks and writes the folder (:mod:`.distributed`); items are rationed for the global batch.
