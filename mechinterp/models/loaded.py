@@ -201,6 +201,19 @@ def load_tokenizer(path: Path):
     return tok
 
 
+def _placement(name: str, device_map, max_memory: dict | None,
+               offload_folder: str | None) -> tuple[dict, str | None]:
+    """``from_pretrained``'s placement arguments for ``device_map`` (none without one), and the
+    temporary offload folder made for them when none was given (ours to delete)."""
+    if device_map is None:
+        return {}, None
+    own_dir = None
+    if offload_folder is None:
+        (cache_dir() / "offload").mkdir(parents=True, exist_ok=True)
+        offload_folder = own_dir = tempfile.mkdtemp(prefix=f"{name}-", dir=cache_dir() / "offload")
+    return dict(device_map=device_map, max_memory=max_memory, offload_folder=offload_folder), own_dir
+
+
 def load(spec: str | ResolvedSpec, device: str | None = None, dtype=None,
          name: str = "model", device_map=None, max_memory: dict | str | None = None,
          offload_folder: str | None = None) -> LoadedModel:
@@ -233,12 +246,7 @@ def load(spec: str | ResolvedSpec, device: str | None = None, dtype=None,
     dt = pick_dtype(dtype, dev)
     device_map, max_memory = check_device_map(device_map), parse_max_memory(max_memory)
     index = tensor_index(resolved.path)  # validates every safetensors header first
-    placed, own_dir = {}, None
-    if device_map is not None:
-        if offload_folder is None:
-            (cache_dir() / "offload").mkdir(parents=True, exist_ok=True)
-            offload_folder = own_dir = tempfile.mkdtemp(prefix=f"{name}-", dir=cache_dir() / "offload")
-        placed = dict(device_map=device_map, max_memory=max_memory, offload_folder=offload_folder)
+    placed, own_dir = _placement(name, device_map, max_memory, offload_folder)
     try:
         hf = AutoModelForCausalLM.from_pretrained(
             str(resolved.path), dtype=dt, attn_implementation="eager", **placed
