@@ -23,7 +23,7 @@ from mechinterp.data import DataSource
 from mechinterp.evals.stats import accuracy_summary
 from mechinterp.evals.task import score_task, task_prompt
 from mechinterp.models import DEFAULT_MODEL, load
-from mechinterp.training.prompts import load_items, pick
+from mechinterp.data.items import load_items, pick
 from mechinterp.training.rewards import correctness
 
 

@@ -58,7 +58,8 @@ from mechinterp.core.probe import BaseConfig, declare, listed_models
 from mechinterp.core.summary import fmt
 from mechinterp.progress import task
 from mechinterp.store.results import Result
-from mechinterp.training.prompts import SYSTEM_PROMPT, QAItem, load_items, render_target
+from mechinterp.data.items import load_items
+from mechinterp.data.qa import SYSTEM_PROMPT, QAItem, render_target
 from probes.activation_diff import Config as TextConfig
 from probes.activation_diff import neutral_texts
 

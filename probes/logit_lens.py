@@ -57,7 +57,7 @@ from mechinterp.core.probe import BaseConfig, declare, listed_models
 from mechinterp.core.summary import floats, fmt, interval
 from mechinterp.progress import task
 from mechinterp.store.results import Result
-from mechinterp.training.prompts import load_items
+from mechinterp.data.items import load_items
 
 from .mlp_patching import prompts_for
 

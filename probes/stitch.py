@@ -70,7 +70,8 @@ from mechinterp.core.probe import BaseConfig, declare, listed_models
 from mechinterp.core.summary import fmt, interval
 from mechinterp.progress import task
 from mechinterp.store.results import Result
-from mechinterp.training.prompts import SYSTEM_PROMPT, load_items
+from mechinterp.data.items import load_items
+from mechinterp.data.qa import SYSTEM_PROMPT
 
 from .kl_drift import load_pairs
 

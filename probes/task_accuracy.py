@@ -27,7 +27,7 @@ from mechinterp.plotting import new_axes
 from mechinterp.core.probe import BaseConfig, declare, listed_models
 from mechinterp.core.summary import fmt, paired_line
 from mechinterp.store.results import Result
-from mechinterp.training.prompts import load_items
+from mechinterp.data.items import load_items
 
 
 @dataclass

@@ -27,7 +27,8 @@ from mechinterp.core.summary import fmt
 from mechinterp.progress import track
 from mechinterp.store.results import Result
 from mechinterp.training.drift import answer_logprobs, build_heldout, kl_per_item
-from mechinterp.training.prompts import load_items, pick, prompt_messages, render_target
+from mechinterp.data.items import load_items, pick
+from mechinterp.data.qa import prompt_messages, render_target
 
 
 @dataclass

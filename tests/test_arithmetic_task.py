@@ -10,8 +10,9 @@ import pytest
 
 from mechinterp.data import DataSource
 from mechinterp.data.arithmetic import ArithmeticTask, parse_task, task_items
+from mechinterp.data.items import load_items
+from mechinterp.data.qa import render_target
 from mechinterp.errors import DataError
-from mechinterp.training.prompts import load_items, render_target
 from mechinterp.training.rewards import correctness, format_reward
 
 
@@ -92,7 +93,7 @@ def test_task_accuracy_probe_on_tiny_models(tmp_path, one_thread):
     from mechinterp.core.options import make_config
     from mechinterp.core.registry import get_probe
     from mechinterp.core.runner import run_probe
-    from mechinterp.training.rewards import final_answer
+    from mechinterp.data.qa import final_answer
 
     probe = get_probe("task-accuracy")
     ms = ModelSet("tiny-random-llama", {"same": "tiny-random-llama"}, device="cpu")

@@ -11,7 +11,7 @@ import pytest
 
 from mechinterp.study.demo import DEMO_PRESETS, DemoRun, _train_one
 from mechinterp.errors import UserError
-from mechinterp.training.runner import CONFIG_FILE, SUMMARY_FILE
+from mechinterp.models.run_folder import CONFIG_FILE, SUMMARY_FILE
 from mechinterp.training.settings import (
     RUN_FACTS,
     resolve_settings,

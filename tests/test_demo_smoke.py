@@ -179,7 +179,7 @@ def test_each_seed_trains_with_its_seed_and_compare_reads_it_back(tmp_path):
     describe_variant reads into VariantInfo.seed and Study.replicates orders by."""
     from mechinterp.study.demo import DEMO_PRESETS, demo_runs
     from mechinterp.study.folder import Study, describe_variant
-    from mechinterp.training.runner import CONFIG_FILE
+    from mechinterp.models.run_folder import CONFIG_FILE
     from mechinterp.training.settings import resolve_settings, save_settings
 
     p = DEMO_PRESETS["default"]

@@ -73,7 +73,7 @@ def _run(pair, data_source, tmp_path, **options):
 
 
 def test_reference_template_and_text_kl_match_float64(pair, data_source, tmp_path):
-    from mechinterp.training.prompts import SYSTEM_PROMPT, render_target
+    from mechinterp.data.qa import SYSTEM_PROMPT, render_target
     from probes.activation_diff import Config as TextConfig
     from probes.activation_diff import neutral_texts
 
@@ -108,7 +108,7 @@ def test_kl_drift_and_training_drift_read_the_same_answer_span(pair, data_source
     number per item: both average over the positions predicting the answer's own tokens, not
     the end-of-turn tokens the chat template appends after it."""
     from mechinterp.training.drift import answer_logprobs, build_heldout, kl_per_item
-    from mechinterp.training.prompts import SYSTEM_PROMPT, prompt_messages, render_target
+    from mechinterp.data.qa import SYSTEM_PROMPT, prompt_messages, render_target
 
     d = _run(pair, data_source, tmp_path, n_text="0")
     base = load(str(pair / "base"), device="cpu", dtype="float32")

@@ -6,23 +6,16 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 
 from mechinterp.errors import UserError
 from mechinterp.training.runner import train
 from mechinterp.training.settings import resolve_settings
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TINY = dict(base="tiny-random-llama", max_steps=2, per_device_train_batch_size=2, max_length=768,
             checkpoints=2, n_heldout=2, heldout_max_length=768, learning_rate=1e-3,
             warmup_ratio=0.0, seed=0)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _scalars(out):
@@ -48,13 +41,13 @@ def test_tensorboard_gets_loss_and_drift(tmp_path):
         kl = drift["kl"][i]
         assert kl is not None and kl > 0
         assert tb["train/drift/kl"][step] == pytest.approx(kl, rel=1e-6)
-        flat = [v for m in drift["matrices"] for v in drift["relative_change"][m][i]
-                if not math.isnan(v)]
+        per_matrix = {m: [v for v in drift["relative_change"][m][i] if not math.isnan(v)]
+                      for m in drift["matrices"]}
+        flat = [v for vals in per_matrix.values() for v in vals]
         assert tb["train/drift/relative_change_mean"][step] == pytest.approx(
             sum(flat) / len(flat), rel=1e-6)
         assert tb["train/drift/relative_change_max"][step] == pytest.approx(max(flat), rel=1e-6)
-        for m in drift["matrices"]:
-            vals = [v for v in drift["relative_change"][m][i] if not math.isnan(v)]
+        for m, vals in per_matrix.items():
             assert tb[f"train/drift/relative_change/{m}"][step] == pytest.approx(
                 sum(vals) / len(vals), rel=1e-6)
     losses = {h["step"]: h["loss"] for h in drift["history"] if "loss" in h}

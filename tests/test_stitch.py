@@ -256,10 +256,10 @@ def test_probe_kl_and_accuracy_match_an_independent_copy(stitch_set, data_source
     assert rows["base"]["kl"]["sft"] == pytest.approx(
         np.mean(_kl64(stitch_set["sft"].hf, stitch_set.base.hf, items)), rel=1e-4)
     # accuracies: scoring the materialised copy on the same items gives the same rows
+    from mechinterp.data.items import load_items
     from mechinterp.data.mmlu import load_mmlu
     from mechinterp.data.subset import seeded_subset
     from mechinterp.evals.mmlu import stratified_sample
-    from mechinterp.training.prompts import load_items
 
     twin = copy.copy(stitch_set.base)
     twin.hf = recipe

@@ -6,8 +6,8 @@ with no item lost or repeated; a NaN on one rank ends every rank.
 Launch command: ``accelerate launch --multi_gpu --num_processes 2`` with ``--device cpu``. In
 accelerate 1.16 ``accelerate launch --cpu --num_processes 2`` starts ONE process unless MPI is set
 up (``--mpirun_hostfile``); ``--multi_gpu`` goes through torchrun, which starts two, and on a CPU
-they join a gloo process group. Items and writes are recorded per rank through the runner's test
-hooks (``MECHINTERP_TRAIN_DEBUG_DIR``, ``MECHINTERP_TRAIN_POISON``; see training/callbacks.py).
+they join a gloo process group. Each rank runs ``tests/train_hooks.py``, which records its items
+and writes (``--debug-dir``) and can poison one rank's weights (``--poison``) before it runs the CLI.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import pytest
 import torch
 from test_training_runs import _weights, assert_frozen_exactly  # tests/ is on sys.path
 
-from mechinterp.training.callbacks import COMPLETE, DEBUG_DIR_ENV, POISON_ENV
+from mechinterp.models.run_folder import COMPLETE
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,21 +40,22 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def _command(algorithm: str, out: Path, *args: str) -> list[str]:
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
-            "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--main_process_port", str(_port()), "-m", "mechinterp", "train", algorithm,
-            "--out", str(out), *args]
-
-
-def _env(debug: Path | None = None, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in (POISON_ENV, DEBUG_DIR_ENV)}
-    env |= dict(PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-                OMP_NUM_THREADS="1", MECHINTERP_PROGRESS="0", **extra)
+def _command(algorithm: str, out: Path, *args: str, debug: Path | None = None,
+             poison: str | None = None) -> list[str]:
+    """The 2-process launch of ``mechinterp train ALGORITHM`` through the test hooks."""
+    hooks = ["--poison", poison] if poison else []
     if debug is not None:
         debug.mkdir(parents=True, exist_ok=True)
-        env[DEBUG_DIR_ENV] = str(debug)
-    return env
+        hooks += ["--debug-dir", str(debug)]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+            "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(_port()), str(ROOT / "tests" / "train_hooks.py"), *hooks,
+            "--", "train", algorithm, "--out", str(out), *args]
+
+
+def _env() -> dict[str, str]:
+    return os.environ | dict(PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+                             OMP_NUM_THREADS="1", MECHINTERP_PROGRESS="0")
 
 
 def _launch(cmd: list[str], env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -103,7 +104,7 @@ def test_sft_two_processes_kill_and_resume(tmp_path):
     out, dbg1, dbg2 = tmp_path / "run", tmp_path / "dbg1", tmp_path / "dbg2"
     t0 = time.perf_counter()
     log = tmp_path / "first-launch.log"
-    proc = subprocess.Popen(_command("sft", out, *SFT_ARGS), env=_env(dbg1),
+    proc = subprocess.Popen(_command("sft", out, *SFT_ARGS, debug=dbg1), env=_env(),
                             stdout=log.open("w"), stderr=subprocess.STDOUT)
     marker = out / "trainer-state" / "checkpoint-2" / COMPLETE
     try:
@@ -119,7 +120,7 @@ def test_sft_two_processes_kill_and_resume(tmp_path):
                   if (p / COMPLETE).exists())
     last = done[-1]
     assert last in (2, 4)
-    res = _launch(_command("sft", out, "--resume"), _env(dbg2))
+    res = _launch(_command("sft", out, "--resume", debug=dbg2), _env())
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert f"resuming from {out}/trainer-state/checkpoint-{last}" in res.stderr
     assert res.stdout.count("sft: 6 steps") == 1  # one report, from rank 0
@@ -155,7 +156,7 @@ def test_grpo_two_processes_one_group_across_ranks(tmp_path):
         "--max-steps", "3", "--checkpoints", "1", "--batch-size", "2", "--num-generations", "4",
         "--max-completion-length", "8", "--temperature", "1.0", "--heldout", "1",
         "--heldout-max-length", "400", "--lr", "1e-3", "--weight-decay", "0.1",
-        "--warmup-ratio", "0", "--freeze", GRPO_FREEZE), _env(dbg))
+        "--warmup-ratio", "0", "--freeze", GRPO_FREEZE, debug=dbg), _env())
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     per_rank = [_items(dbg, r) for r in (0, 1)]
     seen = collections.Counter(per_rank[0] + per_rank[1])
@@ -167,7 +168,7 @@ def test_grpo_two_processes_one_group_across_ranks(tmp_path):
     # the weights: frozen parts bit-identical, every trainable nonzero entry of a decayed matrix
     # (the Trainer decays neither biases nor norms) shrunk
     from mechinterp.models import load
-    from mechinterp.training.freeze import plan
+    from mechinterp.models.selectors import plan
 
     lm = load("tiny-random-qwen2", device="cpu", dtype="float32")
     fp = plan(lm.hf, GRPO_FREEZE)
@@ -193,7 +194,7 @@ def test_nan_on_one_rank_stops_every_rank(tmp_path):
             "--max-steps", "4", "--checkpoints", "4", "--batch-size", "1", "--max-length", "400",
             "--heldout", "0", "--lr", "1e-3")
     t0 = time.perf_counter()
-    res = _launch(_command("sft", out, *args), _env(**{POISON_ENV: "1:2"}), timeout=240)
+    res = _launch(_command("sft", out, *args, poison="1:2"), _env(), timeout=240)
     wall = time.perf_counter() - t0
     assert res.returncode != 0
     msg = f"training stopped: non-finite weights at step 2; last good checkpoint: {out}@step-1"

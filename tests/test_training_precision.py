@@ -15,15 +15,9 @@ from transformers import TrainerCallback
 from mechinterp.training.runner import train
 from mechinterp.training.settings import resolve_settings
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 LR = 1e-3  # Adam's first step moves every entry by ~LR; bf16's half-step at 1.0 is 2**-9..2**-8
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 class Watch(TrainerCallback):

@@ -17,18 +17,12 @@ from mechinterp.training import callbacks as cb_mod
 from mechinterp.training.runner import train
 from mechinterp.training.settings import resolve_settings
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TINY_SFT = dict(base="tiny-random-llama", max_steps=4, per_device_train_batch_size=2,
                 max_length=768, checkpoints=2, n_heldout=2, heldout_max_length=768,
                 learning_rate=1e-3, weight_decay=0.1, warmup_ratio=0.0, seed=0)
 SLICED = "attn.heads@1:0,mlp.neurons@2:{file},embed"
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny ops are far faster single-threaded on a shared 2-core box
-    yield
-    torch.set_num_threads(n)
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -41,7 +35,7 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
 def assert_frozen_exactly(base_spec: str, spec: str, tuned_folder: Path, weight_decay: bool) -> int:
     """Every frozen tensor and slice bit-identical to the base; every trainable tensor moved."""
     from mechinterp.models import load
-    from mechinterp.training.freeze import plan
+    from mechinterp.models.selectors import plan
 
     lm = load(base_spec, device="cpu", dtype="float32")
     p = plan(lm.hf, spec)
@@ -98,11 +92,12 @@ def test_sft_freezes_exactly_and_snapshots_load(sft_run):
 
 def test_drift_log_matches_independent_computation(sft_run):
     from mechinterp.analysis.weights import weight_change
+    from mechinterp.core.runner import redraw
+    from mechinterp.data.items import load_items, pick
+    from mechinterp.data.qa import prompt_messages, render_target
     from mechinterp.models import load, resolve
     from mechinterp.store.results import read_result
-    from mechinterp.core.runner import redraw
     from mechinterp.training.drift import answer_logprobs, build_heldout, kl_per_item
-    from mechinterp.training.prompts import load_items, pick, prompt_messages, render_target
 
     out, _, _ = sft_run
     r = read_result(out / "training-drift")
@@ -257,7 +252,7 @@ def _fail_at_step_4(monkeypatch, where: str) -> None:
                                    "torch.save (RuntimeError, file write failed)"])
 def test_out_of_disk_stops_cleanly(tmp_path, monkeypatch, where):
     """A full disk while saving step 4 stops with one line and the step-2 checkpoint intact,
-    whichever writer hit it; the old handler caught OSError only and let the others through."""
+    whichever writer hit it (an OSError, a SafetensorError or one of torch.save's RuntimeErrors)."""
     out = tmp_path / "run"
     _fail_at_step_4(monkeypatch, where)
     s = resolve_settings("sft", None, {**TINY_SFT, "n_heldout": 0})

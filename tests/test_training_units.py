@@ -8,21 +8,17 @@ import math
 import pytest
 import torch
 
+from mechinterp.data.items import load_items
+from mechinterp.data.qa import FORMAT_PATTERN, QAItem, final_answer, render_target
 from mechinterp.errors import UserError
 from mechinterp.evals.answers import TokenisedItems
-from mechinterp.training import freeze as fz
+from mechinterp.models import selectors as sel
 from mechinterp.training.drift import answer_logprobs, kl_from_base, kl_per_item
-from mechinterp.training.prompts import QAItem, load_items, render_target
-from mechinterp.training.rewards import FORMAT_PATTERN, correctness, final_answer, format_reward
+from mechinterp.training.freeze import FrozenState
+from mechinterp.training.rewards import correctness, format_reward
 from mechinterp.training.settings import checkpoint_steps, resolve_settings
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----- freeze specs --------------------------------------------------------------------------------
@@ -43,18 +39,18 @@ def test_whole_tensor_specs_count_what_they_name(tiny_model):
             ref = fam.param(layer, m, hf.config)
             mod = hf.get_submodule(ref.name.rsplit(".", 1)[0])
             want += mod.weight.numel() + (mod.bias.numel() if getattr(mod, "bias", None) is not None else 0)
-    p = fz.plan(hf, "mlp@1-2")
+    p = sel.plan(hf, "mlp@1-2")
     assert p.n_frozen == want and p.n_trainable == total - want
-    only = fz.plan(hf, "only:mlp@1-2")
+    only = sel.plan(hf, "only:mlp@1-2")
     assert only.n_frozen == total - want
-    assert fz.plan(hf, "mlp@1,2").n_frozen == want  # continued layer list
+    assert sel.plan(hf, "mlp@1,2").n_frozen == want  # continued layer list
 
 
 def test_head_and_neuron_slices_hand_counted(tmp_path):
     from mechinterp.models import load
 
     llama = load("tiny-random-llama", device="cpu", dtype="float32").hf  # d 64, 4 heads, 2 KV, hd 16
-    p = fz.plan(llama, "attn.heads@1:0,3")
+    p = sel.plan(llama, "attn.heads@1:0,3")
     # q rows 2x16x64 + o cols 64x2x16; heads 0 and 3 read KV heads 0 and 1 = all of k and v
     assert p.n_frozen == 2048 + 2048 + 2 * 2048
     assert "model.layers.1.self_attn.k_proj.weight" in p.whole
@@ -63,18 +59,18 @@ def test_head_and_neuron_slices_hand_counted(tmp_path):
     o = p.partial["model.layers.1.self_attn.o_proj.weight"]
     assert o[:, 0:16].all() and not o[:, 16:48].any()
     assert any("KV heads [0, 1]" in n for n in p.notes)
-    one = fz.plan(llama, "attn.heads@2:1")  # head 1 reads KV head 0 only
+    one = sel.plan(llama, "attn.heads@2:1")  # head 1 reads KV head 0 only
     k = one.partial["model.layers.2.self_attn.k_proj.weight"]
     assert k[0:16].all() and not k[16:].any()
     idx = tmp_path / "neurons.txt"
     idx.write_text("0 1 2\n3, 4 7\n")
-    n = fz.plan(llama, f"mlp.neurons@2:{idx}")
+    n = sel.plan(llama, f"mlp.neurons@2:{idx}")
     up = n.partial["model.layers.2.mlp.up_proj.weight"]
     down = n.partial["model.layers.2.mlp.down_proj.weight"]
     assert up[[0, 1, 2, 3, 4, 7]].all() and int(up.sum()) == 6 * 64
     assert down[:, [0, 1, 2, 3, 4, 7]].all() and int(down.sum()) == 6 * 64
     gpt2 = load("tiny-random-gpt2", device="cpu", dtype="float32").hf  # fused c_attn (64, 192)
-    g = fz.plan(gpt2, "attn.heads@1:2")
+    g = sel.plan(gpt2, "attn.heads@1:2")
     w = g.partial["transformer.h.1.attn.c_attn.weight"]
     for part in range(3):  # q, k, v columns of head 2
         assert w[:, part * 64 + 32: part * 64 + 48].all()
@@ -83,7 +79,7 @@ def test_head_and_neuron_slices_hand_counted(tmp_path):
     assert int(b.sum()) == 48 and b[32:48].all()
     o = g.partial["transformer.h.1.attn.c_proj.weight"]  # Conv1D (in, out): head rows
     assert o[32:48].all() and int(o.sum()) == 16 * 64
-    qk = fz.plan(gpt2, "attn.q,attn.k")
+    qk = sel.plan(gpt2, "attn.q,attn.k")
     w = qk.partial["transformer.h.0.attn.c_attn.weight"]
     assert w[:, :128].all() and not w[:, 128:].any()
 
@@ -106,20 +102,20 @@ def test_head_and_neuron_slices_hand_counted(tmp_path):
     ("3,mlp", "nothing to continue"),
 ])
 def test_bad_specs_are_user_errors(fresh_tiny_llama, spec, words):
-    with pytest.raises(fz.FreezeSpecError, match=words.replace("[", r"\[").replace("(", r"\(")):
-        fz.plan(fresh_tiny_llama.hf, spec)
+    with pytest.raises(sel.FreezeSpecError, match=words.replace("[", r"\[").replace("(", r"\(")):
+        sel.plan(fresh_tiny_llama.hf, spec)
 
 
 def test_paper_mid_mlp_maps_by_layer_centres():
     for n_layer in (1, 2, 4, 12, 24, 30, 32, 40, 64):
-        lo, hi = fz.paper_layer_span(n_layer)
+        lo, hi = sel.paper_layer_span(n_layer)
         centres = [i for i in range(n_layer) if 19 / 32 <= (i + 0.5) / n_layer < 26 / 32]
         assert (lo, hi) == ((centres[0], centres[-1]) if centres else (lo, hi))
-    assert fz.paper_layer_span(32) == (19, 25)
-    assert fz.paper_layer_span(30) == (18, 23)
-    assert fz.preset_spec("paper-mid-mlp", 30) == "mlp@18-23"
+    assert sel.paper_layer_span(32) == (19, 25)
+    assert sel.paper_layer_span(30) == (18, 23)
+    assert sel.preset_spec("paper-mid-mlp", 30) == "mlp@18-23"
     with pytest.raises(UserError, match="unknown freeze preset"):
-        fz.preset_spec("paper-everything", 30)
+        sel.preset_spec("paper-everything", 30)
 
 
 def test_hooks_and_restore_keep_slices_bit_identical_under_adamw(fresh_tiny_llama):
@@ -127,10 +123,10 @@ def test_hooks_and_restore_keep_slices_bit_identical_under_adamw(fresh_tiny_llam
     hf = fresh_tiny_llama.hf
     hf.train()
     spec = "attn.heads@1:1,mlp.neurons@2:0-9,norm@0"
-    p = fz.plan(hf, spec)
+    p = sel.plan(hf, spec)
     params = dict(hf.named_parameters())
     before = {n: t.detach().clone() for n, t in params.items()}
-    state = fz.FrozenState(hf, p)
+    state = FrozenState(hf, p)
     opt = torch.optim.AdamW([t for t in hf.parameters() if t.requires_grad], lr=1e-2,
                             weight_decay=0.5)
     ids = torch.randint(0, 200, (2, 12))

@@ -179,7 +179,8 @@ def test_quantisation_origin_is_inherited_and_a_mismatch_warns(tmp_path):
     import shutil
 
     from mechinterp.models import ModelSet
-    from mechinterp.models.origin import quantisation_origin, write_gguf_origin
+    from mechinterp.models.origin import write_gguf_origin
+    from mechinterp.models.specs import quantisation_origin
     from mechinterp.models.zoo import fetch
 
     base = tmp_path / "dequantised"

@@ -5,7 +5,7 @@ is every ``a OP b`` with ``a, b`` in ``[min, max]`` and OP in ``ops`` (``+``, ``
 multiplication); a seeded shuffle splits it into disjoint train and held-out problems, so held-out
 accuracy measures the skill, not recall of a seen question. Items carry the worked reference
 solution (``7 x 8 = 56``) for SFT and the numeric answer for the GRPO reward; both are rendered in
-the think/answer format by :mod:`mechinterp.training.prompts`.
+the think/answer format by :mod:`mechinterp.data.qa`.
 
 Calibration (``benchmarks/calibrate_task.py``): the default, ``+`` and ``x`` on operands 0-19 (three
 problems in four have a two-digit operand), is solved by the default model at GRPO's sampling
@@ -13,9 +13,9 @@ temperature 0.6 in 30% of samples (38 of 128, 95% interval 23-38%; ``+`` 30%, ``
 32 groups of 4 differ in reward, which is what gives GRPO a gradient. Two-digit operands on both sides
 (10-99) are out of the base's reach within GRPO's 32 completion tokens: 0 of 128 samples at
 temperature 1.0, 0 of 48 held-out items greedily; operands 0-29 give 20% (14-28%) and 13 of 32 varied
-groups at 0.6. Single-digit problems (0-9, the earlier default) are
-a table SFT fits in a few steps (loss 0.03 by step 8); with 0-19 there are 600 training problems,
-more than the demo's 48 SFT examples, so neither run saturates before its last checkpoint.
+groups at 0.6. Single-digit problems (0-9) are a table SFT fits in a few steps (loss 0.03 by step
+8); with 0-19 there are 600 training problems, more than the demo's 48 SFT examples, so neither run
+saturates before its last checkpoint.
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ import random
 from dataclasses import dataclass
 
 from ..errors import DataError
+from .qa import QAItem
 
 PREFIX = "arithmetic"
 OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "x": lambda a, b: a * b}
-OP_WORDS = {"+": "plus", "-": "minus", "x": "times"}
 
 
 @dataclass(frozen=True)
@@ -109,10 +109,8 @@ def solve(a: int, op: str, b: int) -> int:
     return OPS[op](a, b)
 
 
-def task_items(task: ArithmeticTask, split: str):
-    """The split's problems as :class:`~mechinterp.training.prompts.QAItem` (question, worked
-    reasoning, answer)."""
-    from ..training.prompts import QAItem
-
+def task_items(task: ArithmeticTask, split: str) -> list[QAItem]:
+    """The split's problems as :class:`~mechinterp.data.qa.QAItem` (question, worked reasoning,
+    answer)."""
     return [QAItem(question(a, op, b), f"{a} {op} {b} = {solve(a, op, b)}", str(solve(a, op, b)))
             for a, op, b in task.split(split)]

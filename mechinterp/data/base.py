@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import DataError
-from ..store.hashing import content_hash
 from ..paths import data_root
+from ..store.hashing import content_hash
 
 
 def read_text(path: Path) -> str:
@@ -98,7 +98,7 @@ class DataSource:
     def hub_dataset(self, repo: str, config: str | None, split: str):
         """A split from the hub; a clear error when offline."""
         try:
-            from datasets import load_dataset
+            from datasets import load_dataset  # deferred: datasets is heavy; only the hub needs it
 
             ds = load_dataset(repo, config, split=split)
         except Exception as exc:  # noqa: BLE001

@@ -41,10 +41,6 @@ class MMLUItem:
     def answer_letter(self) -> str:
         return LETTERS[self.answer]
 
-    @property
-    def uid(self) -> str:
-        return f"{self.subject}/{self.split}/{self.index}"
-
 
 def _check_subjects(subjects: list[str] | None) -> list[str]:
     if subjects is None:

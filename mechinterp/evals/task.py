@@ -2,7 +2,7 @@
 
 The prompt is exactly what SFT and GRPO trained on (the think/answer system prompt and the question
 through the chat template, with the generation prompt); the answer is read with the GRPO reward's
-own extraction (:func:`mechinterp.training.rewards.final_answer`: the last number of the last
+own extraction (:func:`mechinterp.data.qa.final_answer`: the last number of the last
 ``<answer>`` tag, else of the whole text), so a trained model is scored as it was rewarded.
 """
 
@@ -11,8 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ..models.loaded import LoadedModel
-from ..training.prompts import QAItem, prompt_messages
-from ..training.rewards import FORMAT_PATTERN, final_answer
+from ..data.qa import FORMAT_PATTERN, QAItem, final_answer, prompt_messages
 from .gsm8k import generate
 
 

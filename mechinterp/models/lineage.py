@@ -12,8 +12,8 @@ import json
 from pathlib import Path
 
 from ..errors import UserError
+from .run_folder import CONFIG_FILE as TRAIN_CONFIG
 
-TRAIN_CONFIG = "train-config.json"  # mechinterp.training.runner.CONFIG_FILE (no import cycle)
 
 
 def find_train_config(folder: Path | str) -> Path | None:

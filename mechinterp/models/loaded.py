@@ -13,14 +13,17 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
+import itertools
 import logging
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..errors import CorruptCheckpoint, UserError
+from ..paths import cache_dir
 from .device import check_device_map, input_device, parse_max_memory, pick_device, pick_dtype
 from .naming import BRIDGE_HOOKS, Family, ParamSlice, check_family, family_for, n_layers
 from .safetensors_io import tensor_index
@@ -29,6 +32,23 @@ from .specs import ResolvedSpec, resolve
 
 @dataclass(eq=False)
 class LoadedModel:
+    """A model loaded from a spec, with three views over one copy of its weights.
+
+    Attributes:
+        resolved: the spec and the local folder it resolved to.
+        hf: the Hugging Face module (eager attention, eval mode).
+        tokenizer: its tokenizer (a pad token set when it had none).
+        family: the component map (which parameter is ``q``, ``mlp_out``... in each layer).
+        device: where inputs go (the first layer's device under a device map).
+        dtype: the weights' dtype.
+        name: the name the model has in its :class:`~mechinterp.models.modelset.ModelSet`.
+        placement: ``{module: device}`` when loaded with a device map, else None.
+
+    ``bridge`` (TransformerLens) and ``lm`` (nnsight) are built on first access;
+    :meth:`weight`, :meth:`module` and :meth:`hook_name` address a layer's components by the
+    names every family shares.
+    """
+
     resolved: ResolvedSpec
     hf: torch.nn.Module
     tokenizer: object
@@ -99,6 +119,7 @@ class LoadedModel:
     def bridge(self):
         """TransformerLens view (``TransformerBridge``) sharing ``hf``'s parameters."""
         if "bridge" not in self._views:
+            # deferred: TransformerLens is heavy to import
             from transformer_lens.model_bridge import TransformerBridge
 
             logging.getLogger("transformer_lens").setLevel(logging.ERROR)
@@ -112,7 +133,7 @@ class LoadedModel:
     def lm(self):
         """nnsight view (``TransformersModel``, the successor of ``LanguageModel``) wrapping ``hf``."""
         if "lm" not in self._views:
-            from nnsight import TransformersModel
+            from nnsight import TransformersModel  # deferred: nnsight is heavy to import
 
             if self.placement and next(iter(self.placement.values())) == "disk":
                 # the transformers pipeline nnsight builds takes the first device of the map
@@ -134,6 +155,7 @@ class LoadedModel:
         offload folder of ours is deleted."""
         self._views.clear()
         if self.placement is not None:
+            # deferred: accelerate is heavy to import
             from accelerate.hooks import remove_hook_from_submodules
 
             remove_hook_from_submodules(self.hf)
@@ -161,21 +183,17 @@ def _shadow(module: torch.nn.Module) -> torch.nn.Module:
     shadow keeps the HF view's module paths and ``state_dict`` keys intact, while the weights stay
     one copy: an edit through either view is seen by both, and so is training.
     """
-    import itertools
-
     shared = {id(t): t for t in itertools.chain(module.parameters(), module.buffers())}
     return copy.deepcopy(module, memo=shared)
 
 
 def _remove(folder: str | None) -> None:
     if folder is not None:
-        import shutil
-
         shutil.rmtree(folder, ignore_errors=True)
 
 
 def load_tokenizer(path: Path):
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # deferred: transformers is heavy to import
 
     tok = AutoTokenizer.from_pretrained(str(path))
     if tok.pad_token is None:
@@ -183,34 +201,52 @@ def load_tokenizer(path: Path):
     return tok
 
 
+def _placement(name: str, device_map, max_memory: dict | None,
+               offload_folder: str | None) -> tuple[dict, str | None]:
+    """``from_pretrained``'s placement arguments for ``device_map`` (none without one), and the
+    temporary offload folder made for them when none was given (ours to delete)."""
+    if device_map is None:
+        return {}, None
+    own_dir = None
+    if offload_folder is None:
+        (cache_dir() / "offload").mkdir(parents=True, exist_ok=True)
+        offload_folder = own_dir = tempfile.mkdtemp(prefix=f"{name}-", dir=cache_dir() / "offload")
+    return dict(device_map=device_map, max_memory=max_memory, offload_folder=offload_folder), own_dir
+
+
 def load(spec: str | ResolvedSpec, device: str | None = None, dtype=None,
          name: str = "model", device_map=None, max_memory: dict | str | None = None,
          offload_folder: str | None = None) -> LoadedModel:
     """Resolve and load a model spec onto a device; checks weights and the component map.
 
-    ``device_map`` (``"auto"``, ``"balanced"``, ``"sequential"`` or ``{module: device}``) places
-    the model across devices with accelerate's big-model inference instead: its layers fill the
-    GPUs (each limited by ``max_memory``, e.g. ``{0: "70GiB", "cpu": "200GiB"}``), then the CPU,
-    then ``disk`` (``offload_folder``; default a temporary folder deleted by :meth:`free`).
-    Accelerate's hooks move each layer's inputs to its device. ``device`` then only picks the
-    default dtype (bf16 where CUDA is present)."""
-    from transformers import AutoModelForCausalLM
+    Args:
+        spec: a spec string (see :func:`~mechinterp.models.specs.resolve`) or a resolved one.
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; None picks CUDA when present.
+        dtype: the weights' dtype; None picks bf16 where CUDA is present, else float32.
+        name: the model's name in messages and in a :class:`~mechinterp.models.modelset.ModelSet`.
+        device_map: ``"auto"``, ``"balanced"``, ``"sequential"`` or ``{module: device}`` places
+            the model across devices with accelerate's big-model inference instead: its layers
+            fill the GPUs (each limited by ``max_memory``), then the CPU, then disk. Accelerate's
+            hooks move each layer's inputs to its device; ``device`` then only picks the dtype.
+        max_memory: per-device limits for ``device_map``, e.g. ``{0: "70GiB", "cpu": "200GiB"}``.
+        offload_folder: where ``device_map`` offloads to disk (default: a temporary folder,
+            deleted by :meth:`LoadedModel.free`).
+
+    Returns:
+        The loaded model, in eval mode with eager attention.
+
+    Raises:
+        CorruptCheckpoint: a weight file or header is damaged, or the loader fails.
+        SpecError: the spec does not resolve (see :func:`~mechinterp.models.specs.resolve`).
+    """
+    from transformers import AutoModelForCausalLM  # deferred: transformers is heavy to import
 
     resolved = spec if isinstance(spec, ResolvedSpec) else resolve(spec)
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
     device_map, max_memory = check_device_map(device_map), parse_max_memory(max_memory)
     index = tensor_index(resolved.path)  # validates every safetensors header first
-    placed, own_dir = {}, None
-    if device_map is not None:
-        if offload_folder is None:
-            import tempfile
-
-            from ..paths import cache_dir
-
-            (cache_dir() / "offload").mkdir(parents=True, exist_ok=True)
-            offload_folder = own_dir = tempfile.mkdtemp(prefix=f"{name}-", dir=cache_dir() / "offload")
-        placed = dict(device_map=device_map, max_memory=max_memory, offload_folder=offload_folder)
+    placed, own_dir = _placement(name, device_map, max_memory, offload_folder)
     try:
         hf = AutoModelForCausalLM.from_pretrained(
             str(resolved.path), dtype=dt, attn_implementation="eager", **placed
@@ -237,10 +273,3 @@ def load(spec: str | ResolvedSpec, device: str | None = None, dtype=None,
         n: tuple(p.shape) for n, p in hf.named_parameters()})
     return LoadedModel(resolved, hf, load_tokenizer(resolved.path), family, dev, dt, name,
                        placement, _offload_dir=own_dir)
-
-
-@functools.cache
-def _silence_warnings() -> None:  # pragma: no cover - cosmetic
-    import warnings
-
-    warnings.filterwarnings("ignore", message=".*attn_implementation.*")

@@ -13,16 +13,26 @@ mismatch stops before any expensive work. Models load lazily and can be released
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import re
 import warnings
 from collections.abc import Iterable, Iterator
 
+import torch
+
 from ..errors import IncompatibleModels, SpecError
+from .device import check_device_map, parse_max_memory, pick_device
 from .loaded import LoadedModel, load, load_tokenizer
-from .origin import origin_label, quantisation_origin
+from .origin import origin_label
 from .safetensors_io import tensor_index
-from .specs import ResolvedSpec, expand_checkpoints, resolve, split_revision
+from .specs import (
+    ResolvedSpec,
+    expand_checkpoints,
+    quantisation_origin,
+    resolve,
+    split_revision,
+)
 
 BASE = "base"
 _NAME = re.compile(r"^[A-Za-z0-9][\w.-]*$")
@@ -60,14 +70,35 @@ def _checkpoint_label(spec: str, index: int) -> str:
 
 
 class ModelSet:
-    """One base plus named variants, lazily loaded, checked comparable on construction."""
+    """One base plus named variants, lazily loaded, checked comparable on construction.
+
+    ``ms["sft"]`` loads a model (a :class:`~mechinterp.models.loaded.LoadedModel`) on first
+    access; ``ms.base`` is the base, ``ms.variants`` the variant names (a run's checkpoints each
+    one, ``sft@step-40``), ``ms.runs`` each run's checkpoints in order.
+
+    Args:
+        base: the base model's spec (a zoo name, folder, ``.gguf`` file or hub id; see
+            :func:`~mechinterp.models.specs.resolve`).
+        variants: ``{name: spec}``, or ``{name: [spec, ...]}`` for the checkpoints of one run
+            (``DIR@all`` expands to every checkpoint of a training output).
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; None picks CUDA when present.
+        dtype: the weights' dtype (``"float32"``, ``"bfloat16"``...); None picks bf16 on CUDA,
+            float32 on the CPU.
+        check: check on construction, from headers only, that every model has the base's
+            architecture, parameter names and shapes and tokenizer vocabulary.
+        device_map: accelerate's placement (``"auto"``...) for models larger than one device.
+        max_memory: per-device limits for ``device_map`` (``{0: "70GiB", "cpu": "200GiB"}``).
+        offload_folder: where ``device_map`` offloads to disk (default: a temporary folder).
+
+    Raises:
+        SpecError: a spec that does not resolve or a bad variant name.
+        IncompatibleModels: ``check`` found a variant that differs from the base.
+    """
 
     def __init__(self, base: str, variants: dict[str, str | list[str]] | None = None,
                  device: str | None = None, dtype=None, check: bool = True,
                  device_map=None, max_memory: dict | str | None = None,
                  offload_folder: str | None = None):
-        from .device import check_device_map, parse_max_memory, pick_device
-
         if device not in (None, "", "auto"):
             pick_device(device)  # --device cuda without CUDA: refused before any probe runs
         self.device, self.dtype = device, dtype
@@ -136,10 +167,6 @@ class ModelSet:
         The weights themselves are freed (:meth:`LoadedModel.free`), not just this set's
         reference, so peak memory is the base plus one variant even when the caller still holds
         the released object."""
-        import gc
-
-        import torch
-
         model = self._loaded.pop(name, None)
         if model is None:
             return

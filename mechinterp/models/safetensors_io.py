@@ -9,7 +9,10 @@ import struct
 from collections.abc import Iterator
 from pathlib import Path
 
+from safetensors import safe_open
+
 from ..errors import CorruptCheckpoint
+from ..store.hashing import content_hash, sha256_file
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -93,8 +96,6 @@ def tensor_index(folder: Path) -> dict[str, tuple[Path, tuple[int, ...], str]]:
 
 def iter_tensors(folder: Path, names: list[str] | None = None) -> Iterator[tuple[str, object]]:
     """Yield (name, tensor) one at a time, memory-mapped, so peak memory is one tensor."""
-    from safetensors import safe_open
-
     index = tensor_index(folder)
     wanted = names if names is not None else list(index)
     by_file: dict[Path, list[str]] = {}
@@ -102,9 +103,9 @@ def iter_tensors(folder: Path, names: list[str] | None = None) -> Iterator[tuple
         if name not in index:
             raise CorruptCheckpoint(f"{folder} has no tensor {name}", "is it the same architecture?")
         by_file.setdefault(index[name][0], []).append(name)
-    for f, ns in by_file.items():
+    for f, names_in_file in by_file.items():
         with safe_open(str(f), framework="pt") as fh:
-            for name in ns:
+            for name in names_in_file:
                 yield name, fh.get_tensor(name)
 
 
@@ -126,8 +127,6 @@ def model_files(folder: Path) -> dict[str, str]:
     weights, ``config.json`` / ``generation_config.json`` and the tokenizer files. Each content is
     hashed once (:func:`mechinterp.store.hashing.content_hash`); a re-check of an unchanged file is a
     ``stat``."""
-    from ..store.hashing import content_hash
-
     folder = Path(folder)
     names = [f.name for f in weight_files(folder)]
     names += sorted(p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
@@ -137,8 +136,6 @@ def model_files(folder: Path) -> dict[str, str]:
 
 def folder_hash(folder: Path) -> str:
     """SHA-256 over the folder's weight files (each file's name and content hash)."""
-    from ..store.hashing import content_hash
-
     h = hashlib.sha256()
     for f in weight_files(folder):
         h.update(f"{f.name}={content_hash(f)};".encode())
@@ -154,6 +151,4 @@ def weights_identity(folder: Path) -> str:
 
 
 def file_sha256(path: Path) -> str:
-    from ..store.hashing import sha256_file
-
     return sha256_file(path)

@@ -17,13 +17,18 @@ everything downstream (loading, streaming diffs, hashing) has exactly one code p
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import SpecError
 from ..paths import cache_dir, checkpoint_step
 from . import zoo
+from .lineage import find_train_config
+from .origin import ORIGIN_FILE, read_origin
 from .safetensors_io import file_sha256, folder_hash, model_files, weight_files, weights_identity
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -48,8 +53,6 @@ class ResolvedSpec:
         return weights_identity(self.path)
 
     def provenance(self) -> dict:
-        from .origin import quantisation_origin
-
         return {"spec": self.spec, "source": self.source, "revision": self.revision,
                 "path": str(self.path), "weights_id": self.weight_id(),
                 "files": model_files(self.path),
@@ -79,9 +82,6 @@ def _check_folder(folder: Path, spec: str) -> Path:
 
 def _gguf_folder(gguf: Path) -> Path:
     """Dequantise a GGUF into the cache (keyed by its checksum) and return that folder."""
-    import shutil
-    import tempfile
-
     digest = file_sha256(gguf)
     folder = cache_dir() / "gguf" / f"{gguf.stem}-{digest[:12]}"
     if (folder / "config.json").exists():
@@ -105,7 +105,7 @@ def _gguf_folder(gguf: Path) -> Path:
 
 def _hub_folder(repo: str, revision: str | None, spec: str) -> Path:
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import snapshot_download  # deferred: heavy to import; hub specs only
     except ImportError:  # pragma: no cover - transformers depends on it
         raise SpecError("huggingface_hub is not installed", "pip install huggingface_hub") from None
     patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
@@ -155,7 +155,19 @@ def expand_checkpoints(spec: str) -> list[str]:
 
 
 def resolve(spec: str) -> ResolvedSpec:
-    """Turn any spec string into a local folder of safetensors (downloading/converting once)."""
+    """Turn any spec string into a local folder of safetensors (downloading/converting once).
+
+    Args:
+        spec: a zoo name, ``PATH.gguf``, a checkpoint folder, ``DIR@REV`` (a training run's
+            checkpoint) or ``ORG/NAME[@REVISION]`` (see the module docstring for the grammar).
+
+    Returns:
+        The spec, its local folder, where it came from (``zoo``, ``gguf``, ``local``, ``hub``)
+        and its revision.
+
+    Raises:
+        SpecError: the spec matches no form, or its folder lacks ``config.json`` or weights.
+    """
     spec = str(spec).strip()
     if not spec:
         raise SpecError("empty model spec", "pass a zoo name, a folder, a .gguf file or a hub id")
@@ -187,3 +199,23 @@ def resolve(spec: str) -> ResolvedSpec:
         f"zoo names: {', '.join(zoo.ZOO)}",
     )
 
+
+
+def quantisation_origin(folder: Path, _depth: int = 0) -> dict | None:
+    """The folder's origin record (:mod:`~mechinterp.models.origin`), else its training base's
+    (``OUT`` and ``OUT/checkpoints/step-N`` find ``OUT/train-config.json``, whose base spec is
+    resolved), else None (plain weights as far as we know)."""
+    folder = Path(folder)
+    if (folder / ORIGIN_FILE).is_file():
+        return read_origin(folder)
+    if _depth > 4:  # a run trained from a run trained from ...: stop somewhere
+        return None
+    cfg = find_train_config(folder)
+    if cfg is None:
+        return None
+    try:
+        base = json.loads(cfg.read_text()).get("base")
+        found = quantisation_origin(resolve(base).path, _depth + 1) if base else None
+    except Exception:  # noqa: BLE001 - a base that no longer resolves: origin unknown
+        return None
+    return None if found is None else {**found, "inherited_from": str(base)}

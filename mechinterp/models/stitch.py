@@ -3,7 +3,7 @@
 A *recipe* names a host, a donor and which parameters come from the donor::
 
     RECIPE := [HOST "+"] DONOR ":" SPEC  |  NAME
-    SPEC   := a freeze spec (:mod:`mechinterp.training.freeze`), layers also as early|mid|late|all
+    SPEC   := a freeze spec (:mod:`mechinterp.models.selectors`), layers also as early|mid|late|all
 
 ``base+sft:mlp@mid`` is the base with SFT's MLPs in the middle third of the layers;
 ``sft+base:mlp@10-19`` SFT with the base's MLPs of layers 10..19; ``base+grpo:attn.q,attn.k``
@@ -33,7 +33,8 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import UserError
-from ..training.freeze import FreezePlan, FreezeSpecError, plan
+from .naming import n_layers
+from .selectors import FreezePlan, FreezeSpecError, plan
 
 THIRDS = ("early", "mid", "late")
 _THIRD = re.compile(r"@(early|mid|late)(?=$|[,:])")
@@ -175,8 +176,6 @@ class Stitcher:
         """:meth:`plan` without the check that its models are here (the spec alone)."""
         if recipe.donor is None:
             return FreezePlan("")
-        from .naming import n_layers
-
         spec = expand_spec(recipe.spec, n_layers(self.module.config))
         try:
             out = plan(self.module, spec)

@@ -22,6 +22,7 @@ CHAT_TEMPLATE = (
 
 
 def build_tiny_tokenizer(vocab_size: int = 512):
+    # deferred: tokenizers and transformers are heavy, and only a tiny model's build needs them
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -52,6 +53,7 @@ def build_tiny_sentencepiece_tokenizer(vocab_size: int = 400):
     ``"▁"`` before BPE, pieces start at each ``"▁"``, BOS ``<s>`` is added. So ``" Paris"`` alone
     encodes as ``["▁", "▁Par", "is"]``, while ``"... is Paris"`` ends in ``"▁Par", "is"``.
     """
+    # deferred: tokenizers and transformers are heavy, and only a tiny model's build needs them
     from tokenizers import (
         Tokenizer,
         decoders,

@@ -32,7 +32,7 @@ def logits_fp32(model: torch.nn.Module, hidden: Tensor) -> Tensor:
     """``hidden`` (rows..., d) through the output layer in float32: logits ``(rows..., vocab)``,
     on the output layer's device (for a model placed by accelerate, the head's weight is brought
     in from the CPU or disk for the duration when it is offloaded)."""
-    from accelerate.utils import align_module_device
+    from accelerate.utils import align_module_device  # deferred: accelerate is heavy to import
 
     head = model.get_output_embeddings()
     with align_module_device(head):

@@ -17,10 +17,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from ..errors import SpecError, UserError
 from ..paths import cache_dir
 from .origin import ORIGIN_FILE, gguf_file_type, write_gguf_origin
 from .safetensors_io import file_sha256
+from .tiny_tokenizer import build_tiny_tokenizer
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -50,10 +53,7 @@ def _tiny(config_factory: Callable[[int], object]) -> Callable[[Path], None]:
     """Builder for a tiny random model: fixed seed, our own byte-level tokenizer."""
 
     def build(out: Path) -> None:
-        import torch
-        from transformers import AutoModelForCausalLM
-
-        from .tiny_tokenizer import build_tiny_tokenizer
+        from transformers import AutoModelForCausalLM  # deferred: transformers is heavy to import
 
         tok = build_tiny_tokenizer()
         config = config_factory(len(tok))
@@ -71,7 +71,7 @@ def _tiny(config_factory: Callable[[int], object]) -> Callable[[Path], None]:
 
 
 def _llama_config(vocab: int):
-    from transformers import LlamaConfig
+    from transformers import LlamaConfig  # deferred: transformers is heavy to import
 
     return LlamaConfig(
         vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
@@ -81,7 +81,7 @@ def _llama_config(vocab: int):
 
 
 def _qwen2_config(vocab: int):
-    from transformers import Qwen2Config
+    from transformers import Qwen2Config  # deferred: transformers is heavy to import
 
     return Qwen2Config(
         vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
@@ -91,7 +91,7 @@ def _qwen2_config(vocab: int):
 
 
 def _gpt2_config(vocab: int):
-    from transformers import GPT2Config
+    from transformers import GPT2Config  # deferred: transformers is heavy to import
 
     return GPT2Config(
         vocab_size=vocab, n_embd=64, n_layer=4, n_head=4, n_positions=256,
@@ -105,7 +105,7 @@ def gguf_to_folder(gguf: Path, out: Path) -> None:
     transformers can read GGUF but refuses to ``save_pretrained`` the result, so the model is rebuilt
     from its config without ``quantization_config`` and the dequantised state dict loaded into it.
     """
-    import torch
+    # deferred: transformers is heavy to import
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = Path(gguf)

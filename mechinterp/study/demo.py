@@ -33,6 +33,7 @@ from typing import Any
 
 from ..errors import UserError
 from ..models.lineage import read_run_json
+from ..models.run_folder import CONFIG_FILE, SUMMARY_FILE
 from ..models.zoo import DEFAULT_MODEL, fetch
 from ..store.results import check_out
 from .claims import verdict_line
@@ -91,7 +92,7 @@ def _train_one(run: DemoRun, preset: DemoPreset, out: Path, data_dir, device: st
                echo, keep_checkpoints: bool = False) -> Path:
     # deferred: the training modules import transformers' Trainer (only a demo that trains needs it)
     from ..training.callbacks import prune_finished
-    from ..training.runner import CONFIG_FILE, SUMMARY_FILE, train
+    from ..training.runner import train
     from ..training.settings import resolve_settings, settings_differ
 
     name, algorithm, freeze = run.name, run.algorithm, run.freeze

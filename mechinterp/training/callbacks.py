@@ -18,35 +18,32 @@ or a full disk part-way leaves the previous complete pair untouched.
 
 Under a multi-process launch every rank runs these callbacks at the same points; only rank 0
 writes, and the stop flags are all-reduced so that every rank stops together
-(:class:`~mechinterp.training.distributed.Procs`). Test hooks, read from the environment:
-``MECHINTERP_TRAIN_DEBUG_DIR`` (per-rank logs of the items each rank trains on and of the files it
-writes) and ``MECHINTERP_TRAIN_POISON=RANK:STEP`` (a NaN written into one weight on that rank after
-that step).
+(:class:`~mechinterp.training.distributed.Procs`).
 """
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import TrainerCallback
+from transformers.integrations import get_reporting_integration_callbacks
 
+from ..models.run_folder import COMPLETE, SNAPSHOT_DIR, SUMMARY_FILE, TRAINER_DIR
 from ..paths import checkpoint_step
+from ..progress import enabled, new_bar
 from .distributed import Procs
+from .driftlog import drift_scalars
 from .freeze import FrozenState
 
-COMPLETE = ".mechinterp-complete"
-TRAINER_DIR = "trainer-state"
-SNAPSHOT_DIR = "checkpoints"
 _MODEL_FILES = (".safetensors", ".json", ".jinja", ".txt", ".model")
 _SKIP = ("optimizer", "scheduler", "rng_state", "trainer_state", "training_args", "scaler")
-DEBUG_DIR_ENV = "MECHINTERP_TRAIN_DEBUG_DIR"
-POISON_ENV = "MECHINTERP_TRAIN_POISON"
 
 
 class FreezeGuard(TrainerCallback):
@@ -116,8 +113,6 @@ def prune_finished(out: Path, keep_checkpoints: bool = False,
     moments and RNG state for ``--resume``: three times the model's size; a finished run has
     nothing to resume) and, unless ``keep_checkpoints``, every snapshot before the last. A run that
     has not finished is left as it is (its checkpoints are what ``--resume`` needs)."""
-    from .runner import SUMMARY_FILE
-
     out = Path(out)
     if not (out / SUMMARY_FILE).is_file():
         return 0
@@ -157,10 +152,6 @@ def save_failure(exc: BaseException, out: Path) -> str | None:
     """What a failed checkpoint write means, for the one-line stop message, or None when ``exc``
     is no failed write (then it is a bug and keeps its traceback). Read before anything is
     cleaned up: the free space then is what the writer saw."""
-    import errno
-
-    from safetensors import SafetensorError
-
     if isinstance(exc, OSError):
         return "out of disk space" if exc.errno in (errno.ENOSPC, errno.EDQUOT) \
             else f"I/O error ({exc})"
@@ -219,12 +210,9 @@ class Snapshots(TrainerCallback):
         if not self.procs.main or not ckpt.is_dir():
             return
         snap = self.snapshot(ckpt, step)
-        note_write(self.procs, f"snapshot step-{step}")  # before COMPLETE: a kill can follow it
         if self.drift is not None:
             rec = self.drift.record(step, model, state.log_history)
             if self.report is not None:
-                from .driftlog import drift_scalars
-
                 self.report(drift_scalars(rec))
         (ckpt / COMPLETE).write_text(f"{snap}\n")
         for old in complete_checkpoints(self.out)[:-1]:  # keep only the newest for --resume
@@ -257,8 +245,6 @@ def integration_logger(trainer):
     of ``trainer`` (``report_to``: TensorBoard, W&B, trackio...) and to nothing else: not through
     ``trainer.log``, whose other callbacks (the stop guard's all-reduce) would wait for ranks that
     do not log. ``None`` when the trainer reports nowhere."""
-    from transformers.integrations import get_reporting_integration_callbacks
-
     kinds = tuple(get_reporting_integration_callbacks(trainer.args.report_to))
     targets = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, kinds)]
     if not targets:
@@ -275,8 +261,6 @@ class TrainProgress(TrainerCallback):
     """A progress bar with loss / reward (rich, in a terminal) or one line per log (``echo``)."""
 
     def __init__(self, total: int, desc: str, echo=None):
-        from ..progress import enabled
-
         self.total, self.desc, self.echo = total, desc, echo
         self.bar = None
         self.enabled = enabled()
@@ -287,8 +271,6 @@ class TrainProgress(TrainerCallback):
         self.first_step = state.global_step
         self.t0 = time.perf_counter()
         if self.enabled and state.is_world_process_zero:
-            from ..progress import new_bar
-
             self.bar = new_bar(transient=False)
             self.bar.start()
             self.task = self.bar.add_task(self.desc, total=self.total, completed=state.global_step)
@@ -314,50 +296,3 @@ class TrainProgress(TrainerCallback):
         if self.bar is not None:
             self.bar.stop()
             self.bar = None
-
-
-# ----- test hooks (environment variables; see the module docstring) ------------------------------
-def note_write(procs: Procs, what: str) -> None:
-    """With ``MECHINTERP_TRAIN_DEBUG_DIR`` set: append ``what`` to this rank's ``writes-rank{R}.txt``."""
-    folder = os.environ.get(DEBUG_DIR_ENV)
-    if folder:
-        with open(Path(folder) / f"writes-rank{procs.rank}.txt", "a") as f:
-            f.write(what + "\n")
-
-
-class ItemLog:
-    """A data collator that first appends the ids of its batch's items to a file (one line per
-    batch); ids come from ``keys`` (tokenised ids, or a prompt's question) and -1 if unknown."""
-
-    def __init__(self, collator, keys: dict, path: Path):
-        self.collator, self.keys, self.path = collator, keys, Path(path)
-
-    def __call__(self, examples):
-        ids = [self.keys.get(tuple(ex["input_ids"]) if "input_ids" in ex
-                             else ex["prompt"][-1]["content"], -1) for ex in examples]
-        with open(self.path, "a") as f:
-            f.write(" ".join(map(str, ids)) + "\n")
-        return self.collator(examples)
-
-
-class Poison(TrainerCallback):
-    """Writes a NaN into the first trainable weight after optimizer step ``step`` (one rank)."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_end(self, args, state, control, model=None, **kw):
-        if state.global_step == self.step:
-            p = next(p for p in model.parameters() if p.requires_grad)
-            with torch.no_grad():
-                p.view(-1)[0] = float("nan")
-
-
-def debug_hooks(procs: Procs) -> list[TrainerCallback]:
-    """The callbacks the test hooks ask for on this rank (none normally)."""
-    rank, _, step = os.environ.get(POISON_ENV, "").partition(":")
-    return [Poison(int(step))] if step and int(rank) == procs.rank else []
-
-
-def eprint(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)

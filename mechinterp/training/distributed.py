@@ -84,7 +84,7 @@ def current(cpu: bool) -> Procs:
     on GPU), or a single process."""
     if launched_world() <= 1:
         return Procs()
-    from accelerate import PartialState
+    from accelerate import PartialState  # deferred: accelerate is heavy to import
 
     state = PartialState(cpu=cpu)
     return Procs(state.process_index, state.num_processes, state.device)

@@ -13,6 +13,7 @@ figures OUT`` re-draws its trajectories without a model.
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -21,12 +22,13 @@ import numpy as np
 import torch
 
 from ..analysis.weights import live_weight_change, matrix_refs, tensor_stats
-from ..store.drift_log import DRIFT_LOG
 from ..evals.answers import TokenisedItems
+from ..models.naming import n_layers
+from ..store.drift_log import DRIFT_LOG
 from ..store.results import Result, read_result, write_result
 from .drift import answer_logprobs, kl_from_base, kl_per_item, without_autocast
 
-PROBE_NAME = DRIFT_LOG
+PROBE_NAME = DRIFT_LOG  # the drift log is the training-drift probe's result
 
 
 def _name(dtype: torch.dtype) -> str:
@@ -44,8 +46,6 @@ class PathLog:
     """
 
     def __init__(self, family, config):
-        from ..models.naming import n_layers
-
         self.matrices = list(family.matrices)
         self.n_layers = n_layers(config)
         self.refs = matrix_refs(family, config)
@@ -116,8 +116,6 @@ def _copy_into(dst: torch.Tensor, src: torch.Tensor) -> None:
 def drift_scalars(rec: dict[str, Any]) -> dict[str, float]:
     """A drift record as flat scalars for TensorBoard / W&B / trackio: KL from the base, the mean
     and max relative change over all layers and matrices, and each matrix's mean over layers."""
-    import math
-
     rc = rec.get("relative_change") or {}
     per = {m: [v for v in vals if not math.isnan(v)] for m, vals in rc.items()}
     flat = [v for vals in per.values() for v in vals]
@@ -142,8 +140,6 @@ class DriftLogger:
         self.family, self.config = family, config
         self.heldout, self.base_lp = heldout, base_lp
         self.meta, self.provenance = meta, provenance
-        from ..models.naming import n_layers
-
         self.n_layers = n_layers(config)
         self.records: list[dict[str, Any]] = []
         self.path = PathLog(family, config)

@@ -34,8 +34,12 @@ batch with no repeated prompt.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 from trl import GRPOTrainer
+from trl.models import unwrap_model_for_generation
+from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE, _ChunkedLogProbFunction, pad
 
 #: config fields that make TRL's fused head scale or cap the logits (not reproduced here)
 _SCALING = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
@@ -84,9 +88,6 @@ class SharedPromptGRPOTrainer(GRPOTrainer):
                 len(p) for p in prompt_ids) < 2:
             return super()._generate_single_turn(prompt_ids, images, multimodal_fields,
                                                  num_generations, has_tool_images)
-        from trl.models import unwrap_model_for_generation
-        from trl.trainer.utils import pad
-
         device = self.accelerator.device
         rows = [torch.tensor(ids) for ids in prompt_ids]  # left-padded as TRL pads them
         ids = pad(rows, padding_value=self._tokenizer.pad_token_id, padding_side="left",
@@ -133,10 +134,6 @@ def shared_prompt_logps(model, input_ids: torch.Tensor, attention_mask: torch.Te
     each distinct prompt (the columns before them, with their mask) run once; ``None`` when no
     two rows share a prompt. Returns ``(logps, entropies or None, None)`` as TRL's method does,
     zero where the completion is masked."""
-    from contextlib import nullcontext
-
-    from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE, _ChunkedLogProbFunction
-
     n_prompt = input_ids.size(1) - logits_to_keep
     if n_prompt < 1:
         return None

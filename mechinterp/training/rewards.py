@@ -16,13 +16,10 @@ Weights (paper: correctness 1.0, format 0.2) are passed to TRL as ``reward_weigh
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 
-from ..data.gsm8k import extract_gsm8k_answer, last_number, normalise_number
-
-FORMAT_PATTERN = re.compile(r"^<think>\n.*?\n</think>\n<answer>\n.*?\n</answer>$", re.DOTALL)
-_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+from ..data.gsm8k import normalise_number
+from ..data.qa import FORMAT_PATTERN, final_answer
 
 
 def completion_text(completion) -> str:
@@ -31,15 +28,6 @@ def completion_text(completion) -> str:
     if isinstance(completion, list) and completion and isinstance(completion[-1], dict):
         return str(completion[-1].get("content", ""))
     return str(completion)
-
-
-def final_answer(text: str) -> str | None:
-    """The normalised final answer of a completion: the last number inside the last answer tag
-    (None when that tag holds no number), else the GSM8K extraction of the whole text."""
-    tagged = _ANSWER_TAG.findall(text)
-    if tagged:  # the last number: "<answer>5+3=8</answer>" answers 8
-        return last_number(tagged[-1])
-    return extract_gsm8k_answer(text)
 
 
 def correctness(prompts, completions, answer, **_) -> list[float]:

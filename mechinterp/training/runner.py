@@ -1,14 +1,10 @@
 """Run SFT or GRPO on TRL with freezing, snapshots, drift logging, resume and clean stops.
 
 ``train(settings, out)`` is the whole job; the CLI (``mechinterp train sft|grpo``) only builds the
-settings. The output folder ends up as::
-
-    OUT/config.json, model.safetensors, tokenizer   final model: the spec OUT
-    OUT/checkpoints/step-N/                          snapshots: the specs OUT@step-N
-    OUT/training-drift/result.json (+ figures)       drift log (mechinterp figures OUT)
-    OUT/trainer-state/checkpoint-N/                  newest Trainer checkpoint, for --resume
-    OUT/train-config.json                            the resolved settings, the precision scheme
-                                                     and the number of processes
+settings. The output folder's layout is :mod:`mechinterp.models.run_folder`'s: the final model in
+``OUT``, snapshots ``OUT@step-N``, the drift log (``mechinterp figures OUT`` redraws it), the newest
+Trainer checkpoint for ``--resume``, and ``train-config.json`` with the resolved settings, the
+precision scheme and the number of processes.
 
 Under ``accelerate launch`` (N processes) every rank trains on its own device and only rank 0
 checks and writes the folder (:mod:`.distributed`); items are rationed for the global batch.
@@ -24,17 +20,28 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
+import numpy as np
 import torch
+from transformers.integrations import integration_utils
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+from ..data.arithmetic import is_task
+from ..data.base import DataSource
+from ..data.items import load_items, pick
+from ..data.qa import prompt_messages, render_target
 from ..errors import UserError
+from ..models.device import pick_device
+from ..models.loaded import LoadedModel, load
+from ..models.run_folder import CONFIG_FILE, SNAPSHOT_DIR, SUMMARY_FILE, TRAINER_DIR
+from ..models.selectors import FreezePlan, FreezeSpecError, plan, preset_spec
 from ..paths import checkpoint_step
 from ..store.drift_log import DRIFT_LOG
 from ..store.provenance import build_provenance
+from ..store.results import read_result, save_figures
+from . import distributed
 from .callbacks import (
-    SNAPSHOT_DIR,
-    TRAINER_DIR,
     FreezeGuard,
     Snapshots,
     StopGuard,
@@ -46,11 +53,14 @@ from .callbacks import (
     save_failure,
 )
 from .distributed import Procs
-from .precision import Precision
+from ..evals.answers import TokenisedItems
+from .drift import answer_logprobs, build_heldout
+from .driftlog import PROBE_NAME, DriftLogger
+from .freeze import FrozenState
+from .precision import Precision, choose
+from .prompts import grpo_rows, sft_rows
+from .rewards import correctness, format_reward
 from .settings import TrainSettings, checkpoint_steps, load_settings, save_settings, validate
-
-CONFIG_FILE = "train-config.json"
-SUMMARY_FILE = "train-summary.json"  # written last: wall time, steps, checkpoints of a finished run
 
 
 @dataclass
@@ -65,8 +75,7 @@ class TrainOutcome:
 
 
 def combined_freeze_spec(s: TrainSettings, n_layer: int) -> str | None:
-    from .freeze import FreezeSpecError, preset_spec
-
+    """The freeze spec of ``--freeze`` and ``--freeze-preset`` together (None: freeze nothing)."""
     parts = [p for p in (s.freeze, preset_spec(s.freeze_preset, n_layer) if s.freeze_preset else None)
              if p and p.strip()]
     if len(parts) > 1 and any(p.strip().startswith("only:") for p in parts):
@@ -128,16 +137,22 @@ def _trl_config(s: TrainSettings, out: Path, device: torch.device, prec: Precisi
         dataloader_num_workers=0, gradient_checkpointing=s.gradient_checkpointing,
     )
     if s.algorithm == "sft":
-        from trl import SFTConfig
+        from trl import SFTConfig  # deferred: TRL is heavy to import
 
-        return SFTConfig(**(common | dict(max_length=s.max_length) | s.extra))
-    from trl import GRPOConfig
+        cfg = SFTConfig(**(common | dict(max_length=s.max_length) | s.extra))
+    else:
+        from trl import GRPOConfig  # deferred: TRL is heavy to import
 
-    return GRPOConfig(**(common | dict(
-        num_generations=s.num_generations, max_completion_length=s.max_completion_length,
-        temperature=s.temperature, beta=s.beta, epsilon=s.epsilon, loss_type=s.loss_type,
-        use_vllm=s.use_vllm, vllm_mode=s.vllm_mode, log_completions=False,
-        reward_weights=[s.correctness_weight, s.format_weight]) | s.extra))  # --trl overrides
+        cfg = GRPOConfig(**(common | dict(
+            num_generations=s.num_generations, max_completion_length=s.max_completion_length,
+            temperature=s.temperature, beta=s.beta, epsilon=s.epsilon, loss_type=s.loss_type,
+            use_vllm=s.use_vllm, vllm_mode=s.vllm_mode, log_completions=False,
+            reward_weights=[s.correctness_weight, s.format_weight]) | s.extra))  # --trl overrides
+    if getattr(cfg, "mixed_precision", prec.mixed) != prec.mixed:
+        raise UserError(f"training would run with mixed precision {cfg.mixed_precision!r} but "
+                        f"--dtype {s.dtype} means {prec.mixed!r}",
+                        "make --dtype and the launcher's --mixed_precision agree")
+    return cfg
 
 
 def report_targets(report_to: str) -> list[str] | str:
@@ -150,20 +165,15 @@ def _check_report_to(report_to: str) -> None:
     """A named integration must be importable (transformers would fail later, inside training)."""
     if report_to in ("none", "all"):
         return
-    from transformers.integrations import integration_utils as iu
-
-    if not getattr(iu, f"is_{report_to}_available")():
+    if not getattr(integration_utils, f"is_{report_to}_available")():
         raise UserError(f"--report-to {report_to} needs the {report_to} package, which is not "
                         "installed", f"pip install {report_to}, or drop --report-to")
 
 
-def _datasets(s: TrainSettings, data_dir, tokenizer, world: int = 1):
-    from datasets import Dataset
-
-    from ..data import DataSource
-    from ..data.arithmetic import is_task
-    from .drift import build_heldout
-    from .prompts import grpo_rows, load_items, pick, prompt_messages, render_target, sft_rows
+def _datasets(s: TrainSettings, data_dir, tokenizer, world: int = 1, echo=print):
+    """The training rows (rationed for the run's steps), the held-out answers KL is measured on
+    (None when none are held out) and the data source that recorded what was read."""
+    from datasets import Dataset  # deferred: the datasets package is heavy to import
 
     source = DataSource.from_option(data_dir)
     items = pick(load_items(s.data, source, "train"), None, s.seed)
@@ -185,7 +195,11 @@ def _datasets(s: TrainSettings, data_dir, tokenizer, world: int = 1):
         _check_prompts_fit(tokenizer, rows, s.max_length)
     heldout = build_heldout(tokenizer, [prompt_messages(i.question) for i in held],
                             [render_target(i) for i in held], s.heldout_max_length) if held else None
-    return Dataset.from_list(rows), heldout, source, items
+    kept = len(heldout.input_ids) if heldout is not None else 0
+    if kept < s.n_heldout:
+        echo(f"note: {s.n_heldout - kept} of {s.n_heldout} held-out items left no answer tokens "
+             f"within --heldout-max-length {s.heldout_max_length}; KL uses {kept}")
+    return Dataset.from_list(rows), heldout, source
 
 
 def _check_prompts_fit(tokenizer, rows: list[dict], max_length: int) -> None:
@@ -200,44 +214,100 @@ def _check_prompts_fit(tokenizer, rows: list[dict], max_length: int) -> None:
                         f"raise --max-length above {shortest} (answers need room too)")
 
 
+@dataclass
+class _Base:
+    """The base model as a run trains it: loaded, its precision scheme and its freeze plan."""
+
+    lm: LoadedModel
+    prec: Precision
+    spec: str | None
+    plan: FreezePlan
+
+
 def train(s: TrainSettings, out: Path, resume: bool = False, data_dir=None, echo=print,
           callbacks: tuple = (), skip_disk_check: bool = False,
           reward_funcs: list | None = None, record: bool = True) -> TrainOutcome:
     """Train as ``s`` says into ``out`` (see the module docstring for the layout).
 
-    ``callbacks`` are extra TrainerCallbacks; ``reward_funcs`` replaces GRPO's correctness and
-    format rewards (one weight per function then goes in ``s.extra["reward_weights"]``).
-    ``record=False`` trains without snapshots, drift or final model (the benchmark's baseline).
-    """
-    from ..models import load
-    from ..models.device import pick_device
-    from . import distributed
-    from .callbacks import debug_hooks, note_write
-    from .drift import answer_logprobs
-    from .driftlog import DriftLogger
-    from .freeze import FrozenState, plan
-    from .precision import choose
+    Args:
+        s: the resolved settings (:func:`~mechinterp.training.settings.resolve_settings`).
+        out: the output folder; new and empty, or a run of the same settings with ``resume``.
+        resume: continue from the newest complete checkpoint in ``out``.
+        data_dir: the data root (else ``MECHINTERP_DATA``, else the hub).
+        echo: where progress lines go (rank 0 only under a launch).
+        callbacks: extra TrainerCallbacks.
+        skip_disk_check: start even when the disk looks too small for the checkpoints.
+        reward_funcs: replaces GRPO's correctness and format rewards (one weight per function
+            then goes in ``s.extra["reward_weights"]``).
+        record: False trains without snapshots, drift or final model (the benchmark's baseline).
 
+    Returns:
+        The steps, checkpoints, wall time, freeze summary and last drift record of the run.
+    """
     out = Path(out)
+    procs = _launch_checks(s, out, resume)
+    echo = echo if procs.main else _quiet
+    base = _load_base(s, procs, echo)
+    lm = base.lm
+    train_ds, heldout, source = _datasets(s, data_dir, lm.tokenizer, procs.world, echo)
+    procs.on_main(lambda: _prepare_folder(s, out, base, procs, resume, skip_disk_check, echo))
+    last = _resume_point(out, resume, echo)
+    frozen = FrozenState(lm.hf, base.plan)
+    steps = checkpoint_steps(s.max_steps, s.checkpoints)
+    with lm.fused_attention():  # SDPA while training (eager again afterwards)
+        drift = _drift_logger(s, out, base, heldout, source, procs, last)
+        snaps = Snapshots(out, steps, drift, echo=echo, procs=procs)
+        stop = StopGuard(procs)
+        cbs = [FreezeGuard(frozen), stop, *([snaps] if record else []),
+               TrainProgress(s.max_steps, s.algorithm, echo), *callbacks]
+        cfg = _trl_config(s, out, lm.device, base.prec)
+        trainer = _trainer(s, lm.hf, cfg, train_ds, lm.tokenizer, cbs, reward_funcs)
+        snaps.report = integration_logger(trainer)  # drift -> TensorBoard / W&B / trackio too
+        t0 = time.perf_counter()
+        try:
+            _fit(trainer, out, last, procs)
+        finally:
+            frozen.remove()
+    wall = time.perf_counter() - t0
+    reason = stop.reason or snaps.reason  # the same on every rank (the stop flags are all-reduced)
+    if reason:
+        _stop(reason, out, snaps.saved, procs)
+    outcome = TrainOutcome(out, trainer.state.global_step, [f"step-{x}" for x in steps], wall,
+                           base.plan.summary(), drift.records[-1] if drift.records else {},
+                           procs.main)
+    if record and procs.main:
+        _write_final(out, max(steps), {
+            "algorithm": s.algorithm, "preset": s.preset, "steps": outcome.steps,
+            "wall_time_s": round(wall, 1), "checkpoints": outcome.checkpoints,
+            "freeze": outcome.freeze_summary, "resumed": bool(resume),
+            "precision": base.prec.record(), "processes": procs.world})
+    procs.barrier()  # every rank leaves together, once rank 0 has written the final model
+    return outcome
+
+
+def _launch_checks(s: TrainSettings, out: Path, resume: bool) -> Procs:
+    """This process in the launch, once the checks that need no model have passed."""
     cpu = s.device == "cpu" or not torch.cuda.is_available() or \
         os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
     procs = distributed.current(cpu)
-    if not procs.main:
-        echo = _quiet
     validate(s, procs.world)  # the GRPO group check needs the real number of processes
     procs.on_main(lambda: _check_out(out, resume))
     _check_report_to(s.report_to)
     if s.use_vllm and importlib.util.find_spec("vllm") is None:
         raise UserError("--use-vllm needs vLLM, which is not installed",
                         "pip install vllm (on a CUDA machine), or drop --use-vllm")
+    return procs
+
+
+def _load_base(s: TrainSettings, procs: Procs, echo) -> _Base:
+    """The base on this rank's device in the precision ``s`` asks for, and its freeze plan."""
     device = pick_device(distributed.rank_device(s.device, procs))
     deepspeed = bool(s.extra.get("deepspeed")) or os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
     prec = choose(s.dtype, device, deepspeed)
     torch.manual_seed(s.seed)
     lm = load(s.base, device=device, dtype=prec.param_dtype)  # float32 master weights when mixed
-    model, tok = lm.hf, lm.tokenizer
     spec = combined_freeze_spec(s, lm.n_layers)
-    fplan = plan(model, spec, lm.family)
+    fplan = plan(lm.hf, spec, lm.family)
     if fplan.n_trainable == 0:
         raise UserError(f"freeze spec {spec!r} freezes every parameter", "leave something to train")
     if fplan.partial and s.weight_decay > 0 and deepspeed:
@@ -246,112 +316,90 @@ def train(s: TrainSettings, out: Path, resume: bool = False, data_dir=None, echo
     echo(fplan.summary())
     echo(f"precision: {prec.record()['master_weights']}"
          + (f"; {procs.world} processes" if procs.world > 1 else ""))
-    train_ds, heldout, source, items = _datasets(s, data_dir, tok, procs.world)
-    kept = len(heldout.input_ids) if heldout is not None else 0
-    if kept < s.n_heldout:
-        echo(f"note: {s.n_heldout - kept} of {s.n_heldout} held-out items left no answer tokens "
-             f"within --heldout-max-length {s.heldout_max_length}; KL uses {kept}")
+    return _Base(lm, prec, spec, fplan)
 
-    def prepare_folder():  # rank 0 only; the other ranks wait, and see its errors
-        if not skip_disk_check:
-            _disk_check(out, model, fplan.n_trainable, s.checkpoints)
-        out.mkdir(parents=True, exist_ok=True)
-        if resume:
-            _check_processes(out, procs.world)
-            removed = clean_incomplete(out)
-            if removed:
-                echo(f"removed incomplete: {', '.join(removed)}")
-        else:
-            save_settings(s, out / CONFIG_FILE, {"precision": prec.record(),
-                                                  "processes": procs.world})
-            note_write(procs, "config")
 
-    procs.on_main(prepare_folder)
-    last = None
+def _prepare_folder(s: TrainSettings, out: Path, base: _Base, procs: Procs, resume: bool,
+                    skip_disk_check: bool, echo) -> None:
+    """Rank 0 (the other ranks wait, and see its errors): check the disk, then clean a resumed
+    run's half-written checkpoints or write a new run's settings."""
+    if not skip_disk_check:
+        _disk_check(out, base.lm.hf, base.plan.n_trainable, s.checkpoints)
+    out.mkdir(parents=True, exist_ok=True)
     if resume:
-        done = complete_checkpoints(out)
-        last = done[-1] if done else None
-        echo(f"resuming from {last}" if last else "no complete checkpoint yet: starting over")
+        _check_processes(out, procs.world)
+        removed = clean_incomplete(out)
+        if removed:
+            echo(f"removed incomplete: {', '.join(removed)}")
+    else:
+        save_settings(s, out / CONFIG_FILE, {"precision": base.prec.record(),
+                                              "processes": procs.world})
 
-    frozen = FrozenState(model, fplan)
-    steps = checkpoint_steps(s.max_steps, s.checkpoints)
-    meta = {"algorithm": s.algorithm, "base": s.base, "freeze": spec or "",
-            "n_trainable": fplan.n_trainable, "n_frozen": fplan.n_frozen,
-            "max_steps": s.max_steps, "n_heldout": len(heldout.input_ids) if heldout else 0,
-            "precision": prec.record(), "processes": procs.world}
-    prov = build_provenance(DRIFT_LOG, "1", settings=s.to_json(),
+
+def _resume_point(out: Path, resume: bool, echo) -> Path | None:
+    """The newest complete Trainer checkpoint to resume from (None: start from the base)."""
+    if not resume:
+        return None
+    done = complete_checkpoints(out)
+    last = done[-1] if done else None
+    echo(f"resuming from {last}" if last else "no complete checkpoint yet: starting over")
+    return last
+
+
+def _drift_provenance(s: TrainSettings, lm: LoadedModel, source: DataSource) -> dict[str, Any]:
+    return build_provenance(DRIFT_LOG, "1", settings=s.to_json(),
                             models={"base": lm.resolved.provenance()}, data=source.log.to_json(),
                             seed=s.seed, device=lm.device, dtype=lm.dtype)
-    with lm.fused_attention():  # SDPA while training (eager again afterwards)
-        # KL's base log-probs: rank 0 writes the drift log, so only it needs them
-        base_lp = answer_logprobs(model, heldout) if (
-            procs.main and heldout is not None and s.n_heldout) else None
-        drift = DriftLogger(out, lm.resolved.path, lm.family, lm.config, heldout, base_lp, meta,
-                            prov)
-        if last is not None and procs.main:
-            drift.resume_from(checkpoint_step(last.name, folder=True))
-        snaps = Snapshots(out, steps, drift, echo=echo, procs=procs)
-        stop = StopGuard(procs)
-        cbs = [FreezeGuard(frozen), stop, *([snaps] if record else []),
-               TrainProgress(s.max_steps, s.algorithm, echo), *debug_hooks(procs), *callbacks]
-        cfg = _trl_config(s, out, lm.device, prec)
-        if getattr(cfg, "mixed_precision", prec.mixed) != prec.mixed:
-            raise UserError(f"training would run with mixed precision {cfg.mixed_precision!r} but "
-                            f"--dtype {s.dtype} means {prec.mixed!r}",
-                            "make --dtype and the launcher's --mixed_precision agree")
-        trainer = _trainer(s, model, cfg, train_ds, tok, cbs, reward_funcs)
-        snaps.report = integration_logger(trainer)  # drift -> TensorBoard / W&B / trackio too
-        _log_items(trainer, s.algorithm, procs)
-        t0 = time.perf_counter()
-        try:
-            trainer.train(resume_from_checkpoint=str(last) if last else None)
-        except Exception as exc:  # a full disk is an OSError, SafetensorError or RuntimeError
-            what = save_failure(exc, out)
-            if what is None:
-                raise
-            if procs.main:
-                clean_incomplete(out)
-            good = complete_checkpoints(out)
-            where = f"last good checkpoint: {out}@step-{checkpoint_step(good[-1].name, folder=True)}" if good \
-                else "no checkpoint was completed"
-            raise UserError(f"training stopped: {what} while saving; {where}",
-                            "free space, then rerun with --resume") from None
-        finally:
-            frozen.remove()
-    wall = time.perf_counter() - t0
-    reason = stop.reason or snaps.reason  # the same on every rank (the stop flags are all-reduced)
-    if reason:
-        def stopped():
-            clean_incomplete(out)
-            good = snaps.saved or [checkpoint_step(p.name, folder=True)
-                                     for p in complete_checkpoints(out)]
-            where = f"last good checkpoint: {out}@step-{max(good)}" if good else "no checkpoint saved"
-            raise UserError(f"training stopped: {reason}; {where}",
-                            "lower --lr or check the data, then start a new run")
 
-        procs.on_main(stopped)
-        raise UserError(f"training stopped: {reason}", "see rank 0's message")  # not reached
-    rec = drift.records[-1] if drift.records else {}
-    outcome = TrainOutcome(out, trainer.state.global_step, [f"step-{x}" for x in steps], wall,
-                           fplan.summary(), rec, procs.main)
-    if not record or not procs.main:
-        procs.barrier()  # leave together with rank 0, once it has written the final model
-        return outcome
-    final_step = max(steps)
-    src = out / SNAPSHOT_DIR / f"step-{final_step}"
-    for f in sorted(src.iterdir()):
-        if f.is_file():
-            (out / f.name).unlink(missing_ok=True)
-            link_or_copy(f, out / f.name)
-    _draw(out)
-    (out / SUMMARY_FILE).write_text(json.dumps({
-        "algorithm": s.algorithm, "preset": s.preset, "steps": outcome.steps,
-        "wall_time_s": round(wall, 1), "checkpoints": outcome.checkpoints,
-        "freeze": fplan.summary(), "resumed": bool(resume), "precision": prec.record(),
-        "processes": procs.world}, indent=1) + "\n")
-    note_write(procs, "final")
-    procs.barrier()
-    return outcome
+
+def _drift_logger(s: TrainSettings, out: Path, base: _Base, heldout: TokenisedItems | None,
+                  source: DataSource, procs: Procs, last: Path | None) -> DriftLogger:
+    """The run's drift log, holding the base's answer log-probs for KL (rank 0 writes the log, so
+    only it computes them); continued from ``last`` when resuming."""
+    lm, fplan = base.lm, base.plan
+    meta = {"algorithm": s.algorithm, "base": s.base, "freeze": base.spec or "",
+            "n_trainable": fplan.n_trainable, "n_frozen": fplan.n_frozen,
+            "max_steps": s.max_steps, "n_heldout": len(heldout.input_ids) if heldout else 0,
+            "precision": base.prec.record(), "processes": procs.world}
+    prov = _drift_provenance(s, lm, source)
+    base_lp = answer_logprobs(lm.hf, heldout) if (
+        procs.main and heldout is not None and s.n_heldout) else None
+    drift = DriftLogger(out, lm.resolved.path, lm.family, lm.config, heldout, base_lp, meta, prov)
+    if last is not None and procs.main:
+        drift.resume_from(checkpoint_step(last.name, folder=True))
+    return drift
+
+
+def _fit(trainer, out: Path, last: Path | None, procs: Procs) -> None:
+    """Run the Trainer (from ``last`` when resuming); a failed checkpoint write stops with one
+    line naming the last good checkpoint."""
+    try:
+        trainer.train(resume_from_checkpoint=str(last) if last else None)
+    except Exception as exc:  # a full disk is an OSError, SafetensorError or RuntimeError
+        what = save_failure(exc, out)
+        if what is None:
+            raise
+        if procs.main:
+            clean_incomplete(out)
+        good = complete_checkpoints(out)
+        where = f"last good checkpoint: {out}@step-{checkpoint_step(good[-1].name, folder=True)}" \
+            if good else "no checkpoint was completed"
+        raise UserError(f"training stopped: {what} while saving; {where}",
+                        "free space, then rerun with --resume") from None
+
+
+def _stop(reason: str, out: Path, saved: list[int], procs: Procs) -> NoReturn:
+    """Stop every rank on a non-finite loss or weights; rank 0 cleans up and names the last good
+    checkpoint (``saved``: the steps this launch snapshotted)."""
+    def stopped():
+        clean_incomplete(out)
+        good = saved or [checkpoint_step(p.name, folder=True) for p in complete_checkpoints(out)]
+        where = f"last good checkpoint: {out}@step-{max(good)}" if good else "no checkpoint saved"
+        raise UserError(f"training stopped: {reason}; {where}",
+                        "lower --lr or check the data, then start a new run")
+
+    procs.on_main(stopped)
+    raise UserError(f"training stopped: {reason}", "see rank 0's message")  # not reached
 
 
 def _quiet(*_: Any) -> None:
@@ -369,45 +417,35 @@ def _check_processes(out: Path, world: int) -> None:
 
 def _trainer(s: TrainSettings, model, cfg, train_ds, tok, cbs: list, reward_funcs):
     if s.algorithm == "sft":
-        from trl import SFTTrainer
+        from trl import SFTTrainer  # deferred: TRL is heavy to import
 
         trainer = SFTTrainer(model=model, args=cfg, train_dataset=train_ds, processing_class=tok,
                              callbacks=cbs)
     else:
-        from .grpo_shared import SharedPromptGRPOTrainer  # TRL's, each group's prompt run once
-        from .rewards import correctness, format_reward
+        # deferred: TRL is heavy to import; TRL's trainer, each group's prompt run once
+        from .grpo_shared import SharedPromptGRPOTrainer
 
         rewards = reward_funcs or [correctness, format_reward]
         trainer = SharedPromptGRPOTrainer(model=model, reward_funcs=rewards, args=cfg,
                               train_dataset=train_ds, processing_class=tok, callbacks=cbs)
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
     for cb in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(cb)
     return trainer
 
 
-def _log_items(trainer, algorithm: str, procs: Procs) -> None:
-    """Test hook: with ``MECHINTERP_TRAIN_DEBUG_DIR`` set, each rank appends the ids (row numbers
-    of the training set) of the items in every batch it collates to ``items-rank{R}.txt``."""
-    from .callbacks import DEBUG_DIR_ENV, ItemLog
-
-    folder = os.environ.get(DEBUG_DIR_ENV)
-    if not folder:
-        return
-    ds = trainer.train_dataset
-    if algorithm == "sft":  # tokenised rows, in the order of ours
-        keys = {tuple(ids): i for i, ids in enumerate(ds["input_ids"])}
-    else:
-        keys = {row[-1]["content"]: i for i, row in enumerate(ds["prompt"])}
-    trainer.data_collator = ItemLog(trainer.data_collator, keys,
-                                    Path(folder) / f"items-rank{procs.rank}.txt")
+def _write_final(out: Path, final_step: int, summary: dict[str, Any]) -> None:
+    """The final model in ``out`` (hard links to the last snapshot's files), the drift figures,
+    and last the summary that marks the run finished."""
+    src = out / SNAPSHOT_DIR / f"step-{final_step}"
+    for f in sorted(src.iterdir()):
+        if f.is_file():
+            (out / f.name).unlink(missing_ok=True)
+            link_or_copy(f, out / f.name)
+    _draw(out)
+    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=1) + "\n")
 
 
 def _draw(out: Path) -> None:
-    from ..store.results import read_result, save_figures
-    from .driftlog import PROBE_NAME
-
     folder = out / PROBE_NAME
     if (folder / "result.json").exists():
         save_figures(read_result(folder).figures(), folder)  # in the house style
@@ -415,8 +453,6 @@ def _draw(out: Path) -> None:
 
 def summarise(rec: dict[str, Any]) -> str:
     """One line: mean and max relative change (and where), and the KL, of a drift record."""
-    import numpy as np
-
     rc = rec.get("relative_change") or {}
     if not rc:
         return "no drift recorded"

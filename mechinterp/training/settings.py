@@ -82,7 +82,7 @@ PAPER: dict[str, dict[str, Any]] = {
 #: steps and the same learning rate (the paper's fair comparison), constant schedule with no
 #: warm-up (short runs lose nothing to it), 6 checkpoints evenly spaced (every 4 steps); GRPO
 #: samples 4 completions a prompt at the paper's temperature 0.6. The task (``+`` and ``x`` on
-#: operands 0-19, spelled out so that a run of an earlier default is never reused as this one) is
+#: operands 0-19, spelled out so that a run of another task is never reused as this one) is
 #: calibrated so that the base solves about 30% of the samples at that temperature and about half
 #: the groups of 4 differ in reward (``benchmarks/calibrate_task.py``; see
 #: :mod:`mechinterp.data.arithmetic`), so neither run saturates before its last checkpoint.
@@ -140,7 +140,7 @@ def resolve_settings(algorithm: str, preset: str | None, overrides: dict[str, An
 
 def validate(s: TrainSettings, world: int | None = None) -> None:
     """Check ``s``; ``world`` is the number of processes (default: the launcher's ``WORLD_SIZE``)."""
-    from .distributed import launched_world
+    from .distributed import launched_world  # deferred: it imports torch, which settings avoid
 
     world = launched_world() if world is None else world
 

@@ -20,11 +20,12 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+from ...core.summary import floats
 from ...store.results import jsonable
 from ..folder import CLAIMS_FILE
 from . import stats
 from .behaviour import c2_kl, c5_mmlu, c6_freezing, c7_razor, gold_logprob, paired_delta
-from .core import VERDICTS, floats, missing, redecide
+from .core import VERDICTS, missing, redecide
 from .origin import c8_damage_mid_mlp
 from .weights import c1_weight_change, c3_qk_most_changed, c4_sft_mid_mlp, mean_change
 

@@ -16,11 +16,12 @@ from typing import Any
 
 import numpy as np
 
+from ...core.summary import floats
 from ...evals.mmlu import rows_from_jsonl
 from ...evals.stats import bootstrap_diff, mcnemar, spearman
 from ...models.depth import MID_LAYERS_RULE, mid_layers
 from . import stats
-from .core import claim, floats, get, missing, pairs, primary, replicates, result, single_seed
+from .core import claim, get, missing, pairs, primary, replicates, result, single_seed
 from .weights import MLP, mean_change
 
 NEEDED_LOGPROB = 0.05  # nats of gold-answer log-probability: the smallest effect C5/C6 care about

@@ -22,7 +22,6 @@ from typing import Any
 
 import numpy as np
 
-from ...core.summary import floats
 from . import stats
 
 ALPHA = 0.05

@@ -13,10 +13,11 @@ import math
 
 import numpy as np
 
+from ...core.summary import floats
 from ...evals.stats import Z95
 from ...models.depth import MID_LAYERS_RULE, mid_layers
 from . import stats
-from .core import claim, floats, gate, get, missing, primary, replicates, result, single_seed
+from .core import claim, gate, get, missing, primary, replicates, result, single_seed
 
 WINDOWS = ("early", "mid", "late")
 NEEDED = 0.1  # fraction of the margin drop: the smallest lead of the mid third worth a claim

@@ -15,12 +15,11 @@ import math
 
 import numpy as np
 
-from ...core.summary import mean_change
+from ...core.summary import floats, mean_change
 from ...models.depth import MID_LAYERS_RULE, mid_layers
 from . import stats
 from .core import (
     claim,
-    floats,
     gate,
     get,
     missing,
