@@ -124,8 +124,8 @@ def test_study_notebook_runs_on_the_demo(path, demo_dir, monkeypatch):
     assert not errors, errors[0].get("evalue")
 
 
-def test_there_are_six_study_notebooks():
-    assert [p.name[:2] for p in STUDY_NOTEBOOKS] == ["01", "02", "03", "04", "05", "06"]
+def test_there_are_seven_study_notebooks():
+    assert [p.name[:2] for p in STUDY_NOTEBOOKS] == ["01", "02", "03", "04", "05", "06", "07"]
 
 
 @slow

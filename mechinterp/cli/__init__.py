@@ -266,12 +266,20 @@ def demo(
         "(default: every checkpoint of the first seed's SFT and GRPO runs, the final model of "
         "the others: 39 GB instead of 10 GB at the default preset).")] = False,
     overwrite: Overwrite = False,
+    precision_contrast: Annotated[bool, typer.Option(
+        "--precision-contrast", help="also train SFT and GRPO in pure bf16 and with float32 "
+        "master weights (same base rounded to bf16, seed, prompts, steps; OUT/precision) and "
+        "give the report a precision-gate section: how sparse each update looks per scheme.")] = False,
 ) -> None:
     """The study end to end on the built-in default model: train SFT, GRPO and SFT with the
     mid-layer MLPs frozen on the same arithmetic task, compare them with the base, write the report
     and print one verdict line per claim."""
     from ..study.demo import run_demo
 
+    if precision_contrast:  # first, so that compare's report has its section
+        from ..study.precision import run_contrast
+
+        run_contrast(out, preset, data_dir=data_dir, device=device, echo=typer.echo)
     run_demo(out, preset=preset, data_dir=data_dir, device=device, dtype=dtype, echo=typer.echo,
              keep_checkpoints=keep_checkpoints, overwrite=overwrite)
 

@@ -19,6 +19,7 @@ import numpy as np
 
 from .claims import HOLM, _floats, mean_change
 from .claims.caveats import mid_layer_line, study_caveats
+from .precision_report import gate_figures, html_section, markdown_section
 
 #: What each probe measured, for a reader who has not read the code.
 PLAIN: dict[str, str] = {
@@ -363,6 +364,7 @@ def build_markdown(study, claims: list[dict]) -> str:
         for png in sorted((study.out / probe).glob("*.png")):
             lines += ["", f"![{png.stem}]({probe}/{png.name})"]
         lines += ["", f"<sub>Options: {_config_text(res)}. Provenance: {_provenance(res)}</sub>"]
+    lines += markdown_section(study.out)  # OUT/precision: demo --precision-contrast
     return "\n".join(lines) + "\n"
 
 
@@ -424,6 +426,7 @@ def build_html(study, claims: list[dict]) -> str:
         parts += [_img(p, p.stem.replace("_", " ")) for p in sorted((study.out / probe).glob("*.png"))]
         parts.append(f"<p class='prov'>Options: {e(_config_text(res))}.<br>"
                      f"Provenance: {e(_provenance(res))}</p>")
+    parts += html_section(study.out) + [_img(p, cap) for cap, p in gate_figures(study.out)]
     parts.append("</body></html>")
     page = "\n".join(parts)
     assert not re.search(r"""(src|href)=["']https?:""", page), "the report must not fetch anything"
