@@ -107,7 +107,7 @@ def gate_lines(out: Path | str) -> list[str]:
     rows = gate_rows(meta, data)
     n_seeds = max((len(r["runs"]) for r in rows), default=1)
     compared = ", ".join(sorted(set(data.get("compared_in", {}).values())))
-    lines = [f"base {meta['base']} rounded to bf16 ({meta['bf16_base']}); {_settings(meta)}; "
+    lines = [f"base {meta['base']} rounded to bf16; {_settings(meta)}; "
              f"the same seed{'s' if n_seeds > 1 else ''}, prompts and steps for both schemes; "
              f"compared in {compared}; "
              + (f"{n_seeds} seeds: mean [95% t-interval over seeds]" if n_seeds > 1
