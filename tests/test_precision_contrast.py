@@ -200,6 +200,14 @@ def test_precision_contrast_end_to_end_on_a_tiny_model(tmp_path, data_source):
                f"{100 * zero['sft-pure-bf16']:.2f}% in pure bf16" in x for x in lines)
     md = "\n".join(markdown_section(out))
     assert "## Precision gate" in md and "precision_histograms.png" in md
+    # the report of any compare into this folder carries the section, figures embedded
+    from mechinterp.study.compare import Study
+    from mechinterp.study.report import build_html, build_markdown
+
+    study = Study(out, "tiny-random-llama", {}, {})
+    assert md in build_markdown(study, [])
+    page = build_html(study, [])
+    assert "<h2 id='precision-gate'>" in page and page.count("data:image/png;base64,") == 2
 
 
 def _contrast(out):
