@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from mechinterp.study.demo import DEMO_PRESETS, DemoRun, _train_one
+from mechinterp.study.demo import DEMO_PRESETS, DemoRun, train_one
 from mechinterp.errors import UserError
 from mechinterp.models.run_folder import CONFIG_FILE, SUMMARY_FILE
 from mechinterp.training.settings import (
@@ -48,7 +48,7 @@ def test_a_finished_run_with_the_same_settings_is_reused(tmp_path, monkeypatch, 
     monkeypatch.setattr(runner, "train", _no_training)
     folder = _finished_run(tmp_path, name, algorithm, freeze)
     said = []
-    got = _train_one(DemoRun(name, algorithm, freeze, 0, True), DEMO_PRESETS["smoke"], tmp_path,
+    got = train_one(DemoRun(name, algorithm, freeze, 0, True), DEMO_PRESETS["smoke"], tmp_path,
                      None, "auto", "auto", said.append)
     assert got == folder and said == [f"  {name}: finished run in {folder}, reused"]
 
@@ -60,7 +60,7 @@ def test_a_finished_run_with_other_settings_is_refused_naming_them(tmp_path, mon
     _finished_run(tmp_path, "sft", "sft", None, learning_rate=3e-4)
     with pytest.raises(UserError, match=r"finished run with other settings: learning_rate "
                                         r"\(run: 0.0003, now: "):
-        _train_one(DemoRun("sft", "sft", None, 0, True), DEMO_PRESETS["smoke"], tmp_path, None,
+        train_one(DemoRun("sft", "sft", None, 0, True), DEMO_PRESETS["smoke"], tmp_path, None,
                    "auto", "auto", lambda _: None)
 
 

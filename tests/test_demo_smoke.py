@@ -124,8 +124,8 @@ def test_study_notebook_runs_on_the_demo(path, demo_dir, monkeypatch):
     assert not errors, errors[0].get("evalue")
 
 
-def test_there_are_six_study_notebooks():
-    assert [p.name[:2] for p in STUDY_NOTEBOOKS] == ["01", "02", "03", "04", "05", "06"]
+def test_there_are_seven_study_notebooks():
+    assert [p.name[:2] for p in STUDY_NOTEBOOKS] == ["01", "02", "03", "04", "05", "06", "07"]
 
 
 @slow
@@ -244,7 +244,7 @@ def test_finished_runs_keep_what_the_docstring_says(tmp_path, one_thread):
     from mechinterp.analysis.weights import weight_change
     from mechinterp.models import load, resolve
     from mechinterp.store.results import read_result
-    from mechinterp.study.demo import DemoPreset, DemoRun, _train_one
+    from mechinterp.study.demo import DemoPreset, DemoRun, train_one
     from mechinterp.study.folder import describe_variant
 
     preset = DemoPreset(None, "smoke", TINY_DEMO)
@@ -253,7 +253,7 @@ def test_finished_runs_keep_what_the_docstring_says(tmp_path, one_thread):
 
     def train(name, seed, trajectory, keep=False):
         run = DemoRun(name, "sft", None, seed, trajectory)
-        return _train_one(run, preset, out, None, "cpu", "float32", echo, keep_checkpoints=keep)
+        return train_one(run, preset, out, None, "cpu", "float32", echo, keep_checkpoints=keep)
 
     further = train("sft-s1", 1, False)
     files = _files(further)

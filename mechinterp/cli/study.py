@@ -13,6 +13,7 @@ from ..study.claims import verdict_line
 from ..study.compare import compare
 from ..study.demo import run_demo
 from ..study.executor import parse_executor_options
+from ..study.precision import run_contrast
 from .options import DataDir, Device, DeviceMap, Dtype, MaxMemory, Out, Overwrite, Variant
 
 CompareBase = Annotated[str | None, typer.Option(
@@ -102,9 +103,15 @@ def demo(
     dtype: Dtype = "auto",
     keep_checkpoints: KeepCheckpoints = False,
     overwrite: Overwrite = False,
+    precision_contrast: Annotated[bool, typer.Option(
+        "--precision-contrast", help="also train SFT and GRPO in pure bf16 and with float32 "
+        "master weights (same base rounded to bf16, seed, prompts, steps; OUT/precision) and "
+        "give the report a precision-gate section: how sparse each update looks per scheme.")] = False,
 ) -> None:
     """The study end to end on the built-in default model: train SFT, GRPO and SFT with the
     mid-layer MLPs frozen on the same arithmetic task, compare them with the base, write the report
     and print one verdict line per claim."""
+    if precision_contrast:  # first, so that compare's report has its section
+        run_contrast(out, preset, data_dir=data_dir, device=device, echo=typer.echo)
     run_demo(out, preset=preset, data_dir=data_dir, device=device, dtype=dtype, echo=typer.echo,
              keep_checkpoints=keep_checkpoints, overwrite=overwrite)

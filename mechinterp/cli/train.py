@@ -66,6 +66,11 @@ ReportTo = Annotated[str | None, Opt("--report-to", help="Also log loss, reward 
                                        "log (KL, weight change) to none, tensorboard (OUT/"
                                        "trainer-state/runs), wandb, trackio or all (every one "
                                        "installed); may change on --resume [none].")]
+PrecisionOpt = Annotated[str | None, Opt(
+    "--precision", help="Where the update accumulates: mixed-bf16 (float32 master weights, bf16 "
+    "autocast; as --dtype bfloat16), pure-bf16 (bf16 weights and AdamW on them, as a naive GPU "
+    "run: updates below half a bf16 step round away), float32 [auto: mixed-bf16 on a GPU, "
+    "float32 on a CPU].")]
 Extra = Annotated[list[str] | None, Opt("--trl", help="Extra TRL config field KEY=VALUE "
                                            "(JSON value), repeatable, e.g. "
                                            "adam_beta2=0.95.")]
@@ -123,13 +128,17 @@ _COMMON = dict(base="base", data="data", seed="seed", device="device", dtype="dt
 
 def _common(params: dict) -> dict:
     """Settings from the options both commands share (``params`` is the command's locals())."""
-    return {k: params[v] for k, v in _COMMON.items()} | {"extra": _extra(params["trl"])}
+    from ..training.precision import from_options
+
+    return {k: params[v] for k, v in _COMMON.items()} | {
+        "extra": _extra(params["trl"]), "dtype": from_options(params["dtype"], params["precision"])}
 
 
 @train_app.command("sft")
 def sft(
     out: Out, base: Base = None, data: Data = None, data_dir: DataDir = None,
     preset: Preset = None, seed: Seed = None, device: Device = None, dtype: Dtype = None,
+    precision: PrecisionOpt = None,
     max_steps: Steps = None, lr: Lr = None, lr_scheduler: Sched = None, warmup_ratio: Warm = None,
     weight_decay: Wd = None, max_grad_norm: Clip = None, batch_size: Batch = None,
     grad_accum: Accum = None, logging_steps: LogSteps = None,
@@ -148,6 +157,7 @@ def sft(
 def grpo(
     out: Out, base: Base = None, data: Data = None, data_dir: DataDir = None,
     preset: Preset = None, seed: Seed = None, device: Device = None, dtype: Dtype = None,
+    precision: PrecisionOpt = None,
     max_steps: Steps = None, lr: Lr = None, lr_scheduler: Sched = None, warmup_ratio: Warm = None,
     weight_decay: Wd = None, max_grad_norm: Clip = None, batch_size: Batch = None,
     grad_accum: Accum = None, logging_steps: LogSteps = None,

@@ -88,7 +88,7 @@ DEMO_PRESETS: dict[str, DemoPreset] = {
 }
 
 
-def _train_one(run: DemoRun, preset: DemoPreset, out: Path, data_dir, device: str, dtype: str,
+def train_one(run: DemoRun, preset: DemoPreset, out: Path, data_dir, device: str, dtype: str,
                echo, keep_checkpoints: bool = False) -> Path:
     # deferred: the training modules import transformers' Trainer (only a demo that trains needs it)
     from ..training.callbacks import prune_finished
@@ -149,7 +149,7 @@ def run_demo(out: Path, preset: str = "default", data_dir=None, device: str = "a
     runs = demo_runs(p.seeds)
     echo(f"[2/3] training {len(runs)} fine-tunes ({len(RUNS)} kinds x {p.seeds} seed(s)) into "
          f"{out / 'models'} (preset {preset})")
-    variants = {r.name: str(_train_one(r, p, out, data_dir, device, dtype, echo,
+    variants = {r.name: str(train_one(r, p, out, data_dir, device, dtype, echo,
                                        keep_checkpoints)) for r in runs}
     t_train = time.perf_counter() - t0
     echo(f"[3/3] comparing them with the base (compare preset {p.compare_preset})")

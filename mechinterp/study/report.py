@@ -37,6 +37,8 @@ from .document import (
     render_html,
     render_markdown,
 )
+from .precision_report import gate_blocks
+
 
 def _seconds(x) -> str:
     return "n/a" if not isinstance(x, (int, float)) else f"{x:.0f}"
@@ -211,7 +213,8 @@ def _probes(study, claims: list[dict]) -> list[Block]:
 
 #: The report's sections in order: each builds its blocks from the study and the decided claims.
 #: A new section is a function appended (or inserted) here.
-SECTIONS: list[Callable[..., list[Block]]] = [_intro, _verdict, _caveats, _training, _probes]
+SECTIONS: list[Callable[..., list[Block]]] = [_intro, _verdict, _caveats, _training,
+                                               gate_blocks, _probes]
 
 
 def build_document(study, claims: list[dict]) -> Document:
