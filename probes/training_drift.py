@@ -40,7 +40,7 @@ class Config(BaseConfig):
 def _blocks(data: dict) -> dict[str, dict]:
     if "runs_drift" in data:
         return data["runs_drift"]
-    # a training run's own log: named by what was trained (``sft``, ``sft frozen mlp@18-23``)
+    # a training run's own log: named by what was trained (``sft``, ``sft frozen mlp@10-19``)
     name = data.get("algorithm", "run") + (f" frozen {data['freeze']}" if data.get("freeze") else "")
     return {name: data}
 

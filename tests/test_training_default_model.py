@@ -9,7 +9,7 @@ from mechinterp.models import DEFAULT_MODEL
 from mechinterp.training.runner import train
 from mechinterp.training.settings import resolve_settings
 
-# paper-mid-mlp on 30 layers = mlp@18-23, plus slices: a query head (GQA: 9 heads / 3 KV heads)
+# MLPs of layers 18-23, plus slices: a query head (GQA: 9 heads / 3 KV heads)
 # and 100 MLP neurons
 SPEC = "mlp@18-23,attn.heads@5:4,mlp.neurons@10:0-99"
 

@@ -49,8 +49,9 @@ LogSteps = Annotated[int | None, Opt(help="Log loss/reward every N steps [1].")]
 Freeze = Annotated[str | None, Opt(help="Freeze spec, e.g. 'mlp@19-25', 'only:attn.q,attn.k', "
                                       "'attn.heads@12:0,3', 'mlp.neurons@10:FILE', 're:REGEX' "
                                       "(docs/training.md).")]
-FreezePreset = Annotated[str | None, Opt(help="paper-mid-mlp (paper's layers 19-25 of 32 mapped "
-                                            "onto this depth) or paper-qk-only.")]
+FreezePreset = Annotated[str | None, Opt(help="paper-mid-mlp (the mid-layer MLPs: the middle third "
+                                            "of the depth, the span the claims test) or "
+                                            "paper-qk-only.")]
 Ckpts = Annotated[int | None, Opt("--checkpoints", help="Checkpoints saved evenly through the "
                                      "run, the last at the end [paper: 20].")]
 Held = Annotated[int | None, Opt("--heldout", help="Held-out items for KL from the base "

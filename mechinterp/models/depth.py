@@ -5,7 +5,8 @@ OLMo-2's 32 in its mitigation run. A claim about mid-layers (C4: where SFT's MLP
 freezing them; C8: whether they carry the MMLU damage) must test the same layers the freezing run
 froze, or the claims speak of different things. We use the middle third of the depth, scaled to
 any model: layers ``[n // 3, 2n // 3)``. For 30 layers (the default model) that is 10-19; for 32,
-10-20. The report prints the span it used.
+10-20. The ``paper-mid-mlp`` freeze preset freezes the MLPs of this span (the paper's own run,
+layers 19-25 of 32, is ``--freeze mlp@19-25``). The report prints the span it used.
 """
 
 from __future__ import annotations

@@ -34,16 +34,16 @@ Below the tensor level (slices of one parameter):
   ``c_fc`` and its bias entries) and columns of down (GPT-2: rows of ``mlp.c_proj``). FILE holds
   indices separated by whitespace or commas (or a JSON list); indices may also be given inline.
 
-``--freeze-preset paper-mid-mlp`` maps the paper's frozen layers 19..25 of 32 onto a model with
-``L`` layers: layer ``i`` is frozen when its centre ``(i + 0.5) / L`` lies in ``[19/32, 26/32)``,
-i.e. ``ceil(19 L / 32 - 0.5) .. ceil(26 L / 32 - 0.5) - 1`` (32 layers: 19-25; SmolLM2's 30: 18-23).
+``--freeze-preset paper-mid-mlp`` is the paper's mitigation, freezing the mid-layer MLPs, with "mid"
+the one span every claim uses (:func:`mechinterp.models.depth.mid_layers`: the middle third of the
+depth; SmolLM2's 30 layers: 10-19). The paper's own run froze layers 19-25 of OLMo-2's 32; that
+exact span is ``--freeze mlp@19-25``.
 ``paper-qk-only`` is the paper's other run, training only q and k (``only:attn.q,attn.k``).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +51,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
+from .depth import mid_layers
 from .naming import ATTN, Family, family_for, n_layers
 
 FREEZE_PRESETS = ("paper-mid-mlp", "paper-qk-only")
@@ -67,20 +68,11 @@ class FreezeSpecError(UserError):
 def preset_spec(name: str, n_layer: int) -> str:
     """The freeze spec a preset stands for on a model with ``n_layer`` layers."""
     if name == "paper-mid-mlp":
-        lo, hi = paper_layer_span(n_layer)
-        return f"mlp@{lo}-{hi}"
+        mid = mid_layers(n_layer)
+        return f"mlp@{mid.start}-{mid.stop - 1}"
     if name == "paper-qk-only":
         return "only:attn.q,attn.k"
     raise FreezeSpecError(f"unknown freeze preset {name!r}", f"use one of {', '.join(FREEZE_PRESETS)}")
-
-
-def paper_layer_span(n_layer: int, lo: int = 19, hi: int = 25, of: int = 32) -> tuple[int, int]:
-    """Layers whose centre (as a fraction of depth) lies in the paper's ``[lo/of, (hi+1)/of)``."""
-    first = math.ceil(lo * n_layer / of - 0.5)
-    last = math.ceil((hi + 1) * n_layer / of - 0.5) - 1
-    if last < first:  # very shallow models: keep at least the layer nearest the span's centre
-        first = last = min(n_layer - 1, int((lo + hi + 1) / 2 * n_layer / of))
-    return first, last
 
 
 # ----- parsing -----------------------------------------------------------------------------------

@@ -4,14 +4,14 @@
    paper's mid-layer MLPs frozen) from the same base, on the same synthetic arithmetic prompts,
    with the same steps and learning rate; with several seeds, again as ``sft-s1``, ``grpo-s1``,
    ``sft-frozen-s1``, ``sft-s2``, ... (training seed 1, 2, ...: :func:`demo_runs`);
-2. ``compare`` them with the base: the claims' probes on every seed, the single-model probes
-   (attention shift, MLP patching, causal tracing; with ``full`` also the model-diffing probes) on
-   each kind's first seed, paired statistics;
+2. ``compare`` them with the base: the claims' probes on every seed, paired statistics (with
+   ``full`` also the single-model probes, attention shift, MLP patching and causal tracing, and the
+   model-diffing probes on each kind's first seed);
 3. write ``OUT/report.md``, ``OUT/report.html``, ``OUT/claims.json`` and print the verdict.
 
 Presets: ``smoke`` (minutes, one seed, every probe; CI runs it), ``default`` (the CPU study: three
-seeds), ``full`` (``default`` plus the model-diffing probes: activation-difference lens, logit lens,
-stitching), ``paper`` (the paper's training settings; for a GPU
+seeds), ``full`` (``default`` plus the single-model and model-diffing probes: attention shift, patching,
+tracing, activation-difference lens, logit lens, stitching), ``paper`` (the paper's training settings; for a GPU
 node). A run folder whose training finished is reused; one that stopped part-way is resumed;
 ``compare`` reuses every result whose configuration and weights are unchanged, so an interrupted
 demo continues where it stopped.

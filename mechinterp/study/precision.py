@@ -66,7 +66,7 @@ class ContrastPreset:
     seeds: int = 1
 
 
-#: ``smoke``: the smoke demo's 2 steps (CI); ``default``: the demo's settings (24 steps at lr 2e-5,
+#: ``smoke``: the smoke demo's 2 steps (CI); ``default``: the demo's settings (12 steps at lr 2e-5,
 #: the arithmetic task), one checkpoint and fewer KL items; ``paper``: the paper's settings (GPU)
 CONTRAST_PRESETS: dict[str, ContrastPreset] = {
     "smoke": ContrastPreset("smoke", spectral=False),

@@ -78,13 +78,13 @@ def _diffing(n_texts: int, n_heldout: int, max_length: int, stride: int, n_lens:
 
 
 #: What each preset measures. ``smoke`` proves the pipeline end to end in CI (every probe);
-#: ``default`` is the CPU study: the probes the claims read on every seed (MMLU cloze on a fixed
-#: stratified sample, the task on a fixed sample of held-out problems), attention shift, MLP
-#: patching and causal tracing (what the study notebooks show) on each kind's first seed; ``full``
-#: adds the model-diffing probes on the first seed; ``paper`` is sized for a GPU.
-#: damage-attribution scores the mmlu step's 100 items (about half of them damaged) so that C8
-#: reverts at least 32 damaged items; it patches the first 8 of them. In the default preset it runs
-#: on the first SFT seed (each SFT seed costs about 7 CPU-minutes); the full preset runs every seed.
+#: ``default`` is the CPU study: the probes the claims read, on every seed (MMLU cloze on a fixed
+#: stratified sample of 80 items, the task on 24 held-out problems), damage attribution on the
+#: first SFT seed, the update's geometry on the first seed's SFT and GRPO; ``full`` (the sizes
+#: below, every seed's damage attribution) adds attention shift, MLP patching and causal tracing
+#: on each kind's first seed and the model-diffing probes; ``paper`` is sized for a GPU.
+#: damage-attribution scores the mmlu step's items (over half of them damaged at the demo's
+#: settings) so that C8 reverts at least 32 damaged items; it patches the first 8 of them.
 _DEFAULT_SIZES = dict(n_mmlu=100, n_task=32, n_facts=3, samples=2, n_patch=8, n_damage=100,
                       max_failures=8, n_reverted=32, n_attn=8, patch_sites=("mlp",),
                       damage_sites=("mlp_out",))
@@ -97,11 +97,13 @@ PLANS: dict[str, list[Step]] = {
                    diffing=_diffing(n_texts=4, n_heldout=2, max_length=16, stride=15, n_lens=3,
                                     n_kl=2, n_mmlu=2, n_task=2, answer_tokens=16, n_boot=100,
                                     stitch_kinds=("sft",))),
-    # the update's geometry on the SFT and GRPO final models of every seed (its trajectories over
-    # checkpoints cost about a CPU-minute per checkpoint: the full preset has them)
-    "default": _plan(**_DEFAULT_SIZES, damage_first_seed=True,
+    # the claims' probes on every seed at sizes that keep the demo within 30 CPU-minutes (MMLU's
+    # 80 items leave about 48 damaged by SFT, of which C8 reverts 32); the update's geometry on the
+    # first seed's SFT and GRPO final models; attention, patching and tracing in the full preset
+    "default": _plan(**(_DEFAULT_SIZES | dict(n_mmlu=80, n_damage=80, n_task=24)),
+                     damage_first_seed=True, single=False,
                      geometry=Step("update-geometry", {"k_fraction": 0.05},
-                                   kinds=("sft", "grpo"))),
+                                   kinds=("sft", "grpo"), first_seed=True)),
     "full": _plan(**_DEFAULT_SIZES,
                   diffing=_diffing(n_texts=32, n_heldout=8, max_length=32, stride=5, n_lens=24,
                                    n_kl=8, n_mmlu=16, n_task=8)),
