@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .models.edit import plant_change
+from .models.loaded import load
 from .models.zoo import DEFAULT_MODEL
 from .paths import cache_dir
 
@@ -16,9 +18,6 @@ PLANTED_QK_REL = 1e-3
 
 def planted_variant(device: str | None = None) -> Path:
     """The default model with a known change, cached (built once, ~5 s)."""
-    from .models.edit import plant_change
-    from .models.loaded import load
-
     folder = cache_dir() / "demo" / f"smollm2-planted-mlp{PLANTED_MLP_REL:g}-qk{PLANTED_QK_REL:g}"
     if (folder / "config.json").exists():
         return folder

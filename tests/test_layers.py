@@ -43,7 +43,7 @@ HEAVY = ("torch", "transformers", "transformer_lens", "nnsight", "trl", "dataset
          "matplotlib", "pandas", "pyarrow", "scipy", "submitit", "gguf", "safetensors",
          "tensorboard", "torch.utils.tensorboard", "wandb", "trackio", "peft", "lm_eval",
          "ipywidgets", "IPython", "nbclient", "nbformat", "deepspeed", "bitsandbytes", "rich",
-         "vllm")
+         "vllm", "huggingface_hub")
 
 #: Modules that run a program when imported (not imported by the check below).
 ENTRY_SCRIPTS = ("mechinterp.__main__", "mechinterp.cli.__main__")

@@ -129,6 +129,7 @@ _COMMON = dict(base="base", data="data", seed="seed", device="device", dtype="dt
 
 def _common(params: dict) -> dict:
     """Settings from the options both commands share (``params`` is the command's locals())."""
+    # deferred: torch (training.precision imports it; `train --help` need not)
     from ..training.precision import from_options
 
     return {k: params[v] for k, v in _COMMON.items()} | {

@@ -105,7 +105,7 @@ def _gguf_folder(gguf: Path) -> Path:
 
 def _hub_folder(repo: str, revision: str | None, spec: str) -> Path:
     try:
-        from huggingface_hub import snapshot_download  # deferred: heavy to import; hub specs only
+        from huggingface_hub import snapshot_download  # deferred: huggingface_hub, hub specs only
     except ImportError:  # pragma: no cover - transformers depends on it
         raise SpecError("huggingface_hub is not installed", "pip install huggingface_hub") from None
     patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]

@@ -189,7 +189,7 @@ def paper_figures(folder: Path | str) -> list[Path]:
     # deferred: matplotlib only when drawing
     import matplotlib.pyplot as plt
 
-    from ..plotting.style import house_style
+    from ..plotting.style import house_style  # deferred: matplotlib, as above
 
     study = load_study(Path(folder))
     study.claims = decide_all(study)  # from the stored results, as compare decided them

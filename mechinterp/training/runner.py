@@ -422,8 +422,8 @@ def _trainer(s: TrainSettings, model, cfg, train_ds, tok, cbs: list, reward_func
         trainer = SFTTrainer(model=model, args=cfg, train_dataset=train_ds, processing_class=tok,
                              callbacks=cbs)
     else:
-        # deferred: TRL is heavy to import; TRL's trainer, each group's prompt run once
-        from .grpo_shared import SharedPromptGRPOTrainer
+        # TRL's GRPO trainer, each group's prompt run once
+        from .grpo_shared import SharedPromptGRPOTrainer  # deferred: trl (heavy to import)
 
         rewards = reward_funcs or [correctness, format_reward]
         trainer = SharedPromptGRPOTrainer(model=model, reward_funcs=rewards, args=cfg,

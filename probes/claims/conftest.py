@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+
+from mechinterp.errors import UserError
+from mechinterp.models.modelset import parse_variant_args
+from mechinterp.models.zoo import DEFAULT_MODEL
+from mechinterp.study.claims import decide_all
+from mechinterp.study.compare import compare
+from mechinterp.study.folder import STUDY_FILE, load_study
 
 
 @pytest.fixture(scope="session")
 def study(request, tmp_path_factory):
-    from mechinterp.errors import UserError
-    from mechinterp.models.modelset import parse_variant_args
-    from mechinterp.models.zoo import DEFAULT_MODEL
-    from mechinterp.study.compare import compare
-    from mechinterp.study.folder import STUDY_FILE, load_study
-
     opt = request.config.getoption
     results = opt("--mi-results")
     try:
-        if results and (__import__("pathlib").Path(results) / STUDY_FILE).is_file() \
+        if results and (Path(results) / STUDY_FILE).is_file() \
                 and not opt("--mi-variant"):
             study = load_study(results)
             if study.missing():  # a compare killed part-way: its claims would read as skipped
@@ -39,6 +42,4 @@ def study(request, tmp_path_factory):
 @pytest.fixture(scope="session")
 def decided(study):
     """``{claim id: claim}``: every claim decided once, Holm-corrected, as the report has them."""
-    from mechinterp.study.claims import decide_all
-
     return {c["id"]: c for c in decide_all(study)}
