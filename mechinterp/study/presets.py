@@ -27,7 +27,7 @@ def _plan(n_mmlu: int, n_task: int | None, n_facts: int, samples: int, n_patch: 
           damage_sites: tuple[str, ...] = ("mlp_out", "attn_out"), task: str = "arithmetic",
           answer_tokens: int | None = None, diffing: list[Step] = (), single: bool = True,
           geometry: Step = Step("update-geometry", {"k_fraction": 0.05}, checkpoints=True),
-          damage_first_seed: bool = False) -> list[Step]:
+          damage_first_seed: bool = False, n_text: int = 32) -> list[Step]:
     """The steps of a preset; ``diffing``: the model-diffing probes' steps (:func:`_diffing`).
     The claims read weight-change, kl-drift, task-accuracy, mmlu and damage-attribution: those run
     on every seed (damage-attribution on the first SFT seed only when ``damage_first_seed``).
@@ -38,7 +38,7 @@ def _plan(n_mmlu: int, n_task: int | None, n_facts: int, samples: int, n_patch: 
     return [
         Step("weight-change", {"sparsity": sparsity}, checkpoints=True),
         geometry,
-        Step("kl-drift", {"items": task, "limit": n_task}, checkpoints=True),
+        Step("kl-drift", {"items": task, "limit": n_task, "n_text": n_text}, checkpoints=True),
         # before/after is what the claims and the training table read; greedy generation on
         # every checkpoint cost more than any other step of the default demo
         Step("task-accuracy", {"items": task, "limit": n_task, "max_new_tokens": answer_tokens}),
@@ -79,7 +79,7 @@ def _diffing(n_texts: int, n_heldout: int, max_length: int, stride: int, n_lens:
 
 #: What each preset measures. ``smoke`` proves the pipeline end to end in CI (every probe);
 #: ``default`` is the CPU study: the probes the claims read, on every seed (MMLU cloze on a fixed
-#: stratified sample of 80 items, the task on 24 held-out problems), damage attribution on the
+#: stratified sample of 64 items, the task on 24 held-out problems), damage attribution on the
 #: first SFT seed, the update's geometry on the first seed's SFT and GRPO; ``full`` (the sizes
 #: below, every seed's damage attribution) adds attention shift, MLP patching and causal tracing
 #: on each kind's first seed and the model-diffing probes; ``paper`` is sized for a GPU.
@@ -97,10 +97,11 @@ PLANS: dict[str, list[Step]] = {
                    diffing=_diffing(n_texts=4, n_heldout=2, max_length=16, stride=15, n_lens=3,
                                     n_kl=2, n_mmlu=2, n_task=2, answer_tokens=16, n_boot=100,
                                     stitch_kinds=("sft",))),
-    # the claims' probes on every seed at sizes that keep the demo within 30 CPU-minutes (MMLU's
-    # 80 items leave about 48 damaged by SFT, of which C8 reverts 32); the update's geometry on the
-    # first seed's SFT and GRPO final models; attention, patching and tracing in the full preset
-    "default": _plan(**(_DEFAULT_SIZES | dict(n_mmlu=80, n_damage=80, n_task=24)),
+    # the claims' probes on every seed at sizes that keep the demo within 30 CPU-minutes (SFT
+    # damages about 60% of MMLU items: 64 leave about 38, of which C8 reverts 32); the update's
+    # geometry on the first seed's SFT and GRPO final models; attention, patching and tracing in
+    # the full preset
+    "default": _plan(**(_DEFAULT_SIZES | dict(n_mmlu=64, n_damage=64, n_task=24, n_text=16)),
                      damage_first_seed=True, single=False,
                      geometry=Step("update-geometry", {"k_fraction": 0.05},
                                    kinds=("sft", "grpo"), first_seed=True)),
