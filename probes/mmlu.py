@@ -96,36 +96,43 @@ class MMLUProbe:
         }, files=files)
 
     def plot(self, result: Result) -> dict:
+        """Accuracy per model and format with its Wilson interval (one row per model, so a study
+        of many checkpoints stays readable), and a subject x model heatmap."""
         d = result.data
-        fmts, names = d["formats"], d["models"]
-        fig, ax = new_axes(width=max(5.0, 1.2 * len(fmts) * len(names) + 2), height=4)
-        width = 0.8 / len(names)
-        for k, name in enumerate(names):
-            x = np.arange(len(fmts)) + k * width
-            y = np.array([d["accuracy"][name][f] for f in fmts])
-            lo = np.array([d["ci95"][name][f][0] for f in fmts])
-            hi = np.array([d["ci95"][name][f][1] for f in fmts])
-            ax.bar(x, y, width, yerr=[y - lo, hi - y], capsize=3, label=name)
-        ax.axhline(0.25, color="grey", ls="--", lw=1, label="chance (0.25)")
-        ax.set_xticks(np.arange(len(fmts)) + width * (len(names) - 1) / 2, fmts)
-        ax.set_ylabel("accuracy (95% Wilson interval)")
-        ax.set_title(f"MMLU accuracy ({d['n_items']} test items)")
-        ax.legend()
-        figs = {"mmlu_accuracy": fig}
-        subjects = d["subjects"]
-        fmt = fmts[0]
-        fig2, ax2 = new_axes(width=7, height=max(3.0, 0.18 * len(subjects) + 1.5))
-        for name in names:
-            vals = [d["by_subject"][name][fmt].get(s, np.nan) for s in subjects]
-            ax2.plot(vals, np.arange(len(subjects)), "o", ms=4, label=name)
-        ax2.axvline(0.25, color="grey", ls="--", lw=1)
-        ax2.set_yticks(np.arange(len(subjects)), [s.replace("_", " ") for s in subjects],
-                       fontsize=7)
-        ax2.set_xlabel(f"accuracy ({fmt})")
-        ax2.set_title("MMLU accuracy per subject")
-        ax2.legend()
-        figs["mmlu_by_subject"] = fig2
-        return figs
+        return {"mmlu_accuracy": _accuracy_figure(d), "mmlu_by_subject": _subject_figure(d)}
+
+
+def _accuracy_figure(d: dict):
+    fmts, names = d["formats"], d["models"]
+    fig, ax = new_axes(width=7, height=max(2.5, 0.28 * len(names) + 1.4))
+    rows = np.arange(len(names))[::-1]
+    step = 0.6 / max(1, len(fmts))
+    for k, f in enumerate(fmts):
+        y = np.array([d["accuracy"][n][f] for n in names])
+        lo = np.array([d["ci95"][n][f][0] for n in names])
+        hi = np.array([d["ci95"][n][f][1] for n in names])
+        ax.errorbar(y, rows + (k - (len(fmts) - 1) / 2) * step, xerr=[y - lo, hi - y], fmt="o",
+                    ms=4, capsize=2, label=f)
+    ax.axvline(0.25, color="grey", ls="--", lw=1, label="chance (0.25)")
+    ax.set_yticks(rows, names, fontsize=8)
+    ax.set_xlabel("accuracy (95% Wilson interval)")
+    ax.set_title(f"MMLU accuracy ({d['n_items']} test items)")
+    ax.legend(fontsize=8, loc="lower right")
+    return fig
+
+
+def _subject_figure(d: dict):
+    names, subjects, fmt = d["models"], d["subjects"], d["formats"][0]
+    acc = np.array([[d["by_subject"][n][fmt].get(s, np.nan) for n in names] for s in subjects],
+                   dtype=float)
+    fig, ax = new_axes(width=max(5.0, 0.3 * len(names) + 3.5),
+                       height=max(3.0, 0.18 * len(subjects) + 2.0))
+    im = ax.imshow(acc, aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_yticks(np.arange(len(subjects)), [s.replace("_", " ") for s in subjects], fontsize=7)
+    ax.set_xticks(np.arange(len(names)), names, rotation=90, fontsize=7)
+    ax.set_title(f"MMLU accuracy per subject ({fmt}; {d['n_items']} items in all)")
+    fig.colorbar(im, ax=ax, label="accuracy", shrink=0.5)
+    return fig
 
 
 PLAIN = ("General knowledge: MMLU in cloze format (log-likelihood of each answer's text after the "

@@ -4,7 +4,8 @@ Reverting one third of the layers' MLP weights to the base's (``revert_window_re
 where the damage was *written*: the origin. Patching the base's MLP output into SFT
 (``margin_recovery``) asks which layer's output *carries* the damage to the logits: mediation, which
 the last layers win because they write straight into the logits. The claim needs a significant net
-damage on the items used first (else there is nothing to attribute).
+damage first: the mean margin drop over every item scored, not only the damaged ones, which are
+selected for a drop (else there is nothing to attribute).
 """
 
 from __future__ import annotations
@@ -96,14 +97,13 @@ def c8_damage_mid_mlp(study) -> dict:
             + f" of the margin drop ({where}); mid minus the best other third {p['effect']:+.2f} "
               f"[{p['ci95'][0]:+.2f}, {p['ci95'][1]:+.2f}] over {len(names)} seed(s)"]
     text += _revert_by_layer(get(d, "revert_recovery", first, "mlp"), numbers)
-    text.append(f"net damage (margin drop) {net:.3g} [{net_ci[0]:.3g}, {net_ci[1]:.3g}] on "
-                f"{', '.join(map(str, n_used))} items used")
+    text.append(_net_text(get(d, "net_damage", first, "n"), net, net_ci, n_used))
     text += _mediation(floats(get(d, "margin_recovery", first, "mlp_out") or []), numbers)
     return claim("C8", title, "; ".join(text), numbers, p, [net_gate], single_seed(len(names)))
 
 
 def _net_damage(d: dict, names: list[str]) -> tuple[float, list[float], list, dict]:
-    """The net damage (margin drop) on the items used, over the SFT replicates ``names``: mean,
+    """The net damage (margin drop over every item scored), over the SFT replicates ``names``: mean,
     hierarchical 95% interval, per-seed p-values, and the gate that it is significant (else there
     is nothing to attribute)."""
     est = np.array([[get(d, "net_damage", n, "mean"), _se(get(d, "net_damage", n, "ci95"))]
@@ -113,9 +113,17 @@ def _net_damage(d: dict, names: list[str]) -> tuple[float, list[float], list, di
     p_values = [get(d, "net_damage", n, "p") for n in names]
     damaged = bool(lo > 0 and (len(names) > 1 or p_values[0] is None or p_values[0] < 0.05))
     mean = float(est[:, 0].mean())
+    shown = ", ".join(f"{p:.2g}" for p in p_values if p is not None)
     return mean, [lo, hi], p_values, gate(
-        damaged, f"net damage on the items used is not significant ({mean:.3g} "
-                 f"[{lo:.3g}, {hi:.3g}]): nothing to attribute", blocks="any")
+        damaged, f"SFT's net damage (mean margin drop over every item scored, damaged or not) is "
+                 f"not significant ({mean:.3g} [{lo:.3g}, {hi:.3g}]"
+                 + (f", p = {shown}" if shown else "") + "): nothing to attribute", blocks="any")
+
+
+def _net_text(n_scored, net: float, net_ci: list[float], n_used: list) -> str:
+    return (f"net damage (mean margin drop over all {n_scored} items scored) {net:.3g} "
+            f"[{net_ci[0]:.3g}, {net_ci[1]:.3g}]; recoveries read on "
+            f"{', '.join(map(str, n_used))} damaged items")
 
 
 def _revert_by_layer(per_layer: list | None, numbers: dict) -> list[str]:
