@@ -218,9 +218,14 @@ def test_claims_probes_run_on_every_seed_single_model_probes_on_the_first():
                   "logit-lens"):
         assert runs[probe] == ["sft", "grpo", "sft-frozen", "other"], probe
     assert runs["stitch"] == ["sft", "grpo"]
-    # the default preset leaves the model-diffing probes to `full`
+    # the default preset runs what the claims read; `full` adds the single-model and the
+    # model-diffing probes
     assert {s.probe for s in PLANS["full"]} - {s.probe for s in PLANS["default"]} == {
-        "activation-diff", "logit-lens", "stitch"}
+        "attention-shift", "mlp-patching", "causal-trace", "activation-diff", "logit-lens",
+        "stitch"}
+    default = {s.probe: step_variants(study, s) for s in PLANS["default"]}
+    assert default["damage-attribution"] == ["sft"]
+    assert default["update-geometry"] == ["sft", "grpo"]
     assert {s.probe for s in PLANS["smoke"]} == set(runs)  # CI still runs every probe
 
 

@@ -171,7 +171,7 @@ def test_precision_contrast_end_to_end_on_a_tiny_model(tmp_path, data_source):
     equal its update is zero in both schemes, so only the order of the two is asserted.)"""
     from mechinterp.store.results import read_result
     from mechinterp.study.precision import run_contrast
-    from mechinterp.study.precision_report import gate_lines, gate_rows, markdown_section
+    from mechinterp.study.precision_report import gate_lines, gate_rows
 
     out = tmp_path / "results"
     meta = run_contrast(out, "smoke", base="tiny-random-llama", data_dir=data_source.root,
@@ -198,14 +198,14 @@ def test_precision_contrast_end_to_end_on_a_tiny_model(tmp_path, data_source):
     lines = gate_lines(out)
     assert any(x.startswith("sft: exactly unchanged entries") and
                f"{100 * zero['sft-pure-bf16']:.2f}% in pure bf16" in x for x in lines)
-    md = "\n".join(markdown_section(out))
-    assert "## Precision gate" in md and "precision_histograms.png" in md
     # the report of any compare into this folder carries the section, figures embedded
-    from mechinterp.study.compare import Study
+    from mechinterp.study.folder import Study
     from mechinterp.study.report import build_html, build_markdown
 
     study = Study(out, "tiny-random-llama", {}, {})
-    assert md in build_markdown(study, [])
+    md = build_markdown(study, [])
+    assert "## Precision gate" in md and "precision/update-geometry/precision_histograms.png" in md
+    assert all(line in md for line in lines)
     page = build_html(study, [])
     assert "<h2 id='precision-gate'>" in page and page.count("data:image/png;base64,") == 2
 

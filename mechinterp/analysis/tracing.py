@@ -311,6 +311,7 @@ def _finish_block(packed: PackedBlocks, layer: int, x: Tensor, o: Tensor, rows: 
     x.add_(outs["mlp_out"])
 
 
+@torch.no_grad()
 def _restore_rows(packed: PackedBlocks, rec: Recording, rows: _Rows, n_tokens: int,
                   answer_id: int) -> Tensor:
     """Answer probability for each row (sorted by entry) after restoring its condition.

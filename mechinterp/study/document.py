@@ -41,7 +41,8 @@ Span = str | Code | Bold | Break
 
 @dataclass(frozen=True)
 class Heading:
-    """A section heading; ``anchor``: the HTML heading carries ``id=text``."""
+    """A section heading; ``anchor``: the HTML heading carries an id, the text in lower case with
+    hyphens (a probe's name is its own id)."""
 
     level: int
     text: str
@@ -133,6 +134,10 @@ def _shown(block: Block) -> bool:
     return not (isinstance(block, Bullets) and not block.items and block.empty is None)
 
 
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
 def render_markdown(doc: Document) -> str:
     """The document as Markdown: blocks separated by a blank line, figures linked."""
     return "\n\n".join(_md_block(b) for b in doc.blocks if _shown(b)) + "\n"
@@ -170,7 +175,7 @@ def _html_table(table: Table) -> str:
 
 def _html_block(block: Block) -> str:
     if isinstance(block, Heading):
-        anchor = f" id='{html.escape(block.text)}'" if block.anchor else ""
+        anchor = f" id='{_slug(block.text)}'" if block.anchor else ""
         return f"<h{block.level}{anchor}>{html.escape(block.text)}</h{block.level}>"
     if isinstance(block, Paragraph):
         return ("<p class='prov'>" if block.small else "<p>") + _html_spans(block.spans) + "</p>"

@@ -27,7 +27,7 @@ def _plan(n_mmlu: int, n_task: int | None, n_facts: int, samples: int, n_patch: 
           damage_sites: tuple[str, ...] = ("mlp_out", "attn_out"), task: str = "arithmetic",
           answer_tokens: int | None = None, diffing: list[Step] = (), single: bool = True,
           geometry: Step = Step("update-geometry", {"k_fraction": 0.05}, checkpoints=True),
-          damage_first_seed: bool = False, n_text: int = 32) -> list[Step]:
+          damage_first_seed: bool = False, n_text: int | None = None) -> list[Step]:
     """The steps of a preset; ``diffing``: the model-diffing probes' steps (:func:`_diffing`).
     The claims read weight-change, kl-drift, task-accuracy, mmlu and damage-attribution: those run
     on every seed (damage-attribution on the first SFT seed only when ``damage_first_seed``).
@@ -38,7 +38,8 @@ def _plan(n_mmlu: int, n_task: int | None, n_facts: int, samples: int, n_patch: 
     return [
         Step("weight-change", {"sparsity": sparsity}, checkpoints=True),
         geometry,
-        Step("kl-drift", {"items": task, "limit": n_task, "n_text": n_text}, checkpoints=True),
+        Step("kl-drift", {"items": task, "limit": n_task,
+                           **({"n_text": n_text} if n_text is not None else {})}, checkpoints=True),
         # before/after is what the claims and the training table read; greedy generation on
         # every checkpoint cost more than any other step of the default demo
         Step("task-accuracy", {"items": task, "limit": n_task, "max_new_tokens": answer_tokens}),
