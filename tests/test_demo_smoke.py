@@ -111,11 +111,20 @@ def test_demo_again_in_a_new_process_reuses_every_run_and_result(demo_dir):
 
 @slow
 @pytest.mark.parametrize("path", STUDY_NOTEBOOKS, ids=lambda p: p.name)
-def test_study_notebook_runs_on_the_demo(path, demo_dir, monkeypatch):
+def test_study_notebook_runs_on_the_demo(path, demo_dir, monkeypatch, tmp_path):
     import nbformat
     from nbclient import NotebookClient
 
     monkeypatch.setenv("MECHINTERP_DEMO_DIR", str(demo_dir))
+    if path.name.startswith("07_"):  # the precision gate: its contrast on a tiny model (bf16 training
+        # of the real model takes CPU-minutes per step; tests/test_precision_contrast.py checks the
+        # numbers of this same contrast)
+        from mechinterp.study.precision import run_contrast
+
+        run_contrast(tmp_path, "smoke", base="tiny-random-llama", device="cpu",
+                     echo=lambda *_: None,
+                     train={"learning_rate": 1e-4, "max_length": 400, "heldout_max_length": 400})
+        monkeypatch.setenv("MECHINTERP_DEMO_DIR", str(tmp_path))
     monkeypatch.setenv("MECHINTERP_PROGRESS", "0")
     nb = nbformat.read(path, as_version=4)
     NotebookClient(nb, timeout=600, kernel_name="python3",
