@@ -98,7 +98,7 @@ PLANS: dict[str, list[Step]] = {
                    diffing=_diffing(n_texts=4, n_heldout=2, max_length=16, stride=15, n_lens=3,
                                     n_kl=2, n_mmlu=2, n_task=2, answer_tokens=16, n_boot=100,
                                     stitch_kinds=("sft",))),
-    # the claims' probes on every seed at sizes that keep the demo within 30 CPU-minutes (SFT
+    # the claims' probes on every seed at sizes for a demo of about half an hour on 2 CPU cores (SFT
     # damages about 60% of MMLU items: 64 leave about 38, of which C8 reverts 32); the update's
     # geometry on the first seed's SFT and GRPO final models; attention, patching and tracing in
     # the full preset
