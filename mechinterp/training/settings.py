@@ -80,8 +80,8 @@ PAPER: dict[str, dict[str, Any]] = {
 
 #: The study on a CPU: SFT and GRPO on the same synthetic arithmetic prompts (2 per step), the same
 #: steps and the same learning rate (the paper's fair comparison), constant schedule with no
-#: warm-up (short runs lose nothing to it), 12 steps with 6 checkpoints evenly spaced (every 2 steps; with 3 seeds per run kind this keeps
-#: the default demo near half an hour on 2 CPU cores); GRPO
+#: warm-up (short runs lose nothing to it), 12 steps with 6 checkpoints evenly spaced (every 2
+#: steps; with 3 seeds per run kind the default demo takes about half an hour on 2 CPU cores); GRPO
 #: samples 4 completions a prompt at the paper's temperature 0.6. The task (``+`` and ``x`` on
 #: operands 0-19, spelled out so that a run of another task is never reused as this one) is
 #: calibrated so that the base solves about 30% of the samples at that temperature and about half
