@@ -34,7 +34,7 @@ from mechinterp.data.items import load_items
 class Config(BaseConfig):
     items: str = "arithmetic"  # an arithmetic task spec (its held-out split) or "gsm8k" (test)
     max_new_tokens: int = 48  # greedy tokens per answer at most
-    batch_size: int = 16  # prompts per generate call
+    batch_size: int = 32  # prompts per generate call (one call for the default study's 24)
     at_least = {"max_new_tokens": 1, "batch_size": 1}  # lower bounds; every other number: at least 0
 
 
