@@ -25,6 +25,7 @@ noisy, shared machine slows both alike; the table gives medians over rounds and 
     python benchmarks/grpo_step.py --child --steps 4          # one child: this tree only, JSON
     python benchmarks/grpo_step.py --baseline /tmp/grpo-base --side-by-side --repeats 1
     python benchmarks/grpo_step.py --baseline /tmp/grpo-base --use-vllm   # on a GPU (colocate)
+    python benchmarks/grpo_step.py --child --steps 3 --precision mixed-bf16  # one scheme's split
 """
 
 from __future__ import annotations
@@ -109,6 +110,8 @@ def _child(a: argparse.Namespace) -> dict:
             steps.append(rec)
 
     over = dict(max_steps=a.steps, n_heldout=0, checkpoints=1, seed=a.seed, base=a.base)
+    if a.precision:
+        over["dtype"] = a.precision
     if a.use_vllm:
         over |= dict(use_vllm=True, vllm_mode="colocate")
     s = resolve_settings("grpo", a.preset, over)
@@ -125,6 +128,7 @@ def _start_child(tree: Path, a: argparse.Namespace) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(tree))
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--steps", str(a.steps),
            "--seed", str(a.seed), "--base", a.base, "--preset", a.preset,
+           *(["--precision", a.precision] if a.precision else []),
            *(["--use-vllm"] if a.use_vllm else [])]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, cwd=str(tree))
@@ -154,6 +158,8 @@ def main() -> None:
     ap.add_argument("--base", default="smollm2-135m-instruct")
     ap.add_argument("--preset", default="cpu-demo")
     ap.add_argument("--use-vllm", action="store_true", help="vLLM colocate generation (a GPU)")
+    ap.add_argument("--precision", help="the training --precision (default: the preset's; e.g. "
+                    "mixed-bf16, pure-bf16 as the precision contrast trains)")
     ap.add_argument("--log", type=Path, help="append each run's JSON here as it finishes")
     ap.add_argument("--side-by-side", action="store_true",
                     help="run the two trees at the same time in each round (on a machine whose "

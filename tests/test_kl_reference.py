@@ -156,3 +156,42 @@ def test_forward_and_reverse_differ_and_each_is_its_float64_definition(pair):
                                fwd, rtol=1e-6)
     with pytest.raises(UserError, match="KL direction 'backward'"):
         teacher_forced_kl(m, moved, items, direction="backward")
+
+
+def test_shared_prefix_counts_the_common_unmasked_columns_by_hand():
+    from mechinterp.evals.answers import shared_prefix
+
+    ids = torch.tensor([[5, 6, 7, 8, 9], [5, 6, 7, 1, 0], [5, 6, 7, 8, 2]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0], [1, 1, 1, 1, 1]])
+    assert shared_prefix(ids, mask) == 3  # columns 0-2 agree; column 3 differs in row 1
+    # every row keeps a token of its own: two identical rows share all but their last column
+    same = torch.tensor([[3, 4, 5], [3, 4, 5]])
+    assert shared_prefix(same, torch.ones_like(same)) == 2
+    # a masked column ends the prefix even where the ids agree
+    assert shared_prefix(ids, torch.tensor([[1, 0, 1, 1, 1]] * 3)) == 1
+
+
+def test_shared_prefix_pass_equals_the_full_pass(pair):
+    """Right-padded rows of different lengths behind a 20-token common prefix: the prefix run
+    once on its cache gives the full pass's log-probs at every answer position."""
+    from mechinterp.evals.answers import (answer_log_probs, shared_prefix_hidden)
+
+    m = load(str(pair / "moved"), device="cpu", dtype="float32")
+    g = torch.Generator().manual_seed(0)
+    prefix = torch.randint(3, 200, (20,), generator=g).tolist()
+    rows = [prefix + torch.randint(3, 200, (n,), generator=g).tolist() for n in (7, 3, 11)]
+    width = max(map(len, rows))
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)], mask[i, :len(r)] = torch.tensor(r), 1
+    predict = mask.bool().clone()
+    predict[:, :15] = False  # answer positions on both sides of the prefix's end
+    for i, r in enumerate(rows):
+        predict[i, len(r) - 1] = False
+    with torch.no_grad():
+        assert shared_prefix_hidden(m.hf, ids, mask) is not None  # the shared path runs
+        full = answer_log_probs(m, ids, mask, predict)
+        shared = answer_log_probs(m, ids, mask, predict, share_prefix=True)
+    assert full.shape == shared.shape == (int(predict.sum()), full.shape[1])
+    torch.testing.assert_close(shared, full, atol=2e-5, rtol=0)

@@ -115,7 +115,7 @@ def _cached_log_probs(model: torch.nn.Module, cache: dict | None, key: tuple[int
     cache) where absent."""
     if cache is not None and key in cache:
         return cache[key]
-    log_probs = answer_log_probs(model, ids, attn, pred).cpu()
+    log_probs = answer_log_probs(model, ids, attn, pred, share_prefix=True).cpu()
     if cache is not None:
         cache[key] = log_probs
     return log_probs

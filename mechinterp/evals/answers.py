@@ -160,13 +160,16 @@ def log_probs_at(model, hidden: Tensor, at: Positions) -> Tensor:
 
 
 def answer_log_probs(model, input_ids: Tensor, attention_mask: Tensor,
-                     at: Positions) -> Tensor:
+                     at: Positions, share_prefix: bool = False) -> Tensor:
     """The model's next-token log-probabilities at positions ``at`` of a batch.
 
     Args:
         model: a ``LoadedModel`` or a Hugging Face causal LM (also one placed across devices).
         input_ids, attention_mask: ``[batch, pos]``, moved to the model's input device.
         at: a boolean mask ``[batch, pos]`` or (row indices, position indices).
+        share_prefix: run the leading tokens every row shares (a chat template's system prompt)
+            once and the rest of each row on their key/value cache (:func:`shared_prefix_hidden`);
+            only for a plain forward pass: hooks that index positions would see two calls.
 
     Returns:
         ``(positions, vocab)`` float32 log-probabilities on the output layer's device, in the
@@ -174,8 +177,45 @@ def answer_log_probs(model, input_ids: Tensor, attention_mask: Tensor,
     """
     hf = as_hf(model)
     dev = input_device(hf)
-    hidden = final_hidden(hf, input_ids.to(dev), attention_mask.to(dev), use_cache=False)
+    ids, mask = input_ids.to(dev), attention_mask.to(dev)
+    hidden = shared_prefix_hidden(hf, ids, mask) if share_prefix else None
+    if hidden is None:
+        hidden = final_hidden(hf, ids, mask, use_cache=False)
     return log_probs_at(hf, hidden, at)
+
+
+#: shortest shared prefix worth a second forward call
+MIN_SHARED = 16
+
+
+def shared_prefix(input_ids: Tensor, attention_mask: Tensor) -> int:
+    """Leading columns that are identical and unmasked in every row, short of every row's last
+    token (each row keeps at least one token of its own)."""
+    same = (input_ids == input_ids[:1]).all(0) & attention_mask.bool().all(0)
+    return min(int(same.long().cumprod(0).sum()), int(attention_mask.sum(1).min()) - 1)
+
+
+def shared_prefix_hidden(model: torch.nn.Module, input_ids: Tensor,
+                         attention_mask: Tensor) -> Tensor | None:
+    """Final hidden states of a right-padded batch with the shared prefix (:func:`shared_prefix`)
+    run once: its key/value cache is indexed out to every row and the rows' remaining tokens run
+    on it at their true positions. Causal attention makes the prefix's keys and values the same in
+    every row, so this is the full pass up to the order of floating-point sums
+    (``tests/test_kl_reference.py`` checks it). ``None`` where it does not apply: one row, a
+    prefix under :data:`MIN_SHARED` tokens, or a model without a separate backbone or placed
+    across devices (then run the full pass)."""
+    body = getattr(model, "base_model", None)
+    p = shared_prefix(input_ids, attention_mask) if input_ids.size(0) > 1 else 0
+    if p < MIN_SHARED or body is None or body is model or getattr(model, "hf_device_map", None):
+        return None
+    n = input_ids.size(0)
+    first = body(input_ids=input_ids[:1, :p], use_cache=True)
+    cache = first.cache if hasattr(first, "cache") else first.past_key_values
+    cache.reorder_cache(torch.zeros(n, dtype=torch.long, device=input_ids.device))
+    pos = torch.arange(p, input_ids.size(1), device=input_ids.device).expand(n, -1)
+    rest = body(input_ids=input_ids[:, p:], attention_mask=attention_mask, cache=cache,
+                position_ids=pos, use_cache=True)
+    return torch.cat([first.last_hidden_state.expand(n, -1, -1), rest.last_hidden_state], 1)
 
 
 def token_log_probs(model, input_ids: Tensor, attention_mask: Tensor, sel: Tensor) -> Tensor:

@@ -34,14 +34,14 @@ def build_heldout(tokenizer, prompts: list[list[dict]], answers: list[str],
 
 @torch.no_grad()
 def answer_logprobs(model: torch.nn.Module, heldout: TokenisedItems,
-                    batch_size: int = 4) -> list[Float[Tensor, "answer vocab"]]:
+                    batch_size: int = 8) -> list[Float[Tensor, "answer vocab"]]:
     """Log-probabilities (float32) predicting each answer token, one tensor per item: the batches
     of :class:`~mechinterp.evals.answers.TokenisedItems` read by
     :func:`~mechinterp.evals.answers.answer_log_probs`, as ``kl-drift`` reads them."""
     out: list[Tensor] = []
     with eval_mode(model):
         for _, ids, attn, predict in heldout.batches(batch_size):
-            rows = answer_log_probs(model, ids, attn, predict).cpu()
+            rows = answer_log_probs(model, ids, attn, predict, share_prefix=True).cpu()
             out.extend(rows.split(predict.sum(-1).tolist()))
     return out
 
