@@ -20,9 +20,11 @@ CompareBase = Annotated[str | None, typer.Option(
     "--base", "-b", help="Base model spec (default: the built-in model; with --preset paper and no "
     "--variant, allenai/OLMo-2-1124-7B-Instruct).")]
 ComparePreset = Annotated[str, typer.Option(
-    "--preset", help="What to measure: smoke (seconds per probe), default (the CPU study: MMLU "
-    "cloze on 64 stratified items, 32 held-out task items; single-model probes on each kind's "
-    "first seed), full (default plus the model-diffing probes), paper (GPU scale; without "
+    "--preset", help="What to measure: smoke (seconds per probe), default (the CPU study: what "
+    "the claims read, on every seed: MMLU cloze on 64 stratified items, 24 held-out task items; "
+    "damage attribution on the first SFT seed), full (default plus attention shift, MLP patching "
+    "and causal tracing on each kind's first seed, and the model-diffing probes), paper (GPU "
+    "scale; without "
     "--variant: the paper's released OLMo-2-7B SFT and GRPO checkpoints, see docs/gpu.md).")]
 Revisions = Annotated[list[str] | None, typer.Option(
     "--revisions", help="With --preset paper and no --variant: the hub revisions (saved steps) of "
@@ -41,8 +43,9 @@ ExecutorOption = Annotated[list[str] | None, typer.Option(
     "slurm_partition=gpu, slurm_account=lab, timeout_min=600, mem_gb=64. Repeatable.")]
 DemoPreset = Annotated[str, typer.Option(
     "--preset", help="smoke (a few minutes, one seed; what CI runs), default (the CPU study: three "
-    "seeds per run kind), full (default plus the model-diffing probes on the first seed), paper "
-    "(the paper's training settings; a GPU node).")]
+    "seeds per run kind; about 26 minutes on 2 CPU cores), full (default plus attention shift, MLP "
+    "patching, causal tracing and the model-diffing probes on the first seed), paper (the paper's "
+    "training settings; a GPU node).")]
 KeepCheckpoints = Annotated[bool, typer.Option(
     "--keep-checkpoints", help="keep every checkpoint of every run and the optimizer state "
     "(default: every checkpoint of the first seed's SFT and GRPO runs, the final model of the "
